@@ -1,0 +1,97 @@
+-- Foreman schema v1: jobs, their transition log, artifacts and the webhook outbox.
+-- Times are integer milliseconds since the Unix epoch.
+
+CREATE TABLE jobs (
+  seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- FIFO order; never reused
+  id              TEXT NOT NULL UNIQUE,               -- UUIDv7, the public id
+  state           TEXT NOT NULL,
+  model           TEXT NOT NULL,
+  request         TEXT NOT NULL,                      -- the engine request (JSON), without Foreman's own fields
+  metadata        TEXT,                               -- JSON object of strings, or NULL
+  webhook_url     TEXT,
+  webhook_events  TEXT,                               -- JSON array of states, NULL = all
+  webhook_gone    INTEGER NOT NULL DEFAULT 0,         -- 1 after a receiver answered 410: no further events
+  attempt         INTEGER NOT NULL DEFAULT 0,
+  max_attempts    INTEGER NOT NULL,
+  run_at          INTEGER NOT NULL,                   -- a queued job is not claimed before this
+  lease_owner     TEXT,
+  lease_expires_at INTEGER,
+  created_at      INTEGER NOT NULL,
+  started_at      INTEGER,
+  finished_at     INTEGER,
+  updated_at      INTEGER NOT NULL,
+  result          TEXT,                               -- merged chat response (JSON), when done
+  error_code      TEXT,
+  error_message   TEXT,
+  CHECK (state IN ('queued', 'loading', 'working', 'done', 'failed')),
+  CHECK (attempt >= 0 AND max_attempts >= 1),
+  CHECK (webhook_gone IN (0, 1)),
+  -- a running job always has a lease holder; nobody else holds one
+  CHECK ((state IN ('loading', 'working')) = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)),
+  -- finished exactly when terminal
+  CHECK ((state IN ('done', 'failed')) = (finished_at IS NOT NULL)),
+  CHECK (state <> 'done' OR (result IS NOT NULL AND error_code IS NULL)),
+  CHECK (state <> 'failed' OR (error_code IS NOT NULL AND error_message IS NOT NULL AND result IS NULL)),
+  CHECK (state IN ('done', 'failed') OR result IS NULL),
+  CHECK (state NOT IN ('loading', 'working') OR started_at IS NOT NULL)
+);
+
+CREATE INDEX jobs_queued ON jobs (run_at, seq) WHERE state = 'queued';
+CREATE INDEX jobs_running ON jobs (lease_expires_at) WHERE state IN ('loading', 'working');
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE state IN ('done', 'failed');
+
+-- Only the lifecycle's edges are legal. Terminal states are final.
+CREATE TRIGGER jobs_legal_transition
+BEFORE UPDATE OF state ON jobs
+WHEN NOT (
+     (OLD.state = 'queued'  AND NEW.state IN ('loading', 'failed'))
+  OR (OLD.state = 'loading' AND NEW.state IN ('loading', 'working', 'queued', 'failed'))
+  OR (OLD.state = 'working' AND NEW.state IN ('working', 'queued', 'done', 'failed'))
+)
+BEGIN
+  SELECT RAISE(ABORT, 'illegal job state transition');
+END;
+
+CREATE TABLE job_transitions (
+  job_seq  INTEGER NOT NULL REFERENCES jobs (seq) ON DELETE CASCADE,
+  n        INTEGER NOT NULL,          -- 1, 2, 3 ... in order
+  state    TEXT NOT NULL CHECK (state IN ('queued', 'loading', 'working', 'done', 'failed')),
+  at       INTEGER NOT NULL,
+  attempt  INTEGER NOT NULL,
+  PRIMARY KEY (job_seq, n)
+) WITHOUT ROWID;
+
+CREATE TABLE artifacts (
+  job_seq      INTEGER NOT NULL REFERENCES jobs (seq) ON DELETE CASCADE,
+  name         TEXT NOT NULL CHECK (length(name) BETWEEN 1 AND 64 AND name NOT GLOB '*[^a-z0-9._-]*' AND name NOT GLOB '.*'),
+  content_type TEXT NOT NULL,
+  size         INTEGER NOT NULL CHECK (size = length(body)),
+  sha256       TEXT NOT NULL CHECK (length(sha256) = 64),
+  body         BLOB NOT NULL,
+  created_at   INTEGER NOT NULL,
+  PRIMARY KEY (job_seq, name)
+) WITHOUT ROWID;
+
+-- The webhook outbox: one row per (job, state) the job's webhook wants, written in the
+-- same transaction as the state change.
+CREATE TABLE webhook_deliveries (
+  id               INTEGER PRIMARY KEY AUTOINCREMENT,
+  job_seq          INTEGER NOT NULL REFERENCES jobs (seq) ON DELETE CASCADE,
+  state            TEXT NOT NULL CHECK (state IN ('queued', 'loading', 'working', 'done', 'failed')),
+  sequence         INTEGER NOT NULL,  -- the state's place in the lifecycle order
+  url              TEXT NOT NULL,
+  occurred_at      INTEGER NOT NULL,
+  status           TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
+  attempts         INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+  next_attempt_at  INTEGER,
+  locked_until     INTEGER NOT NULL DEFAULT 0,  -- an attempt is in flight until then
+  last_status_code INTEGER,
+  last_error       TEXT,
+  delivered_at     INTEGER,
+  CHECK ((status = 'pending') = (next_attempt_at IS NOT NULL)),
+  CHECK ((status = 'delivered') = (delivered_at IS NOT NULL)),
+  UNIQUE (job_seq, state)
+);
+
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_pending_job ON webhook_deliveries (job_seq, sequence) WHERE status = 'pending';

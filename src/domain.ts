@@ -1,0 +1,35 @@
+/** The job lifecycle: a closed union. `done` and `failed` are terminal. */
+export const JOB_STATES = ['queued', 'loading', 'working', 'done', 'failed'] as const;
+export type JobState = (typeof JOB_STATES)[number];
+export type TerminalState = 'done' | 'failed';
+
+export function isTerminal(s: JobState): s is TerminalState {
+  return s === 'done' || s === 'failed';
+}
+
+/** A state's place in the lifecycle order; the webhook event's `sequence`. */
+export const STATE_SEQUENCE: Record<JobState, number> = {
+  queued: 1,
+  loading: 2,
+  working: 3,
+  done: 4,
+  failed: 4,
+};
+
+export interface ErrorInfo {
+  code: string;
+  message: string;
+}
+
+export interface Clock {
+  now(): number;
+}
+
+export const systemClock: Clock = { now: () => Date.now() };
+
+/** Artifact names: lowercase, no path separators, no leading dot. Checked again by a CHECK in the schema. */
+export const ARTIFACT_NAME_RE = /^[a-z0-9][a-z0-9._-]{0,63}$/;
+
+export function iso(ms: number | null | undefined): string | null {
+  return ms === null || ms === undefined ? null : new Date(ms).toISOString();
+}

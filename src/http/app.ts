@@ -1,0 +1,82 @@
+import { randomUUID } from 'node:crypto';
+import Fastify from 'fastify';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import type { Logger } from 'pino';
+import type { Config } from '../config.js';
+import type { Clock } from '../domain.js';
+import type { ChatEngine, EngineStatus } from '../engine/engine.js';
+import type { SubmitBatcher } from '../store/batcher.js';
+import type { Store } from '../store/store.js';
+import { ApiError, errorHandler } from './errors.js';
+import { jobRoutes } from './routes.js';
+
+export interface AppDeps {
+  store: Store;
+  submitter: SubmitBatcher;
+  engine: Pick<ChatEngine, 'status'>;
+  config: Config;
+  clock: Clock;
+  logger: Logger;
+  /** The base of every absolute URL handed out (FOREMAN_PUBLIC_URL, or the address listened on). */
+  publicUrl: () => string;
+}
+
+const SECURITY_HEADERS: Record<string, string> = {
+  'x-content-type-options': 'nosniff',
+  'x-frame-options': 'DENY',
+  'referrer-policy': 'no-referrer',
+  'content-security-policy': "default-src 'none'; frame-ancestors 'none'",
+  'cross-origin-resource-policy': 'same-origin',
+};
+
+/** Builds the Fastify instance without listening, so tests can `inject` or listen on port 0. */
+export function buildApp(deps: AppDeps) {
+  const app = Fastify({
+    loggerInstance: deps.logger,
+    bodyLimit: deps.config.maxBodyBytes,
+    requestIdHeader: 'x-request-id',
+    genReqId: () => randomUUID(),
+    return503OnClosing: true,
+    // Strict validation: no type coercion, nothing silently removed.
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
+    onProtoPoisoning: 'error',
+    onConstructorPoisoning: 'error',
+  }).withTypeProvider<TypeBoxTypeProvider>();
+
+  app.setErrorHandler(errorHandler);
+  app.setNotFoundHandler((req, reply) => {
+    void reply.code(404).send({ code: 'route_not_found', message: `no route for ${req.method} ${req.url.split('?')[0]?.slice(0, 200)}` });
+  });
+  app.addHook('onSend', async (req, reply, payload) => {
+    reply.headers(SECURITY_HEADERS);
+    reply.header('x-request-id', req.id);
+    if (!reply.hasHeader('cache-control')) reply.header('cache-control', 'no-store');
+    return payload;
+  });
+
+  app.get('/healthz', async () => ({ status: 'ok' }));
+
+  let engineCache: { at: number; status: EngineStatus } | null = null;
+  app.get('/readyz', async (_req, reply) => {
+    let dbOk = false;
+    try {
+      dbOk = deps.store.ping();
+    } catch (err) {
+      deps.logger.error({ err }, 'readiness: database ping failed');
+    }
+    const now = deps.clock.now();
+    if (!engineCache || now - engineCache.at > 1000) engineCache = { at: now, status: await deps.engine.status() };
+    const e = engineCache.status;
+    return reply.code(dbOk ? 200 : 503).send({
+      status: dbOk ? 'ready' : 'unavailable',
+      database: dbOk ? 'ok' : 'error',
+      engine: e.up ? { status: 'up', version: e.version ?? null } : { status: 'down', error: e.error ?? null },
+    });
+  });
+
+  void app.register(jobRoutes, deps);
+  return app;
+}
+
+export type App = ReturnType<typeof buildApp>;
+export { ApiError };

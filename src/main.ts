@@ -1,0 +1,43 @@
+import { pino } from 'pino';
+import { ConfigError, loadConfig, type Config } from './config.js';
+import { Service } from './service.js';
+
+let config: Config;
+try {
+  config = loadConfig(process.env);
+} catch (err) {
+  if (err instanceof ConfigError) {
+    process.stderr.write(`foreman: invalid configuration: ${err.message}\n`);
+    process.exit(2);
+  }
+  throw err;
+}
+
+const logger = pino({ level: config.logLevel });
+let service: Service;
+try {
+  service = new Service({ config, logger });
+  await service.start();
+} catch (err) {
+  logger.fatal({ err }, 'foreman could not start');
+  process.exit(1);
+}
+
+let stopping = false;
+for (const sig of ['SIGTERM', 'SIGINT'] as const) {
+  process.on(sig, () => {
+    if (stopping) {
+      logger.warn({ signal: sig }, 'second signal: exiting now');
+      process.exit(1);
+    }
+    stopping = true;
+    logger.info({ signal: sig }, 'shutting down');
+    service.stop().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        logger.error({ err }, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  });
+}

@@ -1,0 +1,65 @@
+import type { ArtifactMeta, DueDelivery } from '../store/store.js';
+import { iso, type JobState } from '../domain.js';
+
+/** The event body (ADR-0005). `event_id` is `<job_id>:<state>`, stable across retries and restarts. */
+export interface WebhookEvent {
+  event_id: string;
+  type: 'job.state_changed';
+  job_id: string;
+  state: JobState;
+  sequence: number;
+  occurred_at: string;
+  metadata: Record<string, string>;
+  error?: { code: string; message: string };
+  artifacts?: EventArtifact[];
+}
+
+export interface EventArtifact {
+  name: string;
+  content_type: string;
+  size: number;
+  sha256: string;
+  url: string;
+  /** true when the bytes travel in `content` (UTF-8 text) or `content_base64` (anything else). */
+  inline: boolean;
+  content?: string;
+  content_base64?: string;
+}
+
+export function artifactUrl(publicUrl: string, jobId: string, name: string): string {
+  return `${publicUrl}/jobs/${encodeURIComponent(jobId)}/artifacts/${encodeURIComponent(name)}`;
+}
+
+const TEXTUAL = /^(text\/|application\/(json|x-ndjson|xml)\b)/;
+
+export function eventArtifact(a: ArtifactMeta & { body?: Buffer | null }, publicUrl: string, jobId: string, inlineMax: number): EventArtifact {
+  const out: EventArtifact = {
+    name: a.name,
+    content_type: a.contentType,
+    size: a.size,
+    sha256: a.sha256,
+    url: artifactUrl(publicUrl, jobId, a.name),
+    inline: false,
+  };
+  if (a.body && a.size <= inlineMax) {
+    out.inline = true;
+    if (TEXTUAL.test(a.contentType)) out.content = a.body.toString('utf8');
+    else out.content_base64 = a.body.toString('base64');
+  }
+  return out;
+}
+
+export function buildEvent(d: DueDelivery, artifacts: (ArtifactMeta & { body: Buffer | null })[], publicUrl: string, inlineMax: number): WebhookEvent {
+  const ev: WebhookEvent = {
+    event_id: `${d.jobId}:${d.state}`,
+    type: 'job.state_changed',
+    job_id: d.jobId,
+    state: d.state,
+    sequence: d.sequence,
+    occurred_at: iso(d.occurredAt) as string,
+    metadata: d.metadata ?? {},
+  };
+  if (d.state === 'failed') ev.error = { code: d.errorCode ?? 'unknown', message: d.errorMessage ?? '' };
+  if (d.state === 'done') ev.artifacts = artifacts.map((a) => eventArtifact(a, publicUrl, d.jobId, inlineMax));
+  return ev;
+}

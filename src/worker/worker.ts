@@ -1,0 +1,178 @@
+import { randomUUID } from 'node:crypto';
+import type { Logger } from 'pino';
+import type { Clock } from '../domain.js';
+import { EngineError, type ChatEngine } from '../engine/engine.js';
+import type { Store, ClaimedJob } from '../store/store.js';
+import type { Wake } from '../wake.js';
+
+export interface WorkerOptions {
+  concurrency: number;
+  leaseMs: number;
+  pollIntervalMs: number;
+  retryBaseMs: number;
+}
+
+export interface WorkerDeps {
+  store: Store;
+  engine: ChatEngine;
+  clock: Clock;
+  logger: Logger;
+  /** Notified by the store when a job becomes claimable. */
+  wake: Wake;
+  options: WorkerOptions;
+  random?: () => number;
+}
+
+interface Running {
+  job: ClaimedJob;
+  abort: AbortController;
+  done: Promise<void>;
+}
+
+/** Exponential backoff with a little downward jitter: base·2^(attempt-1)·[0.8, 1.0]. */
+export function jobRetryDelay(baseMs: number, attempt: number, random: () => number): number {
+  return Math.round(baseMs * 2 ** Math.max(0, attempt - 1) * (0.8 + 0.2 * random()));
+}
+
+/**
+ * The worker loop: claims queued jobs (one SQL statement, with a lease), runs each through
+ * the engine (load, then stream), and records the outcome through the store's transitions.
+ */
+export class Worker {
+  readonly owner = `worker-${randomUUID()}`;
+  private readonly running = new Map<number, Running>();
+  private stopping = false;
+  private loop: Promise<void> | null = null;
+  private lastLeaseSweep = 0;
+  private readonly random: () => number;
+
+  constructor(private readonly deps: WorkerDeps) {
+    this.random = deps.random ?? Math.random;
+  }
+
+  get activeJobs(): number {
+    return this.running.size;
+  }
+
+  start(): void {
+    this.loop ??= this.run();
+  }
+
+  private async run(): Promise<void> {
+    const { store, clock, logger, wake, options } = this.deps;
+    while (!this.stopping) {
+      let delay = options.pollIntervalMs;
+      try {
+        const now = clock.now();
+        if (now - this.lastLeaseSweep >= options.leaseMs / 2) {
+          this.lastLeaseSweep = now;
+          for (const id of store.requeueOrphans(now, true)) {
+            logger.warn({ job_id: id }, 'job lease expired; job re-queued');
+          }
+        }
+        const free = options.concurrency - this.running.size;
+        if (free > 0) {
+          const claimed = store.claimJobs(this.owner, free, now, options.leaseMs);
+          for (const job of claimed) this.launch(job);
+          if (claimed.length === free) continue; // full: loop again only when woken by a finishing job
+          const next = store.nextRunAt();
+          if (next !== null) delay = Math.min(delay, Math.max(0, next - clock.now()));
+        }
+      } catch (err) {
+        logger.error({ err }, 'worker loop: store error; will retry');
+      }
+      await wake.wait(delay);
+    }
+  }
+
+  private launch(job: ClaimedJob): void {
+    const abort = new AbortController();
+    const entry: Running = { job, abort, done: Promise.resolve() };
+    this.running.set(job.seq, entry);
+    entry.done = this.runJob(job, abort.signal).finally(() => {
+      this.running.delete(job.seq);
+      this.deps.wake.notify();
+    });
+  }
+
+  private async runJob(job: ClaimedJob, signal: AbortSignal): Promise<void> {
+    const { store, engine, clock, options } = this.deps;
+    const log = this.deps.logger.child({ job_id: job.id, attempt: job.attempt });
+    log.info({ state: 'loading', model: job.model }, 'job loading');
+    const heartbeat = setInterval(() => {
+      try {
+        store.heartbeat(job.seq, this.owner, clock.now() + options.leaseMs);
+      } catch (err) {
+        log.error({ err }, 'lease heartbeat failed');
+      }
+    }, Math.max(50, Math.floor(options.leaseMs / 3)));
+    try {
+      const t0 = performance.now();
+      await engine.load(job.model, { keepAlive: job.request.keep_alive, signal });
+      const loadMs = Math.round((performance.now() - t0) * 1000) / 1000;
+      if (!store.markWorking(job.seq, this.owner, clock.now(), options.leaseMs)) {
+        log.warn('lost the job lease before working; leaving it to its new owner');
+        return;
+      }
+      log.info({ state: 'working', load_ms: loadMs }, 'job working');
+      const response = await engine.chat(job.request, { signal });
+      const result = { ...response, foreman: { load_ms: loadMs } };
+      const body = Buffer.from(JSON.stringify(result), 'utf8');
+      const moved = store.completeJob(job.seq, this.owner, clock.now(), result, [
+        { name: 'completion', contentType: 'application/json', body },
+      ]);
+      if (moved) log.info({ state: 'done', bytes: body.length }, 'job done');
+      else log.warn('lost the job lease before done; result discarded');
+    } catch (err) {
+      this.handleFailure(job, err, signal, log);
+    } finally {
+      clearInterval(heartbeat);
+    }
+  }
+
+  private handleFailure(job: ClaimedJob, err: unknown, signal: AbortSignal, log: Logger): void {
+    const { store, clock, options } = this.deps;
+    try {
+      if (signal.aborted) {
+        store.releaseJob(job.seq, this.owner, clock.now());
+        log.info({ state: 'queued' }, 'job interrupted by shutdown; re-queued');
+        return;
+      }
+      const e =
+        err instanceof EngineError
+          ? err
+          : new EngineError('transient', 'internal_error', `unexpected error: ${(err as Error)?.message ?? String(err)}`);
+      if (!(err instanceof EngineError)) log.error({ err }, 'unexpected error while running job');
+      if (e.kind === 'transient' && job.attempt < job.maxAttempts) {
+        const delay = jobRetryDelay(options.retryBaseMs, job.attempt, this.random);
+        store.retryJob(job.seq, this.owner, clock.now(), clock.now() + delay);
+        log.warn({ state: 'queued', code: e.code, err: e, retry_in_ms: delay }, 'transient engine failure; job will retry');
+        return;
+      }
+      const message =
+        e.kind === 'transient' ? `${e.message} (gave up after ${job.attempt} attempts)` : e.message;
+      store.failJob(job.seq, this.owner, clock.now(), { code: e.code, message });
+      log.warn({ state: 'failed', code: e.code, err: e }, 'job failed');
+    } catch (storeErr) {
+      // The lease will expire and the job will be re-queued; nothing is lost.
+      log.error({ err: storeErr }, 'could not record the job outcome; the lease will expire and the job will run again');
+    }
+  }
+
+  /**
+   * Two-stage stop: stop claiming, give running jobs `graceMs` to finish, then abort the rest
+   * (their engine requests are closed, which stops Ollama's work) and put them back on the queue.
+   */
+  async stop(graceMs: number): Promise<void> {
+    this.stopping = true;
+    this.deps.wake.notify();
+    await this.loop;
+    const all = Promise.allSettled([...this.running.values()].map((r) => r.done));
+    let timer: NodeJS.Timeout | undefined;
+    const graceOver = new Promise<void>((r) => (timer = setTimeout(r, graceMs)));
+    await Promise.race([all, graceOver]);
+    clearTimeout(timer);
+    for (const r of this.running.values()) r.abort.abort(new Error('shutting down'));
+    await all;
+  }
+}
