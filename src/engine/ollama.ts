@@ -1,4 +1,5 @@
 import { Pool } from 'undici';
+import { discardBody } from '../body.js';
 import { ChunkMerger, EngineError, type ChatChunk, type ChatEngine, type ChatResponse, type EngineStatus } from './engine.js';
 
 export interface OllamaEngineOptions {
@@ -170,7 +171,7 @@ export class OllamaEngine implements ChatEngine {
         handleLine(buf);
       }
     } catch (err) {
-      res.body.destroy();
+      discardBody(res.body);
       if (err instanceof EngineError) throw err;
       return classifyNetworkError(err, opts.signal, 'generation');
     }
@@ -178,7 +179,7 @@ export class OllamaEngine implements ChatEngine {
       throw new EngineError('transient', 'engine_stream_incomplete', 'the engine stream ended without done:true');
     }
     // Anything after the done line is ignored; free the connection.
-    res.body.destroy();
+    discardBody(res.body);
     return merger.result();
   }
 

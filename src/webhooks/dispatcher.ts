@@ -3,6 +3,7 @@ import type { Logger } from 'pino';
 import type { Clock } from '../domain.js';
 import type { DueDelivery, Store } from '../store/store.js';
 import type { Wake } from '../wake.js';
+import { discardBody } from '../body.js';
 import { buildEvent } from './payload.js';
 import { Signer } from './signing.js';
 import { guardedConnector } from './ssrf.js';
@@ -176,7 +177,7 @@ export class Dispatcher {
       if (Number.isFinite(len) && len <= RESPONSE_BODY_LIMIT) {
         await res.body.dump({ limit: RESPONSE_BODY_LIMIT, signal }).catch(() => undefined);
       } else {
-        res.body.destroy();
+        discardBody(res.body);
       }
       if (status >= 200 && status < 300) return { kind: 'delivered', status };
       if (status === 410) return { kind: 'gone', status };
