@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import Fastify from 'fastify';
+import Fastify, { type FastifyReply } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { Logger } from 'pino';
 import type { Config } from '../config.js';
@@ -29,6 +29,15 @@ const SECURITY_HEADERS: Record<string, string> = {
   'cross-origin-resource-policy': 'same-origin',
 };
 
+const MAX_PARAM_LENGTH = 256;
+
+/** Security headers and the request id, on every response. */
+function standardHeaders(reply: FastifyReply, requestId: string): void {
+  reply.headers(SECURITY_HEADERS);
+  reply.header('x-request-id', requestId);
+  if (!reply.hasHeader('cache-control')) reply.header('cache-control', 'no-store');
+}
+
 /** Builds the Fastify instance without listening, so tests can `inject` or listen on port 0. */
 export function buildApp(deps: AppDeps) {
   const app = Fastify({
@@ -41,16 +50,29 @@ export function buildApp(deps: AppDeps) {
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
+    routerOptions: { maxParamLength: MAX_PARAM_LENGTH },
+    // Errors raised by the router before any route or hook runs: answer them in our own format.
+    frameworkErrors: (err, req, reply) => {
+      standardHeaders(reply, req.id);
+      const body =
+        err.code === 'FST_ERR_MAX_PARAM_LENGTH'
+          ? { code: 'not_found', message: `no such resource (a path segment is longer than ${MAX_PARAM_LENGTH} characters)` }
+          : err.code === 'FST_ERR_BAD_URL'
+            ? { code: 'invalid_url', message: 'the request path is not validly percent-encoded' }
+            : { code: 'bad_request', message: 'the request could not be routed' };
+      void (reply as FastifyReply).code(body.code === 'not_found' ? 404 : 400).send(body);
+    },
   }).withTypeProvider<TypeBoxTypeProvider>();
+
+  // JSON only: anything else is 415 (Fastify would otherwise accept text/plain).
+  app.removeContentTypeParser(['text/plain']);
 
   app.setErrorHandler(errorHandler);
   app.setNotFoundHandler((req, reply) => {
     void reply.code(404).send({ code: 'route_not_found', message: `no route for ${req.method} ${req.url.split('?')[0]?.slice(0, 200)}` });
   });
   app.addHook('onSend', async (req, reply, payload) => {
-    reply.headers(SECURITY_HEADERS);
-    reply.header('x-request-id', req.id);
-    if (!reply.hasHeader('cache-control')) reply.header('cache-control', 'no-store');
+    standardHeaders(reply, req.id);
     return payload;
   });
 

@@ -54,7 +54,10 @@ export const SubmitBody = Type.Object(
     state_webhook_url: Type.Optional(Type.String({ minLength: 1, maxLength: 2048 })),
     webhook_events: Type.Optional(Type.Array(JobStateSchema, { minItems: 1, maxItems: 5, uniqueItems: true })),
     metadata: Type.Optional(
-      Type.Record(Type.String({ minLength: 1, maxLength: 64 }), Type.String({ maxLength: 1024 }), { maxProperties: 64 }),
+      Type.Record(Type.String(), Type.String({ maxLength: 1024 }), {
+        maxProperties: 64,
+        propertyNames: { minLength: 1, maxLength: 64 },
+      }),
     ),
   },
   { additionalProperties: false },
@@ -67,8 +70,8 @@ export const SubmitReply = Type.Object({
   status_url: Type.String(),
 });
 
-export const JobParams = Type.Object({ id: Type.String({ maxLength: 64 }) });
-export const ArtifactParams = Type.Object({ id: Type.String({ maxLength: 64 }), name: Type.String({ maxLength: 128 }) });
+export const JobParams = Type.Object({ id: Type.String() });
+export const ArtifactParams = Type.Object({ id: Type.String(), name: Type.String() });
 export const RedeliverQuery = Type.Object(
   { state: Type.Optional(JobStateSchema) },
   { additionalProperties: false },

@@ -1,9 +1,16 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-export const MAIN = path.join(root, 'dist/src/main.js');
+/** The repository root: the nearest folder above this file with package.json (works from test/ and dist/test/). */
+function repoRoot(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  while (!fs.existsSync(path.join(dir, 'package.json'))) dir = path.dirname(dir);
+  return dir;
+}
+export const MAIN = path.join(repoRoot(), 'dist/src/main.js');
 
 export interface Child {
   proc: ChildProcess;
@@ -13,42 +20,64 @@ export interface Child {
   exited: Promise<number | null>;
 }
 
-/** Starts the built service (`dist/src/main.js`, built by `npm test`'s pretest) as a child process and waits for its URL. */
-export function startChild(env: Record<string, string>, timeoutMs = 15_000): Promise<Child> {
+async function freePort(): Promise<number> {
+  const srv = net.createServer();
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  const port = (srv.address() as net.AddressInfo).port;
+  await new Promise<void>((r) => srv.close(() => r()));
+  return port;
+}
+
+/**
+ * Starts the built service (`dist/src/main.js`, built by `npm test`'s pretest) as a child
+ * process on a free port and resolves once /healthz answers.
+ */
+export async function startChild(env: Record<string, string>, timeoutMs = 15_000): Promise<Child> {
+  const port = env.FOREMAN_PORT ?? String(await freePort());
   const proc = spawn(process.execPath, [MAIN], {
-    env: { PATH: process.env.PATH ?? '', FOREMAN_PORT: '0', FOREMAN_LOG_LEVEL: 'info', ...env },
+    env: { PATH: process.env.PATH ?? '', FOREMAN_LOG_LEVEL: 'info', ...env, FOREMAN_PORT: port },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
+  const url = `http://127.0.0.1:${port}`;
   const logs: any[] = [];
   let stderr = '';
-  const exited = new Promise<number | null>((r) => proc.on('exit', (code) => r(code)));
-  return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`child did not start in ${timeoutMs}ms: ${stderr}`)), timeoutMs);
-    let buf = '';
-    proc.stdout!.on('data', (d: Buffer) => {
-      buf += d.toString('utf8');
-      let nl: number;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, nl);
-        buf = buf.slice(nl + 1);
-        try {
-          const j = JSON.parse(line);
-          logs.push(j);
-          if (typeof j.url === 'string' && /listening/.test(j.msg)) {
-            clearTimeout(t);
-            resolve({ proc, url: j.url, logs, exited });
-          }
-        } catch {
-          /* not a log line */
-        }
+  let exitCode: number | null | undefined;
+  const exited = new Promise<number | null>((r) =>
+    proc.on('exit', (code) => {
+      exitCode = code;
+      r(code);
+    }),
+  );
+  let buf = '';
+  proc.stdout!.on('data', (d: Buffer) => {
+    buf += d.toString('utf8');
+    let nl: number;
+    while ((nl = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, nl);
+      buf = buf.slice(nl + 1);
+      try {
+        logs.push(JSON.parse(line));
+      } catch {
+        /* not a log line */
       }
-    });
-    proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString('utf8')));
-    void exited.then((code) => {
-      clearTimeout(t);
-      reject(new Error(`child exited with ${code} before listening: ${stderr}`));
-    });
+    }
   });
+  proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString('utf8')));
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    if (exitCode !== undefined) throw new Error(`child exited with ${exitCode} before listening: ${stderr}`);
+    if (Date.now() > end) {
+      proc.kill('SIGKILL');
+      throw new Error(`child did not start in ${timeoutMs}ms: ${stderr}`);
+    }
+    try {
+      const r = await fetch(`${url}/healthz`);
+      if (r.status === 200) return { proc, url, logs, exited };
+    } catch {
+      /* not listening yet */
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }
 
 /** Runs the built service to completion (for start-up failures) and returns its exit code and stderr. */

@@ -47,6 +47,7 @@ export async function startReceiver(responder: Responder = () => 200): Promise<R
         if (status === 'hang' || status === 'handled') return;
         r.answered = status;
         res.writeHead(status, { 'content-type': 'text/plain' }).end('ok');
+        for (const w of waiters) w();
       });
       for (const w of waiters) w();
     });

@@ -1,0 +1,121 @@
+/**
+ * npm run bench: starts the built service as a child process against a zero-latency fake
+ * Ollama and prints figures. A baseline, not a test: nothing here asserts.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Pool } from 'undici';
+import { startFakeOllama } from '../test/support/fake-ollama.js';
+import { startReceiver } from '../test/support/receiver.js';
+import { startChild } from '../test/support/child.js';
+
+const N_SUBMIT = Number(process.env.BENCH_SUBMIT ?? 5000);
+const N_E2E = Number(process.env.BENCH_E2E ?? 2000);
+const N_IDLE = Number(process.env.BENCH_IDLE ?? 50);
+const CLIENTS = Number(process.env.BENCH_CLIENTS ?? 64);
+
+const pct = (xs: number[], p: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] ?? NaN;
+};
+const f = (n: number, d = 2) => n.toFixed(d);
+
+async function main() {
+  const fake = await startFakeOllama();
+  const receiver = await startReceiver();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'foreman-bench-'));
+  const child = await startChild({
+    FOREMAN_DATA_DIR: dir,
+    FOREMAN_OLLAMA_URL: fake.url,
+    FOREMAN_LOG_LEVEL: 'warn',
+    FOREMAN_CONCURRENCY: process.env.BENCH_CONCURRENCY ?? '4',
+    FOREMAN_MAX_QUEUED: '1000000',
+  });
+  const pool = new Pool(child.url, { connections: CLIENTS, pipelining: 1 });
+  const body = (i: number, extra: Record<string, unknown> = {}) =>
+    JSON.stringify({ model: 'llama3.2', messages: [{ role: 'user', content: `prompt ${i}` }], ...extra });
+  const post = async (b: string) => {
+    const t0 = performance.now();
+    const res = await pool.request({ path: '/jobs', method: 'POST', headers: { 'content-type': 'application/json' }, body: b });
+    const j = (await res.body.json()) as { job_id: string };
+    if (res.statusCode !== 202) throw new Error(`POST /jobs answered ${res.statusCode}`);
+    return { ms: performance.now() - t0, id: j.job_id };
+  };
+  const getJob = async (id: string) => {
+    const res = await pool.request({ path: `/jobs/${id}`, method: 'GET' });
+    return (await res.body.json()) as any;
+  };
+  async function runClients(n: number, fn: (i: number) => Promise<void>) {
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: CLIENTS }, async () => {
+        while (next < n) await fn(next++);
+      }),
+    );
+  }
+
+  console.log(`foreman bench: node ${process.version}, ${os.cpus().length} cpus, ${CLIENTS} client connections, synchronous=FULL`);
+
+  // 1. Idle submit → working latency, one job at a time on an idle service.
+  const idle: number[] = [];
+  const idleClient: number[] = [];
+  for (let i = 0; i < N_IDLE; i++) {
+    const tSubmit = Date.now();
+    const { id } = await post(body(i, { state_webhook_url: `${receiver.url}/idle`, webhook_events: ['working'] }));
+    await receiver.waitFor((rs) => rs.some((r) => r.event?.event_id === `${id}:working`), 10_000);
+    idleClient.push(Date.now() - tSubmit);
+    let j = await getJob(id);
+    while (j.state !== 'done') j = await getJob(id);
+    const at = (s: string) => Date.parse(j.transitions.find((t: any) => t.state === s).at);
+    idle.push(at('working') - at('queued'));
+    await new Promise((r) => setTimeout(r, 20)); // let the service go idle again
+  }
+
+  // 2. POST /jobs throughput and latency (the worker drains at the same time, as in production).
+  const lat: number[] = [];
+  let t0 = performance.now();
+  await runClients(N_SUBMIT, async (i) => {
+    lat.push((await post(body(i))).ms);
+  });
+  const submitSecs = (performance.now() - t0) / 1000;
+
+  // Let the backlog drain before the end-to-end run: the last job submitted finishes last (FIFO).
+  let j = await getJob((await post(body(-1))).id);
+  while (j.state !== 'done') {
+    await new Promise((r) => setTimeout(r, 50));
+    j = await getJob(j.job_id);
+  }
+
+  // 3. End to end: submit N jobs with a `done` webhook; time until every done event arrived.
+  receiver.received.length = 0;
+  t0 = performance.now();
+  await runClients(N_E2E, async (i) => {
+    await post(body(i, { state_webhook_url: `${receiver.url}/e2e`, webhook_events: ['done'] }));
+  });
+  await receiver.waitFor((rs) => rs.length >= N_E2E, 300_000);
+  const e2eSecs = (performance.now() - t0) / 1000;
+
+  const rss = process.memoryUsage().rss;
+  console.log('');
+  console.log('| measure | value |');
+  console.log('| --- | --- |');
+  console.log(`| POST /jobs throughput (${N_SUBMIT} requests, ${CLIENTS} connections) | ${f(N_SUBMIT / submitSecs, 0)} req/s |`);
+  console.log(`| POST /jobs latency p50 / p99 | ${f(pct(lat, 50))} ms / ${f(pct(lat, 99))} ms |`);
+  console.log(`| end-to-end (${N_E2E} jobs, submit → done webhook received) | ${f(N_E2E / e2eSecs, 0)} jobs/s (${f(e2eSecs)} s) |`);
+  console.log(`| idle submit → working, server clock (${N_IDLE} jobs) p50 / p99 | ${f(pct(idle, 50), 0)} ms / ${f(pct(idle, 99), 0)} ms |`);
+  console.log(`| idle submit → working webhook received, client clock p50 / p99 | ${f(pct(idleClient, 50), 0)} ms / ${f(pct(idleClient, 99), 0)} ms |`);
+  console.log(`| bench process RSS | ${f(rss / 1048576, 0)} MiB |`);
+
+  child.proc.kill('SIGTERM');
+  await child.exited;
+  await pool.close();
+  await receiver.close();
+  await fake.close();
+  fs.rmSync(dir, { recursive: true, force: true });
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
