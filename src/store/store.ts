@@ -239,7 +239,10 @@ export class Store {
         RETURNING state`).pluck(),
       ungone: p(`UPDATE jobs SET webhook_gone = 0 WHERE seq = ?`),
       unlockDeliveries: p(`UPDATE webhook_deliveries SET locked_until = 0 WHERE locked_until <> 0`),
-      nextDeliveryAt: p(`SELECT min(max(next_attempt_at, locked_until)) FROM webhook_deliveries WHERE status = 'pending'`).pluck(),
+      // Only each job's head-of-line row can become due; later rows wait for it.
+      nextDeliveryAt: p(`SELECT min(max(d.next_attempt_at, d.locked_until)) FROM webhook_deliveries d
+        WHERE d.status = 'pending' AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e
+          WHERE e.job_seq = d.job_seq AND e.status = 'pending' AND e.sequence < d.sequence)`).pluck(),
       pendingDeliveries: p(`SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'`).pluck(),
       ping: p(`SELECT 1`).pluck(),
     };
