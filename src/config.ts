@@ -60,6 +60,12 @@ export const ConfigSchema = Type.Object({
   webhookMaxAttempts: Type.Integer({ minimum: 1 }),
   webhookBlockPrivate: Type.Boolean(),
   inlineArtifactMaxBytes: Type.Integer({ minimum: 0 }),
+  engineMaxResponseBytes: Type.Integer({ minimum: 1024 }),
+  engineOutageTimeoutMs: Type.Integer({ minimum: 1 }),
+  webhookPerUrlConcurrency: Type.Integer({ minimum: 1 }),
+  bodyTimeoutMs: Type.Integer({ minimum: 1 }),
+  sqliteBusyTimeoutMs: Type.Integer({ minimum: 0 }),
+  sqliteSynchronous: Type.Union([Type.Literal('FULL'), Type.Literal('NORMAL')]),
 });
 export type Config = Static<typeof ConfigSchema>;
 
@@ -89,6 +95,12 @@ const SPECS: Spec[] = [
   { env: 'FOREMAN_WEBHOOK_MAX_ATTEMPTS', key: 'webhookMaxAttempts', def: '45', type: { kind: 'int', min: 1, max: 10000 } },
   { env: 'FOREMAN_WEBHOOK_BLOCK_PRIVATE', key: 'webhookBlockPrivate', def: 'false', type: { kind: 'bool' } },
   { env: 'FOREMAN_INLINE_ARTIFACT_MAX_BYTES', key: 'inlineArtifactMaxBytes', def: '262144', type: { kind: 'int', min: 0, max: 1073741824 } },
+  { env: 'FOREMAN_ENGINE_MAX_RESPONSE_BYTES', key: 'engineMaxResponseBytes', def: '33554432', type: { kind: 'int', min: 1024, max: 1073741824 } },
+  { env: 'FOREMAN_ENGINE_OUTAGE_TIMEOUT', key: 'engineOutageTimeoutMs', def: '1h', type: { kind: 'duration', min: 1 } },
+  { env: 'FOREMAN_WEBHOOK_PER_URL_CONCURRENCY', key: 'webhookPerUrlConcurrency', def: '4', type: { kind: 'int', min: 1, max: 4096 } },
+  { env: 'FOREMAN_BODY_TIMEOUT', key: 'bodyTimeoutMs', def: '30s', type: { kind: 'duration', min: 1 } },
+  { env: 'FOREMAN_SQLITE_BUSY_TIMEOUT', key: 'sqliteBusyTimeoutMs', def: '5s', type: { kind: 'duration', min: 0 } },
+  { env: 'FOREMAN_SQLITE_SYNCHRONOUS', key: 'sqliteSynchronous', def: 'FULL', type: { kind: 'enum', values: ['FULL', 'NORMAL'] } },
 ];
 
 export class ConfigError extends Error {

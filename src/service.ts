@@ -47,14 +47,22 @@ export class Service {
     this.clock = opts.clock ?? systemClock;
     this.publicUrl = config.publicUrl;
     fs.mkdirSync(config.dataDir, { recursive: true });
-    this.db = openDatabase(path.join(config.dataDir, 'foreman.db'));
+    this.db = openDatabase(path.join(config.dataDir, 'foreman.db'), {
+      busyTimeoutMs: config.sqliteBusyTimeoutMs,
+      synchronous: config.sqliteSynchronous,
+    });
     migrate(this.db);
     const jobWake = new Wake();
     const deliveryWake = new Wake();
     this.store = new Store(this.db, { jobReady: jobWake.notify, deliveryReady: deliveryWake.notify });
     this.engine =
       opts.engine ??
-      new OllamaEngine({ url: config.ollamaUrl, idleTimeoutMs: config.engineIdleTimeoutMs, connections: config.concurrency * 2 + 2 });
+      new OllamaEngine({
+        url: config.ollamaUrl,
+        idleTimeoutMs: config.engineIdleTimeoutMs,
+        connections: config.concurrency * 2 + 2,
+        maxResponseBytes: config.engineMaxResponseBytes,
+      });
     this.worker = new Worker({
       store: this.store,
       engine: this.engine,
@@ -66,6 +74,7 @@ export class Service {
         leaseMs: config.jobLeaseMs,
         pollIntervalMs: config.pollIntervalMs,
         retryBaseMs: config.jobRetryBaseMs,
+        outageTimeoutMs: config.engineOutageTimeoutMs,
       },
       ...(opts.random ? { random: opts.random } : {}),
     });
@@ -76,6 +85,7 @@ export class Service {
       wake: deliveryWake,
       options: {
         concurrency: config.webhookConcurrency,
+        perUrlConcurrency: config.webhookPerUrlConcurrency,
         timeoutMs: config.webhookTimeoutMs,
         backoffBaseMs: config.webhookBackoffBaseMs,
         backoffMaxMs: config.webhookBackoffMaxMs,
@@ -125,24 +135,35 @@ export class Service {
     return this.url;
   }
 
-  /** Deletes finished jobs older than the TTL (never one with a delivery still pending), then re-arms. */
-  private sweep(): void {
+  /**
+   * Deletes finished jobs older than the TTL (never one with a delivery still pending), one batch
+   * per turn of the event loop so a large backlog never blocks requests, then re-arms.
+   */
+  private sweep(deletedSoFar = 0): void {
+    const BATCH = 500;
+    let deleted = 0;
     try {
-      let n = 0;
-      const cutoff = this.clock.now() - this.config.jobTtlMs;
-      for (let deleted = -1; deleted !== 0; n += deleted) deleted = this.store.sweepExpired(cutoff, 500);
-      if (n > 0) this.logger.info({ deleted: n }, 'TTL sweep deleted expired jobs');
+      deleted = this.store.sweepExpired(this.clock.now() - this.config.jobTtlMs, BATCH);
     } catch (err) {
       this.logger.error({ err }, 'TTL sweep failed; will try again');
     }
-    this.sweepTimer = setTimeout(() => this.sweep(), this.config.sweepIntervalMs);
+    const total = deletedSoFar + deleted;
+    if (deleted === BATCH) {
+      this.sweepTimer = setTimeout(() => this.sweep(total), 0);
+    } else {
+      if (total > 0) this.logger.info({ deleted: total }, 'TTL sweep deleted expired jobs');
+      this.sweepTimer = setTimeout(() => this.sweep(), this.config.sweepIntervalMs);
+    }
     this.sweepTimer.unref();
   }
 
-  /** Runs one TTL sweep now (tests, tools). */
-  sweepNow(): void {
+  /** Runs a TTL sweep now, to completion (tests, tools). */
+  sweepNow(): number {
     if (this.sweepTimer) clearTimeout(this.sweepTimer);
+    let total = 0;
+    for (let n = -1; n !== 0; total += n) n = this.store.sweepExpired(this.clock.now() - this.config.jobTtlMs, 500);
     this.sweep();
+    return total;
   }
 
   /**

@@ -21,7 +21,9 @@ const pct = (xs: number[], p: number) => {
 };
 const f = (n: number, d = 2) => n.toFixed(d);
 
-async function main() {
+type Row = [string, string];
+
+async function run(synchronous: 'FULL' | 'NORMAL'): Promise<Row[]> {
   const fake = await startFakeOllama();
   const receiver = await startReceiver();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'foreman-bench-'));
@@ -31,6 +33,7 @@ async function main() {
     FOREMAN_LOG_LEVEL: 'warn',
     FOREMAN_CONCURRENCY: process.env.BENCH_CONCURRENCY ?? '4',
     FOREMAN_MAX_QUEUED: '1000000',
+    FOREMAN_SQLITE_SYNCHRONOUS: synchronous,
   });
   const pool = new Pool(child.url, { connections: CLIENTS, pipelining: 1 });
   const body = (i: number, extra: Record<string, unknown> = {}) =>
@@ -54,8 +57,6 @@ async function main() {
       }),
     );
   }
-
-  console.log(`foreman bench: node ${process.version}, ${os.cpus().length} cpus, ${CLIENTS} client connections, synchronous=FULL`);
 
   // 1. Idle submit → working latency, one job at a time on an idle service.
   const idle: number[] = [];
@@ -96,23 +97,30 @@ async function main() {
   await receiver.waitFor((rs) => rs.length >= N_E2E, 300_000);
   const e2eSecs = (performance.now() - t0) / 1000;
 
-  const rss = process.memoryUsage().rss;
-  console.log('');
-  console.log('| measure | value |');
-  console.log('| --- | --- |');
-  console.log(`| POST /jobs throughput (${N_SUBMIT} requests, ${CLIENTS} connections) | ${f(N_SUBMIT / submitSecs, 0)} req/s |`);
-  console.log(`| POST /jobs latency p50 / p99 | ${f(pct(lat, 50))} ms / ${f(pct(lat, 99))} ms |`);
-  console.log(`| end-to-end (${N_E2E} jobs, submit → done webhook received) | ${f(N_E2E / e2eSecs, 0)} jobs/s (${f(e2eSecs)} s) |`);
-  console.log(`| idle submit → working, server clock (${N_IDLE} jobs) p50 / p99 | ${f(pct(idle, 50), 0)} ms / ${f(pct(idle, 99), 0)} ms |`);
-  console.log(`| idle submit → working webhook received, client clock p50 / p99 | ${f(pct(idleClient, 50), 0)} ms / ${f(pct(idleClient, 99), 0)} ms |`);
-  console.log(`| bench process RSS | ${f(rss / 1048576, 0)} MiB |`);
-
+  const rows: Row[] = [
+    [`POST /jobs throughput (${N_SUBMIT} requests, ${CLIENTS} connections)`, `${f(N_SUBMIT / submitSecs, 0)} req/s`],
+    ['POST /jobs latency p50 / p99', `${f(pct(lat, 50))} ms / ${f(pct(lat, 99))} ms`],
+    [`end-to-end (${N_E2E} jobs, submit → done webhook received)`, `${f(N_E2E / e2eSecs, 0)} jobs/s (${f(e2eSecs)} s)`],
+    [`idle submit → working, server clock (${N_IDLE} jobs) p50 / p99`, `${f(pct(idle, 50), 0)} ms / ${f(pct(idle, 99), 0)} ms`],
+    ['idle submit → working webhook received, client clock p50 / p99', `${f(pct(idleClient, 50), 0)} ms / ${f(pct(idleClient, 99), 0)} ms`],
+  ];
   child.proc.kill('SIGTERM');
   await child.exited;
   await pool.close();
   await receiver.close();
   await fake.close();
   fs.rmSync(dir, { recursive: true, force: true });
+  return rows;
+}
+
+async function main() {
+  console.log(`foreman bench: node ${process.version}, ${os.cpus().length} cpus, ${CLIENTS} client connections`);
+  const full = await run('FULL');
+  const normal = process.env.BENCH_SKIP_NORMAL ? null : await run('NORMAL');
+  console.log('');
+  console.log(`| measure | synchronous=FULL (default) |${normal ? ' synchronous=NORMAL |' : ''}`);
+  console.log(`| --- | --- |${normal ? ' --- |' : ''}`);
+  full.forEach(([k, v], i) => console.log(`| ${k} | ${v} |${normal ? ` ${normal[i]![1]} |` : ''}`));
 }
 
 main().catch((err) => {

@@ -9,6 +9,8 @@ export interface OllamaEngineOptions {
   connections?: number;
   /** A single NDJSON line larger than this is a protocol error. */
   maxLineBytes?: number;
+  /** A generation whose stream exceeds this many bytes is stopped and fails permanently. */
+  maxResponseBytes?: number;
 }
 
 const TRANSIENT_NET_CODES = new Set([
@@ -67,6 +69,7 @@ function errorText(raw: string): string {
 export class OllamaEngine implements ChatEngine {
   private readonly pool: Pool;
   private readonly maxLineBytes: number;
+  private readonly maxResponseBytes: number;
 
   constructor(private readonly opts: OllamaEngineOptions) {
     this.pool = new Pool(opts.url, {
@@ -76,6 +79,7 @@ export class OllamaEngine implements ChatEngine {
       keepAliveTimeout: 10_000,
     });
     this.maxLineBytes = opts.maxLineBytes ?? 16 * 1024 * 1024;
+    this.maxResponseBytes = opts.maxResponseBytes ?? 32 * 1024 * 1024;
   }
 
   private async post(body: unknown, signal: AbortSignal, phase: string) {
@@ -135,6 +139,7 @@ export class OllamaEngine implements ChatEngine {
     const merger = new ChunkMerger();
     const decoder = new TextDecoder('utf-8');
     let buf = '';
+    let received = 0;
     const handleLine = (line: string) => {
       if (line.trim().length === 0) return;
       let chunk: ChatChunk;
@@ -154,13 +159,23 @@ export class OllamaEngine implements ChatEngine {
     };
     try {
       for await (const part of res.body) {
+        received += (part as Buffer).length;
+        if (received > this.maxResponseBytes) {
+          throw new EngineError(
+            'permanent',
+            'engine_response_too_large',
+            `the engine's response exceeded FOREMAN_ENGINE_MAX_RESPONSE_BYTES (${this.maxResponseBytes} bytes); generation stopped`,
+          );
+        }
         buf += decoder.decode(part as Buffer, { stream: true });
+        let start = 0;
         let nl: number;
-        while ((nl = buf.indexOf('\n')) >= 0) {
-          handleLine(buf.slice(0, nl));
-          buf = buf.slice(nl + 1);
+        while ((nl = buf.indexOf('\n', start)) >= 0) {
+          handleLine(buf.slice(start, nl));
+          start = nl + 1;
           if (merger.final) break;
         }
+        buf = buf.slice(start);
         if (merger.final) break;
         if (buf.length > this.maxLineBytes) {
           throw new EngineError('transient', 'engine_protocol_error', `an NDJSON line exceeded ${this.maxLineBytes} bytes`);

@@ -67,6 +67,31 @@ export function buildApp(deps: AppDeps) {
   // JSON only: anything else is 415 (Fastify would otherwise accept text/plain).
   app.removeContentTypeParser(['text/plain']);
 
+  // A request body must arrive within FOREMAN_BODY_TIMEOUT (a chunked body that never ends would
+  // otherwise hold the connection forever): answer 408 in our format and close the connection.
+  app.addHook('onRequest', (req, reply, done) => {
+    const raw = req.raw;
+    if (raw.method === 'GET' || raw.method === 'HEAD' || raw.complete) return done();
+    const timer = setTimeout(() => {
+      if (raw.complete || reply.raw.headersSent) return;
+      req.log.info({ code: 'body_timeout' }, 'request body did not arrive in time');
+      const body = JSON.stringify({ code: 'body_timeout', message: 'the request body did not arrive within FOREMAN_BODY_TIMEOUT' });
+      reply.raw.writeHead(408, {
+        ...SECURITY_HEADERS,
+        'x-request-id': req.id,
+        'cache-control': 'no-store',
+        'content-type': 'application/json; charset=utf-8',
+        'content-length': Buffer.byteLength(body),
+        connection: 'close',
+      });
+      reply.raw.end(body, () => raw.socket?.destroy());
+    }, deps.config.bodyTimeoutMs);
+    const clear = () => clearTimeout(timer);
+    raw.once('end', clear);
+    raw.once('close', clear);
+    done();
+  });
+
   app.setErrorHandler(errorHandler);
   app.setNotFoundHandler((req, reply) => {
     void reply.code(404).send({ code: 'route_not_found', message: `no route for ${req.method} ${req.url.split('?')[0]?.slice(0, 200)}` });

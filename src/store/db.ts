@@ -20,12 +20,15 @@ export function defaultMigrationsDir(): string {
  * Opens (creating if needed) the database with the durability settings of ADR-0002:
  * WAL, synchronous=FULL (a commit survives power loss), foreign keys on, a busy timeout.
  */
-export function openDatabase(file: string, opts: { busyTimeoutMs?: number; readonly?: boolean } = {}): DB {
+export function openDatabase(
+  file: string,
+  opts: { busyTimeoutMs?: number; readonly?: boolean; synchronous?: 'FULL' | 'NORMAL' } = {},
+): DB {
   const db = new Database(file, { readonly: opts.readonly ?? false, fileMustExist: opts.readonly ?? false });
   db.pragma(`busy_timeout = ${Math.trunc(opts.busyTimeoutMs ?? 5000)}`);
   if (!opts.readonly) {
     db.pragma('journal_mode = WAL');
-    db.pragma('synchronous = FULL');
+    db.pragma(`synchronous = ${opts.synchronous === 'NORMAL' ? 'NORMAL' : 'FULL'}`);
   }
   db.pragma('foreign_keys = ON');
   return db;

@@ -144,6 +144,7 @@ export class Store {
   readonly failJob: (seq: number, owner: string, now: number, error: ErrorInfo) => boolean;
   readonly releaseJob: (seq: number, owner: string, now: number) => boolean;
   readonly requeueOrphans: (now: number, onlyExpired: boolean) => string[];
+  readonly failStaleQueued: (createdBefore: number, now: number, error: ErrorInfo) => string[];
   readonly sweepExpired: (cutoff: number, limit: number) => number;
   readonly redeliver: (jobSeq: number, now: number, state: JobState | null) => string[];
 
@@ -188,6 +189,9 @@ export class Store {
           attempt = max(attempt - 1, 0), lease_owner = NULL, lease_expires_at = NULL
         WHERE state IN ('loading', 'working') AND (@all = 1 OR lease_expires_at < @now)
         RETURNING ${TRANSITION_COLS}, id`),
+      staleQueued: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message,
+          finished_at = @now, updated_at = @now
+        WHERE state = 'queued' AND created_at < @cutoff RETURNING ${TRANSITION_COLS}, id`),
       insertArtifact: p(`INSERT INTO artifacts (job_seq, name, content_type, size, sha256, body, created_at)
         VALUES (?, ?, ?, ?, ?, ?, ?)`),
       nextRunAt: p(`SELECT min(run_at) FROM jobs WHERE state = 'queued'`).pluck(),
@@ -215,6 +219,7 @@ export class Store {
         WHERE id IN (
           SELECT d.id FROM webhook_deliveries d
           WHERE d.status = 'pending' AND d.next_attempt_at <= @now AND d.locked_until <= @now
+            AND d.url NOT IN (SELECT value FROM json_each(@saturated))
             AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e
               WHERE e.job_seq = d.job_seq AND e.status = 'pending' AND e.sequence < d.sequence)
           ORDER BY d.next_attempt_at, d.id LIMIT @n)
@@ -239,6 +244,7 @@ export class Store {
         RETURNING state`).pluck(),
       ungone: p(`UPDATE jobs SET webhook_gone = 0 WHERE seq = ?`),
       unlockDeliveries: p(`UPDATE webhook_deliveries SET locked_until = 0 WHERE locked_until <> 0`),
+      unlockDelivery: p(`UPDATE webhook_deliveries SET locked_until = 0 WHERE id = ?`),
       // Only each job's head-of-line row can become due; later rows wait for it.
       nextDeliveryAt: p(`SELECT min(max(d.next_attempt_at, d.locked_until)) FROM webhook_deliveries d
         WHERE d.status = 'pending' AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e
@@ -370,6 +376,20 @@ export class Store {
       return ids;
     };
 
+    const staleTx = tx((createdBefore: number, now: number, error: ErrorInfo) => {
+      const rows = s.staleQueued.all({ cutoff: createdBefore, now, code: error.code, message: error.message }) as (TransitionRow & {
+        id: string;
+      })[];
+      let outbox = false;
+      for (const r of rows) outbox = recordTransition(r, 'failed', now) || outbox;
+      return { ids: rows.map((r) => r.id), outbox };
+    });
+    this.failStaleQueued = (createdBefore, now, error) => {
+      const { ids, outbox } = staleTx(createdBefore, now, error);
+      if (outbox) this.signals.deliveryReady();
+      return ids;
+    };
+
     const sweepTx = tx((cutoff: number, limit: number) => {
       const seqs = s.sweepPick.all(cutoff, limit) as number[];
       for (const seq of seqs) s.deleteJob.run(seq);
@@ -446,8 +466,8 @@ export class Store {
   // --- webhook outbox ---
 
   /** Locks up to n due deliveries (only the head of each job's pending line) until `lockUntil`. */
-  claimDeliveries(now: number, n: number, lockUntil: number): DueDelivery[] {
-    const rows = this.s.claimDeliveries.all({ now, n, lock: lockUntil }) as Omit<
+  claimDeliveries(now: number, n: number, lockUntil: number, saturatedUrls: string[] = []): DueDelivery[] {
+    const rows = this.s.claimDeliveries.all({ now, n, lock: lockUntil, saturated: JSON.stringify(saturatedUrls) }) as Omit<
       DueDelivery,
       'jobId' | 'metadata' | 'errorCode' | 'errorMessage'
     >[];
@@ -485,6 +505,11 @@ export class Store {
   /** At start-up: no attempt is in flight, whatever the rows say. */
   unlockDeliveries(): number {
     return this.s.unlockDeliveries.run().changes;
+  }
+
+  /** Gives back a claimed delivery without attempting it. */
+  unlockDelivery(id: number): void {
+    this.s.unlockDelivery.run(id);
   }
 
   nextDeliveryAt(): number | null {

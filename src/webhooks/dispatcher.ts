@@ -10,6 +10,8 @@ import { guardedConnector } from './ssrf.js';
 
 export interface DispatcherOptions {
   concurrency: number;
+  /** At most this many attempts in flight to one URL, so a dead receiver cannot take every slot. */
+  perUrlConcurrency: number;
   timeoutMs: number;
   backoffBaseMs: number;
   backoffMaxMs: number;
@@ -64,6 +66,7 @@ export class Dispatcher {
   private readonly agent: Agent;
   private readonly signer: Signer;
   private readonly inflight = new Set<Promise<void>>();
+  private readonly perUrl = new Map<string, number>();
   private readonly stopCtl = new AbortController();
   private stopping = false;
   private loop: Promise<void> | null = null;
@@ -94,11 +97,26 @@ export class Dispatcher {
         if (free > 0) {
           const now = clock.now();
           // The lock outlives the attempt's own timeout, so a row is never sent twice at once.
-          const due = store.claimDeliveries(now, free, now + options.timeoutMs + 5_000);
-          for (const d of due) this.launch(d);
-          if (due.length === free) continue;
+          const saturated = [...this.perUrl].filter(([, n]) => n >= options.perUrlConcurrency).map(([u]) => u);
+          const due = store.claimDeliveries(now, free, now + options.timeoutMs + 5_000, saturated);
+          let launched = 0;
+          for (const d of due) {
+            if ((this.perUrl.get(d.url) ?? 0) >= options.perUrlConcurrency) {
+              store.unlockDelivery(d.id); // its URL is busy; it is claimed again when a slot frees
+              continue;
+            }
+            this.launch(d);
+            launched++;
+          }
+          if (launched === free) continue;
+          if (launched < due.length) {
+            await wake.wait(delay); // woken when an attempt finishes
+            continue;
+          }
           const next = store.nextDeliveryAt();
-          if (next !== null) delay = Math.min(delay, Math.max(0, next - clock.now()));
+          const wait = next === null ? delay : next - clock.now();
+          // Something already due that the claim skipped belongs to a busy URL: wait for an attempt to finish.
+          if (wait > 0 || saturated.length === 0) delay = Math.min(delay, Math.max(0, wait));
         }
       } catch (err) {
         logger.error({ err }, 'webhook dispatcher: store error; will retry');
@@ -108,9 +126,13 @@ export class Dispatcher {
   }
 
   private launch(d: DueDelivery): void {
+    this.perUrl.set(d.url, (this.perUrl.get(d.url) ?? 0) + 1);
     const p: Promise<void> = this.deliver(d)
       .catch((err: unknown) => this.deps.logger.error({ err, job_id: d.jobId }, 'webhook delivery crashed'))
       .finally(() => {
+        const n = (this.perUrl.get(d.url) ?? 1) - 1;
+        if (n === 0) this.perUrl.delete(d.url);
+        else this.perUrl.set(d.url, n);
         this.inflight.delete(p);
         this.deps.wake.notify();
       });

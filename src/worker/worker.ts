@@ -10,6 +10,8 @@ export interface WorkerOptions {
   leaseMs: number;
   pollIntervalMs: number;
   retryBaseMs: number;
+  /** While the engine is unreachable, a queued job fails after waiting this long (ADR-0007). */
+  outageTimeoutMs: number;
 }
 
 export interface WorkerDeps {
@@ -44,10 +46,18 @@ export class Worker {
   private stopping = false;
   private loop: Promise<void> | null = null;
   private lastLeaseSweep = 0;
+  /** Set when the engine could not be reached; claiming pauses until a probe succeeds. */
+  private engineDownSince: number | null = null;
+  private lastProbe = 0;
   private readonly random: () => number;
 
   constructor(private readonly deps: WorkerDeps) {
     this.random = deps.random ?? Math.random;
+  }
+
+  /** When the current engine outage began, or null if the engine is believed up. */
+  get engineDown(): number | null {
+    return this.engineDownSince;
   }
 
   get activeJobs(): number {
@@ -70,6 +80,13 @@ export class Worker {
             logger.warn({ job_id: id }, 'job lease expired; job re-queued');
           }
         }
+        if (this.engineDownSince !== null) {
+          delay = await this.whileEngineDown(now);
+          if (this.engineDownSince !== null) {
+            await wake.wait(delay);
+            continue;
+          }
+        }
         const free = options.concurrency - this.running.size;
         if (free > 0) {
           const claimed = store.claimJobs(this.owner, free, now, options.leaseMs);
@@ -83,6 +100,33 @@ export class Worker {
       }
       await wake.wait(delay);
     }
+  }
+
+  /**
+   * Engine outage: jobs stay queued (no attempts are burned) and the engine is probed; once the
+   * outage has lasted `outageTimeoutMs`, queued jobs that have waited that long fail. Returns the
+   * time to wait before the next probe.
+   */
+  private async whileEngineDown(now: number): Promise<number> {
+    const { engine, store, logger, options, clock } = this.deps;
+    const probeEvery = Math.min(1000, options.pollIntervalMs);
+    if (now - this.lastProbe < probeEvery) return probeEvery - (now - this.lastProbe);
+    this.lastProbe = now;
+    const status = await engine.status();
+    if (status.up) {
+      logger.info({ down_ms: clock.now() - (this.engineDownSince ?? now) }, 'engine is reachable again; resuming');
+      this.engineDownSince = null;
+      return 0;
+    }
+    const since = this.engineDownSince ?? now;
+    if (now - since >= options.outageTimeoutMs) {
+      const ids = store.failStaleQueued(now - options.outageTimeoutMs, clock.now(), {
+        code: 'engine_unavailable',
+        message: `the engine has been unreachable for longer than FOREMAN_ENGINE_OUTAGE_TIMEOUT (${options.outageTimeoutMs}ms): ${status.error ?? 'down'}`,
+      });
+      for (const id of ids) logger.warn({ job_id: id, state: 'failed', code: 'engine_unavailable' }, 'job failed: engine outage outlasted its wait');
+    }
+    return probeEvery;
   }
 
   private launch(job: ClaimedJob): void {
@@ -143,6 +187,11 @@ export class Worker {
           ? err
           : new EngineError('transient', 'internal_error', `unexpected error: ${(err as Error)?.message ?? String(err)}`);
       if (!(err instanceof EngineError)) log.error({ err }, 'unexpected error while running job');
+      if (e.code === 'engine_unavailable' && this.engineDownSince === null) {
+        this.engineDownSince = clock.now();
+        this.lastProbe = clock.now();
+        log.warn({ err: e }, 'engine unreachable; pausing claims until it answers');
+      }
       if (e.kind === 'transient' && job.attempt < job.maxAttempts) {
         const delay = jobRetryDelay(options.retryBaseMs, job.attempt, this.random);
         store.retryJob(job.seq, this.owner, clock.now(), clock.now() + delay);

@@ -28,11 +28,13 @@ async function freePort(): Promise<number> {
   return port;
 }
 
-/**
- * Starts the built service (`dist/src/main.js`, built by `npm test`'s pretest) as a child
- * process on a free port and resolves once /healthz answers.
- */
-export async function startChild(env: Record<string, string>, timeoutMs = 15_000): Promise<Child> {
+export interface Spawned extends Child {
+  /** Resolves once /healthz answers (rejects if the process exits first or the timeout passes). */
+  ready(timeoutMs?: number): Promise<void>;
+}
+
+/** Spawns the built service (`dist/src/main.js`, built by `npm test`'s pretest) on a free port without waiting for it. */
+export async function spawnChild(env: Record<string, string>): Promise<Spawned> {
   const port = env.FOREMAN_PORT ?? String(await freePort());
   const proc = spawn(process.execPath, [MAIN], {
     env: { PATH: process.env.PATH ?? '', FOREMAN_LOG_LEVEL: 'info', ...env, FOREMAN_PORT: port },
@@ -63,21 +65,31 @@ export async function startChild(env: Record<string, string>, timeoutMs = 15_000
     }
   });
   proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString('utf8')));
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    if (exitCode !== undefined) throw new Error(`child exited with ${exitCode} before listening: ${stderr}`);
-    if (Date.now() > end) {
-      proc.kill('SIGKILL');
-      throw new Error(`child did not start in ${timeoutMs}ms: ${stderr}`);
+  const ready = async (timeoutMs = 15_000) => {
+    const end = Date.now() + timeoutMs;
+    for (;;) {
+      if (exitCode !== undefined) throw new Error(`child exited with ${exitCode} before listening: ${stderr}`);
+      if (Date.now() > end) {
+        proc.kill('SIGKILL');
+        throw new Error(`child did not start in ${timeoutMs}ms: ${stderr}`);
+      }
+      try {
+        const r = await fetch(`${url}/healthz`);
+        if (r.status === 200) return;
+      } catch {
+        /* not listening yet */
+      }
+      await new Promise((r) => setTimeout(r, 10));
     }
-    try {
-      const r = await fetch(`${url}/healthz`);
-      if (r.status === 200) return { proc, url, logs, exited };
-    } catch {
-      /* not listening yet */
-    }
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  };
+  return { proc, url, logs, exited, ready };
+}
+
+/** Starts the built service on a free port and resolves once /healthz answers. */
+export async function startChild(env: Record<string, string>, timeoutMs = 15_000): Promise<Child> {
+  const c = await spawnChild(env);
+  await c.ready(timeoutMs);
+  return c;
 }
 
 /** Runs the built service to completion (for start-up failures) and returns its exit code and stderr. */
