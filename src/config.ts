@@ -99,7 +99,7 @@ const SPECS: Spec[] = [
   { env: 'FOREMAN_ENGINE_OUTAGE_TIMEOUT', key: 'engineOutageTimeoutMs', def: '1h', type: { kind: 'duration', min: 1 } },
   { env: 'FOREMAN_WEBHOOK_PER_URL_CONCURRENCY', key: 'webhookPerUrlConcurrency', def: '4', type: { kind: 'int', min: 1, max: 4096 } },
   { env: 'FOREMAN_BODY_TIMEOUT', key: 'bodyTimeoutMs', def: '30s', type: { kind: 'duration', min: 1 } },
-  { env: 'FOREMAN_SQLITE_BUSY_TIMEOUT', key: 'sqliteBusyTimeoutMs', def: '5s', type: { kind: 'duration', min: 0 } },
+  { env: 'FOREMAN_SQLITE_BUSY_TIMEOUT', key: 'sqliteBusyTimeoutMs', def: '1s', type: { kind: 'duration', min: 0 } },
   { env: 'FOREMAN_SQLITE_SYNCHRONOUS', key: 'sqliteSynchronous', def: 'FULL', type: { kind: 'enum', values: ['FULL', 'NORMAL'] } },
 ];
 

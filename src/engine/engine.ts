@@ -12,6 +12,8 @@ export class EngineError extends Error {
     readonly code: string,
     message: string,
     readonly status?: number,
+    /** True when no connection could be made at all: the engine is down, not this job's fault. */
+    readonly unreachable = false,
   ) {
     super(message);
     this.name = 'EngineError';

@@ -27,6 +27,11 @@ const TRANSIENT_NET_CODES = new Set([
   'UND_ERR_CLOSED',
 ]);
 
+const STALE_SOCKET_CODES = new Set(['ECONNRESET', 'EPIPE', 'UND_ERR_SOCKET']);
+
+/** Errors raised before a connection exists: the engine is unreachable. */
+const UNREACHABLE_CODES = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN', 'ENOTFOUND', 'UND_ERR_CONNECT_TIMEOUT']);
+
 function isAbort(err: unknown, signal: AbortSignal): boolean {
   return signal.aborted || (err as { name?: string }).name === 'AbortError' || (err as { code?: string }).code === 'UND_ERR_ABORTED';
 }
@@ -40,7 +45,13 @@ function classifyNetworkError(err: unknown, signal: AbortSignal, phase: string):
     throw new EngineError('transient', 'engine_timeout', `the engine sent nothing for too long during ${phase} (${msg})`);
   }
   if (TRANSIENT_NET_CODES.has(code) || code.startsWith('UND_ERR')) {
-    throw new EngineError('transient', 'engine_unavailable', `cannot reach the engine during ${phase}: ${code} ${msg}`.trim());
+    throw new EngineError(
+      'transient',
+      'engine_unavailable',
+      `cannot reach the engine during ${phase}: ${code} ${msg}`.trim(),
+      undefined,
+      UNREACHABLE_CODES.has(code),
+    );
   }
   if (err instanceof EngineError) throw err;
   throw new EngineError('transient', 'engine_unavailable', `engine request failed during ${phase}: ${msg}`);
@@ -82,17 +93,24 @@ export class OllamaEngine implements ChatEngine {
     this.maxResponseBytes = opts.maxResponseBytes ?? 32 * 1024 * 1024;
   }
 
-  private async post(body: unknown, signal: AbortSignal, phase: string) {
-    try {
-      return await this.pool.request({
-        path: '/api/chat',
-        method: 'POST',
-        headers: { 'content-type': 'application/json', accept: 'application/x-ndjson, application/json' },
-        body: JSON.stringify(body),
-        signal,
-      });
-    } catch (err) {
-      return classifyNetworkError(err, signal, phase);
+  private async post(body: unknown, signal: AbortSignal, phase: 'load' | 'generation') {
+    const payload = JSON.stringify(body);
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.pool.request({
+          path: '/api/chat',
+          method: 'POST',
+          headers: { 'content-type': 'application/json', accept: 'application/x-ndjson, application/json' },
+          body: payload,
+          signal,
+        });
+      } catch (err) {
+        // A pooled keep-alive connection the engine already closed fails before any answer.
+        // Loading is idempotent, so try once more on a fresh connection before judging.
+        const code = (err as { code?: string }).code ?? '';
+        if (phase === 'load' && attempt === 1 && !signal.aborted && STALE_SOCKET_CODES.has(code)) continue;
+        return classifyNetworkError(err, signal, phase);
+      }
     }
   }
 

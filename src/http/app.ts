@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import type { Socket } from 'node:net';
 import Fastify, { type FastifyReply } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { Logger } from 'pino';
@@ -38,6 +39,31 @@ function standardHeaders(reply: FastifyReply, requestId: string): void {
   if (!reply.hasHeader('cache-control')) reply.header('cache-control', 'no-store');
 }
 
+/**
+ * Requests Node's HTTP parser rejects (bad methods, conflicting lengths, oversized headers, bad
+ * chunk framing) never reach routing: answer them in our JSON format too, and close.
+ */
+function clientErrorHandler(err: NodeJS.ErrnoException, socket: Socket): void {
+  if (!socket.writable || err.code === 'ECONNRESET') return void socket.destroy();
+  const [status, reason, code, message] =
+    err.code === 'HPE_HEADER_OVERFLOW'
+      ? [431, 'Request Header Fields Too Large', 'headers_too_large', 'the request headers are too large']
+      : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+        ? [408, 'Request Timeout', 'request_timeout', 'the request took too long']
+        : [400, 'Bad Request', 'bad_request', 'the request is not valid HTTP'];
+  const body = JSON.stringify({ code, message });
+  const headers = Object.entries({
+    ...SECURITY_HEADERS,
+    'cache-control': 'no-store',
+    'content-type': 'application/json; charset=utf-8',
+    'content-length': String(Buffer.byteLength(body)),
+    connection: 'close',
+  })
+    .map(([k, v]) => `${k}: ${v}\r\n`)
+    .join('');
+  socket.end(`HTTP/1.1 ${status} ${reason}\r\n${headers}\r\n${body}`);
+}
+
 /** Builds the Fastify instance without listening, so tests can `inject` or listen on port 0. */
 export function buildApp(deps: AppDeps) {
   const app = Fastify({
@@ -51,6 +77,7 @@ export function buildApp(deps: AppDeps) {
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     routerOptions: { maxParamLength: MAX_PARAM_LENGTH },
+    clientErrorHandler,
     // Errors raised by the router before any route or hook runs: answer them in our own format.
     frameworkErrors: (err, req, reply) => {
       standardHeaders(reply, req.id);

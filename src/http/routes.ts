@@ -100,6 +100,10 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       }
       const request: Record<string, unknown> = {};
       for (const k of ENGINE_FIELDS) if (body[k] !== undefined) request[k] = body[k];
+      const deep = tooDeep(request, MAX_JSON_DEPTH);
+      if (deep !== null) {
+        throw new ApiError(400, 'validation_failed', `${deep} is nested deeper than ${MAX_JSON_DEPTH} levels`, deep);
+      }
       const id = uuidv7();
       const outcome = await submitter.submit({
         id,
@@ -160,6 +164,23 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     },
   );
 };
+
+/** How deeply a request's JSON may nest (Ollama's own payloads need a handful of levels). */
+export const MAX_JSON_DEPTH = 64;
+
+/** Returns the top-level field holding JSON nested deeper than `limit`, or null. Iterative: no recursion. */
+export function tooDeep(value: Record<string, unknown>, limit: number): string | null {
+  for (const [field, v] of Object.entries(value)) {
+    const stack: [unknown, number][] = [[v, 1]];
+    while (stack.length > 0) {
+      const [x, d] = stack.pop()!;
+      if (x === null || typeof x !== 'object') continue;
+      if (d > limit) return field;
+      for (const child of Object.values(x)) if (child !== null && typeof child === 'object') stack.push([child, d + 1]);
+    }
+  }
+  return null;
+}
 
 /** RFC 9110 If-None-Match: weak comparison, a list, or `*`. */
 export function etagMatches(header: string | undefined, etag: string): boolean {

@@ -184,7 +184,13 @@ export class Dispatcher {
       'webhook-timestamp': String(timestamp),
       ...this.signer.headers(eventId, timestamp, body),
     };
-    const signal = AbortSignal.any([AbortSignal.timeout(options.timeoutMs), this.stopCtl.signal]);
+    // A per-attempt controller with its own timer. (AbortSignal.any over AbortSignal.timeout can
+    // lose the timeout to garbage collection on Node 20: nodejs/node#57736.)
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(new Error('webhook attempt timed out')), options.timeoutMs);
+    const onStop = () => ctl.abort(new Error('shutting down'));
+    this.stopCtl.signal.addEventListener('abort', onStop, { once: true });
+    const signal = ctl.signal;
     try {
       const res = await this.agent.request({
         origin: new URL(url).origin,
@@ -222,6 +228,9 @@ export class Dispatcher {
       }
       const msg = [code, e.message, cause?.message].filter(Boolean).join(': ');
       return { kind: 'retry', status: null, error: msg.slice(0, 500) };
+    } finally {
+      clearTimeout(timer);
+      this.stopCtl.signal.removeEventListener('abort', onStop);
     }
   }
 

@@ -31,6 +31,29 @@ interface Running {
   done: Promise<void>;
 }
 
+export function isStorageError(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === 'string' && code.startsWith('SQLITE_');
+}
+
+/**
+ * Runs a store write, retrying storage errors (locked, read-only, full disk) with backoff for
+ * up to ~15 s, so a finished generation is not thrown away by a passing storage fault. No
+ * transaction is held across the waits.
+ */
+async function retryStorage<T>(fn: () => T, signal: AbortSignal, onRetry: (err: unknown, waitMs: number) => void): Promise<T> {
+  for (let i = 0; ; i++) {
+    try {
+      return fn();
+    } catch (err) {
+      if (!isStorageError(err) || i >= 8 || signal.aborted) throw err;
+      const wait = Math.min(4000, 50 * 2 ** i);
+      onRetry(err, wait);
+      await new Promise((r) => setTimeout(r, wait));
+    }
+  }
+}
+
 /** Exponential backoff with a little downward jitter: base·2^(attempt-1)·[0.8, 1.0]. */
 export function jobRetryDelay(baseMs: number, attempt: number, random: () => number): number {
   return Math.round(baseMs * 2 ** Math.max(0, attempt - 1) * (0.8 + 0.2 * random()));
@@ -113,6 +136,7 @@ export class Worker {
     if (now - this.lastProbe < probeEvery) return probeEvery - (now - this.lastProbe);
     this.lastProbe = now;
     const status = await engine.status();
+    logger.debug({ status }, 'engine probe');
     if (status.up) {
       logger.info({ down_ms: clock.now() - (this.engineDownSince ?? now) }, 'engine is reachable again; resuming');
       this.engineDownSince = null;
@@ -162,9 +186,11 @@ export class Worker {
       const response = await engine.chat(job.request, { signal });
       const result = { ...response, foreman: { load_ms: loadMs } };
       const body = Buffer.from(JSON.stringify(result), 'utf8');
-      const moved = store.completeJob(job.seq, this.owner, clock.now(), result, [
-        { name: 'completion', contentType: 'application/json', body },
-      ]);
+      const moved = await retryStorage(
+        () => store.completeJob(job.seq, this.owner, clock.now(), result, [{ name: 'completion', contentType: 'application/json', body }]),
+        signal,
+        (err, wait) => log.error({ err, retry_in_ms: wait }, 'could not save the result; retrying'),
+      );
       if (moved) log.info({ state: 'done', bytes: body.length }, 'job done');
       else log.warn('lost the job lease before done; result discarded');
     } catch (err) {
@@ -182,16 +208,28 @@ export class Worker {
         log.info({ state: 'queued' }, 'job interrupted by shutdown; re-queued');
         return;
       }
+      if (isStorageError(err)) {
+        // Not the engine's fault: give the attempt back; the job runs again when storage recovers.
+        store.releaseJob(job.seq, this.owner, clock.now());
+        log.error({ err, state: 'queued' }, 'storage error while running job; re-queued');
+        return;
+      }
+      if (err instanceof EngineError && err.unreachable) {
+        // The engine is down: the job keeps its place and its attempt; claiming pauses until the
+        // engine answers (or FOREMAN_ENGINE_OUTAGE_TIMEOUT fails the waiting jobs).
+        store.releaseJob(job.seq, this.owner, clock.now());
+        if (this.engineDownSince === null) {
+          this.engineDownSince = clock.now();
+          this.lastProbe = clock.now();
+          log.warn({ err, state: 'queued' }, 'engine unreachable; job re-queued and claims paused until it answers');
+        }
+        return;
+      }
       const e =
         err instanceof EngineError
           ? err
           : new EngineError('transient', 'internal_error', `unexpected error: ${(err as Error)?.message ?? String(err)}`);
       if (!(err instanceof EngineError)) log.error({ err }, 'unexpected error while running job');
-      if (e.code === 'engine_unavailable' && this.engineDownSince === null) {
-        this.engineDownSince = clock.now();
-        this.lastProbe = clock.now();
-        log.warn({ err: e }, 'engine unreachable; pausing claims until it answers');
-      }
       if (e.kind === 'transient' && job.attempt < job.maxAttempts) {
         const delay = jobRetryDelay(options.retryBaseMs, job.attempt, this.random);
         store.retryJob(job.seq, this.owner, clock.now(), clock.now() + delay);
