@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hello, startHarness, type Harness } from './support/harness.js';
 import type { FakeChunk, RecordedRequest } from './support/fake-ollama.js';
+import { sleep, until, jobCount, terminal } from './support/util.js';
 
 /** UUIDv7 (RFC 9562): version nibble 7, variant 10xx. */
 const UUIDV7 = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
@@ -16,22 +17,8 @@ const FAKE_METRICS = {
 };
 const BUSY = 'server busy, please try again.  maximum pending requests exceeded';
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** Polls `fn` until it returns a truthy value; throws with `what` after `timeoutMs`. */
-async function until<T>(what: string, fn: () => Promise<T | undefined | null | false>, timeoutMs = 5_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  while (Date.now() < end) {
-    const v = await fn();
-    if (v) return v;
-    await sleep(5);
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
 
-function jobCount(h: Harness): number {
-  return (h.service.store.db.prepare('select count(*) n from jobs').get() as { n: number }).n;
-}
 
 /** The error body contract: exactly code + message (+ field), strings, no stack. */
 function expectErrorShape(body: any, status: number, actualStatus: number): void {
@@ -45,7 +32,6 @@ function expectErrorShape(body: any, status: number, actualStatus: number): void
   expect(JSON.stringify(body)).not.toMatch(/\bat .*\.(ts|js):\d+/);
 }
 
-const terminal = ['done', 'failed'];
 
 // ---------------------------------------------------------------------------
 

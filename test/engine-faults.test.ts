@@ -11,28 +11,14 @@ import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hello, startHarness, type Harness } from './support/harness.js';
 import type { FakeBehaviour, RecordedRequest } from './support/fake-ollama.js';
+import { sleep, until, jobCount, terminal } from './support/util.js';
 
 const BUSY = 'server busy, please try again.  maximum pending requests exceeded';
 const OOM = 'an error was encountered while running the model: CUDA error: out of memory';
 const MiB = 1024 * 1024;
-const terminal = ['done', 'failed'];
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** Polls `fn` until it returns a truthy value; throws with `what` after `timeoutMs`. */
-async function until<T>(what: string, fn: () => Promise<T | undefined | null | false>, timeoutMs = 5_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  while (Date.now() < end) {
-    const v = await fn();
-    if (v) return v;
-    await sleep(10);
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
 
-function jobCount(h: Harness): number {
-  return (h.service.db.prepare('select count(*) n from jobs').get() as { n: number }).n;
-}
 
 function engineRequests(h: Harness, from: number): { loads: RecordedRequest[]; chats: RecordedRequest[] } {
   const mine = h.fake.requests.slice(from);

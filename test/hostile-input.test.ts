@@ -13,6 +13,7 @@ import { Readable } from 'node:stream';
 import { Pool } from 'undici';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startHarness, type Harness } from './support/harness.js';
+import { jobCount } from './support/util.js';
 
 const SEED = process.env.FOREMAN_FUZZ_SEED ? Number(process.env.FOREMAN_FUZZ_SEED) >>> 0 : (Math.random() * 2 ** 32) >>> 0;
 const COUNT = Number(process.env.FOREMAN_FUZZ_COUNT ?? 2_400);
@@ -873,9 +874,6 @@ function problems(c: Case, a: Answer): string[] {
   return out;
 }
 
-function jobCount(h: Harness): number {
-  return (h.service.store.db.prepare('select count(*) n from jobs').get() as { n: number }).n;
-}
 
 // ---------------------------------------------------------------------------
 

@@ -16,8 +16,8 @@ import vm from 'node:vm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hello, startHarness, type Harness } from './support/harness.js';
 import { startReceiver, type Receiver } from './support/receiver.js';
+import { sleep, pollJob, settled } from './support/util.js';
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 // ---------------------------------------------------------------------------
 // A raw HTTP/1.1-ish receiver on a socket.
@@ -205,31 +205,7 @@ const hostile = {
 // ---------------------------------------------------------------------------
 // Job helpers.
 
-async function pollJob(h: Harness, id: string, pred: (j: any) => boolean, what: string, timeoutMs = 10_000): Promise<any> {
-  const end = Date.now() + timeoutMs;
-  let last: any;
-  while (Date.now() < end) {
-    const r = await h.api(`/jobs/${id}`);
-    last = r.body;
-    if (r.status === 200 && pred(last)) return last;
-    await sleep(10);
-  }
-  throw new Error(`job ${id}: ${what} not reached in ${timeoutMs}ms; last: ${JSON.stringify(last)}`);
-}
 
-/** Terminal, and no delivery still pending. */
-const settled = (h: Harness, id: string, timeoutMs?: number) =>
-  pollJob(
-    h,
-    id,
-    (j) =>
-      (j.state === 'done' || j.state === 'failed') &&
-      j.webhook !== null &&
-      j.webhook.deliveries.length > 0 &&
-      j.webhook.deliveries.every((d: any) => d.status !== 'pending'),
-    'terminal with no pending delivery',
-    timeoutMs,
-  );
 
 const doneDelivery = (j: any) => j.webhook.deliveries.find((d: any) => d.state === 'done');
 

@@ -10,12 +10,12 @@ import { verify as verifyGithub } from '@octokit/webhooks-methods';
 import { Webhook } from 'standardwebhooks';
 import { hello, startHarness, type Harness } from './support/harness.js';
 import { startReceiver, type Received, type Receiver } from './support/receiver.js';
+import { sleep, pollJob, settled } from './support/util.js';
 
 const VERSION = (JSON.parse(fs.readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 const LIFECYCLE = ['queued', 'loading', 'working', 'done'] as const;
 const SEQ: Record<string, number> = { queued: 1, loading: 2, working: 3, done: 4, failed: 4 };
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const sha256 = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
 
 /** The deliveries one job's receiver saw, in arrival order. */
@@ -29,32 +29,7 @@ function gate() {
   return { p, open };
 }
 
-/** Polls GET /jobs/:id until pred holds. */
-async function pollJob(h: Harness, id: string, pred: (j: any) => boolean, what: string, timeoutMs = 10_000): Promise<any> {
-  const end = Date.now() + timeoutMs;
-  let last: any;
-  while (Date.now() < end) {
-    const r = await h.api(`/jobs/${id}`);
-    last = r.body;
-    if (r.status === 200 && pred(last)) return last;
-    await sleep(10);
-  }
-  throw new Error(`job ${id}: ${what} not reached in ${timeoutMs}ms; last: ${JSON.stringify(last)}`);
-}
 
-/** Waits until the job is terminal and none of its deliveries is pending. */
-const settled = (h: Harness, id: string, timeoutMs?: number) =>
-  pollJob(
-    h,
-    id,
-    (j) =>
-      (j.state === 'done' || j.state === 'failed') &&
-      j.webhook !== null &&
-      j.webhook.deliveries.length > 0 &&
-      j.webhook.deliveries.every((d: any) => d.status !== 'pending'),
-    'terminal with no pending delivery',
-    timeoutMs,
-  );
 
 const delivery = (j: any, state: string) => j.webhook.deliveries.find((d: any) => d.state === state);
 const transitionAt = (j: any, state: string) => j.transitions.find((t: any) => t.state === state)?.at;
