@@ -217,16 +217,10 @@ export class Dispatcher {
         : undefined;
       return { kind: 'retry', status, error: `HTTP ${status}`, ...(retryAfterMs !== undefined ? { retryAfterMs } : {}) };
     } catch (err) {
-      const e = err as Error & { code?: string };
-      if (signal.aborted && !this.stopCtl.signal.aborted) {
-        return { kind: 'retry', status: null, error: `timed out after ${options.timeoutMs}ms` };
-      }
-      const cause = (e.cause as Error & { code?: string }) ?? undefined;
-      const code = e.code === 'UND_ERR_HEADERS_TIMEOUT' || e.code === 'UND_ERR_BODY_TIMEOUT' ? undefined : e.code;
-      if (e.code === 'UND_ERR_HEADERS_TIMEOUT' || e.code === 'UND_ERR_BODY_TIMEOUT') {
-        return { kind: 'retry', status: null, error: `timed out after ${options.timeoutMs}ms` };
-      }
-      const msg = [code, e.message, cause?.message].filter(Boolean).join(': ');
+      const e = err as Error & { code?: string; cause?: Error };
+      const timedOut = (signal.aborted && !this.stopCtl.signal.aborted) || e.code === 'UND_ERR_HEADERS_TIMEOUT' || e.code === 'UND_ERR_BODY_TIMEOUT';
+      if (timedOut) return { kind: 'retry', status: null, error: `timed out after ${options.timeoutMs}ms` };
+      const msg = [e.code, e.message, e.cause?.message].filter(Boolean).join(': ');
       return { kind: 'retry', status: null, error: msg.slice(0, 500) };
     } finally {
       clearTimeout(timer);
