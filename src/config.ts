@@ -66,6 +66,9 @@ export const ConfigSchema = Type.Object({
   bodyTimeoutMs: Type.Integer({ minimum: 1 }),
   sqliteBusyTimeoutMs: Type.Integer({ minimum: 0 }),
   sqliteSynchronous: Type.Union([Type.Literal('FULL'), Type.Literal('NORMAL')]),
+  idempotencyTtlMs: Type.Integer({ minimum: 1 }),
+  priorityAgingMs: Type.Integer({ minimum: 1 }),
+  sseKeepaliveMs: Type.Integer({ minimum: 1 }),
 });
 export type Config = Static<typeof ConfigSchema>;
 
@@ -101,6 +104,9 @@ const SPECS: Spec[] = [
   { env: 'FOREMAN_BODY_TIMEOUT', key: 'bodyTimeoutMs', def: '30s', type: { kind: 'duration', min: 1 } },
   { env: 'FOREMAN_SQLITE_BUSY_TIMEOUT', key: 'sqliteBusyTimeoutMs', def: '1s', type: { kind: 'duration', min: 0 } },
   { env: 'FOREMAN_SQLITE_SYNCHRONOUS', key: 'sqliteSynchronous', def: 'FULL', type: { kind: 'enum', values: ['FULL', 'NORMAL'] } },
+  { env: 'FOREMAN_IDEMPOTENCY_TTL', key: 'idempotencyTtlMs', def: '24h', type: { kind: 'duration', min: 1 } },
+  { env: 'FOREMAN_PRIORITY_AGING', key: 'priorityAgingMs', def: '1m', type: { kind: 'duration', min: 1 } },
+  { env: 'FOREMAN_SSE_KEEPALIVE', key: 'sseKeepaliveMs', def: '15s', type: { kind: 'duration', min: 1 } },
 ];
 
 export class ConfigError extends Error {

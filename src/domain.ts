@@ -1,10 +1,10 @@
-/** The job lifecycle: a closed union. `done` and `failed` are terminal. */
-export const JOB_STATES = ['queued', 'loading', 'working', 'done', 'failed'] as const;
+/** The job lifecycle: a closed union. `done`, `failed` and `canceled` are terminal. */
+export const JOB_STATES = ['queued', 'loading', 'working', 'done', 'failed', 'canceled'] as const;
 export type JobState = (typeof JOB_STATES)[number];
-export type TerminalState = 'done' | 'failed';
+export type TerminalState = 'done' | 'failed' | 'canceled';
 
 export function isTerminal(s: JobState): s is TerminalState {
-  return s === 'done' || s === 'failed';
+  return s === 'done' || s === 'failed' || s === 'canceled';
 }
 
 /** A state's place in the lifecycle order; the webhook event's `sequence`. */
@@ -14,6 +14,7 @@ export const STATE_SEQUENCE: Record<JobState, number> = {
   working: 3,
   done: 4,
   failed: 4,
+  canceled: 4,
 };
 
 export interface ErrorInfo {

@@ -12,6 +12,7 @@ import { migrate, openDatabase, type DB } from './store/db.js';
 import { Store } from './store/store.js';
 import { Dispatcher } from './webhooks/dispatcher.js';
 import { Wake } from './wake.js';
+import { JobEvents } from './events.js';
 import { Worker } from './worker/worker.js';
 import { VERSION } from './version.js';
 
@@ -33,6 +34,7 @@ export class Service {
   readonly clock: Clock;
   readonly db: DB;
   readonly store: Store;
+  readonly events: JobEvents;
   readonly engine: ChatEngine;
   readonly worker: Worker;
   readonly dispatcher: Dispatcher;
@@ -54,7 +56,12 @@ export class Service {
     migrate(this.db);
     const jobWake = new Wake();
     const deliveryWake = new Wake();
-    this.store = new Store(this.db, { jobReady: jobWake.notify, deliveryReady: deliveryWake.notify });
+    this.events = new JobEvents();
+    this.store = new Store(
+      this.db,
+      { jobReady: jobWake.notify, deliveryReady: deliveryWake.notify, transition: this.events.transition },
+      config.priorityAgingMs,
+    );
     this.engine =
       opts.engine ??
       new OllamaEngine({
@@ -77,6 +84,7 @@ export class Service {
         outageTimeoutMs: config.engineOutageTimeoutMs,
       },
       ...(opts.random ? { random: opts.random } : {}),
+      onChunk: this.events.delta,
     });
     this.dispatcher = new Dispatcher({
       store: this.store,
@@ -103,6 +111,8 @@ export class Service {
       store: this.store,
       submitter: new SubmitBatcher(this.store, this.clock, config.maxQueued),
       engine: this.engine,
+      worker: this.worker,
+      events: this.events,
       config,
       clock: this.clock,
       logger: this.logger,
@@ -143,7 +153,7 @@ export class Service {
     const BATCH = 500;
     let deleted = 0;
     try {
-      deleted = this.store.sweepExpired(this.clock.now() - this.config.jobTtlMs, BATCH);
+      deleted = this.store.sweepExpired(this.clock.now() - this.config.jobTtlMs, BATCH, this.clock.now());
     } catch (err) {
       this.logger.error({ err }, 'TTL sweep failed; will try again');
     }
@@ -161,7 +171,7 @@ export class Service {
   sweepNow(): number {
     if (this.sweepTimer) clearTimeout(this.sweepTimer);
     let total = 0;
-    for (let n = -1; n !== 0; total += n) n = this.store.sweepExpired(this.clock.now() - this.config.jobTtlMs, 500);
+    for (let n = -1; n !== 0; total += n) n = this.store.sweepExpired(this.clock.now() - this.config.jobTtlMs, 500, this.clock.now());
     this.sweep();
     return total;
   }

@@ -723,7 +723,7 @@ function genUnknown(rng: Rng): Case {
     path = rng.pick(['/jobs', `/jobs/${id}`, `/jobs/${id}/artifacts/completion`, `/jobs/${id}/webhooks/redeliver`, '/healthz', '/readyz', '/']);
   } else if (r < 0.7) {
     [method, path] = rng.pick([
-      ['GET', '/jobs'],
+      ['GET', `/jobs/${id}/events/more`],
       ['GET', `/jobs/${id}/artifacts`],
       ['GET', `/jobs/${id}/webhooks`],
       ['GET', `/jobs/${id}/webhooks/redeliver`],
@@ -740,7 +740,7 @@ function genUnknown(rng: Rng): Case {
       ['GET', '/./healthz'],
       ['GET', '/jobs/../healthz'],
       ['GET', '/api/chat'],
-      ['POST', '/api/chat'],
+      ['POST', '/api/generate'],
       ['GET', '/.env'],
       ['GET', '/../../etc/passwd'],
       ['GET', '/%2e%2e/%2e%2e/etc/passwd'],

@@ -68,6 +68,8 @@ export interface ChatEngine {
   /** Streams a chat and returns the merged response. `onChunk` sees every chunk as it arrives. */
   chat(request: Record<string, unknown>, opts: { signal: AbortSignal; onChunk?: (c: ChatChunk) => void }): Promise<ChatResponse>;
   status(): Promise<EngineStatus>;
+  /** A read-only GET passed through to the engine (`/api/tags`, `/api/ps`, `/api/version`). */
+  passthrough(path: string): Promise<{ status: number; contentType: string; body: Buffer }>;
   close(): Promise<void>;
 }
 

@@ -228,6 +228,16 @@ export class OllamaEngine implements ChatEngine {
     }
   }
 
+  async passthrough(path: string): Promise<{ status: number; contentType: string; body: Buffer }> {
+    try {
+      const res = await this.pool.request({ path, method: 'GET', signal: AbortSignal.timeout(10_000) });
+      const body = Buffer.from(await res.body.arrayBuffer());
+      return { status: res.statusCode, contentType: String(res.headers['content-type'] ?? 'application/json'), body };
+    } catch (err) {
+      return classifyNetworkError(err, new AbortController().signal, `GET ${path}`);
+    }
+  }
+
   async close(): Promise<void> {
     await this.pool.destroy();
   }

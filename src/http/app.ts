@@ -1,6 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
-import Fastify, { type FastifyReply } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
+import { registerOpenApi } from './openapi.js';
+import { SECURITY_HEADERS } from './headers.js';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { Logger } from 'pino';
 import type { Config } from '../config.js';
@@ -8,13 +10,20 @@ import type { Clock } from '../domain.js';
 import type { ChatEngine, EngineStatus } from '../engine/engine.js';
 import type { SubmitBatcher } from '../store/batcher.js';
 import type { Store } from '../store/store.js';
+import type { Worker } from '../worker/worker.js';
+import type { JobEvents } from '../events.js';
 import { ApiError, errorHandler } from './errors.js';
 import { jobRoutes } from './routes.js';
+import { sseRoutes } from './sse.js';
+import { ollamaRoutes } from './ollama-api.js';
 
 export interface AppDeps {
   store: Store;
   submitter: SubmitBatcher;
-  engine: Pick<ChatEngine, 'status'>;
+  engine: Pick<ChatEngine, 'status' | 'passthrough' | 'load'>;
+  /** Aborts a canceled job's running work. */
+  worker: Pick<Worker, 'abortJob' | 'activeJobs'>;
+  events: JobEvents;
   config: Config;
   clock: Clock;
   logger: Logger;
@@ -22,19 +31,15 @@ export interface AppDeps {
   publicUrl: () => string;
 }
 
-const SECURITY_HEADERS: Record<string, string> = {
-  'x-content-type-options': 'nosniff',
-  'x-frame-options': 'DENY',
-  'referrer-policy': 'no-referrer',
-  'content-security-policy': "default-src 'none'; frame-ancestors 'none'",
-  'cross-origin-resource-policy': 'same-origin',
-};
 
 const MAX_PARAM_LENGTH = 256;
 
-/** Security headers and the request id, on every response. */
+/** Security headers and the request id, on every response (the docs page needs scripts and styles). */
 function standardHeaders(reply: FastifyReply, requestId: string): void {
   reply.headers(SECURITY_HEADERS);
+  if (reply.request?.url.startsWith('/docs')) {
+    reply.header('content-security-policy', "default-src 'self'; img-src 'self' data: https:; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'");
+  }
   reply.header('x-request-id', requestId);
   if (!reply.hasHeader('cache-control')) reply.header('cache-control', 'no-store');
 }
@@ -148,7 +153,10 @@ export function buildApp(deps: AppDeps) {
     });
   });
 
+  registerOpenApi(app as unknown as FastifyInstance);
   void app.register(jobRoutes, deps);
+  void app.register(sseRoutes, deps);
+  void app.register(ollamaRoutes, deps);
   return app;
 }
 

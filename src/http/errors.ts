@@ -73,7 +73,9 @@ export function errorHandler(err: FastifyError, req: FastifyRequest, reply: Fast
   const api = toApiError(err);
   if (api.statusCode >= 500) req.log.error({ err }, 'request failed');
   else req.log.info({ code: api.code, field: api.field }, api.message);
-  const body: { code: string; message: string; field?: string } = { code: api.code, message: api.message };
+  const body: { code: string; message: string; field?: string; error?: string } = { code: api.code, message: api.message };
   if (api.field !== undefined) body.field = api.field;
+  // Ollama's clients read `error`: the compatible surface carries it too.
+  if (req.url.startsWith('/api/')) body.error = api.message;
   void reply.code(api.statusCode).headers(api.headers).send(body);
 }

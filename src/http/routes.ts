@@ -1,43 +1,26 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { iso, JOB_STATES, ARTIFACT_NAME_RE, type JobState } from '../domain.js';
-import { uuidv7 } from '../ids.js';
-import type { JobView } from '../store/store.js';
+import type { JobView, Store } from '../store/store.js';
 import { artifactUrl } from '../webhooks/payload.js';
 import { ApiError } from './errors.js';
 import {
   ArtifactParams,
+  CancelReply,
   ErrorBody,
   JobParams,
   JobReply,
+  ListQuery,
+  ListReply,
   RedeliverQuery,
   RedeliverReply,
   SubmitBody,
+  SubmitHeaders,
   SubmitReply,
 } from './schemas.js';
+import { checkWebhookUrl, submitJob } from './submit.js';
 import type { AppDeps } from './app.js';
 
-/** Fields passed through to the engine unchanged. `stream` is accepted but a job always streams. */
-const ENGINE_FIELDS = ['model', 'messages', 'format', 'options', 'tools', 'keep_alive', 'think'] as const;
-
-/** Checks a webhook URL: absolute http(s), no credentials. Returns the normalised URL. */
-export function checkWebhookUrl(raw: string): string {
-  let u: URL;
-  try {
-    u = new URL(raw);
-  } catch {
-    throw new ApiError(400, 'validation_failed', 'state_webhook_url is not an absolute URL', 'state_webhook_url');
-  }
-  if (u.protocol !== 'http:' && u.protocol !== 'https:') {
-    throw new ApiError(400, 'validation_failed', 'state_webhook_url must be an http or https URL', 'state_webhook_url');
-  }
-  if (u.username !== '' || u.password !== '') {
-    throw new ApiError(400, 'validation_failed', 'state_webhook_url must not carry credentials', 'state_webhook_url');
-  }
-  if (u.hostname === '') {
-    throw new ApiError(400, 'validation_failed', 'state_webhook_url has no host', 'state_webhook_url');
-  }
-  return u.href;
-}
+export { checkWebhookUrl };
 
 const notFound = (id: string) => new ApiError(404, 'job_not_found', `no job with id ${JSON.stringify(id.slice(0, 80))}`);
 const errorReplies = { 400: ErrorBody, 404: ErrorBody, 409: ErrorBody, 413: ErrorBody, 415: ErrorBody, 503: ErrorBody };
@@ -48,12 +31,17 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
 
   function jobView(j: JobView) {
     const base = publicUrl();
+    const q = j.state === 'queued' ? queueEstimate(store, j, deps.clock.now(), config.concurrency) : null;
     return {
       job_id: j.id,
       state: j.state,
       model: j.model,
       attempt: j.attempt,
       max_attempts: j.maxAttempts,
+      priority: j.priority,
+      deadline: iso(j.deadlineAt),
+      queue_position: q?.position ?? null,
+      estimated_start_at: q?.estimatedStartAt ?? null,
       metadata: j.metadata ?? {},
       created_at: iso(j.createdAt) as string,
       started_at: iso(j.startedAt),
@@ -91,43 +79,103 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
 
   app.post(
     '/jobs',
-    { schema: { body: SubmitBody, response: { 202: SubmitReply, ...errorReplies } } },
+    {
+      schema: {
+        summary: 'Submit a chat job',
+        body: SubmitBody,
+        headers: SubmitHeaders,
+        response: { 200: SubmitReply, 202: SubmitReply, ...errorReplies },
+      },
+    },
     async (req, reply) => {
       const body = req.body;
       const webhookUrl = body.state_webhook_url === undefined ? null : checkWebhookUrl(body.state_webhook_url);
       if (body.webhook_events !== undefined && webhookUrl === null) {
         throw new ApiError(400, 'validation_failed', 'webhook_events needs state_webhook_url', 'webhook_events');
       }
-      const request: Record<string, unknown> = {};
-      for (const k of ENGINE_FIELDS) if (body[k] !== undefined) request[k] = body[k];
-      const deep = tooDeep(request, MAX_JSON_DEPTH);
-      if (deep !== null) {
-        throw new ApiError(400, 'validation_failed', `${deep} is nested deeper than ${MAX_JSON_DEPTH} levels`, deep);
-      }
-      const id = uuidv7();
-      const outcome = await submitter.submit({
-        id,
-        model: body.model,
-        request,
-        metadata: body.metadata ?? null,
+      const outcome = await submitJob(deps, {
+        body,
         webhookUrl,
         webhookEvents: (body.webhook_events as JobState[] | undefined) ?? null,
-        maxAttempts: config.jobMaxAttempts,
+        metadata: body.metadata ?? null,
+        priority: body.priority ?? 0,
+        deadline: body.deadline,
+        idempotencyKey: req.headers['idempotency-key'],
       });
-      if (!outcome.ok) {
-        throw new ApiError(503, 'queue_full', `the queue holds FOREMAN_MAX_QUEUED (${config.maxQueued}) jobs; try again later`, undefined, {
-          'retry-after': '5',
-        });
+      const id = outcome.jobId;
+      reply.header('location', `/jobs/${id}`);
+      if (outcome.replayed) {
+        const state = store.getJob(id)?.state ?? 'queued';
+        req.log.info({ job_id: id }, 'idempotent replay');
+        return reply.code(200).header('idempotent-replayed', 'true').send({ job_id: id, state, status_url: `${publicUrl()}/jobs/${id}` });
       }
       req.log.info({ job_id: id, state: 'queued', model: body.model }, 'job queued');
-      return reply
-        .code(202)
-        .header('location', `/jobs/${id}`)
-        .send({ job_id: id, state: 'queued', status_url: `${publicUrl()}/jobs/${id}` });
+      return reply.code(202).send({ job_id: id, state: 'queued', status_url: `${publicUrl()}/jobs/${id}` });
     },
   );
 
-  app.get('/jobs/:id', { schema: { params: JobParams, response: { 200: JobReply, ...errorReplies } } }, async (req) => {
+  app.get(
+    '/jobs',
+    { schema: { summary: 'List jobs, newest first', querystring: ListQuery, response: { 200: ListReply, ...errorReplies } } },
+    async (req) => {
+      const q = req.query as Record<string, string | undefined>;
+      const limit = q.limit === undefined ? 20 : Number(q.limit);
+      if (!(limit >= 1 && limit <= 100)) throw new ApiError(400, 'validation_failed', 'limit must be 1 to 100', 'limit');
+      const time = (field: string) => {
+        const v = q[field];
+        if (v === undefined) return undefined;
+        const t = Date.parse(v);
+        if (!/^\d{4}-\d{2}-\d{2}/.test(v) || Number.isNaN(t)) throw new ApiError(400, 'validation_failed', `${field} must be an ISO-8601 time`, field);
+        return t;
+      };
+      const metadata = Object.entries(q)
+        .filter(([k, v]) => k.startsWith('metadata.') && v !== undefined)
+        .map(([k, v]) => [k.slice('metadata.'.length), v as string] as [string, string]);
+      const createdAfter = time('created_after');
+      const createdBefore = time('created_before');
+      const beforeSeq = q.cursor === undefined ? undefined : decodeCursor(q.cursor);
+      const rows = store.listJobs({
+        limit,
+        ...(q.state ? { state: q.state as JobState } : {}),
+        ...(q.model ? { model: q.model } : {}),
+        ...(createdAfter !== undefined ? { createdAfter } : {}),
+        ...(createdBefore !== undefined ? { createdBefore } : {}),
+        ...(metadata.length ? { metadata } : {}),
+        ...(beforeSeq !== undefined ? { beforeSeq } : {}),
+      });
+      const base = publicUrl();
+      return {
+        jobs: rows.map((r) => ({
+          job_id: r.id,
+          state: r.state,
+          model: r.model,
+          priority: r.priority,
+          attempt: r.attempt,
+          metadata: r.metadata ?? {},
+          created_at: iso(r.createdAt) as string,
+          finished_at: iso(r.finishedAt),
+          status_url: `${base}/jobs/${r.id}`,
+        })),
+        next_cursor: rows.length === limit ? encodeCursor(rows[rows.length - 1]!.seq) : null,
+      };
+    },
+  );
+
+  app.post(
+    '/jobs/:id/cancel',
+    { schema: { summary: 'Cancel a job', params: JobParams, response: { 200: CancelReply, ...errorReplies } } },
+    async (req) => {
+      const seq = store.seqOf(req.params.id);
+      if (seq === null) throw notFound(req.params.id);
+      const r = store.cancelJob(seq, deps.clock.now());
+      if (!r.canceled) throw new ApiError(409, 'job_finished', `the job is already ${r.state}`);
+      if (r.wasRunning) deps.worker.abortJob(req.params.id);
+      req.log.info({ job_id: req.params.id, state: 'canceled', was_running: r.wasRunning }, 'job canceled');
+      return { job_id: req.params.id, state: 'canceled' as const };
+    },
+  );
+
+  app.get('/jobs/:id', { schema: { summary: 'A job', params: JobParams, response: { 200: JobReply, ...errorReplies } } }, async (req) => {
     const j = store.getJob(req.params.id);
     if (!j) throw notFound(req.params.id);
     return jobView(j);
@@ -165,21 +213,43 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
   );
 };
 
-/** How deeply a request's JSON may nest (Ollama's own payloads need a handful of levels). */
-export const MAX_JSON_DEPTH = 64;
+/** Opaque list cursors: the last seq of the previous page. */
+export function encodeCursor(seq: number): string {
+  return Buffer.from(`v1:${seq}`).toString('base64url');
+}
 
-/** Returns the top-level field holding JSON nested deeper than `limit`, or null. Iterative: no recursion. */
-export function tooDeep(value: Record<string, unknown>, limit: number): string | null {
-  for (const [field, v] of Object.entries(value)) {
-    const stack: [unknown, number][] = [[v, 1]];
-    while (stack.length > 0) {
-      const [x, d] = stack.pop()!;
-      if (x === null || typeof x !== 'object') continue;
-      if (d > limit) return field;
-      for (const child of Object.values(x)) if (child !== null && typeof child === 'object') stack.push([child, d + 1]);
-    }
+export function decodeCursor(cursor: string): number {
+  const m = /^v1:(\d{1,15})$/.exec(Buffer.from(cursor, 'base64url').toString('utf8'));
+  if (!m) throw new ApiError(400, 'invalid_cursor', 'cursor is not one this service handed out', 'cursor');
+  return Number(m[1]);
+}
+
+/**
+ * Queue position and start estimate for a queued job (README "Queue position and ETA"):
+ * position = queued jobs the claim takes first (effective priority, then FIFO);
+ * estimate = now + (Σ ahead of each model's average run time + the remaining average time of
+ * running jobs) / concurrency. Averages are per-model moving averages (α = 0.2) of recent runs;
+ * a model with none uses the mean over models; with no history at all the estimate is null.
+ */
+export function queueEstimate(store: Store, j: JobView, now: number, concurrency: number) {
+  const snap = store.queueSnapshot({ seq: j.seq, priority: j.priority, createdAt: j.createdAt }, now);
+  const position = snap.ahead.reduce((a, r) => a + r.n, 0);
+  const all = [...snap.stats.values()];
+  const fallback = all.length ? all.reduce((a, b) => a + b, 0) / all.length : null;
+  const avg = (m: string) => snap.stats.get(m) ?? fallback;
+  if (position === 0 && snap.running.length < concurrency) return { position, estimatedStartAt: iso(now) };
+  let work = 0;
+  for (const r of snap.ahead) {
+    const a = avg(r.model);
+    if (a === null) return { position, estimatedStartAt: null };
+    work += a * r.n;
   }
-  return null;
+  for (const r of snap.running) {
+    const a = avg(r.model);
+    if (a === null) return { position, estimatedStartAt: null };
+    work += Math.max(0, a - (now - r.startedAt));
+  }
+  return { position, estimatedStartAt: iso(now + Math.round(work / concurrency)) };
 }
 
 /** RFC 9110 If-None-Match: weak comparison, a list, or `*`. */

@@ -3,11 +3,56 @@ import { JOB_STATES } from '../domain.js';
 
 /** Request and response schemas. Fastify compiles each once: Ajv validators and fast-json-stringify serializers. */
 
+/** Every `code` an error response can carry. */
+export const API_ERROR_CODES = [
+  'validation_failed',
+  'invalid_json',
+  'invalid_parameter',
+  'invalid_content_length',
+  'invalid_cursor',
+  'invalid_url',
+  'bad_request',
+  'payload_too_large',
+  'unsupported_media_type',
+  'body_timeout',
+  'request_timeout',
+  'headers_too_large',
+  'route_not_found',
+  'not_found',
+  'job_not_found',
+  'artifact_not_found',
+  'no_webhook',
+  'no_such_event',
+  'job_finished',
+  'idempotency_key_reused',
+  'queue_full',
+  'storage_unavailable',
+  'engine_unavailable',
+  'internal_error',
+] as const;
+
+/** Every `error.code` a failed job can carry (ADR-0003, ADR-0007). */
+export const JOB_ERROR_CODES = [
+  'engine_unavailable',
+  'engine_busy',
+  'engine_error',
+  'engine_timeout',
+  'engine_stream_incomplete',
+  'engine_stream_error',
+  'engine_protocol_error',
+  'engine_response_too_large',
+  'model_not_found',
+  'engine_bad_request',
+  'engine_rejected',
+  'deadline_exceeded',
+  'internal_error',
+] as const;
+
 export const ErrorBody = Type.Object(
   {
-    code: Type.String(),
+    code: Type.String({ enum: [...API_ERROR_CODES], description: 'stable, machine-readable' }),
     message: Type.String(),
-    field: Type.Optional(Type.String()),
+    field: Type.Optional(Type.String({ description: 'the offending field, for validation errors' })),
   },
   { $id: 'Error' },
 );
@@ -21,7 +66,7 @@ const ToolCall = Type.Object({
   }),
 });
 
-const Message = Type.Object({
+export const Message = Type.Object({
   role: Type.Union([Type.Literal('system'), Type.Literal('user'), Type.Literal('assistant'), Type.Literal('tool')]),
   content: Type.String(),
   images: Type.Optional(Type.Array(Type.String(), { maxItems: 64 })),
@@ -30,7 +75,7 @@ const Message = Type.Object({
   tool_name: Type.Optional(Type.String({ maxLength: 256 })),
 });
 
-const Tool = Type.Object({
+export const Tool = Type.Object({
   type: Type.Literal('function'),
   function: Type.Object({
     name: Type.String({ minLength: 1, maxLength: 256 }),
@@ -59,8 +104,18 @@ export const SubmitBody = Type.Object(
         propertyNames: { minLength: 1, maxLength: 64 },
       }),
     ),
+    priority: Type.Optional(
+      Type.Integer({ minimum: -1000, maximum: 1000, description: 'higher runs first; default 0; FIFO within a priority, with aging' }),
+    ),
+    deadline: Type.Optional(
+      Type.String({
+        minLength: 1,
+        maxLength: 64,
+        description: 'an ISO-8601 time or a duration (e.g. "10m"); a job still queued then fails deadline_exceeded',
+      }),
+    ),
   },
-  { additionalProperties: false },
+  { additionalProperties: false, $id: 'SubmitBody' },
 );
 export type SubmitBody = Static<typeof SubmitBody>;
 
@@ -71,6 +126,39 @@ export const SubmitReply = Type.Object({
 });
 
 export const JobParams = Type.Object({ id: Type.String() });
+export const SubmitHeaders = Type.Object({
+  'idempotency-key': Type.Optional(
+    Type.String({ minLength: 1, maxLength: 255, pattern: '^[\\x21-\\x7e]+$', description: 'same key + same body replays the original job' }),
+  ),
+});
+export const CancelReply = Type.Object({ job_id: Type.String(), state: JobStateSchema });
+export const ListQuery = Type.Object(
+  {
+    state: Type.Optional(JobStateSchema),
+    model: Type.Optional(Type.String({ minLength: 1, maxLength: 256 })),
+    created_after: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: 'ISO-8601, inclusive' })),
+    created_before: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: 'ISO-8601, exclusive' })),
+    limit: Type.Optional(Type.String({ pattern: '^[0-9]{1,3}$', description: '1 to 100, default 20' })),
+    cursor: Type.Optional(Type.String({ minLength: 1, maxLength: 128, description: 'next_cursor of the previous page' })),
+  },
+  {
+    // metadata.<key>=<value> filters
+    patternProperties: { '^metadata\\.[^\\x00]{1,64}$': Type.String({ maxLength: 1024 }) },
+    additionalProperties: false,
+  },
+);
+export const ListItem = Type.Object({
+  job_id: Type.String(),
+  state: JobStateSchema,
+  model: Type.String(),
+  priority: Type.Integer(),
+  attempt: Type.Integer(),
+  metadata: Type.Record(Type.String(), Type.String()),
+  created_at: Type.String(),
+  finished_at: Type.Union([Type.String(), Type.Null()]),
+  status_url: Type.String(),
+});
+export const ListReply = Type.Object({ jobs: Type.Array(ListItem), next_cursor: Type.Union([Type.String(), Type.Null()]) });
 export const ArtifactParams = Type.Object({ id: Type.String(), name: Type.String() });
 export const RedeliverQuery = Type.Object(
   { state: Type.Optional(JobStateSchema) },
@@ -104,6 +192,10 @@ export const JobReply = Type.Object({
   model: Type.String(),
   attempt: Type.Integer(),
   max_attempts: Type.Integer(),
+  priority: Type.Integer(),
+  deadline: Nullable(Type.String()),
+  queue_position: Nullable(Type.Integer({ description: 'queued jobs that run before this one (0 = next); null unless queued' })),
+  estimated_start_at: Nullable(Type.String({ description: 'see README: moving average of run time per model' })),
   metadata: Type.Record(Type.String(), Type.String()),
   created_at: Type.String(),
   started_at: Nullable(Type.String()),
@@ -111,7 +203,7 @@ export const JobReply = Type.Object({
   updated_at: Type.String(),
   transitions: Type.Array(Type.Object({ state: JobStateSchema, at: Type.String(), attempt: Type.Integer() })),
   result: Type.Unknown(),
-  error: Nullable(Type.Object({ code: Type.String(), message: Type.String() })),
+  error: Nullable(Type.Object({ code: Type.String({ enum: [...JOB_ERROR_CODES] }), message: Type.String() })),
   artifacts: Type.Array(ArtifactView),
   webhook: Nullable(
     Type.Object({
@@ -125,4 +217,30 @@ export const JobReply = Type.Object({
 export const RedeliverReply = Type.Object({
   job_id: Type.String(),
   requeued: Type.Array(Type.String()),
+});
+
+/** The webhook event body (ADR-0005), for the OpenAPI document's `webhooks`. */
+export const WebhookEventSchema = Type.Object({
+  event_id: Type.String({ description: '<job_id>:<state>; stable across retries: deduplicate on it' }),
+  type: Type.Literal('job.state_changed'),
+  job_id: Type.String(),
+  state: JobStateSchema,
+  sequence: Type.Integer({ description: 'queued 1, loading 2, working 3, done/failed/canceled 4' }),
+  occurred_at: Type.String({ format: 'date-time' }),
+  metadata: Type.Record(Type.String(), Type.String()),
+  error: Type.Optional(Type.Object({ code: Type.String({ enum: [...JOB_ERROR_CODES] }), message: Type.String() })),
+  artifacts: Type.Optional(
+    Type.Array(
+      Type.Object({
+        name: Type.String(),
+        content_type: Type.String(),
+        size: Type.Integer(),
+        sha256: Type.String(),
+        url: Type.String(),
+        inline: Type.Boolean(),
+        content: Type.Optional(Type.String({ description: 'the bytes as UTF-8 text (text and JSON types), when inline' })),
+        content_base64: Type.Optional(Type.String({ description: 'the bytes in base64 (other types), when inline' })),
+      }),
+    ),
+  ),
 });

@@ -16,6 +16,10 @@ export interface NewJob {
   webhookUrl: string | null;
   webhookEvents: JobState[] | null;
   maxAttempts: number;
+  priority: number;
+  deadlineAt: number | null;
+  /** Idempotency-Key handling: the key, the hash of the request body, and when the key expires. */
+  idempotency: { key: string; bodyHash: string; expiresAt: number } | null;
 }
 
 export interface ClaimedJob {
@@ -64,6 +68,8 @@ export interface JobView {
   model: string;
   attempt: number;
   maxAttempts: number;
+  priority: number;
+  deadlineAt: number | null;
   metadata: Record<string, string> | null;
   createdAt: number;
   startedAt: number | null;
@@ -93,11 +99,53 @@ export interface DueDelivery {
   errorMessage: string | null;
 }
 
+/** A committed state change, as SSE watchers see it. `n` is its place in the job's transition log. */
+export interface TransitionEvent {
+  jobId: string;
+  state: JobState;
+  n: number;
+  at: number;
+  attempt: number;
+}
+
 export interface StoreSignals {
   /** A job became claimable (submitted, or re-queued). */
   jobReady(): void;
   /** An outbox row became due. */
   deliveryReady(): void;
+  /** A state change committed. */
+  transition?(e: TransitionEvent): void;
+}
+
+/** What a transaction did that somebody should hear about once it has committed. */
+interface Effects {
+  outbox: boolean;
+  jobReady: boolean;
+  transitions: TransitionEvent[];
+}
+
+export interface ListFilter {
+  state?: JobState;
+  model?: string;
+  createdAfter?: number;
+  createdBefore?: number;
+  /** metadata.<key>=<value> filters; all must match. */
+  metadata?: [string, string][];
+  /** Only jobs with seq below this (the cursor). */
+  beforeSeq?: number;
+  limit: number;
+}
+
+export interface ListedJob {
+  seq: number;
+  id: string;
+  state: JobState;
+  model: string;
+  priority: number;
+  attempt: number;
+  metadata: Record<string, string> | null;
+  createdAt: number;
+  finishedAt: number | null;
 }
 
 interface JobRow {
@@ -105,6 +153,8 @@ interface JobRow {
   id: string;
   state: JobState;
   model: string;
+  priority: number;
+  deadline_at: number | null;
   request: string;
   metadata: string | null;
   webhook_url: string | null;
@@ -124,57 +174,89 @@ interface JobRow {
 /** The columns a transition needs to decide whether to write an outbox row. */
 interface TransitionRow {
   seq: number;
+  id: string;
   attempt: number;
   webhook_url: string | null;
   webhook_events: string | null;
   webhook_gone: number;
 }
 
-const TRANSITION_COLS = 'seq, attempt, webhook_url, webhook_events, webhook_gone';
+const TRANSITION_COLS = 'seq, id, attempt, webhook_url, webhook_events, webhook_gone';
 
-export type SubmitOutcome = { ok: true } | { ok: false; code: 'queue_full' };
+export type SubmitOutcome =
+  | { ok: true; jobId: string; replayed: boolean }
+  | { ok: false; code: 'queue_full' }
+  | { ok: false; code: 'idempotency_key_reused'; jobId: string };
 
 export class Store {
   private readonly s;
   readonly createJobs: (jobs: NewJob[], now: number, maxQueued: number) => SubmitOutcome[];
   readonly claimJobs: (owner: string, n: number, now: number, leaseMs: number) => ClaimedJob[];
   readonly markWorking: (seq: number, owner: string, now: number, leaseMs: number) => boolean;
-  readonly completeJob: (seq: number, owner: string, now: number, result: unknown, artifacts: ArtifactInput[]) => boolean;
+  readonly completeJob: (
+    seq: number,
+    owner: string,
+    now: number,
+    result: unknown,
+    artifacts: ArtifactInput[],
+    runMs: number,
+  ) => boolean;
   readonly retryJob: (seq: number, owner: string, now: number, runAt: number) => boolean;
   readonly failJob: (seq: number, owner: string, now: number, error: ErrorInfo) => boolean;
   readonly releaseJob: (seq: number, owner: string, now: number) => boolean;
+  readonly cancelJob: (seq: number, now: number) => { canceled: boolean; wasRunning: boolean; state: JobState };
   readonly requeueOrphans: (now: number, onlyExpired: boolean) => string[];
   readonly failStaleQueued: (createdBefore: number, now: number, error: ErrorInfo) => string[];
-  readonly sweepExpired: (cutoff: number, limit: number) => number;
+  readonly failPastDeadline: (now: number) => string[];
+  readonly sweepExpired: (cutoff: number, limit: number, now: number) => number;
   readonly redeliver: (jobSeq: number, now: number, state: JobState | null) => string[];
+  readonly markGone: (deliveryId: number, jobSeq: number, code: number, error: string) => void;
 
+  /**
+   * @param agingMs a queued job's effective priority grows by one for every `agingMs` it has
+   *   waited, so low-priority work is never starved (ADR-0009).
+   */
   constructor(
     readonly db: DB,
     private readonly signals: StoreSignals = { jobReady() {}, deliveryReady() {} },
+    private readonly agingMs = 60_000,
   ) {
     const p = (sql: string) => db.prepare(sql);
+    // The claim order, also used for queue positions: effective priority, then FIFO.
+    const EFFECTIVE = `(priority + (@now - created_at) / @aging)`;
     this.s = {
       countQueued: p(`SELECT count(*) AS n FROM jobs WHERE state = 'queued'`).pluck(),
       insertJob: p(`INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
-          max_attempts, run_at, created_at, updated_at)
+          max_attempts, priority, deadline_at, run_at, created_at, updated_at)
         VALUES (@id, 'queued', @model, @request, @metadata, @webhook_url, @webhook_events,
-          @max_attempts, @now, @now, @now)
+          @max_attempts, @priority, @deadline_at, @now, @now, @now)
         RETURNING ${TRANSITION_COLS}`),
+      insertMetadata: p(`INSERT INTO job_metadata (key, value, job_seq) VALUES (?, ?, ?)`),
+      idemGet: p(`SELECT body_hash AS bodyHash, job_seq AS jobSeq, expires_at AS expiresAt FROM idempotency_keys WHERE key = ?`),
+      idemDelete: p(`DELETE FROM idempotency_keys WHERE key = ?`),
+      idemInsert: p(`INSERT INTO idempotency_keys (key, body_hash, job_seq, expires_at) VALUES (?, ?, ?, ?)`),
+      idemSweep: p(`DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys WHERE expires_at <= ? LIMIT ?)`),
+      idBySeq: p(`SELECT id FROM jobs WHERE seq = ?`).pluck(),
       insertTransition: p(`INSERT INTO job_transitions (job_seq, n, state, at, attempt)
-        VALUES (@seq, (SELECT coalesce(max(n), 0) + 1 FROM job_transitions WHERE job_seq = @seq), @state, @at, @attempt)`),
+        VALUES (@seq, (SELECT coalesce(max(n), 0) + 1 FROM job_transitions WHERE job_seq = @seq), @state, @at, @attempt)
+        RETURNING n`).pluck(),
       insertDelivery: p(`INSERT OR IGNORE INTO webhook_deliveries (job_seq, state, sequence, url, occurred_at, next_attempt_at)
         VALUES (?, ?, ?, ?, ?, ?)`),
       claim: p(`UPDATE jobs SET state = 'loading', attempt = attempt + 1, lease_owner = @owner,
           lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now
-        WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND run_at <= @now ORDER BY seq LIMIT @n)
-        RETURNING ${TRANSITION_COLS}, id, model, request, max_attempts`),
+        WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND run_at <= @now
+            AND (deadline_at IS NULL OR deadline_at > @now)
+          ORDER BY ${EFFECTIVE} DESC, seq LIMIT @n)
+        RETURNING ${TRANSITION_COLS}, model, request, max_attempts`),
       heartbeat: p(`UPDATE jobs SET lease_expires_at = @lease WHERE seq = @seq AND lease_owner = @owner
           AND state IN ('loading', 'working')`),
       toWorking: p(`UPDATE jobs SET state = 'working', lease_expires_at = @lease, updated_at = @now
         WHERE seq = @seq AND state = 'loading' AND lease_owner = @owner RETURNING ${TRANSITION_COLS}`),
       toDone: p(`UPDATE jobs SET state = 'done', result = @result, finished_at = @now, updated_at = @now,
           lease_owner = NULL, lease_expires_at = NULL
-        WHERE seq = @seq AND state = 'working' AND lease_owner = @owner RETURNING ${TRANSITION_COLS}`),
+        WHERE seq = @seq AND state = 'working' AND lease_owner = @owner RETURNING ${TRANSITION_COLS}, model`),
+      modelStat: p(`INSERT INTO model_stats (model, avg_ms, samples) VALUES (@model, @ms, 1)
+        ON CONFLICT (model) DO UPDATE SET avg_ms = avg_ms + 0.2 * (@ms - avg_ms), samples = samples + 1`),
       toFailed: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message,
           finished_at = @now, updated_at = @now, lease_owner = NULL, lease_expires_at = NULL
         WHERE seq = @seq AND state IN ('loading', 'working') AND lease_owner = @owner RETURNING ${TRANSITION_COLS}`),
@@ -185,21 +267,30 @@ export class Store {
       toQueuedRelease: p(`UPDATE jobs SET state = 'queued', run_at = @now, updated_at = @now,
           attempt = max(attempt - 1, 0), lease_owner = NULL, lease_expires_at = NULL
         WHERE seq = @seq AND state IN ('loading', 'working') AND lease_owner = @owner RETURNING ${TRANSITION_COLS}`),
+      stateOf: p(`SELECT state FROM jobs WHERE seq = ?`).pluck(),
+      toCanceled: p(`UPDATE jobs SET state = 'canceled', finished_at = @now, updated_at = @now,
+          lease_owner = NULL, lease_expires_at = NULL
+        WHERE seq = @seq AND state IN ('queued', 'loading', 'working') RETURNING ${TRANSITION_COLS}`),
       orphans: p(`UPDATE jobs SET state = 'queued', run_at = @now, updated_at = @now,
           attempt = max(attempt - 1, 0), lease_owner = NULL, lease_expires_at = NULL
         WHERE state IN ('loading', 'working') AND (@all = 1 OR lease_expires_at < @now)
-        RETURNING ${TRANSITION_COLS}, id`),
+        RETURNING ${TRANSITION_COLS}`),
       staleQueued: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message,
           finished_at = @now, updated_at = @now
-        WHERE state = 'queued' AND created_at < @cutoff RETURNING ${TRANSITION_COLS}, id`),
+        WHERE state = 'queued' AND created_at < @cutoff RETURNING ${TRANSITION_COLS}`),
+      pastDeadline: p(`UPDATE jobs SET state = 'failed', error_code = 'deadline_exceeded',
+          error_message = 'the job was still queued at its deadline', finished_at = @now, updated_at = @now
+        WHERE state = 'queued' AND deadline_at IS NOT NULL AND deadline_at <= @now RETURNING ${TRANSITION_COLS}`),
       insertArtifact: p(`INSERT INTO artifacts (job_seq, name, content_type, size, sha256, body, created_at)
         VALUES (?, ?, ?, ?, ?, ?, ?)`),
       nextRunAt: p(`SELECT min(run_at) FROM jobs WHERE state = 'queued'`).pluck(),
-      jobById: p(`SELECT seq, id, state, model, request, metadata, webhook_url, webhook_events, webhook_gone, attempt,
-          max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message
+      nextDeadline: p(`SELECT min(deadline_at) FROM jobs WHERE state = 'queued' AND deadline_at IS NOT NULL`).pluck(),
+      jobById: p(`SELECT seq, id, state, model, priority, deadline_at, request, metadata, webhook_url, webhook_events,
+          webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message
         FROM jobs WHERE id = ?`),
       seqById: p(`SELECT seq FROM jobs WHERE id = ?`).pluck(),
       transitions: p(`SELECT state, at, attempt FROM job_transitions WHERE job_seq = ? ORDER BY n`),
+      transitionsSince: p(`SELECT n, state, at, attempt FROM job_transitions WHERE job_seq = ? AND n > ? ORDER BY n`),
       artifactMetas: p(`SELECT name, content_type AS contentType, size, sha256 FROM artifacts WHERE job_seq = ? ORDER BY name`),
       artifact: p(`SELECT a.name, a.content_type AS contentType, a.size, a.sha256, a.body
         FROM artifacts a JOIN jobs j ON j.seq = a.job_seq WHERE j.id = ? AND a.name = ?`),
@@ -209,11 +300,20 @@ export class Store {
       deliveries: p(`SELECT id, state, sequence, status, attempts, last_status_code AS lastStatusCode, last_error AS lastError,
           next_attempt_at AS nextAttemptAt, delivered_at AS deliveredAt, occurred_at AS occurredAt
         FROM webhook_deliveries WHERE job_seq = ? ORDER BY sequence, id`),
+      // Queue position: queued jobs that the claim would pick before this one.
+      queueAhead: p(`SELECT model, count(*) AS n FROM jobs
+        WHERE state = 'queued' AND (${EFFECTIVE} > @eff OR (${EFFECTIVE} = @eff AND seq < @seq))
+        GROUP BY model`),
+      running: p(`SELECT model, started_at AS startedAt, updated_at AS updatedAt, state FROM jobs WHERE state IN ('loading', 'working')`),
+      modelStats: p(`SELECT model, avg_ms AS avgMs FROM model_stats`),
       // Sweep: finished long enough ago, and no delivery still owed.
-      sweepPick: p(`SELECT seq FROM jobs j WHERE state IN ('done', 'failed') AND finished_at < ?
+      sweepPick: p(`SELECT seq FROM jobs j WHERE state IN ('done', 'failed', 'canceled') AND finished_at < ?
           AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_seq = j.seq AND d.status = 'pending')
         ORDER BY finished_at LIMIT ?`).pluck(),
       deleteJob: p(`DELETE FROM jobs WHERE seq = ?`),
+      // Listing helpers: created_at bounds become seq bounds through the created_at index.
+      seqCreatedBefore: p(`SELECT max(seq) FROM jobs WHERE created_at < ?`).pluck(),
+      seqCreatedAtOrAfter: p(`SELECT min(seq) FROM jobs WHERE created_at >= ?`).pluck(),
       // --- webhook outbox ---
       claimDeliveries: p(`UPDATE webhook_deliveries SET locked_until = @lock
         WHERE id IN (
@@ -252,35 +352,65 @@ export class Store {
       pendingDeliveries: p(`SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'`).pluck(),
       ping: p(`SELECT 1`).pluck(),
     };
+    this.listCache = new Map();
 
     const s = this.s;
-    const tx = <A extends unknown[], R>(fn: (...a: A) => R) => db.transaction(fn) as unknown as (...a: A) => R;
 
-    /** Appends the transition and, if the webhook wants this state, the outbox row. Returns true if an outbox row was written. */
-    const recordTransition = (row: TransitionRow, state: JobState, now: number): boolean => {
-      s.insertTransition.run({ seq: row.seq, state, at: now, attempt: row.attempt });
-      if (row.webhook_url === null || row.webhook_gone === 1) return false;
-      if (row.webhook_events !== null && !(JSON.parse(row.webhook_events) as string[]).includes(state)) return false;
-      return s.insertDelivery.run(row.seq, state, STATE_SEQUENCE[state], row.webhook_url, now, now).changes > 0;
+    /**
+     * Wraps `fn` in a transaction; once it has committed, tells the loops and watchers what it did.
+     */
+    const tx = <A extends unknown[], R>(fn: (fx: Effects, ...a: A) => R): ((...a: A) => R) => {
+      const t = db.transaction(fn);
+      return (...a: A) => {
+        const fx: Effects = { outbox: false, jobReady: false, transitions: [] };
+        const r = t(fx, ...a);
+        if (fx.outbox) this.signals.deliveryReady();
+        if (fx.jobReady) this.signals.jobReady();
+        if (this.signals.transition) for (const e of fx.transitions) this.signals.transition(e);
+        return r;
+      };
     };
 
-    /** Runs a single-row transition statement; records it; returns whether the job moved. */
-    const move = (stmt: { get(p: object): unknown }, params: object, state: JobState, now: number) => {
+    /** Appends the transition and, if the job's webhook wants this state, the outbox row. */
+    const record = (fx: Effects, row: TransitionRow, state: JobState, now: number): void => {
+      const n = s.insertTransition.get({ seq: row.seq, state, at: now, attempt: row.attempt }) as number;
+      fx.transitions.push({ jobId: row.id, state, n, at: now, attempt: row.attempt });
+      if (state === 'queued') fx.jobReady = true;
+      if (row.webhook_url === null || row.webhook_gone === 1) return;
+      if (row.webhook_events !== null && !(JSON.parse(row.webhook_events) as string[]).includes(state)) return;
+      if (s.insertDelivery.run(row.seq, state, STATE_SEQUENCE[state], row.webhook_url, now, now).changes > 0) fx.outbox = true;
+    };
+
+    /** Runs a single-row transition statement and records it; returns whether the job moved. */
+    const move = (fx: Effects, stmt: { get(p: object): unknown }, params: object, state: JobState, now: number) => {
       const row = stmt.get(params) as TransitionRow | undefined;
-      if (!row) return { moved: false, outbox: false };
-      return { moved: true, outbox: recordTransition(row, state, now) };
+      if (row) record(fx, row, state, now);
+      return row;
     };
-    const after = (r: { moved: boolean; outbox: boolean }, jobReady = false) => {
-      if (r.outbox) this.signals.deliveryReady();
-      if (r.moved && jobReady) this.signals.jobReady();
-      return r.moved;
+    /** Runs a many-row transition statement and records each; returns the job ids. */
+    const moveAll = (fx: Effects, stmt: { all(p: object): unknown[] }, params: object, state: JobState, now: number) => {
+      const rows = stmt.all(params) as TransitionRow[];
+      for (const r of rows) record(fx, r, state, now);
+      return rows.map((r) => r.id);
     };
 
-    const createTx = tx((jobs: NewJob[], now: number, maxQueued: number) => {
+    this.createJobs = tx((fx, jobs: NewJob[], now: number, maxQueued: number) => {
       let queued = s.countQueued.get() as number;
-      let outbox = false;
       const out: SubmitOutcome[] = [];
       for (const j of jobs) {
+        if (j.idempotency) {
+          const prior = s.idemGet.get(j.idempotency.key) as { bodyHash: string; jobSeq: number; expiresAt: number } | undefined;
+          if (prior && prior.expiresAt > now) {
+            const jobId = s.idBySeq.get(prior.jobSeq) as string;
+            out.push(
+              prior.bodyHash === j.idempotency.bodyHash
+                ? { ok: true, jobId, replayed: true }
+                : { ok: false, code: 'idempotency_key_reused', jobId },
+            );
+            continue;
+          }
+          if (prior) s.idemDelete.run(j.idempotency.key);
+        }
         if (queued >= maxQueued) {
           out.push({ ok: false, code: 'queue_full' });
           continue;
@@ -293,36 +423,26 @@ export class Store {
           webhook_url: j.webhookUrl,
           webhook_events: j.webhookEvents === null ? null : JSON.stringify(j.webhookEvents),
           max_attempts: j.maxAttempts,
+          priority: j.priority,
+          deadline_at: j.deadlineAt,
           now,
         }) as TransitionRow;
-        outbox = recordTransition(row, 'queued', now) || outbox;
+        if (j.metadata) for (const [k, v] of Object.entries(j.metadata)) s.insertMetadata.run(k, v, row.seq);
+        if (j.idempotency) s.idemInsert.run(j.idempotency.key, j.idempotency.bodyHash, row.seq, j.idempotency.expiresAt);
+        record(fx, row, 'queued', now);
         queued++;
-        out.push({ ok: true });
+        out.push({ ok: true, jobId: j.id, replayed: false });
       }
-      return { out, outbox };
-    });
-    this.createJobs = (jobs, now, maxQueued) => {
-      const { out, outbox } = createTx(jobs, now, maxQueued);
-      if (outbox) this.signals.deliveryReady();
-      if (out.some((o) => o.ok)) this.signals.jobReady();
       return out;
-    };
+    });
 
-    const claimTx = tx((owner: string, n: number, now: number, leaseMs: number) => {
-      const rows = s.claim.all({ owner, n, now, lease: now + leaseMs }) as (TransitionRow & {
-        id: string;
+    this.claimJobs = tx((fx, owner: string, n: number, now: number, leaseMs: number) => {
+      const rows = s.claim.all({ owner, n, now, lease: now + leaseMs, aging: this.agingMs }) as (TransitionRow & {
         model: string;
         request: string;
         max_attempts: number;
       })[];
-      rows.sort((a, b) => a.seq - b.seq);
-      let outbox = false;
-      for (const r of rows) outbox = recordTransition(r, 'loading', now) || outbox;
-      return { rows, outbox };
-    });
-    this.claimJobs = (owner, n, now, leaseMs) => {
-      const { rows, outbox } = claimTx(owner, n, now, leaseMs);
-      if (outbox) this.signals.deliveryReady();
+      for (const r of rows) record(fx, r, 'loading', now);
       return rows.map((r) => ({
         seq: r.seq,
         id: r.id,
@@ -331,94 +451,164 @@ export class Store {
         attempt: r.attempt,
         maxAttempts: r.max_attempts,
       }));
-    };
+    });
 
-    const workingTx = tx((seq: number, owner: string, now: number, leaseMs: number) =>
-      move(s.toWorking, { seq, owner, now, lease: now + leaseMs }, 'working', now),
+    this.markWorking = tx(
+      (fx, seq: number, owner: string, now: number, leaseMs: number) =>
+        move(fx, s.toWorking, { seq, owner, now, lease: now + leaseMs }, 'working', now) !== undefined,
     );
-    this.markWorking = (...a) => after(workingTx(...a));
 
-    const doneTx = tx((seq: number, owner: string, now: number, result: unknown, artifacts: ArtifactInput[]) => {
-      const r = move(s.toDone, { seq, owner, now, result: JSON.stringify(result) }, 'done', now);
-      if (r.moved) {
-        for (const a of artifacts) {
-          const sha = createHash('sha256').update(a.body).digest('hex');
-          s.insertArtifact.run(seq, a.name, a.contentType, a.body.length, sha, a.body, now);
-        }
+    this.completeJob = tx((fx, seq: number, owner: string, now: number, result: unknown, artifacts: ArtifactInput[], runMs: number) => {
+      const row = move(fx, s.toDone, { seq, owner, now, result: JSON.stringify(result) }, 'done', now) as
+        | (TransitionRow & { model: string })
+        | undefined;
+      if (!row) return false;
+      for (const a of artifacts) {
+        const sha = createHash('sha256').update(a.body).digest('hex');
+        s.insertArtifact.run(seq, a.name, a.contentType, a.body.length, sha, a.body, now);
       }
-      return r;
+      s.modelStat.run({ model: row.model, ms: runMs });
+      return true;
     });
-    this.completeJob = (...a) => after(doneTx(...a));
 
-    const retryTx = tx((seq: number, owner: string, now: number, runAt: number) =>
-      move(s.toQueuedRetry, { seq, owner, now, run_at: runAt }, 'queued', now),
+    this.retryJob = tx(
+      (fx, seq: number, owner: string, now: number, runAt: number) =>
+        move(fx, s.toQueuedRetry, { seq, owner, now, run_at: runAt }, 'queued', now) !== undefined,
     );
-    this.retryJob = (...a) => after(retryTx(...a), true);
 
-    const failTx = tx((seq: number, owner: string, now: number, error: ErrorInfo) =>
-      move(s.toFailed, { seq, owner, now, code: error.code, message: error.message }, 'failed', now),
+    this.failJob = tx(
+      (fx, seq: number, owner: string, now: number, error: ErrorInfo) =>
+        move(fx, s.toFailed, { seq, owner, now, code: error.code, message: error.message }, 'failed', now) !== undefined,
     );
-    this.failJob = (...a) => after(failTx(...a));
 
-    const releaseTx = tx((seq: number, owner: string, now: number) =>
-      move(s.toQueuedRelease, { seq, owner, now }, 'queued', now),
+    this.releaseJob = tx(
+      (fx, seq: number, owner: string, now: number) => move(fx, s.toQueuedRelease, { seq, owner, now }, 'queued', now) !== undefined,
     );
-    this.releaseJob = (...a) => after(releaseTx(...a), true);
 
-    const orphanTx = tx((now: number, onlyExpired: boolean) => {
-      const rows = s.orphans.all({ now, all: onlyExpired ? 0 : 1 }) as (TransitionRow & { id: string })[];
-      for (const r of rows) recordTransition(r, 'queued', now);
-      return rows.map((r) => r.id);
+    this.cancelJob = tx((fx, seq: number, now: number) => {
+      const before = s.stateOf.get(seq) as JobState;
+      const canceled = move(fx, s.toCanceled, { seq, now }, 'canceled', now) !== undefined;
+      return { canceled, wasRunning: canceled && (before === 'loading' || before === 'working'), state: canceled ? 'canceled' : before };
     });
-    this.requeueOrphans = (now, onlyExpired) => {
-      const ids = orphanTx(now, onlyExpired);
-      if (ids.length > 0) this.signals.jobReady();
-      return ids;
-    };
 
-    const staleTx = tx((createdBefore: number, now: number, error: ErrorInfo) => {
-      const rows = s.staleQueued.all({ cutoff: createdBefore, now, code: error.code, message: error.message }) as (TransitionRow & {
-        id: string;
-      })[];
-      let outbox = false;
-      for (const r of rows) outbox = recordTransition(r, 'failed', now) || outbox;
-      return { ids: rows.map((r) => r.id), outbox };
-    });
-    this.failStaleQueued = (createdBefore, now, error) => {
-      const { ids, outbox } = staleTx(createdBefore, now, error);
-      if (outbox) this.signals.deliveryReady();
-      return ids;
-    };
+    this.requeueOrphans = tx((fx, now: number, onlyExpired: boolean) =>
+      moveAll(fx, s.orphans, { now, all: onlyExpired ? 0 : 1 }, 'queued', now),
+    );
 
-    const sweepTx = tx((cutoff: number, limit: number) => {
+    this.failStaleQueued = tx((fx, createdBefore: number, now: number, error: ErrorInfo) =>
+      moveAll(fx, s.staleQueued, { cutoff: createdBefore, now, code: error.code, message: error.message }, 'failed', now),
+    );
+
+    this.failPastDeadline = tx((fx, now: number) => moveAll(fx, s.pastDeadline, { now }, 'failed', now));
+
+    this.sweepExpired = tx((_fx, cutoff: number, limit: number, now: number) => {
       const seqs = s.sweepPick.all(cutoff, limit) as number[];
       for (const seq of seqs) s.deleteJob.run(seq);
+      s.idemSweep.run(now, limit);
       return seqs.length;
     });
-    this.sweepExpired = sweepTx;
 
-    const redeliverTx = tx((jobSeq: number, now: number, state: JobState | null) => {
+    this.redeliver = tx((fx, jobSeq: number, now: number, state: JobState | null) => {
       const states = s.redeliver.all({ seq: jobSeq, now, state }) as JobState[];
-      if (states.length > 0) s.ungone.run(jobSeq);
+      if (states.length > 0) {
+        s.ungone.run(jobSeq);
+        fx.outbox = true;
+      }
       return states;
     });
-    this.redeliver = (jobSeq, now, state) => {
-      const states = redeliverTx(jobSeq, now, state);
-      if (states.length > 0) this.signals.deliveryReady();
-      return states;
-    };
-    this.markGone = tx((deliveryId: number, jobSeq: number, code: number, error: string) => {
+
+    this.markGone = tx((_fx, deliveryId: number, jobSeq: number, code: number, error: string) => {
       s.deliveryFailed.run({ id: deliveryId, code, error });
       s.goneJob.run(jobSeq);
       s.goneRest.run(jobSeq);
     });
   }
 
-  readonly markGone: (deliveryId: number, jobSeq: number, code: number, error: string) => void;
+  private readonly listCache: Map<string, import('better-sqlite3').Statement>;
 
-  /** The smallest run_at of a queued job (for the worker's wake-up timer), or null. */
+  /** When the worker next has something to do for queued jobs: a delayed retry, or a deadline. */
   nextRunAt(): number | null {
-    return (this.s.nextRunAt.get() as number | null) ?? null;
+    const a = (this.s.nextRunAt.get() as number | null) ?? null;
+    const b = (this.s.nextDeadline.get() as number | null) ?? null;
+    return a === null ? b : b === null ? a : Math.min(a, b);
+  }
+
+  /** A job's state-change log after transition `n` (for SSE resumption). */
+  transitionsSince(jobSeq: number, n: number): { n: number; state: JobState; at: number; attempt: number }[] {
+    return this.s.transitionsSince.all(jobSeq, n) as { n: number; state: JobState; at: number; attempt: number }[];
+  }
+
+  /**
+   * For a queued job: how many queued jobs the claim would take first (by effective priority,
+   * then FIFO), broken down by model, plus what is running and each model's average run time.
+   */
+  queueSnapshot(job: { seq: number; priority: number; createdAt: number }, now: number) {
+    const eff = job.priority + Math.floor((now - job.createdAt) / this.agingMs);
+    const ahead = this.s.queueAhead.all({ now, aging: this.agingMs, eff, seq: job.seq }) as { model: string; n: number }[];
+    const running = this.s.running.all() as { model: string; startedAt: number; updatedAt: number; state: JobState }[];
+    const stats = new Map((this.s.modelStats.all() as { model: string; avgMs: number }[]).map((r) => [r.model, r.avgMs]));
+    return { ahead, running, stats };
+  }
+
+  /** Newest first, keyset-paginated on seq (never OFFSET). */
+  listJobs(f: ListFilter): ListedJob[] {
+    let upper = f.beforeSeq ?? null; // exclusive
+    let lower: number | null = null; // inclusive
+    if (f.createdBefore !== undefined) {
+      const b = this.s.seqCreatedBefore.get(f.createdBefore) as number | null;
+      if (b === null) return [];
+      upper = upper === null ? b + 1 : Math.min(upper, b + 1);
+    }
+    if (f.createdAfter !== undefined) {
+      lower = this.s.seqCreatedAtOrAfter.get(f.createdAfter) as number | null;
+      if (lower === null) return [];
+    }
+    const where: string[] = [];
+    const params: Record<string, unknown> = { limit: f.limit };
+    let from = 'jobs j';
+    const meta = f.metadata ?? [];
+    meta.forEach(([k, v], i) => {
+      params[`mk${i}`] = k;
+      params[`mv${i}`] = v;
+      if (i === 0) {
+        // The first metadata filter drives the scan through its (key, value, job_seq) index.
+        from = 'job_metadata m JOIN jobs j ON j.seq = m.job_seq';
+        where.push('m.key = @mk0 AND m.value = @mv0');
+      } else {
+        where.push(`EXISTS (SELECT 1 FROM job_metadata m${i} WHERE m${i}.key = @mk${i} AND m${i}.value = @mv${i} AND m${i}.job_seq = j.seq)`);
+      }
+    });
+    const seqCol = meta.length > 0 ? 'm.job_seq' : 'j.seq';
+    if (upper !== null) {
+      where.push(`${seqCol} < @upper`);
+      params.upper = upper;
+    }
+    if (lower !== null) {
+      where.push(`${seqCol} >= @lower`);
+      params.lower = lower;
+    }
+    if (f.state) {
+      where.push('j.state = @state');
+      params.state = f.state;
+    }
+    if (f.model) {
+      where.push('j.model = @model');
+      params.model = f.model;
+    }
+    const sql = `SELECT j.seq, j.id, j.state, j.model, j.priority, j.attempt, j.metadata, j.created_at AS createdAt,
+        j.finished_at AS finishedAt
+      FROM ${from} ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
+      ORDER BY ${seqCol} DESC LIMIT @limit`;
+    // A handful of shapes: each is prepared once and kept.
+    let stmt = this.listCache.get(sql);
+    if (!stmt) {
+      stmt = this.db.prepare(sql);
+      this.listCache.set(sql, stmt);
+    }
+    return (stmt.all(params) as (Omit<ListedJob, 'metadata'> & { metadata: string | null })[]).map((r) => ({
+      ...r,
+      metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+    }));
   }
 
   heartbeat(seq: number, owner: string, until: number): boolean {
@@ -439,6 +629,8 @@ export class Store {
       model: r.model,
       attempt: r.attempt,
       maxAttempts: r.max_attempts,
+      priority: r.priority,
+      deadlineAt: r.deadline_at,
       metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
       createdAt: r.created_at,
       startedAt: r.started_at,

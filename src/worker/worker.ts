@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { Clock } from '../domain.js';
-import { EngineError, type ChatEngine } from '../engine/engine.js';
+import { EngineError, type ChatChunk, type ChatEngine } from '../engine/engine.js';
 import type { Store, ClaimedJob } from '../store/store.js';
 import type { Wake } from '../wake.js';
 
@@ -23,6 +23,8 @@ export interface WorkerDeps {
   wake: Wake;
   options: WorkerOptions;
   random?: () => number;
+  /** Sees every chunk a running job's generation streams (SSE `delta` events, /api/chat streaming). */
+  onChunk?: (jobId: string, chunk: ChatChunk) => void;
 }
 
 interface Running {
@@ -30,6 +32,9 @@ interface Running {
   abort: AbortController;
   done: Promise<void>;
 }
+
+/** The abort reason used when a job is canceled (as opposed to a shutdown). */
+const CANCELED = new Error('job canceled');
 
 export function isStorageError(err: unknown): boolean {
   const code = (err as { code?: unknown } | null)?.code;
@@ -110,6 +115,9 @@ export class Worker {
             continue;
           }
         }
+        for (const id of store.failPastDeadline(now)) {
+          logger.info({ job_id: id, state: 'failed', code: 'deadline_exceeded' }, 'job still queued at its deadline');
+        }
         const free = options.concurrency - this.running.size;
         if (free > 0) {
           const claimed = store.claimJobs(this.owner, free, now, options.leaseMs);
@@ -153,6 +161,20 @@ export class Worker {
     return probeEvery;
   }
 
+  /**
+   * Stops a running job's work (its engine request is closed, which stops Ollama). The store has
+   * already made it `canceled`; this only ends the work. Returns false if it was not running here.
+   */
+  abortJob(jobId: string): boolean {
+    for (const r of this.running.values()) {
+      if (r.job.id === jobId) {
+        r.abort.abort(CANCELED);
+        return true;
+      }
+    }
+    return false;
+  }
+
   private launch(job: ClaimedJob): void {
     const abort = new AbortController();
     const entry: Running = { job, abort, done: Promise.resolve() };
@@ -183,11 +205,21 @@ export class Worker {
         return;
       }
       log.info({ state: 'working', load_ms: loadMs }, 'job working');
-      const response = await engine.chat(job.request, { signal });
+      const tRun = performance.now();
+      const onChunk = this.deps.onChunk;
+      const response = await engine.chat(job.request, { signal, ...(onChunk ? { onChunk: (c: ChatChunk) => onChunk(job.id, c) } : {}) });
       const result = { ...response, foreman: { load_ms: loadMs } };
       const body = Buffer.from(JSON.stringify(result), 'utf8');
       const moved = await retryStorage(
-        () => store.completeJob(job.seq, this.owner, clock.now(), result, [{ name: 'completion', contentType: 'application/json', body }]),
+        () =>
+          store.completeJob(
+            job.seq,
+            this.owner,
+            clock.now(),
+            result,
+            [{ name: 'completion', contentType: 'application/json', body }],
+            loadMs + (performance.now() - tRun),
+          ),
         signal,
         (err, wait) => log.error({ err, retry_in_ms: wait }, 'could not save the result; retrying'),
       );
@@ -203,6 +235,10 @@ export class Worker {
   private handleFailure(job: ClaimedJob, err: unknown, signal: AbortSignal, log: Logger): void {
     const { store, clock, options } = this.deps;
     try {
+      if (signal.aborted && signal.reason === CANCELED) {
+        log.info({ state: 'canceled' }, 'job canceled; engine request closed');
+        return;
+      }
       if (signal.aborted) {
         store.releaseJob(job.seq, this.owner, clock.now());
         log.info({ state: 'queued' }, 'job interrupted by shutdown; re-queued');

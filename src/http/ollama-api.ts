@@ -1,0 +1,199 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
+import { Type } from '@sinclair/typebox';
+import type { FastifyReply } from 'fastify';
+import { isTerminal } from '../domain.js';
+import { EngineError, type ChatResponse } from '../engine/engine.js';
+import type { JobEvent } from '../events.js';
+import { uuidv7 } from '../ids.js';
+import { ApiError } from './errors.js';
+import { SECURITY_HEADERS } from './headers.js';
+import { Message, Tool } from './schemas.js';
+import { submitJob } from './submit.js';
+import type { AppDeps } from './app.js';
+
+/**
+ * Ollama's request shape, as its clients send it. Unknown fields are ignored, as Ollama does;
+ * Foreman's webhook fields are not honoured here (ADR-0008). `priority` is the one extra.
+ */
+const ChatBody = Type.Object(
+  {
+    model: Type.String({ minLength: 1, maxLength: 256 }),
+    messages: Type.Array(Message, { maxItems: 10_000 }),
+    format: Type.Optional(Type.Union([Type.Literal('json'), Type.Record(Type.String(), Type.Unknown())])),
+    options: Type.Optional(Type.Record(Type.String(), Type.Unknown())),
+    tools: Type.Optional(Type.Array(Tool, { maxItems: 256 })),
+    keep_alive: Type.Optional(Type.Union([Type.String({ maxLength: 32 }), Type.Number()])),
+    think: Type.Optional(Type.Union([Type.Boolean(), Type.Literal('low'), Type.Literal('medium'), Type.Literal('high')])),
+    stream: Type.Optional(Type.Boolean()),
+    priority: Type.Optional(Type.Integer({ minimum: -1000, maximum: 1000 })),
+  },
+  { additionalProperties: true },
+);
+
+/** Maps a failed job's error code to the HTTP status Ollama would have answered. */
+function statusFor(code: string): number {
+  if (code === 'model_not_found') return 404;
+  if (code === 'engine_bad_request' || code === 'validation_failed') return 400;
+  if (code === 'engine_busy') return 503;
+  return 500;
+}
+
+/** Ollama's final chunk, from the stored result (so `done` is only sent once it is durable). */
+function finalChunk(result: ChatResponse): Record<string, unknown> {
+  const { foreman: _f, message, ...rest } = result as ChatResponse & { foreman?: unknown };
+  return { ...rest, message: { role: message.role, content: '' } };
+}
+
+function nonStreamResult(result: ChatResponse): Record<string, unknown> {
+  const { foreman: _f, ...rest } = result as ChatResponse & { foreman?: unknown };
+  return rest;
+}
+
+/**
+ * The Ollama-compatible synchronous surface. `POST /api/chat` becomes a job in the same queue
+ * (priority, concurrency, record) and answers exactly as Ollama does, streaming NDJSON or one
+ * JSON object. A client that disconnects cancels its job. Reads pass through to the engine.
+ */
+export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) => {
+  const { store, events } = deps;
+
+  app.post(
+    '/api/chat',
+    {
+      schema: {
+        summary: 'Ollama-compatible chat, queued through Foreman',
+        body: ChatBody,
+        response: { 200: Type.Unknown({ description: 'Ollama chat response (NDJSON stream or one object)' }) },
+      },
+    },
+    async (req, reply) => {
+      const body = req.body as typeof req.body & { stream?: boolean; priority?: number };
+      const stream = body.stream !== false; // Ollama's default
+      if (body.messages.length === 0) {
+        // A load request: answered by the engine directly, as Ollama does.
+        try {
+          await deps.engine.load(body.model, { keepAlive: body.keep_alive, signal: AbortSignal.timeout(deps.config.engineIdleTimeoutMs) });
+        } catch (err) {
+          if (err instanceof EngineError) return (reply as FastifyReply).code(statusFor(err.code)).send({ error: err.message, code: err.code, message: err.message });
+          throw err;
+        }
+        return { model: body.model, created_at: new Date().toISOString(), message: { role: 'assistant', content: '' }, done: true, done_reason: 'load' };
+      }
+      const id = uuidv7();
+      // Subscribe before the job exists, so no event can be missed.
+      const queue: JobEvent[] = [];
+      let wake: (() => void) | null = null;
+      const unsubscribe = events.subscribe(id, (e) => {
+        queue.push(e);
+        wake?.();
+      });
+      let finished = false;
+      const cancelIfGone = () => {
+        if (finished) return;
+        const seq = store.seqOf(id);
+        if (seq === null) return;
+        const r = store.cancelJob(seq, deps.clock.now());
+        if (r.wasRunning) deps.worker.abortJob(id);
+        if (r.canceled) req.log.info({ job_id: id, state: 'canceled' }, 'client went away; job canceled');
+      };
+      reply.raw.on('close', cancelIfGone);
+      try {
+        await submitJob(deps, {
+          id,
+          body,
+          webhookUrl: null,
+          webhookEvents: null,
+          metadata: { source: 'api/chat' },
+          priority: body.priority ?? 0,
+          deadline: undefined,
+          idempotencyKey: undefined,
+        });
+      } catch (err) {
+        finished = true;
+        unsubscribe();
+        throw err;
+      }
+      reply.header('x-foreman-job-id', id);
+      const next = async (): Promise<JobEvent> => {
+        while (queue.length === 0) await new Promise<void>((r) => (wake = r));
+        wake = null;
+        return queue.shift()!;
+      };
+      let sentDelta = false;
+      // Stream headers go out with the first chunk, so a job that fails before generating
+      // (unknown model, bad request) gets Ollama's status code and {"error"} body.
+      const write = (line: unknown) => {
+        if (!reply.sent) {
+          reply.hijack();
+          reply.raw.writeHead(200, {
+            ...SECURITY_HEADERS,
+            'cache-control': 'no-store',
+            'content-type': 'application/x-ndjson',
+            'x-foreman-job-id': id,
+            'x-request-id': req.id,
+          });
+        }
+        reply.raw.write(`${JSON.stringify(line)}\n`);
+      };
+      try {
+        let sawWorking = false;
+        for (;;) {
+          const e = await next();
+          if (e.type === 'delta') {
+            if (!stream || e.chunk.done) continue;
+            write(e.chunk);
+            sentDelta = true;
+            continue;
+          }
+          const s = e.event.state;
+          if (s === 'working') sawWorking = true;
+          if (s === 'queued' && sawWorking && sentDelta) {
+            // The generation was interrupted and will start over: an Ollama stream cannot take
+            // that back, so end it with an error, as Ollama does mid-stream, and stop the job.
+            finished = true;
+            const seq = store.seqOf(id);
+            if (seq !== null && store.cancelJob(seq, deps.clock.now()).wasRunning) deps.worker.abortJob(id);
+            write({ error: 'the generation was interrupted; try again' });
+            reply.raw.end();
+            return reply;
+          }
+          if (!isTerminal(s)) continue;
+          finished = true;
+          const job = store.getJob(id)!;
+          if (s === 'done') {
+            const result = job.result as ChatResponse;
+            if (stream) {
+              write(finalChunk(result));
+              reply.raw.end();
+              return reply;
+            }
+            return reply.code(200).header('content-type', 'application/json; charset=utf-8').send(nonStreamResult(result));
+          }
+          const err = job.error ?? { code: 'canceled', message: 'the job was canceled' };
+          if (stream && reply.sent) {
+            write({ error: err.message });
+            reply.raw.end();
+            return reply;
+          }
+          return (reply as FastifyReply).code(statusFor(err.code)).send({ error: err.message, code: err.code, message: err.message });
+        }
+      } finally {
+        unsubscribe();
+      }
+    },
+  );
+
+  for (const path of ['/api/tags', '/api/ps', '/api/version'] as const) {
+    app.get(path, { schema: { summary: `Passed through to the engine (${path})` } }, async (_req, reply) => {
+      try {
+        const r = await deps.engine.passthrough(path);
+        return reply.code(r.status).type(r.contentType).send(r.body);
+      } catch (err) {
+        if (err instanceof EngineError) {
+          throw new ApiError(502, 'engine_unavailable', `the engine did not answer: ${err.message}`);
+        }
+        throw err;
+      }
+    });
+  }
+};

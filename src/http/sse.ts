@@ -1,0 +1,90 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
+import { Type } from '@sinclair/typebox';
+import { iso, isTerminal, type JobState } from '../domain.js';
+import type { JobEvent } from '../events.js';
+import { ApiError } from './errors.js';
+import { SECURITY_HEADERS } from './headers.js';
+import { JobParams } from './schemas.js';
+import type { AppDeps } from './app.js';
+
+const SSE_HEADERS = {
+  'content-type': 'text/event-stream; charset=utf-8',
+  'cache-control': 'no-store',
+  connection: 'keep-alive',
+  'x-accel-buffering': 'no',
+  ...SECURITY_HEADERS,
+};
+
+/**
+ * GET /jobs/<id>/events: Server-Sent Events. `state` events carry `id: <n>` (the transition's
+ * place in the job's log), so `Last-Event-ID` resumes without losing any; `delta` events carry
+ * tokens while the job is working (no id: they are not replayed). The stream ends after a
+ * terminal state. Watchers read the worker's single engine stream through JobEvents.
+ */
+export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) => {
+  const { store, events, config } = deps;
+
+  app.get(
+    '/jobs/:id/events',
+    {
+      schema: {
+        summary: 'Server-Sent Events for one job',
+        params: JobParams,
+        headers: Type.Object({ 'last-event-id': Type.Optional(Type.String({ pattern: '^[0-9]{1,9}$' })) }),
+        response: { 200: Type.String({ description: 'text/event-stream: `state` events (with id) and `delta` events' }) },
+      },
+    },
+    async (req, reply) => {
+      const job = store.getJob(req.params.id);
+      if (!job) throw new ApiError(404, 'job_not_found', `no job with id ${JSON.stringify(req.params.id.slice(0, 80))}`);
+      const lastId = Number(req.headers['last-event-id'] ?? 0);
+      const raw = reply.raw;
+      reply.hijack();
+      raw.writeHead(200, { ...SSE_HEADERS, 'x-request-id': req.id });
+
+      let lastSent = lastId;
+      let state: JobState = job.state;
+      let closed = false;
+      const pending: JobEvent[] = [];
+      let replaying = true;
+
+      const close = () => {
+        if (closed) return;
+        closed = true;
+        unsubscribe();
+        clearInterval(keepalive);
+        raw.end();
+      };
+      const sendState = (e: { n: number; state: JobState; at: number; attempt: number }) => {
+        if (e.n <= lastSent) return;
+        lastSent = e.n;
+        state = e.state;
+        const data: Record<string, unknown> = { job_id: job.id, state: e.state, at: iso(e.at), attempt: e.attempt };
+        if (e.state === 'failed') data.error = store.getJob(job.id)?.error ?? null;
+        raw.write(`id: ${e.n}\nevent: state\ndata: ${JSON.stringify(data)}\n\n`);
+        if (isTerminal(e.state)) close();
+      };
+      const handle = (e: JobEvent) => {
+        if (closed) return;
+        if (e.type === 'state') return sendState(e.event);
+        if (state !== 'working') return;
+        const m = e.chunk.message;
+        if (e.chunk.done || !m) return;
+        const delta: Record<string, unknown> = {};
+        if (m.content) delta.content = m.content;
+        if (m.thinking) delta.thinking = m.thinking;
+        if (m.tool_calls) delta.tool_calls = m.tool_calls;
+        if (Object.keys(delta).length > 0) raw.write(`event: delta\ndata: ${JSON.stringify(delta)}\n\n`);
+      };
+      // Subscribe first, then replay the log, then what arrived meanwhile: nothing falls in between.
+      const unsubscribe = events.subscribe(job.id, (e) => (replaying ? pending.push(e) : handle(e)));
+      const keepalive = setInterval(() => raw.write(': keep-alive\n\n'), config.sseKeepaliveMs);
+      keepalive.unref();
+      req.raw.on('close', close);
+      for (const t of store.transitionsSince(job.seq, lastId)) sendState(t);
+      replaying = false;
+      for (const e of pending.splice(0)) handle(e);
+      if (isTerminal(state)) close(); // resumed after the end: nothing more will come
+    },
+  );
+};
