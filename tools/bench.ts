@@ -9,6 +9,7 @@ import { Pool } from 'undici';
 import { startFakeOllama } from '../test/support/fake-ollama.js';
 import { startReceiver } from '../test/support/receiver.js';
 import { startChild } from '../test/support/child.js';
+import { seedJobs } from './seed.js';
 
 const N_SUBMIT = Number(process.env.BENCH_SUBMIT ?? 5000);
 const N_E2E = Number(process.env.BENCH_E2E ?? 2000);
@@ -113,6 +114,48 @@ async function run(synchronous: 'FULL' | 'NORMAL'): Promise<Row[]> {
   return rows;
 }
 
+/** GET /jobs/<id> and GET /jobs latency with BENCH_ROWS (default 1,000,000) jobs in the table. */
+async function runLarge(): Promise<Row[]> {
+  const rows = Number(process.env.BENCH_ROWS ?? 1_000_000);
+  const fake = await startFakeOllama();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'foreman-bench-1m-'));
+  const { ids, ms: seedMs } = seedJobs(path.join(dir, 'foreman.db'), rows);
+  const child = await startChild({ FOREMAN_DATA_DIR: dir, FOREMAN_OLLAMA_URL: fake.url, FOREMAN_LOG_LEVEL: 'warn' }, 60_000);
+  const pool = new Pool(child.url, { connections: 8 });
+  const get = async (p: string) => {
+    const t0 = performance.now();
+    const res = await pool.request({ path: p, method: 'GET' });
+    const body = (await res.body.json()) as { next_cursor?: string };
+    if (res.statusCode !== 200) throw new Error(`GET ${p} answered ${res.statusCode}`);
+    return { ms: performance.now() - t0, body };
+  };
+  const measure = async (label: string, paths: () => string, n = 300): Promise<Row> => {
+    const lat: number[] = [];
+    for (let i = 0; i < n; i++) lat.push((await get(paths())).ms);
+    return [`${label} (${rows.toLocaleString('en')} jobs) p50 / p99`, `${f(pct(lat, 50))} ms / ${f(pct(lat, 99))} ms`];
+  };
+  const rnd = (xs: string[]) => xs[Math.floor(Math.random() * xs.length)]!;
+  // A cursor deep into the list, to show pages cost the same at any depth (no OFFSET).
+  let deep = await get('/jobs?limit=100');
+  for (let i = 0; i < 50; i++) deep = await get(`/jobs?limit=100&cursor=${deep.body.next_cursor}`);
+  const deepCursor = deep.body.next_cursor!;
+  const out: Row[] = [
+    [`seed ${rows.toLocaleString('en')} finished jobs (direct SQL, not timed below)`, `${f(seedMs / 1000, 1)} s`],
+    await measure('GET /jobs/<id>', () => `/jobs/${rnd(ids)}`, 1000),
+    await measure('GET /jobs?limit=20', () => '/jobs?limit=20'),
+    await measure('GET /jobs?limit=100, page 51 by cursor', () => `/jobs?limit=100&cursor=${deepCursor}`),
+    await measure('GET /jobs?state=done&model=qwen3&limit=20', () => '/jobs?state=done&model=qwen3&limit=20'),
+    await measure('GET /jobs?metadata.batch=b7&limit=20', () => '/jobs?metadata.batch=b7&limit=20'),
+    await measure('GET /jobs?created_before=<midpoint>&limit=20', () => `/jobs?created_before=${encodeURIComponent(new Date(Date.now() - rows * 5).toISOString())}&limit=20`),
+  ];
+  child.proc.kill('SIGTERM');
+  await child.exited;
+  await pool.close();
+  await fake.close();
+  fs.rmSync(dir, { recursive: true, force: true });
+  return out;
+}
+
 async function main() {
   console.log(`foreman bench: node ${process.version}, ${os.cpus().length} cpus, ${CLIENTS} client connections`);
   const full = await run('FULL');
@@ -121,6 +164,13 @@ async function main() {
   console.log(`| measure | synchronous=FULL (default) |${normal ? ' synchronous=NORMAL |' : ''}`);
   console.log(`| --- | --- |${normal ? ' --- |' : ''}`);
   full.forEach(([k, v], i) => console.log(`| ${k} | ${v} |${normal ? ` ${normal[i]![1]} |` : ''}`));
+  if (!process.env.BENCH_SKIP_LARGE) {
+    const large = await runLarge();
+    console.log('');
+    console.log('| measure (large table) | value |');
+    console.log('| --- | --- |');
+    for (const [k, v] of large) console.log(`| ${k} | ${v} |`);
+  }
 }
 
 main().catch((err) => {
