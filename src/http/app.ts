@@ -124,6 +124,8 @@ export function buildApp(deps: AppDeps) {
     done();
   });
 
+  // First, so its onRoute hook sees every route.
+  registerOpenApi(app as unknown as FastifyInstance);
   app.setErrorHandler(errorHandler);
   app.setNotFoundHandler((req, reply) => {
     void reply.code(404).send({ code: 'route_not_found', message: `no route for ${req.method} ${req.url.split('?')[0]?.slice(0, 200)}` });
@@ -133,27 +135,29 @@ export function buildApp(deps: AppDeps) {
     return payload;
   });
 
-  app.get('/healthz', async () => ({ status: 'ok' }));
+  // Inside a plugin, so they are registered after the OpenAPI plugin and documented.
+  void app.register(async (a) => {
+    a.get('/healthz', { schema: { summary: 'The process is up' } }, async () => ({ status: 'ok' }));
 
-  let engineCache: { at: number; status: EngineStatus } | null = null;
-  app.get('/readyz', async (_req, reply) => {
-    let dbOk = false;
-    try {
-      dbOk = deps.store.ping();
-    } catch (err) {
-      deps.logger.error({ err }, 'readiness: database ping failed');
-    }
-    const now = deps.clock.now();
-    if (!engineCache || now - engineCache.at > 1000) engineCache = { at: now, status: await deps.engine.status() };
-    const e = engineCache.status;
-    return reply.code(dbOk ? 200 : 503).send({
-      status: dbOk ? 'ready' : 'unavailable',
-      database: dbOk ? 'ok' : 'error',
-      engine: e.up ? { status: 'up', version: e.version ?? null } : { status: 'down', error: e.error ?? null },
+    let engineCache: { at: number; status: EngineStatus } | null = null;
+    a.get('/readyz', { schema: { summary: 'The database answers; the engine status' } }, async (_req, reply) => {
+      let dbOk = false;
+      try {
+        dbOk = deps.store.ping();
+      } catch (err) {
+        deps.logger.error({ err }, 'readiness: database ping failed');
+      }
+      const now = deps.clock.now();
+      if (!engineCache || now - engineCache.at > 1000) engineCache = { at: now, status: await deps.engine.status() };
+      const e = engineCache.status;
+      return reply.code(dbOk ? 200 : 503).send({
+        status: dbOk ? 'ready' : 'unavailable',
+        database: dbOk ? 'ok' : 'error',
+        engine: e.up ? { status: 'up', version: e.version ?? null } : { status: 'down', error: e.error ?? null },
+      });
     });
   });
 
-  registerOpenApi(app as unknown as FastifyInstance);
   void app.register(jobRoutes, deps);
   void app.register(sseRoutes, deps);
   void app.register(ollamaRoutes, deps);

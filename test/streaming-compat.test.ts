@@ -1,0 +1,649 @@
+/**
+ * Streaming and compatibility surfaces: Server-Sent Events (GET /jobs/:id/events), the
+ * Ollama-compatible /api/* routes (exercised with the official `ollama` client and raw HTTP),
+ * and the OpenAPI document.
+ */
+import http from 'node:http';
+import { Validator } from '@seriousme/openapi-schema-validator';
+import { Ollama } from 'ollama';
+import { request } from 'undici';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { defaultChunks } from './support/fake-ollama.js';
+import { hello, startHarness, type Harness } from './support/harness.js';
+import { sleep, until } from './support/util.js';
+
+// ---------------------------------------------------------------------------
+// A minimal SSE client over node:http that records every frame as it arrives.
+
+interface SseFrame {
+  /** 'comment' for `: ...` lines, otherwise the event name ('message' when absent). */
+  type: string;
+  id?: string;
+  data?: any;
+  comment?: string;
+  at: number;
+}
+
+class SseClient {
+  readonly frames: SseFrame[] = [];
+  ended = false;
+  /** Resolves when the server ends the stream (or the connection closes). */
+  readonly done: Promise<void>;
+  private buf = '';
+  private waiters = new Set<() => void>();
+  private resolveDone!: () => void;
+
+  private constructor(
+    readonly status: number,
+    readonly headers: http.IncomingHttpHeaders,
+    private readonly req: http.ClientRequest,
+    readonly res: http.IncomingMessage,
+  ) {
+    this.done = new Promise((r) => (this.resolveDone = r));
+    res.setEncoding('utf8');
+    res.on('data', (d: string) => this.feed(d));
+    const finish = () => {
+      if (this.ended) return;
+      this.ended = true;
+      this.resolveDone();
+      this.notify();
+    };
+    res.on('end', finish);
+    res.on('close', finish);
+    res.on('error', finish);
+  }
+
+  static open(url: string, headers: Record<string, string> = {}): Promise<SseClient> {
+    return new Promise((resolve, reject) => {
+      const req = http.get(url, { headers: { accept: 'text/event-stream', ...headers } }, (res) => {
+        resolve(new SseClient(res.statusCode ?? 0, res.headers, req, res));
+      });
+      req.on('error', reject);
+    });
+  }
+
+  private feed(text: string): void {
+    this.buf += text;
+    for (;;) {
+      const i = this.buf.indexOf('\n\n');
+      if (i < 0) break;
+      const block = this.buf.slice(0, i);
+      this.buf = this.buf.slice(i + 2);
+      this.parse(block);
+    }
+    this.notify();
+  }
+
+  private parse(block: string): void {
+    const at = Date.now();
+    let type = 'message';
+    let id: string | undefined;
+    const data: string[] = [];
+    let sawField = false;
+    for (const line of block.split('\n')) {
+      if (line.startsWith(':')) {
+        this.frames.push({ type: 'comment', comment: line.slice(1).trim(), at });
+        continue;
+      }
+      const c = line.indexOf(':');
+      const field = c < 0 ? line : line.slice(0, c);
+      let value = c < 0 ? '' : line.slice(c + 1);
+      if (value.startsWith(' ')) value = value.slice(1);
+      sawField = true;
+      if (field === 'event') type = value;
+      else if (field === 'id') id = value;
+      else if (field === 'data') data.push(value);
+      else throw new Error(`unexpected SSE field ${JSON.stringify(field)} in ${JSON.stringify(block)}`);
+    }
+    if (!sawField) return;
+    const raw = data.join('\n');
+    let parsed: unknown = raw;
+    try {
+      parsed = JSON.parse(raw);
+    } catch {
+      /* keep the raw text */
+    }
+    this.frames.push({ type, ...(id !== undefined ? { id } : {}), data: parsed, at });
+  }
+
+  private notify(): void {
+    for (const w of [...this.waiters]) w();
+  }
+
+  /** Resolves with the first frame matching pred (already received or future). */
+  waitFor(pred: (f: SseFrame) => boolean, what: string, timeoutMs = 5_000): Promise<SseFrame> {
+    return new Promise((resolve, reject) => {
+      const check = (): boolean => {
+        const f = this.frames.find(pred);
+        if (f) {
+          cleanup();
+          resolve(f);
+          return true;
+        }
+        if (this.ended) {
+          cleanup();
+          reject(new Error(`SSE stream ended before ${what}; frames: ${JSON.stringify(this.frames)}`));
+          return true;
+        }
+        return false;
+      };
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(new Error(`timed out waiting for ${what}; frames: ${JSON.stringify(this.frames)}`));
+      }, timeoutMs);
+      const cleanup = () => {
+        clearTimeout(timer);
+        this.waiters.delete(check);
+      };
+      if (check()) return;
+      this.waiters.add(check);
+    });
+  }
+
+  /** Waits for the server to end the stream. */
+  async ends(timeoutMs = 5_000): Promise<void> {
+    let t: NodeJS.Timeout | undefined;
+    await Promise.race([
+      this.done,
+      new Promise<never>((_, rej) => {
+        t = setTimeout(() => rej(new Error(`SSE stream did not end in ${timeoutMs}ms; frames: ${JSON.stringify(this.frames)}`)), timeoutMs);
+      }),
+    ]).finally(() => clearTimeout(t));
+  }
+
+  /** Client-side disconnect. */
+  close(): void {
+    this.req.destroy();
+    this.res.destroy();
+  }
+
+  states(): SseFrame[] {
+    return this.frames.filter((f) => f.type === 'state');
+  }
+  deltas(): SseFrame[] {
+    return this.frames.filter((f) => f.type === 'delta');
+  }
+  /** Every non-comment frame, in order, as [type, id?, state?]. */
+  events(): SseFrame[] {
+    return this.frames.filter((f) => f.type !== 'comment');
+  }
+}
+
+const ISO = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
+const EXPECTED_CONTENT = (text: string) => `echo: ${text}`;
+const THINKING = 'Let me think.';
+
+function joined(frames: SseFrame[], key: 'content' | 'thinking'): string {
+  return frames.map((f) => (f.data?.[key] as string | undefined) ?? '').join('');
+}
+
+/** Checks a state frame's exact shape. */
+function expectState(f: SseFrame | undefined, jobId: string, n: number, state: string, attempt: number): void {
+  expect(f, `state frame ${n}`).toBeDefined();
+  expect(f!.type).toBe('state');
+  expect(f!.id).toBe(String(n));
+  expect(Object.keys(f!.data).sort()).toEqual(['at', 'attempt', 'job_id', 'state']);
+  expect(f!.data.job_id).toBe(jobId);
+  expect(f!.data.state).toBe(state);
+  expect(f!.data.attempt).toBe(attempt);
+  expect(f!.data.at).toMatch(ISO);
+}
+
+/** Reads NDJSON lines from an undici body as they arrive. */
+async function* ndjsonLines(body: AsyncIterable<Buffer | string>): AsyncGenerator<any> {
+  let buf = '';
+  for await (const chunk of body) {
+    buf += typeof chunk === 'string' ? chunk : chunk.toString('utf8');
+    for (;;) {
+      const i = buf.indexOf('\n');
+      if (i < 0) break;
+      const line = buf.slice(0, i);
+      buf = buf.slice(i + 1);
+      if (line.trim()) yield JSON.parse(line);
+    }
+  }
+  if (buf.trim()) yield JSON.parse(buf);
+}
+
+const chatRequestsFor = (h: Harness, text: string) =>
+  h.fake.requests.filter((r) => r.kind === 'chat' && r.body?.messages?.at(-1)?.content === text);
+
+// ---------------------------------------------------------------------------
+
+describe('SSE: GET /jobs/:id/events', () => {
+  let h: Harness;
+  const open: SseClient[] = [];
+  const sse = async (id: string, headers: Record<string, string> = {}) => {
+    const c = await SseClient.open(`${h.url}/jobs/${id}/events`, headers);
+    open.push(c);
+    return c;
+  };
+  beforeAll(async () => {
+    h = await startHarness({ engineIdleTimeoutMs: 30_000 });
+  });
+  afterEach(() => {
+    for (const c of open.splice(0)) c.close();
+    h.fake.setLoadDelay(0);
+  });
+  afterAll(async () => {
+    await h.stop();
+  });
+
+  it('streams queued, loading, working, the deltas, done, then ends', async () => {
+    // The load blocks long enough for the watcher to be attached before any token is generated.
+    h.fake.setLoadDelay(300);
+    h.fake.enqueue({ kind: 'ok', chunkDelayMs: 30 });
+    const id = await h.submit(hello('hello world'));
+    const c = await sse(id);
+    expect(c.status).toBe(200);
+    expect(c.headers['content-type']).toMatch(/^text\/event-stream\b/);
+    expect(c.headers['cache-control']).toBe('no-store');
+    await c.ends(10_000);
+
+    const ev = c.events();
+    expectState(ev[0], id, 1, 'queued', 0);
+    expectState(ev[1], id, 2, 'loading', 1);
+    expectState(ev[2], id, 3, 'working', 1);
+    const last = ev[ev.length - 1];
+    expectState(last, id, 4, 'done', 1);
+    const middle = ev.slice(3, -1);
+    // Between working and done: only deltas, one per chunk the engine streamed, no ids.
+    expect(middle.map((f) => f.type)).toEqual(defaultChunks('hello world').map(() => 'delta'));
+    for (const f of middle) {
+      expect(f.id).toBeUndefined();
+      expect(Object.keys(f.data).length).toBe(1);
+    }
+    expect(middle.map((f) => f.data)).toEqual(defaultChunks('hello world'));
+    expect(joined(middle, 'content')).toBe(EXPECTED_CONTENT('hello world'));
+    expect(joined(middle, 'thinking')).toBe(THINKING);
+    expect(c.frames.filter((f) => f.type === 'comment')).toEqual([]); // keep-alive is 15 s by default
+    expect(c.ended).toBe(true);
+    // The server dropped its subscription once the stream ended.
+    await until('watcher unsubscribed', async () => h.service.events.watchers(id) === 0);
+  });
+
+  it('answers 404 job_not_found for an unknown job', async () => {
+    const r = await h.api('/jobs/0190c0de-0000-7000-8000-000000000000/events');
+    expect(r.status).toBe(404);
+    expect(r.headers.get('content-type')).toMatch(/^application\/json/);
+    expect(r.body.code).toBe('job_not_found');
+    expect(typeof r.body.message).toBe('string');
+  });
+
+  it('rejects a malformed Last-Event-ID', async () => {
+    const id = await h.submit(hello('bad last id'));
+    await h.waitForState(id, ['done']);
+    const r = await h.api(`/jobs/${id}/events`, { headers: { 'last-event-id': 'abc' } });
+    expect(r.status).toBe(400);
+    expect(r.body.code).toBe('validation_failed');
+  });
+
+  it('resumes a finished job after Last-Event-ID: 2 with exactly working and done, no deltas', async () => {
+    const id = await h.submit(hello('resume me'));
+    await h.waitForState(id, ['done']);
+    const c = await sse(id, { 'last-event-id': '2' });
+    expect(c.status).toBe(200);
+    await c.ends(2_000);
+    const ev = c.events();
+    expect(ev.length).toBe(2);
+    expectState(ev[0], id, 3, 'working', 1);
+    expectState(ev[1], id, 4, 'done', 1);
+    expect(c.deltas()).toEqual([]);
+  });
+
+  it('ends at once after Last-Event-ID: 4 on a finished job', async () => {
+    const id = await h.submit(hello('all seen'));
+    await h.waitForState(id, ['done']);
+    const t0 = Date.now();
+    const c = await sse(id, { 'last-event-id': '4' });
+    expect(c.status).toBe(200);
+    await c.ends(1_000);
+    expect(Date.now() - t0).toBeLessThan(1_000);
+    expect(c.frames).toEqual([]);
+  });
+
+  it('resumes mid-job without losing a state event', async () => {
+    h.fake.setLoadDelay(400);
+    h.fake.enqueue({ kind: 'ok', chunkDelayMs: 30 });
+    const id = await h.submit(hello('mid job'));
+    const first = await sse(id);
+    await first.waitFor((f) => f.id === '2', 'state 2');
+    first.close();
+    expect(first.states().map((f) => f.id)).toEqual(['1', '2']);
+    // The server notices the disconnect and drops the watcher.
+    await until('first watcher gone', async () => h.service.events.watchers(id) === 0, 2_000);
+
+    const second = await sse(id, { 'last-event-id': '2' });
+    await second.ends(10_000);
+    const states = second.states();
+    expect(states.length).toBe(2);
+    expectState(states[0], id, 3, 'working', 1);
+    expectState(states[1], id, 4, 'done', 1);
+    // Reconnected while the model was still loading: every token is seen after `working`.
+    const ev = second.events();
+    expect(ev[0]!.type).toBe('state');
+    expect(ev[ev.length - 1]!.type).toBe('state');
+    expect(joined(second.deltas(), 'content')).toBe(EXPECTED_CONTENT('mid job'));
+    expect(joined(second.deltas(), 'thinking')).toBe(THINKING);
+  });
+
+  it('fans one engine stream out to 10 watchers', async () => {
+    // Hold the single slot so the watched job is still queued when the watchers attach.
+    h.fake.enqueue({ kind: 'hang' }, { kind: 'ok', chunkDelayMs: 20 });
+    const blocker = await h.submit(hello('blocker'));
+    await h.waitForState(blocker, ['working']);
+    const text = 'ten watchers';
+    const id = await h.submit(hello(text));
+    expect((await h.api(`/jobs/${id}`)).body.state).toBe('queued');
+
+    const watchers = await Promise.all(Array.from({ length: 10 }, () => sse(id)));
+    for (const w of watchers) await w.waitFor((f) => f.id === '1', 'queued');
+    expect(h.service.events.watchers(id)).toBe(10);
+
+    expect((await h.api(`/jobs/${blocker}/cancel`, { method: 'POST' })).status).toBe(200);
+    await Promise.all(watchers.map((w) => w.ends(10_000)));
+
+    const reference = watchers[0]!.events().map((f) => ({ type: f.type, id: f.id, data: f.data }));
+    expect(reference.filter((f) => f.type === 'state').map((f) => f.data.state)).toEqual(['queued', 'loading', 'working', 'done']);
+    expect(joined(watchers[0]!.deltas(), 'content')).toBe(EXPECTED_CONTENT(text));
+    expect(joined(watchers[0]!.deltas(), 'thinking')).toBe(THINKING);
+    expect(watchers[0]!.deltas().length).toBe(defaultChunks(text).length);
+    for (const w of watchers.slice(1)) {
+      expect(w.events().map((f) => ({ type: f.type, id: f.id, data: f.data }))).toEqual(reference);
+    }
+    expect(chatRequestsFor(h, text).length).toBe(1);
+    await until('all watchers gone', async () => h.service.events.watchers(id) === 0, 2_000);
+  });
+});
+
+describe('SSE keep-alive and cancel', () => {
+  let h: Harness;
+  beforeAll(async () => {
+    h = await startHarness({ sseKeepaliveMs: 100, engineIdleTimeoutMs: 30_000 });
+  });
+  afterAll(async () => {
+    await h.stop();
+  });
+
+  it('sends keep-alive comments while a job is stuck, then canceled and the end', async () => {
+    h.fake.enqueue({ kind: 'hang' });
+    const id = await h.submit(hello('stuck'));
+    await h.waitForState(id, ['working']);
+    const c = await SseClient.open(`${h.url}/jobs/${id}/events`);
+    try {
+      const opened = Date.now();
+      const ka = await c.waitFor((f) => f.type === 'comment', 'a keep-alive comment', 500);
+      expect(ka.comment).toBe('keep-alive');
+      expect(ka.at - opened).toBeLessThan(500);
+      // More than one arrives, roughly every 100 ms.
+      await until('a second keep-alive', async () => c.frames.filter((f) => f.type === 'comment').length >= 2, 1_000);
+
+      const r = await h.api(`/jobs/${id}/cancel`, { method: 'POST' });
+      expect(r.status).toBe(200);
+      expect(r.body).toEqual({ job_id: id, state: 'canceled' });
+      await c.ends(2_000);
+      const states = c.states();
+      expect(states.map((f) => f.data.state)).toEqual(['queued', 'loading', 'working', 'canceled']);
+      expectState(states[3], id, 4, 'canceled', 1);
+      expect(c.deltas()).toEqual([]);
+      // Nothing after the terminal state.
+      expect(c.frames[c.frames.length - 1]!.type).toBe('state');
+      await h.fake.waitForRequests(1, (q) => q.kind === 'chat' && q.aborted, 2_000);
+    } finally {
+      c.close();
+    }
+  });
+});
+
+// ---------------------------------------------------------------------------
+
+describe('Ollama-compatible /api/* with the official ollama client', () => {
+  let h: Harness;
+  let ollama: Ollama;
+  beforeAll(async () => {
+    h = await startHarness({ engineIdleTimeoutMs: 30_000 });
+    ollama = new Ollama({ host: h.url });
+  });
+  afterAll(async () => {
+    await h.stop();
+  });
+
+  it('chat stream:false answers as Ollama does', async () => {
+    const res = await ollama.chat({ model: 'llama3.2', messages: [{ role: 'user', content: 'hello world' }], stream: false });
+    expect(res.message.role).toBe('assistant');
+    expect(res.message.content).toBe('echo: hello world');
+    expect(res.message.thinking).toBe(THINKING);
+    expect(res.done).toBe(true);
+    expect(res.done_reason).toBe('stop');
+    expect(res.model).toBe('llama3.2');
+    expect(res.eval_count).toBe(defaultChunks('hello world').length);
+    expect(res.prompt_eval_count).toBe(169);
+    expect(res.total_duration).toBe(182242375);
+    expect((res as unknown as Record<string, unknown>).foreman).toBeUndefined();
+  });
+
+  it('chat stream:true streams the parts, ending with done', async () => {
+    const parts: any[] = [];
+    const it = await ollama.chat({ model: 'llama3.2', messages: [{ role: 'user', content: 'hello world' }], stream: true });
+    for await (const p of it) parts.push(p);
+    expect(parts.length).toBe(defaultChunks('hello world').length + 1);
+    expect(parts.map((p) => p.message.content).join('')).toBe('echo: hello world');
+    expect(parts.map((p) => p.message.thinking ?? '').join('')).toBe(THINKING);
+    for (const p of parts.slice(0, -1)) expect(p.done).toBe(false);
+    const last = parts[parts.length - 1];
+    expect(last.done).toBe(true);
+    expect(last.done_reason).toBe('stop');
+    expect(last.eval_count).toBe(defaultChunks('hello world').length);
+    expect(last.message).toEqual({ role: 'assistant', content: '' });
+  });
+
+  it('made each call a job, listed under metadata.source=api/chat', async () => {
+    const r = await h.api('/jobs?metadata.source=api/chat');
+    expect(r.status).toBe(200);
+    expect(r.body.jobs.length).toBe(2);
+    for (const j of r.body.jobs) {
+      expect(j.state).toBe('done');
+      expect(j.model).toBe('llama3.2');
+      expect(j.metadata).toEqual({ source: 'api/chat' });
+    }
+  });
+
+  for (const stream of [false, true] as const) {
+    it(`an unknown model throws ResponseError 404 (stream:${stream})`, async () => {
+      let err: any;
+      try {
+        const r = await ollama.chat({ model: 'llama9', messages: [{ role: 'user', content: 'hi' }], stream: stream as any });
+        if (stream) for await (const _ of r as AsyncIterable<unknown>) void _;
+      } catch (e) {
+        err = e;
+      }
+      expect(err, 'the client threw').toBeDefined();
+      expect(err.name).toBe('ResponseError');
+      expect(err.status_code).toBe(404);
+      expect(String(err.message)).toContain("model 'llama9' not found");
+    });
+  }
+
+  it('the llama9 calls are failed jobs with model_not_found', async () => {
+    const r = await h.api('/jobs?metadata.source=api/chat&state=failed');
+    expect(r.body.jobs.length).toBe(2);
+    for (const j of r.body.jobs) expect(j.model).toBe('llama9');
+  });
+
+  it('list(), ps() and version() pass through', async () => {
+    const tags = await ollama.list();
+    expect(tags.models.map((m) => m.name).sort()).toEqual(['llama3.2:latest', 'qwen3:latest']);
+    const direct = await (await fetch(`${h.fake.url}/api/tags`)).json();
+    expect(JSON.parse(JSON.stringify(tags))).toEqual(direct);
+    const ps = await ollama.ps();
+    expect(ps.models.map((m) => m.name)).toEqual(['llama3.2:latest']);
+    const v = await ollama.version();
+    expect(v).toEqual({ version: '0.33.0' });
+  });
+
+  it('cancels the job when the streaming client disconnects', async () => {
+    const text = 'disconnect me';
+    h.fake.enqueue({ kind: 'ok', chunkDelayMs: 200 });
+    const ac = new AbortController();
+    const res = await request(`${h.url}/api/chat`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(hello(text, { stream: true })),
+      signal: ac.signal,
+    });
+    expect(res.statusCode).toBe(200);
+    expect(res.headers['content-type']).toBe('application/x-ndjson');
+    const jobId = res.headers['x-foreman-job-id'] as string;
+    expect(jobId).toMatch(/^[0-9a-f-]{36}$/);
+    const lines = ndjsonLines(res.body);
+    const first = await lines.next();
+    expect(first.done).toBe(false);
+    expect(first.value.done).toBe(false);
+    expect(first.value.message.thinking).toBe('Let ');
+    ac.abort();
+    await lines.return(undefined).catch(() => undefined);
+
+    const job = await h.waitForState(jobId, ['canceled', 'done', 'failed'], 5_000);
+    expect(job.state).toBe('canceled');
+    expect(job.metadata).toEqual({ source: 'api/chat' });
+    await h.fake.waitForRequests(1, (q) => q.kind === 'chat' && q.body?.messages?.at(-1)?.content === text && q.aborted, 3_000);
+    expect(chatRequestsFor(h, text).length).toBe(1);
+  });
+});
+
+describe('/api/chat goes through the queue', () => {
+  let h: Harness;
+  beforeAll(async () => {
+    h = await startHarness({ concurrency: 1, engineIdleTimeoutMs: 30_000 });
+  });
+  afterAll(async () => {
+    await h.stop();
+  });
+
+  it('waits for a free slot, then answers', async () => {
+    h.fake.enqueue({ kind: 'hang' });
+    const blocker = await h.submit(hello('hog the slot'));
+    await h.waitForState(blocker, ['working']);
+
+    let settled = false;
+    const call = h
+      .api('/api/chat', { method: 'POST', json: hello('queued chat', { stream: false }) })
+      .finally(() => (settled = true));
+    const queued = await until('the /api/chat job queued', async () => {
+      const r = await h.api('/jobs?state=queued');
+      return r.body.jobs.find((j: any) => j.metadata?.source === 'api/chat');
+    });
+    expect(queued.state).toBe('queued');
+    await sleep(300);
+    expect(settled).toBe(false);
+    expect((await h.api(`/jobs/${queued.job_id}`)).body.state).toBe('queued');
+    expect(chatRequestsFor(h, 'queued chat').length).toBe(0);
+
+    expect((await h.api(`/jobs/${blocker}/cancel`, { method: 'POST' })).status).toBe(200);
+    const r = await call;
+    expect(r.status).toBe(200);
+    expect(r.headers.get('content-type')).toMatch(/^application\/json/);
+    expect(r.headers.get('x-foreman-job-id')).toBe(queued.job_id);
+    expect(r.body.message.content).toBe('echo: queued chat');
+    expect(r.body.done).toBe(true);
+    expect(r.body.done_reason).toBe('stop');
+    const job = await h.waitForState(queued.job_id, ['done']);
+    expect(Date.parse(job.started_at)).toBeGreaterThanOrEqual(Date.parse((await h.api(`/jobs/${blocker}`)).body.finished_at));
+  });
+});
+
+// ---------------------------------------------------------------------------
+
+describe('OpenAPI document and docs page', () => {
+  let h: Harness;
+  let doc: any;
+  beforeAll(async () => {
+    h = await startHarness();
+    const r = await h.api('/openapi.json');
+    expect(r.status).toBe(200);
+    doc = r.body;
+  });
+  afterAll(async () => {
+    await h.stop();
+  });
+
+  it('is a valid OpenAPI 3.1 document', async () => {
+    expect(doc.openapi).toBe('3.1.0');
+    const v = new Validator();
+    const res = await v.validate(doc);
+    expect(res.errors ?? null).toBeNull();
+    expect(res.valid).toBe(true);
+    expect(v.version).toBe('3.1');
+  });
+
+  const EXPECTED: Record<string, string[]> = {
+    '/jobs': ['get', 'post'],
+    '/jobs/{id}': ['get'],
+    '/jobs/{id}/artifacts/{name}': ['get'],
+    '/jobs/{id}/cancel': ['post'],
+    '/jobs/{id}/events': ['get'],
+    '/jobs/{id}/webhooks/redeliver': ['post'],
+    '/api/chat': ['post'],
+    '/api/tags': ['get'],
+    '/api/ps': ['get'],
+    '/api/version': ['get'],
+    '/healthz': ['get'],
+    '/readyz': ['get'],
+  };
+  const METHODS = ['get', 'put', 'post', 'delete', 'options', 'head', 'patch', 'trace'];
+  const documented = () =>
+    Object.fromEntries(
+      Object.entries(doc.paths as Record<string, Record<string, unknown>>).map(([p, item]) => [
+        p,
+        Object.keys(item)
+          .filter((m) => METHODS.includes(m))
+          .sort(),
+      ]),
+    );
+
+  it('documents every route', () => {
+    expect(documented()).toEqual(EXPECTED);
+  });
+
+  it("documents exactly the app's real routes", () => {
+    // printRoutes({commonPrefix:false}) lists each full path with its methods.
+    const printed = h.service.app.printRoutes({ commonPrefix: false });
+    const real: Record<string, string[]> = {};
+    for (const line of printed.split('\n')) {
+      const m = /(\/\S*) \(([A-Z, ]+)\)/.exec(line);
+      if (!m) continue;
+      const p = m[1]!.replace(/:([A-Za-z_]+)/g, '{$1}');
+      if (p === '/openapi.json' || p === '/docs' || p.startsWith('/docs/')) continue; // the docs themselves
+      const methods = m[2]!
+        .split(',')
+        .map((s) => s.trim().toLowerCase())
+        .filter((s) => s !== 'head'); // HEAD is Fastify's automatic twin of GET
+      real[p] = [...new Set([...(real[p] ?? []), ...methods])].sort();
+    }
+    expect(Object.keys(real).length).toBeGreaterThanOrEqual(12);
+    expect(real).toEqual(documented());
+  });
+
+  it('lists the error codes and the webhook event body', () => {
+    const schemas = doc.components?.schemas ?? {};
+    const errorSchema = Object.values(schemas).find((s: any) => s?.$id === 'Error' || s?.title === 'Error') ?? schemas.Error ?? schemas['def-0'];
+    expect(errorSchema, `an Error schema in ${JSON.stringify(Object.keys(schemas))}`).toBeDefined();
+    const codes: string[] = (errorSchema as any).properties.code.enum;
+    for (const c of ['validation_failed', 'job_not_found', 'idempotency_key_reused']) expect(codes).toContain(c);
+
+    const hook = doc.webhooks?.jobStateChanged?.post;
+    expect(hook).toBeDefined();
+    const body = hook.requestBody.content['application/json'].schema;
+    for (const k of ['event_id', 'state', 'sequence']) expect(Object.keys(body.properties)).toContain(k);
+    expect(body.properties.sequence.type).toBe('integer');
+    expect(body.required).toEqual(expect.arrayContaining(['event_id', 'state', 'sequence']));
+  });
+
+  it('serves the docs page', async () => {
+    const res = await fetch(`${h.url}/docs`, { redirect: 'follow' });
+    expect(res.status).toBe(200);
+    expect(res.headers.get('content-type')).toMatch(/^text\/html/);
+    const html = await res.text();
+    expect(html).toMatch(/swagger/i);
+  });
+});
