@@ -8,6 +8,7 @@ import type { ChatEngine } from './engine/engine.js';
 import { OllamaEngine } from './engine/ollama.js';
 import { buildApp, type App } from './http/app.js';
 import { SubmitBatcher } from './store/batcher.js';
+import { GroupCommitter } from './store/committer.js';
 import { migrate, openDatabase, type DB } from './store/db.js';
 import { Store } from './store/store.js';
 import { Dispatcher } from './webhooks/dispatcher.js';
@@ -70,7 +71,10 @@ export class Service {
         connections: config.concurrency * 2 + 2,
         maxResponseBytes: config.engineMaxResponseBytes,
       });
+    const committer = new GroupCommitter(this.store);
+    const commit = <T>(op: () => T) => committer.run(op);
     this.worker = new Worker({
+      commit,
       store: this.store,
       engine: this.engine,
       clock: this.clock,
@@ -87,6 +91,7 @@ export class Service {
       onChunk: this.events.delta,
     });
     this.dispatcher = new Dispatcher({
+      commit,
       store: this.store,
       clock: this.clock,
       logger: this.logger,
@@ -109,7 +114,7 @@ export class Service {
     });
     this.app = buildApp({
       store: this.store,
-      submitter: new SubmitBatcher(this.store, this.clock, config.maxQueued),
+      submitter: new SubmitBatcher(this.store, this.clock, config.maxQueued, committer),
       engine: this.engine,
       worker: this.worker,
       events: this.events,

@@ -1,5 +1,6 @@
 import type { NewJob, Store, SubmitOutcome } from './store.js';
 import type { Clock } from '../domain.js';
+import type { GroupCommitter } from './committer.js';
 
 /**
  * Group commit for submissions: every job submitted in the same turn of the event loop is
@@ -15,6 +16,7 @@ export class SubmitBatcher {
     private readonly store: Store,
     private readonly clock: Clock,
     private readonly maxQueued: number,
+    private readonly committer: GroupCommitter,
     private readonly maxBatch = 512,
   ) {}
 
@@ -34,15 +36,20 @@ export class SubmitBatcher {
     const batch = this.batch;
     if (batch.length === 0) return;
     this.batch = [];
-    try {
-      const out = this.store.createJobs(
-        batch.map((b) => b.job),
-        this.clock.now(),
-        this.maxQueued,
+    // One createJobs for the batch, committed together with whatever else is written this turn.
+    this.committer
+      .run(() =>
+        this.store.createJobs(
+          batch.map((b) => b.job),
+          this.clock.now(),
+          this.maxQueued,
+        ),
+      )
+      .then(
+        (out) => batch.forEach((b, i) => b.resolve(out[i]!)),
+        (err: unknown) => {
+          for (const b of batch) b.reject(err);
+        },
       );
-      batch.forEach((b, i) => b.resolve(out[i]!));
-    } catch (err) {
-      for (const b of batch) b.reject(err);
-    }
   }
 }

@@ -364,9 +364,9 @@ export class Store {
       return (...a: A) => {
         const fx: Effects = { outbox: false, jobReady: false, transitions: [] };
         const r = t(fx, ...a);
-        if (fx.outbox) this.signals.deliveryReady();
-        if (fx.jobReady) this.signals.jobReady();
-        if (this.signals.transition) for (const e of fx.transitions) this.signals.transition(e);
+        // Inside a group commit this was only a savepoint: announce it once the group commits.
+        if (this.deferred) this.deferred.push(fx);
+        else this.announce(fx);
         return r;
       };
     };
@@ -525,6 +525,31 @@ export class Store {
   }
 
   private readonly listCache: Map<string, import('better-sqlite3').Statement>;
+  private deferred: Effects[] | null = null;
+
+  private announce(fx: Effects): void {
+    if (fx.outbox) this.signals.deliveryReady();
+    if (fx.jobReady) this.signals.jobReady();
+    if (this.signals.transition) for (const e of fx.transitions) this.signals.transition(e);
+  }
+
+  /**
+   * Group commit: runs `fn` in one transaction in which every store write is a savepoint (one
+   * failing write rolls back only itself), and announces their effects after the one commit.
+   */
+  group<T>(fn: () => T): T {
+    if (this.deferred) return fn();
+    this.deferred = [];
+    let effects: Effects[] = [];
+    try {
+      const r = this.db.transaction(fn)();
+      effects = this.deferred;
+      return r;
+    } finally {
+      this.deferred = null;
+      for (const fx of effects) this.announce(fx);
+    }
+  }
 
   /** When the worker next has something to do for queued jobs: a delayed retry, or a deadline. */
   nextRunAt(): number | null {

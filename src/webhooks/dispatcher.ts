@@ -32,6 +32,8 @@ export interface DispatcherDeps {
   wake: Wake;
   options: DispatcherOptions;
   random?: () => number;
+  /** Runs a store write in the current group commit; resolves after it is durable. */
+  commit: <T>(op: () => T) => Promise<T>;
 }
 
 /** What one attempt came to. */
@@ -140,7 +142,7 @@ export class Dispatcher {
   }
 
   private async deliver(d: DueDelivery): Promise<void> {
-    const { store, clock, logger, options } = this.deps;
+    const { store, clock, logger, options, commit } = this.deps;
     const event = buildEvent(d, d.state === 'done' ? store.artifactsForEvent(d.jobSeq, options.inlineArtifactMaxBytes) : [], options.publicUrl(), options.inlineArtifactMaxBytes);
     const body = Buffer.from(JSON.stringify(event), 'utf8');
     const outcome = await this.attempt(event.event_id, body, d.url);
@@ -150,16 +152,16 @@ export class Dispatcher {
     const log = logger.child({ job_id: d.jobId, event_id: event.event_id, attempts });
     switch (outcome.kind) {
       case 'delivered':
-        store.markDelivered(d.id, now, outcome.status);
+        await commit(() => store.markDelivered(d.id, now, outcome.status));
         log.debug({ status: outcome.status }, 'webhook delivered');
         return;
       case 'gone':
-        store.markGone(d.id, d.jobSeq, outcome.status, 'receiver answered 410 Gone; no further events for this job');
+        await commit(() => store.markGone(d.id, d.jobSeq, outcome.status, 'receiver answered 410 Gone; no further events for this job'));
         log.warn({ status: 410 }, 'webhook receiver answered 410 Gone; giving up on this job\'s webhook');
         return;
       case 'retry':
         if (attempts >= options.maxAttempts) {
-          store.markDeliveryFailed(d.id, outcome.status, outcome.error);
+          await commit(() => store.markDeliveryFailed(d.id, outcome.status, outcome.error));
           log.warn({ status: outcome.status, last_error: outcome.error }, 'webhook delivery failed after the last attempt');
           return;
         }
@@ -168,7 +170,7 @@ export class Dispatcher {
             outcome.retryAfterMs !== undefined
               ? Math.min(outcome.retryAfterMs, options.backoffMaxMs)
               : webhookRetryDelay(options, attempts, this.random);
-          store.markAttemptFailed(d.id, now + delay, outcome.status, outcome.error);
+          await commit(() => store.markAttemptFailed(d.id, now + delay, outcome.status, outcome.error));
           log.info({ status: outcome.status, last_error: outcome.error, retry_in_ms: delay }, 'webhook attempt failed; will retry');
         }
     }

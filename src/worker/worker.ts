@@ -23,6 +23,8 @@ export interface WorkerDeps {
   wake: Wake;
   options: WorkerOptions;
   random?: () => number;
+  /** Runs a store write in the current group commit; resolves after it is durable. */
+  commit: <T>(op: () => T) => Promise<T>;
   /** Sees every chunk a running job's generation streams (SSE `delta` events, /api/chat streaming). */
   onChunk?: (jobId: string, chunk: ChatChunk) => void;
 }
@@ -46,10 +48,10 @@ export function isStorageError(err: unknown): boolean {
  * up to ~15 s, so a finished generation is not thrown away by a passing storage fault. No
  * transaction is held across the waits.
  */
-async function retryStorage<T>(fn: () => T, signal: AbortSignal, onRetry: (err: unknown, waitMs: number) => void): Promise<T> {
+async function retryStorage<T>(fn: () => Promise<T>, signal: AbortSignal, onRetry: (err: unknown, waitMs: number) => void): Promise<T> {
   for (let i = 0; ; i++) {
     try {
-      return fn();
+      return await fn();
     } catch (err) {
       if (!isStorageError(err) || i >= 8 || signal.aborted) throw err;
       const wait = Math.min(4000, 50 * 2 ** i);
@@ -200,7 +202,8 @@ export class Worker {
       const t0 = performance.now();
       await engine.load(job.model, { keepAlive: job.request.keep_alive, signal });
       const loadMs = Math.round((performance.now() - t0) * 1000) / 1000;
-      if (!store.markWorking(job.seq, this.owner, clock.now(), options.leaseMs)) {
+      const { commit } = this.deps;
+      if (!(await commit(() => store.markWorking(job.seq, this.owner, clock.now(), options.leaseMs)))) {
         log.warn('lost the job lease before working; leaving it to its new owner');
         return;
       }
@@ -212,13 +215,15 @@ export class Worker {
       const body = Buffer.from(JSON.stringify(result), 'utf8');
       const moved = await retryStorage(
         () =>
-          store.completeJob(
+          commit(() =>
+            store.completeJob(
             job.seq,
             this.owner,
             clock.now(),
             result,
-            [{ name: 'completion', contentType: 'application/json', body }],
-            loadMs + (performance.now() - tRun),
+              [{ name: 'completion', contentType: 'application/json', body }],
+              loadMs + (performance.now() - tRun),
+            ),
           ),
         signal,
         (err, wait) => log.error({ err, retry_in_ms: wait }, 'could not save the result; retrying'),
@@ -226,34 +231,34 @@ export class Worker {
       if (moved) log.info({ state: 'done', bytes: body.length }, 'job done');
       else log.warn('lost the job lease before done; result discarded');
     } catch (err) {
-      this.handleFailure(job, err, signal, log);
+      await this.handleFailure(job, err, signal, log);
     } finally {
       clearInterval(heartbeat);
     }
   }
 
-  private handleFailure(job: ClaimedJob, err: unknown, signal: AbortSignal, log: Logger): void {
-    const { store, clock, options } = this.deps;
+  private async handleFailure(job: ClaimedJob, err: unknown, signal: AbortSignal, log: Logger): Promise<void> {
+    const { store, clock, options, commit } = this.deps;
     try {
       if (signal.aborted && signal.reason === CANCELED) {
         log.info({ state: 'canceled' }, 'job canceled; engine request closed');
         return;
       }
       if (signal.aborted) {
-        store.releaseJob(job.seq, this.owner, clock.now());
+        await commit(() => store.releaseJob(job.seq, this.owner, clock.now()));
         log.info({ state: 'queued' }, 'job interrupted by shutdown; re-queued');
         return;
       }
       if (isStorageError(err)) {
         // Not the engine's fault: give the attempt back; the job runs again when storage recovers.
-        store.releaseJob(job.seq, this.owner, clock.now());
+        await commit(() => store.releaseJob(job.seq, this.owner, clock.now()));
         log.error({ err, state: 'queued' }, 'storage error while running job; re-queued');
         return;
       }
       if (err instanceof EngineError && err.unreachable) {
         // The engine is down: the job keeps its place and its attempt; claiming pauses until the
         // engine answers (or FOREMAN_ENGINE_OUTAGE_TIMEOUT fails the waiting jobs).
-        store.releaseJob(job.seq, this.owner, clock.now());
+        await commit(() => store.releaseJob(job.seq, this.owner, clock.now()));
         if (this.engineDownSince === null) {
           this.engineDownSince = clock.now();
           this.lastProbe = clock.now();
@@ -268,13 +273,13 @@ export class Worker {
       if (!(err instanceof EngineError)) log.error({ err }, 'unexpected error while running job');
       if (e.kind === 'transient' && job.attempt < job.maxAttempts) {
         const delay = jobRetryDelay(options.retryBaseMs, job.attempt, this.random);
-        store.retryJob(job.seq, this.owner, clock.now(), clock.now() + delay);
+        await commit(() => store.retryJob(job.seq, this.owner, clock.now(), clock.now() + delay));
         log.warn({ state: 'queued', code: e.code, err: e, retry_in_ms: delay }, 'transient engine failure; job will retry');
         return;
       }
       const message =
         e.kind === 'transient' ? `${e.message} (gave up after ${job.attempt} attempts)` : e.message;
-      store.failJob(job.seq, this.owner, clock.now(), { code: e.code, message });
+      await commit(() => store.failJob(job.seq, this.owner, clock.now(), { code: e.code, message }));
       log.warn({ state: 'failed', code: e.code, err: e }, 'job failed');
     } catch (storeErr) {
       // The lease will expire and the job will be re-queued; nothing is lost.
