@@ -134,8 +134,9 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       const createdAfter = time('created_after');
       const createdBefore = time('created_before');
       const beforeSeq = q.cursor === undefined ? undefined : decodeCursor(q.cursor);
+      // One more than asked, to know whether another page exists.
       const rows = store.listJobs({
-        limit,
+        limit: limit + 1,
         ...(q.state ? { state: q.state as JobState } : {}),
         ...(q.model ? { model: q.model } : {}),
         ...(createdAfter !== undefined ? { createdAfter } : {}),
@@ -144,6 +145,8 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         ...(beforeSeq !== undefined ? { beforeSeq } : {}),
       });
       const base = publicUrl();
+      const more = rows.length > limit;
+      if (more) rows.pop();
       return {
         jobs: rows.map((r) => ({
           job_id: r.id,
@@ -156,7 +159,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
           finished_at: iso(r.finishedAt),
           status_url: `${base}/jobs/${r.id}`,
         })),
-        next_cursor: rows.length === limit ? encodeCursor(rows[rows.length - 1]!.seq) : null,
+        next_cursor: more ? encodeCursor(rows[rows.length - 1]!.seq) : null,
       };
     },
   );

@@ -223,7 +223,8 @@ export class Store {
   ) {
     const p = (sql: string) => db.prepare(sql);
     // The claim order, also used for queue positions: effective priority, then FIFO.
-    const EFFECTIVE = `(priority + (@now - created_at) / @aging)`;
+    // CAST: better-sqlite3 binds Date.now() as a REAL, and aging counts whole intervals (floor).
+    const EFFECTIVE = `(priority + CAST((@now - created_at) / @aging AS INTEGER))`;
     this.s = {
       countQueued: p(`SELECT count(*) AS n FROM jobs WHERE state = 'queued'`).pluck(),
       insertJob: p(`INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
@@ -551,11 +552,14 @@ export class Store {
     }
   }
 
-  /** When the worker next has something to do for queued jobs: a delayed retry, or a deadline. */
+  /** The earliest run_at of a queued job (delayed retries), or null. */
   nextRunAt(): number | null {
-    const a = (this.s.nextRunAt.get() as number | null) ?? null;
-    const b = (this.s.nextDeadline.get() as number | null) ?? null;
-    return a === null ? b : b === null ? a : Math.min(a, b);
+    return (this.s.nextRunAt.get() as number | null) ?? null;
+  }
+
+  /** The earliest deadline of a queued job, or null. */
+  nextDeadlineAt(): number | null {
+    return (this.s.nextDeadline.get() as number | null) ?? null;
   }
 
   /** A job's state-change log after transition `n` (for SSE resumption). */

@@ -128,6 +128,9 @@ export class Worker {
           const next = store.nextRunAt();
           if (next !== null) delay = Math.min(delay, Math.max(0, next - clock.now()));
         }
+        // Deadlines are enforced even while every slot is busy.
+        const deadline = store.nextDeadlineAt();
+        if (deadline !== null) delay = Math.min(delay, Math.max(0, deadline - clock.now()));
       } catch (err) {
         logger.error({ err }, 'worker loop: store error; will retry');
       }
