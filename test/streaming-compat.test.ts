@@ -53,12 +53,21 @@ class SseClient {
     res.on('error', finish);
   }
 
-  static open(url: string, headers: Record<string, string> = {}): Promise<SseClient> {
+  /** Connects; rejects if the response headers have not arrived within headersTimeoutMs. */
+  static open(url: string, headers: Record<string, string> = {}, headersTimeoutMs = 5_000): Promise<SseClient> {
     return new Promise((resolve, reject) => {
       const req = http.get(url, { headers: { accept: 'text/event-stream', ...headers } }, (res) => {
+        clearTimeout(timer);
         resolve(new SseClient(res.statusCode ?? 0, res.headers, req, res));
       });
-      req.on('error', reject);
+      const timer = setTimeout(() => {
+        req.destroy();
+        reject(new Error(`no response headers from ${url} within ${headersTimeoutMs}ms`));
+      }, headersTimeoutMs);
+      req.on('error', (e) => {
+        clearTimeout(timer);
+        reject(e);
+      });
     });
   }
 
@@ -327,6 +336,38 @@ describe('SSE: GET /jobs/:id/events', () => {
     expect(joined(second.deltas(), 'thinking')).toBe(THINKING);
   });
 
+  it('a failed state carries the job error', async () => {
+    const id = await h.submit({ ...hello('no such model'), model: 'llama9' });
+    const c = await sse(id);
+    await c.ends(5_000);
+    const states = c.states();
+    expect(states.map((f) => f.data.state)).toEqual(['queued', 'loading', 'failed']);
+    const failed = states[2]!;
+    expect(failed.id).toBe('3');
+    expect(failed.data.error.code).toBe('model_not_found');
+    expect(failed.data.error.message).toContain("model 'llama9' not found");
+  });
+
+  it('sends the response headers at once when there is nothing to replay', async () => {
+    // A resume while nothing new has happened (Last-Event-ID = the job's last state) must still
+    // get its 200 and headers promptly, not only with the first keep-alive (15 s by default).
+    h.fake.enqueue({ kind: 'hang' });
+    const id = await h.submit(hello('nothing new'));
+    await h.waitForState(id, ['working']);
+    try {
+      const c = await SseClient.open(`${h.url}/jobs/${id}/events`, { 'last-event-id': '3' }, 1_000);
+      open.push(c);
+      expect(c.status).toBe(200);
+      expect(c.headers['content-type']).toMatch(/^text\/event-stream\b/);
+      expect((await h.api(`/jobs/${id}/cancel`, { method: 'POST' })).status).toBe(200);
+      await c.ends(2_000);
+      expect(c.events().length).toBe(1);
+      expectState(c.events()[0], id, 4, 'canceled', 1);
+    } finally {
+      await h.api(`/jobs/${id}/cancel`, { method: 'POST' });
+    }
+  });
+
   it('fans one engine stream out to 10 watchers', async () => {
     // Hold the single slot so the watched job is still queued when the watchers attach.
     h.fake.enqueue({ kind: 'hang' }, { kind: 'ok', chunkDelayMs: 20 });
@@ -389,6 +430,25 @@ describe('SSE keep-alive and cancel', () => {
       // Nothing after the terminal state.
       expect(c.frames[c.frames.length - 1]!.type).toBe('state');
       await h.fake.waitForRequests(1, (q) => q.kind === 'chat' && q.aborted, 2_000);
+    } finally {
+      c.close();
+    }
+  });
+
+  it('ends the stream at the terminal state even when Last-Event-ID is beyond the log', async () => {
+    // A client may hold an id from another job or an older database: the stream must still end
+    // when this job finishes, not stay open forever on keep-alives. (The 100 ms keep-alive gets
+    // the headers out, so this does not depend on the header flush tested above.)
+    h.fake.enqueue({ kind: 'hang' });
+    const id = await h.submit(hello('id beyond the log'));
+    await h.waitForState(id, ['working']);
+    const c = await SseClient.open(`${h.url}/jobs/${id}/events`, { 'last-event-id': '9' }, 1_000);
+    try {
+      expect(c.status).toBe(200);
+      await c.waitFor((f) => f.type === 'comment', 'a keep-alive', 1_000);
+      expect((await h.api(`/jobs/${id}/cancel`, { method: 'POST' })).status).toBe(200);
+      await c.ends(1_000);
+      expect(c.events()).toEqual([]);
     } finally {
       c.close();
     }
@@ -520,6 +580,66 @@ describe('/api/chat goes through the queue', () => {
     await h.stop();
   });
 
+  it('a client that leaves while its job is queued cancels the job before it runs', async () => {
+    h.fake.enqueue({ kind: 'hang' });
+    const blocker = await h.submit(hello('hog again'));
+    await h.waitForState(blocker, ['working']);
+    const ac = new AbortController();
+    const pending = request(`${h.url}/api/chat`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(hello('leave early', { stream: true })),
+      signal: ac.signal,
+    }).catch((e: unknown) => e);
+    const queued = await until('the queued /api/chat job', async () => {
+      const r = await h.api('/jobs?state=queued');
+      return r.body.jobs.find((j: any) => j.metadata?.source === 'api/chat');
+    });
+    ac.abort();
+    expect(await pending).toBeInstanceOf(Error);
+    const job = await h.waitForState(queued.job_id, ['canceled', 'done', 'failed'], 3_000);
+    expect(job.state).toBe('canceled');
+    expect(job.started_at).toBeNull();
+    expect((await h.api(`/jobs/${blocker}/cancel`, { method: 'POST' })).status).toBe(200);
+    await h.waitForState(blocker, ['canceled']);
+    await sleep(100);
+    expect(chatRequestsFor(h, 'leave early').length).toBe(0);
+  });
+
+  it('a stream interrupted by an engine retry ends with an error line and the job is canceled', async () => {
+    // Only the failing behaviour: the job is canceled before a second attempt would run.
+    h.fake.enqueue({ kind: 'error_mid_stream', after: 2, error: 'boom' });
+    const res = await request(`${h.url}/api/chat`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(hello('interrupted', { stream: true })),
+    });
+    expect(res.statusCode).toBe(200);
+    const jobId = res.headers['x-foreman-job-id'] as string;
+    const lines: any[] = [];
+    for await (const l of ndjsonLines(res.body)) lines.push(l);
+    expect(lines.length).toBe(3);
+    expect(lines.slice(0, 2).map((l) => l.message.thinking)).toEqual(['Let ', 'me ']);
+    expect(lines[2]).toEqual({ error: 'the generation was interrupted; try again' });
+    const job = await h.waitForState(jobId, ['canceled', 'done', 'failed']);
+    expect(job.state).toBe('canceled');
+    expect(job.transitions.map((t: any) => t.state)).toEqual(['queued', 'loading', 'working', 'queued', 'canceled']);
+    await sleep(100);
+    expect(chatRequestsFor(h, 'interrupted').length).toBe(1);
+  });
+
+  it('a non-streaming call survives an engine retry and answers once', async () => {
+    h.fake.enqueue({ kind: 'error_mid_stream', after: 2, error: 'boom' }, { kind: 'ok' });
+    const r = await h.api('/api/chat', { method: 'POST', json: hello('retried', { stream: false }) });
+    expect(r.status).toBe(200);
+    expect(r.body.message.content).toBe('echo: retried');
+    expect(r.body.message.thinking).toBe(THINKING);
+    const job = (await h.api(`/jobs/${r.headers.get('x-foreman-job-id')}`)).body;
+    expect(job.state).toBe('done');
+    expect(job.attempt).toBe(2);
+    expect(chatRequestsFor(h, 'retried').length).toBe(2);
+  });
+
   it('waits for a free slot, then answers', async () => {
     h.fake.enqueue({ kind: 'hang' });
     const blocker = await h.submit(hello('hog the slot'));
@@ -606,15 +726,21 @@ describe('OpenAPI document and docs page', () => {
   });
 
   it("documents exactly the app's real routes", () => {
-    // printRoutes({commonPrefix:false}) lists each full path with its methods.
+    // printRoutes() draws a tree: each line is one segment below its parent (4 columns per level),
+    // with the methods of the route ending there in parentheses.
     const printed = h.service.app.printRoutes({ commonPrefix: false });
     const real: Record<string, string[]> = {};
+    const stack: string[] = [];
     for (const line of printed.split('\n')) {
-      const m = /(\/\S*) \(([A-Z, ]+)\)/.exec(line);
+      const m = /^([│ ]*)[├└]── (.+?)(?: \(([A-Z, ]+)\))?$/.exec(line);
       if (!m) continue;
-      const p = m[1]!.replace(/:([A-Za-z_]+)/g, '{$1}');
+      const depth = m[1]!.length / 4;
+      stack.length = depth;
+      stack.push(m[2]!);
+      if (!m[3]) continue;
+      const p = stack.join('').replace(/:([A-Za-z_]+)/g, '{$1}');
       if (p === '/openapi.json' || p === '/docs' || p.startsWith('/docs/')) continue; // the docs themselves
-      const methods = m[2]!
+      const methods = m[3]
         .split(',')
         .map((s) => s.trim().toLowerCase())
         .filter((s) => s !== 'head'); // HEAD is Fastify's automatic twin of GET
@@ -624,19 +750,42 @@ describe('OpenAPI document and docs page', () => {
     expect(real).toEqual(documented());
   });
 
-  it('lists the error codes and the webhook event body', () => {
-    const schemas = doc.components?.schemas ?? {};
-    const errorSchema = Object.values(schemas).find((s: any) => s?.$id === 'Error' || s?.title === 'Error') ?? schemas.Error ?? schemas['def-0'];
-    expect(errorSchema, `an Error schema in ${JSON.stringify(Object.keys(schemas))}`).toBeDefined();
-    const codes: string[] = (errorSchema as any).properties.code.enum;
-    for (const c of ['validation_failed', 'job_not_found', 'idempotency_key_reused']) expect(codes).toContain(c);
+  it('inlines the full error-code enum in every documented error response', () => {
+    let seen = 0;
+    for (const [p, item] of Object.entries(doc.paths as Record<string, any>)) {
+      for (const [method, op] of Object.entries(item as Record<string, any>)) {
+        for (const [status, resp] of Object.entries((op.responses ?? {}) as Record<string, any>)) {
+          if (!/^[45]/.test(status)) continue;
+          const schema = resp.content?.['application/json']?.schema;
+          expect(schema, `${method} ${p} ${status}`).toBeDefined();
+          expect(schema.required).toEqual(['code', 'message']);
+          expect(schema.properties.code.enum).toEqual(expect.arrayContaining(['validation_failed', 'job_not_found', 'idempotency_key_reused']));
+          seen++;
+        }
+      }
+    }
+    expect(seen).toBeGreaterThan(0);
+  });
 
+  it('has the Error schema the description points to, with its code enum', () => {
+    // info.description says "the codes are listed in the Error schema": a reader looks for it in
+    // components.schemas.
+    expect(doc.info.description).toContain('Error schema');
+    const schemas = doc.components?.schemas ?? {};
+    expect(Object.keys(schemas), 'components.schemas').toContain('Error');
+    const codes: string[] = schemas.Error.properties.code.enum;
+    for (const c of ['validation_failed', 'job_not_found', 'idempotency_key_reused']) expect(codes).toContain(c);
+  });
+
+  it('describes the webhook event body under webhooks.jobStateChanged', () => {
     const hook = doc.webhooks?.jobStateChanged?.post;
     expect(hook).toBeDefined();
     const body = hook.requestBody.content['application/json'].schema;
-    for (const k of ['event_id', 'state', 'sequence']) expect(Object.keys(body.properties)).toContain(k);
+    for (const k of ['event_id', 'type', 'job_id', 'state', 'sequence', 'occurred_at', 'metadata']) expect(Object.keys(body.properties)).toContain(k);
     expect(body.properties.sequence.type).toBe('integer');
+    expect(body.properties.event_id.type).toBe('string');
     expect(body.required).toEqual(expect.arrayContaining(['event_id', 'state', 'sequence']));
+    expect(hook.responses['200']).toBeDefined();
   });
 
   it('serves the docs page', async () => {

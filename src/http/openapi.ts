@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import { VERSION } from '../version.js';
-import { WebhookEventSchema } from './schemas.js';
+import { ErrorBody, WebhookEventSchema } from './schemas.js';
 
 /**
  * The self-describing API: OpenAPI 3.1 generated from the routes' TypeBox schemas, served at
@@ -19,6 +19,7 @@ export function registerOpenApi(app: FastifyInstance): void {
         description:
           'Async job service for Ollama chat work. Errors are JSON {code, message, field?}; the codes are listed in the Error schema.',
       },
+      components: { schemas: { Error: ErrorBody as unknown as Record<string, never> } },
       webhooks: {
         jobStateChanged: {
           post: {

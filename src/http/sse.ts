@@ -41,6 +41,7 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       const raw = reply.raw;
       reply.hijack();
       raw.writeHead(200, { ...SSE_HEADERS, 'x-request-id': req.id });
+      raw.flushHeaders(); // the client knows it is connected even when nothing is replayed
 
       let lastSent = lastId;
       let state: JobState = job.state;
@@ -56,7 +57,10 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         raw.end();
       };
       const sendState = (e: { n: number; state: JobState; at: number; attempt: number }) => {
-        if (e.n <= lastSent) return;
+        if (e.n <= lastSent) {
+          if (isTerminal(e.state)) close(); // the client claimed to have seen past the end
+          return;
+        }
         lastSent = e.n;
         state = e.state;
         const data: Record<string, unknown> = { job_id: job.id, state: e.state, at: iso(e.at), attempt: e.attempt };
