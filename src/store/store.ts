@@ -313,8 +313,9 @@ export class Store {
         ORDER BY finished_at LIMIT ?`).pluck(),
       deleteJob: p(`DELETE FROM jobs WHERE seq = ?`),
       // Listing helpers: created_at bounds become seq bounds through the created_at index.
-      seqCreatedBefore: p(`SELECT max(seq) FROM jobs WHERE created_at < ?`).pluck(),
-      seqCreatedAtOrAfter: p(`SELECT min(seq) FROM jobs WHERE created_at >= ?`).pluck(),
+      // (created_at, seq) is the index's order, so each is one index probe.
+      seqCreatedBefore: p(`SELECT seq FROM jobs WHERE created_at < ? ORDER BY created_at DESC, seq DESC LIMIT 1`).pluck(),
+      seqCreatedAtOrAfter: p(`SELECT seq FROM jobs WHERE created_at >= ? ORDER BY created_at, seq LIMIT 1`).pluck(),
       // --- webhook outbox ---
       claimDeliveries: p(`UPDATE webhook_deliveries SET locked_until = @lock
         WHERE id IN (
@@ -584,12 +585,12 @@ export class Store {
     let upper = f.beforeSeq ?? null; // exclusive
     let lower: number | null = null; // inclusive
     if (f.createdBefore !== undefined) {
-      const b = this.s.seqCreatedBefore.get(f.createdBefore) as number | null;
+      const b = (this.s.seqCreatedBefore.get(f.createdBefore) as number | undefined) ?? null;
       if (b === null) return [];
       upper = upper === null ? b + 1 : Math.min(upper, b + 1);
     }
     if (f.createdAfter !== undefined) {
-      lower = this.s.seqCreatedAtOrAfter.get(f.createdAfter) as number | null;
+      lower = (this.s.seqCreatedAtOrAfter.get(f.createdAfter) as number | undefined) ?? null;
       if (lower === null) return [];
     }
     const where: string[] = [];
@@ -615,6 +616,16 @@ export class Store {
     if (lower !== null) {
       where.push(`${seqCol} >= @lower`);
       params.lower = lower;
+    }
+    // seq bounds narrow the scan; the created_at checks keep the result exact even if the clock
+    // ever stepped back between two submissions.
+    if (f.createdBefore !== undefined) {
+      where.push('j.created_at < @cbefore');
+      params.cbefore = f.createdBefore;
+    }
+    if (f.createdAfter !== undefined) {
+      where.push('j.created_at >= @cafter');
+      params.cafter = f.createdAfter;
     }
     if (f.state) {
       where.push('j.state = @state');
