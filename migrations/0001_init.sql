@@ -14,6 +14,7 @@ CREATE TABLE jobs (
   attempt         INTEGER NOT NULL DEFAULT 0,
   max_attempts    INTEGER NOT NULL,
   priority        INTEGER NOT NULL DEFAULT 0,         -- higher runs first (with aging, see ADR-0009)
+  age_boost       INTEGER NOT NULL DEFAULT 0,         -- whole aging intervals waited while queued
   deadline_at     INTEGER,                            -- still queued after this: failed deadline_exceeded
   run_at          INTEGER NOT NULL,                   -- a queued job is not claimed before this
   lease_owner     TEXT,
@@ -28,6 +29,7 @@ CREATE TABLE jobs (
   CHECK (state IN ('queued', 'loading', 'working', 'done', 'failed', 'canceled')),
   CHECK (attempt >= 0 AND max_attempts >= 1),
   CHECK (priority BETWEEN -1000 AND 1000),
+  CHECK (age_boost >= 0),
   CHECK (webhook_gone IN (0, 1)),
   -- a running job always has a lease holder; nobody else holds one
   CHECK ((state IN ('loading', 'working')) = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)),
@@ -39,7 +41,9 @@ CREATE TABLE jobs (
   CHECK (state NOT IN ('loading', 'working') OR started_at IS NOT NULL)
 );
 
-CREATE INDEX jobs_queued ON jobs (priority, seq) WHERE state = 'queued';
+-- The claim order: effective priority, then FIFO. Served by this index, no sort.
+CREATE INDEX jobs_claim ON jobs (priority + age_boost DESC, seq) WHERE state = 'queued';
+CREATE INDEX jobs_run_at ON jobs (run_at) WHERE state = 'queued';
 CREATE INDEX jobs_deadline ON jobs (deadline_at) WHERE state = 'queued' AND deadline_at IS NOT NULL;
 CREATE INDEX jobs_running ON jobs (lease_expires_at) WHERE state IN ('loading', 'working');
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE state IN ('done', 'failed', 'canceled');
@@ -92,7 +96,6 @@ CREATE TABLE webhook_deliveries (
   status           TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
   attempts         INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
   next_attempt_at  INTEGER,
-  locked_until     INTEGER NOT NULL DEFAULT 0,  -- an attempt is in flight until then
   last_status_code INTEGER,
   last_error       TEXT,
   delivered_at     INTEGER,

@@ -131,10 +131,9 @@ export class Service {
   async start(): Promise<string> {
     const t0 = performance.now();
     // This process is the only one using the database: whatever was running belonged to a
-    // process that is gone, and no webhook attempt is in flight.
+    // process that is gone.
     const requeued = this.store.requeueOrphans(this.clock.now(), false);
     for (const id of requeued) this.logger.warn({ job_id: id, state: 'queued' }, 'job was running when the last process stopped; re-queued');
-    this.store.unlockDeliveries();
     await this.app.listen({ host: this.config.host, port: this.config.port });
     const addr = this.app.server.address() as AddressInfo;
     const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;

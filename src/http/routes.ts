@@ -235,7 +235,7 @@ export function decodeCursor(cursor: string): number {
  * a model with none uses the mean over models; with no history at all the estimate is null.
  */
 export function queueEstimate(store: Store, j: JobView, now: number, concurrency: number) {
-  const snap = store.queueSnapshot({ seq: j.seq, priority: j.priority, createdAt: j.createdAt }, now);
+  const snap = store.queueSnapshot({ seq: j.seq });
   const position = snap.ahead.reduce((a, r) => a + r.n, 0);
   const all = [...snap.stats.values()];
   const fallback = all.length ? all.reduce((a, b) => a + b, 0) / all.length : null;

@@ -222,9 +222,8 @@ export class Store {
     private readonly agingMs = 60_000,
   ) {
     const p = (sql: string) => db.prepare(sql);
-    // The claim order, also used for queue positions: effective priority, then FIFO.
-    // CAST: better-sqlite3 binds Date.now() as a REAL, and aging counts whole intervals (floor).
-    const EFFECTIVE = `(priority + CAST((@now - created_at) / @aging AS INTEGER))`;
+    // The claim order, also used for queue positions: effective priority, then FIFO (jobs_claim).
+    const EFFECTIVE = `(priority + age_boost)`;
     this.s = {
       countQueued: p(`SELECT count(*) AS n FROM jobs WHERE state = 'queued'`).pluck(),
       insertJob: p(`INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
@@ -245,7 +244,7 @@ export class Store {
         VALUES (?, ?, ?, ?, ?, ?)`),
       claim: p(`UPDATE jobs SET state = 'loading', attempt = attempt + 1, lease_owner = @owner,
           lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now
-        WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND run_at <= @now
+        WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_claim WHERE state = 'queued' AND run_at <= @now
             AND (deadline_at IS NULL OR deadline_at > @now)
           ORDER BY ${EFFECTIVE} DESC, seq LIMIT @n)
         RETURNING ${TRANSITION_COLS}, model, request, max_attempts`),
@@ -284,8 +283,12 @@ export class Store {
         WHERE state = 'queued' AND deadline_at IS NOT NULL AND deadline_at <= @now RETURNING ${TRANSITION_COLS}`),
       insertArtifact: p(`INSERT INTO artifacts (job_seq, name, content_type, size, sha256, body, created_at)
         VALUES (?, ?, ?, ?, ?, ?, ?)`),
-      nextRunAt: p(`SELECT min(run_at) FROM jobs WHERE state = 'queued'`).pluck(),
-      nextDeadline: p(`SELECT min(deadline_at) FROM jobs WHERE state = 'queued' AND deadline_at IS NOT NULL`).pluck(),
+      // Aging: whole intervals waited (CAST: Date.now() is bound as a REAL).
+      age: p(`UPDATE jobs SET age_boost = CAST((@now - created_at) / @aging AS INTEGER)
+        WHERE state = 'queued' AND age_boost <> CAST((@now - created_at) / @aging AS INTEGER)`),
+      nextRunAt: p(`SELECT run_at FROM jobs INDEXED BY jobs_run_at WHERE state = 'queued' ORDER BY run_at LIMIT 1`).pluck(),
+      nextDeadline: p(`SELECT deadline_at FROM jobs INDEXED BY jobs_deadline
+        WHERE state = 'queued' AND deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1`).pluck(),
       jobById: p(`SELECT seq, id, state, model, priority, deadline_at, request, metadata, webhook_url, webhook_events,
           webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message
         FROM jobs WHERE id = ?`),
@@ -302,9 +305,10 @@ export class Store {
           next_attempt_at AS nextAttemptAt, delivered_at AS deliveredAt, occurred_at AS occurredAt
         FROM webhook_deliveries WHERE job_seq = ? ORDER BY sequence, id`),
       // Queue position: queued jobs that the claim would pick before this one.
-      queueAhead: p(`SELECT model, count(*) AS n FROM jobs
+      queueAhead: p(`SELECT model, count(*) AS n FROM jobs INDEXED BY jobs_claim
         WHERE state = 'queued' AND (${EFFECTIVE} > @eff OR (${EFFECTIVE} = @eff AND seq < @seq))
         GROUP BY model`),
+      effectiveOf: p(`SELECT priority + age_boost FROM jobs WHERE seq = ?`).pluck(),
       running: p(`SELECT model, started_at AS startedAt, updated_at AS updatedAt, state FROM jobs WHERE state IN ('loading', 'working')`),
       modelStats: p(`SELECT model, avg_ms AS avgMs FROM model_stats`),
       // Sweep: finished long enough ago, and no delivery still owed.
@@ -317,39 +321,39 @@ export class Store {
       seqCreatedBefore: p(`SELECT seq FROM jobs WHERE created_at < ? ORDER BY created_at DESC, seq DESC LIMIT 1`).pluck(),
       seqCreatedAtOrAfter: p(`SELECT seq FROM jobs WHERE created_at >= ? ORDER BY created_at, seq LIMIT 1`).pluck(),
       // --- webhook outbox ---
-      claimDeliveries: p(`UPDATE webhook_deliveries SET locked_until = @lock
-        WHERE id IN (
-          SELECT d.id FROM webhook_deliveries d
-          WHERE d.status = 'pending' AND d.next_attempt_at <= @now AND d.locked_until <= @now
-            AND d.url NOT IN (SELECT value FROM json_each(@saturated))
-            AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e
-              WHERE e.job_seq = d.job_seq AND e.status = 'pending' AND e.sequence < d.sequence)
-          ORDER BY d.next_attempt_at, d.id LIMIT @n)
-        RETURNING id, job_seq AS jobSeq, state, sequence, url, occurred_at AS occurredAt, attempts`),
+      // Due deliveries: only the head of each job's pending line, none already in flight (the
+      // dispatcher's in-memory set), none to a URL already at its concurrency cap. A read: which
+      // attempts are in flight is not worth a durable write.
+      dueDeliveries: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.occurred_at AS occurredAt, d.attempts
+        FROM webhook_deliveries d
+        WHERE d.status = 'pending' AND d.next_attempt_at <= @now
+          AND d.id NOT IN (SELECT value FROM json_each(@busy))
+          AND d.url NOT IN (SELECT value FROM json_each(@saturated))
+          AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e
+            WHERE e.job_seq = d.job_seq AND e.status = 'pending' AND e.sequence < d.sequence)
+        ORDER BY d.next_attempt_at, d.id LIMIT @n`),
       jobForEvent: p(`SELECT id, metadata, error_code, error_message FROM jobs WHERE seq = ?`),
       delivered: p(`UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = @now,
-          next_attempt_at = NULL, locked_until = 0, last_status_code = @code, last_error = NULL
+          next_attempt_at = NULL, last_status_code = @code, last_error = NULL
         WHERE id = @id AND status = 'pending'`),
-      attemptFailed: p(`UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = @next, locked_until = 0,
+      attemptFailed: p(`UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = @next,
           last_status_code = @code, last_error = @error
         WHERE id = @id AND status = 'pending'`),
       deliveryFailed: p(`UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, next_attempt_at = NULL,
-          locked_until = 0, last_status_code = @code, last_error = @error
+          last_status_code = @code, last_error = @error
         WHERE id = @id AND status = 'pending'`),
       goneJob: p(`UPDATE jobs SET webhook_gone = 1 WHERE seq = ?`),
-      goneRest: p(`UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, locked_until = 0,
+      goneRest: p(`UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL,
           last_error = 'not sent: the receiver answered 410 Gone for an earlier event'
         WHERE job_seq = ? AND status = 'pending'`),
-      redeliver: p(`UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = @now, locked_until = 0,
+      redeliver: p(`UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = @now,
           delivered_at = NULL
         WHERE job_seq = @seq AND status <> 'pending' AND (@state IS NULL AND status = 'failed' OR state = @state)
         RETURNING state`).pluck(),
       ungone: p(`UPDATE jobs SET webhook_gone = 0 WHERE seq = ?`),
-      unlockDeliveries: p(`UPDATE webhook_deliveries SET locked_until = 0 WHERE locked_until <> 0`),
-      unlockDelivery: p(`UPDATE webhook_deliveries SET locked_until = 0 WHERE id = ?`),
       // Only each job's head-of-line row can become due; later rows wait for it.
-      nextDeliveryAt: p(`SELECT min(max(d.next_attempt_at, d.locked_until)) FROM webhook_deliveries d
-        WHERE d.status = 'pending' AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e
+      nextDeliveryAt: p(`SELECT min(d.next_attempt_at) FROM webhook_deliveries d
+        WHERE d.status = 'pending' AND d.id NOT IN (SELECT value FROM json_each(@busy)) AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e
           WHERE e.job_seq = d.job_seq AND e.status = 'pending' AND e.sequence < d.sequence)`).pluck(),
       pendingDeliveries: p(`SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'`).pluck(),
       ping: p(`SELECT 1`).pluck(),
@@ -439,7 +443,7 @@ export class Store {
     });
 
     this.claimJobs = tx((fx, owner: string, n: number, now: number, leaseMs: number) => {
-      const rows = s.claim.all({ owner, n, now, lease: now + leaseMs, aging: this.agingMs }) as (TransitionRow & {
+      const rows = s.claim.all({ owner, n, now, lease: now + leaseMs }) as (TransitionRow & {
         model: string;
         request: string;
         max_attempts: number;
@@ -528,6 +532,17 @@ export class Store {
 
   private readonly listCache: Map<string, import('better-sqlite3').Statement>;
   private deferred: Effects[] | null = null;
+  private lastAged = -Infinity;
+
+  /**
+   * Aging: refreshes queued jobs' `age_boost` (whole aging intervals waited) at most four times
+   * per interval: one pass over the queued jobs, instead of a sort on every claim.
+   */
+  ageQueue(now: number): void {
+    if (now - this.lastAged < this.agingMs / 4) return;
+    this.lastAged = now;
+    this.s.age.run({ now, aging: this.agingMs });
+  }
 
   private announce(fx: Effects): void {
     if (fx.outbox) this.signals.deliveryReady();
@@ -572,9 +587,9 @@ export class Store {
    * For a queued job: how many queued jobs the claim would take first (by effective priority,
    * then FIFO), broken down by model, plus what is running and each model's average run time.
    */
-  queueSnapshot(job: { seq: number; priority: number; createdAt: number }, now: number) {
-    const eff = job.priority + Math.floor((now - job.createdAt) / this.agingMs);
-    const ahead = this.s.queueAhead.all({ now, aging: this.agingMs, eff, seq: job.seq }) as { model: string; n: number }[];
+  queueSnapshot(job: { seq: number }) {
+    const eff = this.s.effectiveOf.get(job.seq) as number;
+    const ahead = this.s.queueAhead.all({ eff, seq: job.seq }) as { model: string; n: number }[];
     const running = this.s.running.all() as { model: string; startedAt: number; updatedAt: number; state: JobState }[];
     const stats = new Map((this.s.modelStats.all() as { model: string; avgMs: number }[]).map((r) => [r.model, r.avgMs]));
     return { ahead, running, stats };
@@ -697,9 +712,9 @@ export class Store {
 
   // --- webhook outbox ---
 
-  /** Locks up to n due deliveries (only the head of each job's pending line) until `lockUntil`. */
-  claimDeliveries(now: number, n: number, lockUntil: number, saturatedUrls: string[] = []): DueDelivery[] {
-    const rows = this.s.claimDeliveries.all({ now, n, lock: lockUntil, saturated: JSON.stringify(saturatedUrls) }) as Omit<
+  /** Up to n due deliveries, skipping those in flight (`busyIds`) and URLs at their cap. */
+  dueDeliveries(now: number, n: number, busyIds: number[] = [], saturatedUrls: string[] = []): DueDelivery[] {
+    const rows = this.s.dueDeliveries.all({ now, n, busy: JSON.stringify(busyIds), saturated: JSON.stringify(saturatedUrls) }) as Omit<
       DueDelivery,
       'jobId' | 'metadata' | 'errorCode' | 'errorMessage'
     >[];
@@ -734,18 +749,9 @@ export class Store {
     this.signals.deliveryReady();
   }
 
-  /** At start-up: no attempt is in flight, whatever the rows say. */
-  unlockDeliveries(): number {
-    return this.s.unlockDeliveries.run().changes;
-  }
-
-  /** Gives back a claimed delivery without attempting it. */
-  unlockDelivery(id: number): void {
-    this.s.unlockDelivery.run(id);
-  }
-
-  nextDeliveryAt(): number | null {
-    return (this.s.nextDeliveryAt.get() as number | null) ?? null;
+  /** When the next delivery (not in flight, head of its job's line) becomes due, or null. */
+  nextDeliveryAt(busyIds: number[] = []): number | null {
+    return (this.s.nextDeliveryAt.get({ busy: JSON.stringify(busyIds) }) as number | null) ?? null;
   }
 
   pendingDeliveries(): number {

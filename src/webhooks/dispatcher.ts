@@ -69,6 +69,8 @@ export class Dispatcher {
   private readonly signer: Signer;
   private readonly inflight = new Set<Promise<void>>();
   private readonly perUrl = new Map<string, number>();
+  /** Deliveries with an attempt in flight (single process: memory is the lock). */
+  private readonly busyIds = new Set<number>();
   private readonly stopCtl = new AbortController();
   private stopping = false;
   private loop: Promise<void> | null = null;
@@ -98,15 +100,13 @@ export class Dispatcher {
         const free = options.concurrency - this.inflight.size;
         if (free > 0) {
           const now = clock.now();
-          // The lock outlives the attempt's own timeout, so a row is never sent twice at once.
           const saturated = [...this.perUrl].filter(([, n]) => n >= options.perUrlConcurrency).map(([u]) => u);
-          const due = store.claimDeliveries(now, free, now + options.timeoutMs + 5_000, saturated);
+          const busy = [...this.busyIds];
+          const due = store.dueDeliveries(now, free, busy, saturated);
           let launched = 0;
           for (const d of due) {
-            if ((this.perUrl.get(d.url) ?? 0) >= options.perUrlConcurrency) {
-              store.unlockDelivery(d.id); // its URL is busy; it is claimed again when a slot frees
-              continue;
-            }
+            // Several rows of one URL may come back in one read: respect its cap here too.
+            if ((this.perUrl.get(d.url) ?? 0) >= options.perUrlConcurrency) continue;
             this.launch(d);
             launched++;
           }
@@ -115,7 +115,7 @@ export class Dispatcher {
             await wake.wait(delay); // woken when an attempt finishes
             continue;
           }
-          const next = store.nextDeliveryAt();
+          const next = store.nextDeliveryAt([...this.busyIds]);
           const wait = next === null ? delay : next - clock.now();
           // Something already due that the claim skipped belongs to a busy URL: wait for an attempt to finish.
           if (wait > 0 || saturated.length === 0) delay = Math.min(delay, Math.max(0, wait));
@@ -129,12 +129,14 @@ export class Dispatcher {
 
   private launch(d: DueDelivery): void {
     this.perUrl.set(d.url, (this.perUrl.get(d.url) ?? 0) + 1);
+    this.busyIds.add(d.id);
     const p: Promise<void> = this.deliver(d)
       .catch((err: unknown) => this.deps.logger.error({ err, job_id: d.jobId }, 'webhook delivery crashed'))
       .finally(() => {
         const n = (this.perUrl.get(d.url) ?? 1) - 1;
         if (n === 0) this.perUrl.delete(d.url);
         else this.perUrl.set(d.url, n);
+        this.busyIds.delete(d.id);
         this.inflight.delete(p);
         this.deps.wake.notify();
       });
@@ -146,7 +148,7 @@ export class Dispatcher {
     const event = buildEvent(d, d.state === 'done' ? store.artifactsForEvent(d.jobSeq, options.inlineArtifactMaxBytes) : [], options.publicUrl(), options.inlineArtifactMaxBytes);
     const body = Buffer.from(JSON.stringify(event), 'utf8');
     const outcome = await this.attempt(event.event_id, body, d.url);
-    if (this.stopping && outcome.kind === 'retry' && this.stopCtl.signal.aborted) return; // left locked; unlocked at next start
+    if (this.stopping && outcome.kind === 'retry' && this.stopCtl.signal.aborted) return; // stays pending; sent after restart
     const now = clock.now();
     const attempts = d.attempts + 1;
     const log = logger.child({ job_id: d.jobId, event_id: event.event_id, attempts });

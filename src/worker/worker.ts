@@ -117,20 +117,25 @@ export class Worker {
             continue;
           }
         }
-        for (const id of store.failPastDeadline(now)) {
-          logger.info({ job_id: id, state: 'failed', code: 'deadline_exceeded' }, 'job still queued at its deadline');
+        store.ageQueue(now);
+        const deadline = store.nextDeadlineAt();
+        if (deadline !== null && deadline <= now) {
+          for (const id of await this.deps.commit(() => store.failPastDeadline(now))) {
+            logger.info({ job_id: id, state: 'failed', code: 'deadline_exceeded' }, 'job still queued at its deadline');
+          }
         }
         const free = options.concurrency - this.running.size;
         if (free > 0) {
-          const claimed = store.claimJobs(this.owner, free, now, options.leaseMs);
+          // Through the group commit: a claim shares its commit with whatever else is written now.
+          const claimed = await this.deps.commit(() => store.claimJobs(this.owner, free, now, options.leaseMs));
           for (const job of claimed) this.launch(job);
           if (claimed.length === free) continue; // full: loop again only when woken by a finishing job
           const next = store.nextRunAt();
           if (next !== null) delay = Math.min(delay, Math.max(0, next - clock.now()));
         }
         // Deadlines are enforced even while every slot is busy.
-        const deadline = store.nextDeadlineAt();
-        if (deadline !== null) delay = Math.min(delay, Math.max(0, deadline - clock.now()));
+        const nextDeadline = store.nextDeadlineAt();
+        if (nextDeadline !== null) delay = Math.min(delay, Math.max(0, nextDeadline - clock.now()));
       } catch (err) {
         logger.error({ err }, 'worker loop: store error; will retry');
       }
