@@ -6,14 +6,13 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Pool } from 'undici';
 import { startFakeOllama, type FakeOllama } from '../../test/support/fake-ollama.js';
 import { startReceiver, type Receiver } from '../../test/support/receiver.js';
-import { MAIN } from '../../test/support/child.js';
+import { freePort, MAIN } from '../../test/support/child.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const N = Number(process.env.COMPARE_JOBS ?? 2000);
@@ -23,14 +22,6 @@ const CONCURRENCY = '4';
 
 const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((p / 100) * xs.length))] ?? NaN;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
-}
 
 async function start(script: string, env: Record<string, string>): Promise<{ proc: ChildProcess; url: string }> {
   const port = await freePort();
