@@ -82,7 +82,7 @@ export class OllamaEngine implements ChatEngine {
   private readonly maxLineBytes: number;
   private readonly maxResponseBytes: number;
 
-  constructor(private readonly opts: OllamaEngineOptions) {
+  constructor(opts: OllamaEngineOptions) {
     this.pool = new Pool(opts.url, {
       connections: opts.connections ?? 16,
       headersTimeout: opts.idleTimeoutMs,

@@ -20,13 +20,11 @@ import {
 import { checkWebhookUrl, submitJob } from './submit.js';
 import type { AppDeps } from './app.js';
 
-export { checkWebhookUrl };
-
 const notFound = (id: string) => new ApiError(404, 'job_not_found', `no job with id ${JSON.stringify(id.slice(0, 80))}`);
 const errorReplies = { 400: ErrorBody, 404: ErrorBody, 409: ErrorBody, 413: ErrorBody, 415: ErrorBody, 503: ErrorBody };
 
 export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) => {
-  const { store, submitter, config } = deps;
+  const { store, config } = deps;
   const publicUrl = () => deps.publicUrl();
 
   function jobView(j: JobView) {
