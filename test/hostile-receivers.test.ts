@@ -16,7 +16,7 @@ import vm from 'node:vm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hello, startHarness, type Harness } from './support/harness.js';
 import { startReceiver, type Receiver } from './support/receiver.js';
-import { sleep, pollJob, settled } from './support/util.js';
+import { sleep, settled } from './support/util.js';
 
 
 // ---------------------------------------------------------------------------

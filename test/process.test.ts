@@ -3,7 +3,7 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import { afterEach, describe, expect, it } from 'vitest';
 import { startFakeOllama, type FakeOllama } from './support/fake-ollama.js';
-import { startReceiver, type Receiver } from './support/receiver.js';
+import { startReceiver } from './support/receiver.js';
 import { runChild, startChild, type Child } from './support/child.js';
 import { tempDir } from './support/harness.js';
 
