@@ -1,4 +1,5 @@
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
+import { isStorageError } from '../store/db.js';
 
 /** An error answered as JSON `{code, message, field?}` with a stable `code`. */
 export class ApiError extends Error {
@@ -14,7 +15,6 @@ export class ApiError extends Error {
   }
 }
 
-const STORAGE_CODES = /^SQLITE_(BUSY|LOCKED|FULL|IOERR|READONLY|CANTOPEN|PROTOCOL|CORRUPT|NOTADB)/;
 
 /** Turns an Ajv error into a field path like `messages[0].role`. */
 function fieldOf(v: { instancePath?: string; params?: Record<string, unknown> }): string {
@@ -57,7 +57,7 @@ export function toApiError(err: FastifyError | ApiError | Error): ApiError {
   if (e instanceof SyntaxError || e.name === 'SyntaxError') {
     return new ApiError(400, 'invalid_json', 'the request body is not valid JSON');
   }
-  if (typeof e.code === 'string' && STORAGE_CODES.test(e.code)) {
+  if (isStorageError(e)) {
     return new ApiError(503, 'storage_unavailable', 'the database cannot take writes right now; try again shortly', undefined, {
       'retry-after': '5',
     });

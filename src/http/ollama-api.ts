@@ -7,8 +7,8 @@ import type { JobEvent } from '../events.js';
 import { uuidv7 } from '../ids.js';
 import { ApiError } from './errors.js';
 import { SECURITY_HEADERS } from './headers.js';
-import { Message, Tool } from './schemas.js';
-import { submitJob } from './submit.js';
+import { EngineFields, Message } from './schemas.js';
+import { cancelJob, submitJob } from './submit.js';
 import type { AppDeps } from './app.js';
 
 /**
@@ -17,13 +17,8 @@ import type { AppDeps } from './app.js';
  */
 const ChatBody = Type.Object(
   {
-    model: Type.String({ minLength: 1, maxLength: 256 }),
+    ...EngineFields,
     messages: Type.Array(Message, { maxItems: 10_000 }),
-    format: Type.Optional(Type.Union([Type.Literal('json'), Type.Record(Type.String(), Type.Unknown())])),
-    options: Type.Optional(Type.Record(Type.String(), Type.Unknown())),
-    tools: Type.Optional(Type.Array(Tool, { maxItems: 256 })),
-    keep_alive: Type.Optional(Type.Union([Type.String({ maxLength: 32 }), Type.Number()])),
-    think: Type.Optional(Type.Union([Type.Boolean(), Type.Literal('low'), Type.Literal('medium'), Type.Literal('high')])),
     stream: Type.Optional(Type.Boolean()),
     priority: Type.Optional(Type.Integer({ minimum: -1000, maximum: 1000 })),
   },
@@ -90,11 +85,7 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
       let finished = false;
       const cancelIfGone = () => {
         if (finished) return;
-        const seq = store.seqOf(id);
-        if (seq === null) return;
-        const r = store.cancelJob(seq, deps.clock.now());
-        if (r.wasRunning) deps.worker.abortJob(id);
-        if (r.canceled) req.log.info({ job_id: id, state: 'canceled' }, 'client went away; job canceled');
+        if (cancelJob(deps, id)?.canceled) req.log.info({ job_id: id, state: 'canceled' }, 'client went away; job canceled');
       };
       reply.raw.on('close', cancelIfGone);
       try {
@@ -151,8 +142,7 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
             // The generation was interrupted and will start over: an Ollama stream cannot take
             // that back, so end it with an error, as Ollama does mid-stream, and stop the job.
             finished = true;
-            const seq = store.seqOf(id);
-            if (seq !== null && store.cancelJob(seq, deps.clock.now()).wasRunning) deps.worker.abortJob(id);
+            cancelJob(deps, id);
             write({ error: 'the generation was interrupted; try again' });
             reply.raw.end();
             return reply;

@@ -17,7 +17,7 @@ import {
   SubmitHeaders,
   SubmitReply,
 } from './schemas.js';
-import { checkWebhookUrl, submitJob } from './submit.js';
+import { cancelJob, checkWebhookUrl, submitJob } from './submit.js';
 import type { AppDeps } from './app.js';
 
 const notFound = (id: string) => new ApiError(404, 'job_not_found', `no job with id ${JSON.stringify(id.slice(0, 80))}`);
@@ -166,11 +166,9 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     '/jobs/:id/cancel',
     { schema: { summary: 'Cancel a job', params: JobParams, response: { 200: CancelReply, ...errorReplies } } },
     async (req) => {
-      const seq = store.seqOf(req.params.id);
-      if (seq === null) throw notFound(req.params.id);
-      const r = store.cancelJob(seq, deps.clock.now());
+      const r = cancelJob(deps, req.params.id);
+      if (r === null) throw notFound(req.params.id);
       if (!r.canceled) throw new ApiError(409, 'job_finished', `the job is already ${r.state}`);
-      if (r.wasRunning) deps.worker.abortJob(req.params.id);
       req.log.info({ job_id: req.params.id, state: 'canceled', was_running: r.wasRunning }, 'job canceled');
       return { job_id: req.params.id, state: 'canceled' as const };
     },

@@ -75,7 +75,7 @@ export const Message = Type.Object({
   tool_name: Type.Optional(Type.String({ maxLength: 256 })),
 });
 
-export const Tool = Type.Object({
+const Tool = Type.Object({
   type: Type.Literal('function'),
   function: Type.Object({
     name: Type.String({ minLength: 1, maxLength: 256 }),
@@ -84,17 +84,20 @@ export const Tool = Type.Object({
   }),
 });
 
+/** Ollama's chat fields that Foreman passes to the engine unchanged (both /jobs and /api/chat). */
+export const EngineFields = {
+  model: Type.String({ minLength: 1, maxLength: 256 }),
+  format: Type.Optional(Type.Union([Type.Literal('json'), Type.Record(Type.String(), Type.Unknown())])),
+  options: Type.Optional(Type.Record(Type.String(), Type.Unknown())),
+  tools: Type.Optional(Type.Array(Tool, { maxItems: 256 })),
+  keep_alive: Type.Optional(Type.Union([Type.String({ maxLength: 32 }), Type.Number()])),
+  think: Type.Optional(Type.Union([Type.Boolean(), Type.Literal('low'), Type.Literal('medium'), Type.Literal('high')])),
+};
+
 export const SubmitBody = Type.Object(
   {
-    model: Type.String({ minLength: 1, maxLength: 256 }),
+    ...EngineFields,
     messages: Type.Array(Message, { minItems: 1, maxItems: 10_000 }),
-    format: Type.Optional(Type.Union([Type.Literal('json'), Type.Record(Type.String(), Type.Unknown())])),
-    options: Type.Optional(Type.Record(Type.String(), Type.Unknown())),
-    tools: Type.Optional(Type.Array(Tool, { maxItems: 256 })),
-    keep_alive: Type.Optional(Type.Union([Type.String({ maxLength: 32 }), Type.Number()])),
-    think: Type.Optional(
-      Type.Union([Type.Boolean(), Type.Literal('low'), Type.Literal('medium'), Type.Literal('high')]),
-    ),
     stream: Type.Optional(Type.Boolean()),
     state_webhook_url: Type.Optional(Type.String({ minLength: 1, maxLength: 2048 })),
     webhook_events: Type.Optional(Type.Array(JobStateSchema, { minItems: 1, maxItems: 5, uniqueItems: true })),

@@ -120,3 +120,15 @@ export async function submitJob(deps: AppDeps, input: SubmitInput): Promise<Subm
     'retry-after': '5',
   });
 }
+
+/**
+ * Cancels a job: the store transition commits first, then a running job's engine request is
+ * closed (which stops Ollama). Returns null for an unknown job.
+ */
+export function cancelJob(deps: AppDeps, jobId: string): ReturnType<AppDeps['store']['cancelJob']> | null {
+  const seq = deps.store.seqOf(jobId);
+  if (seq === null) return null;
+  const r = deps.store.cancelJob(seq, deps.clock.now());
+  if (r.wasRunning) deps.worker.abortJob(jobId);
+  return r;
+}

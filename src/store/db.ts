@@ -62,3 +62,9 @@ export function migrate(db: DB, dir: string = defaultMigrationsDir()): number[] 
   }
   return ran;
 }
+
+/** SQLite errors that mean storage is unavailable (locked, read-only, full, I/O), not a bug. */
+export function isStorageError(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === 'string' && /^SQLITE_(BUSY|LOCKED|FULL|IOERR|READONLY|CANTOPEN|PROTOCOL|CORRUPT|NOTADB)/.test(code);
+}

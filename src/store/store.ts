@@ -309,7 +309,7 @@ export class Store {
         WHERE state = 'queued' AND (${EFFECTIVE} > @eff OR (${EFFECTIVE} = @eff AND seq < @seq))
         GROUP BY model`),
       effectiveOf: p(`SELECT priority + age_boost FROM jobs WHERE seq = ?`).pluck(),
-      running: p(`SELECT model, started_at AS startedAt, updated_at AS updatedAt, state FROM jobs WHERE state IN ('loading', 'working')`),
+      running: p(`SELECT model, started_at AS startedAt FROM jobs WHERE state IN ('loading', 'working')`),
       modelStats: p(`SELECT model, avg_ms AS avgMs FROM model_stats`),
       // Sweep: finished long enough ago, and no delivery still owed.
       sweepPick: p(`SELECT seq FROM jobs j WHERE state IN ('done', 'failed', 'canceled') AND finished_at < ?
@@ -590,7 +590,7 @@ export class Store {
   queueSnapshot(job: { seq: number }) {
     const eff = this.s.effectiveOf.get(job.seq) as number;
     const ahead = this.s.queueAhead.all({ eff, seq: job.seq }) as { model: string; n: number }[];
-    const running = this.s.running.all() as { model: string; startedAt: number; updatedAt: number; state: JobState }[];
+    const running = this.s.running.all() as { model: string; startedAt: number }[];
     const stats = new Map((this.s.modelStats.all() as { model: string; avgMs: number }[]).map((r) => [r.model, r.avgMs]));
     return { ahead, running, stats };
   }

@@ -3,6 +3,7 @@ import type { Logger } from 'pino';
 import type { Clock } from '../domain.js';
 import { EngineError, type ChatChunk, type ChatEngine } from '../engine/engine.js';
 import type { Store, ClaimedJob } from '../store/store.js';
+import { isStorageError } from '../store/db.js';
 import type { Wake } from '../wake.js';
 
 export interface WorkerOptions {
@@ -37,11 +38,6 @@ interface Running {
 
 /** The abort reason used when a job is canceled (as opposed to a shutdown). */
 const CANCELED = new Error('job canceled');
-
-export function isStorageError(err: unknown): boolean {
-  const code = (err as { code?: unknown } | null)?.code;
-  return typeof code === 'string' && code.startsWith('SQLITE_');
-}
 
 /**
  * Runs a store write, retrying storage errors (locked, read-only, full disk) with backoff for
