@@ -15,99 +15,82 @@ export function parseDuration(text: string): number | undefined {
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
-/**
- * Every setting, with its default and meaning. This table is the single source for parsing
- * and for the error messages; README.md documents the same variables.
- */
-type Kind =
-  | { kind: 'string' }
-  | { kind: 'url' }
-  | { kind: 'int'; min: number; max: number }
-  | { kind: 'duration'; min: number }
-  | { kind: 'bool' }
-  | { kind: 'enum'; values: readonly string[] };
+/** How a setting's text is read. */
+type Kind = 'string' | 'url' | 'int' | 'duration' | 'bool' | 'enum' | 'list';
 
-interface Spec {
+/** A setting's schema carries its variable, default and kind: the one table of settings. */
+interface SettingMeta {
   env: string;
-  key: keyof Config;
   def: string | undefined;
-  type: Kind;
+  kind: Kind;
 }
 
+const meta = (env: string, def: string | undefined, kind: Kind): SettingMeta => ({ env, def, kind });
+const str = (env: string, def: string | undefined, minLength = 0) => Type.String({ minLength, ...meta(env, def, 'string') });
+const url = (env: string, def: string | undefined) => Type.String({ ...meta(env, def, 'url') });
+const int = (env: string, def: string, minimum: number, maximum: number) => Type.Integer({ minimum, maximum, ...meta(env, def, 'int') });
+const ms = (env: string, def: string, minimum: number) => Type.Integer({ minimum, ...meta(env, def, 'duration') });
+const bool = (env: string, def: string) => Type.Boolean(meta(env, def, 'bool'));
+const oneOf = <T extends string>(env: string, def: T, values: readonly T[]) =>
+  Type.Union(
+    values.map((v) => Type.Literal(v)),
+    meta(env, def, 'enum'),
+  );
+
+/**
+ * Every setting: its variable, default, type and range. Parsing, validation and the error
+ * messages all come from this one table; README.md documents the same variables.
+ */
 export const ConfigSchema = Type.Object({
-  host: Type.String({ minLength: 1 }),
-  port: Type.Integer({ minimum: 0, maximum: 65535 }),
-  dataDir: Type.String({ minLength: 1 }),
-  publicUrl: Type.String(),
-  ollamaUrl: Type.String({ minLength: 1 }),
-  concurrency: Type.Integer({ minimum: 1 }),
-  jobMaxAttempts: Type.Integer({ minimum: 1 }),
-  jobRetryBaseMs: Type.Integer({ minimum: 0 }),
-  engineIdleTimeoutMs: Type.Integer({ minimum: 1 }),
-  jobTtlMs: Type.Integer({ minimum: 1 }),
-  maxBodyBytes: Type.Integer({ minimum: 1024 }),
-  logLevel: Type.Union(LOG_LEVELS.map((l) => Type.Literal(l))),
-  jobLeaseMs: Type.Integer({ minimum: 100 }),
-  pollIntervalMs: Type.Integer({ minimum: 1 }),
-  sweepIntervalMs: Type.Integer({ minimum: 1 }),
-  shutdownGraceMs: Type.Integer({ minimum: 0 }),
-  maxQueued: Type.Integer({ minimum: 1 }),
-  webhookSecrets: Type.Array(Type.String({ minLength: 1 })),
-  webhookConcurrency: Type.Integer({ minimum: 1 }),
-  webhookTimeoutMs: Type.Integer({ minimum: 1 }),
-  webhookBackoffBaseMs: Type.Integer({ minimum: 0 }),
-  webhookBackoffMaxMs: Type.Integer({ minimum: 0 }),
-  webhookMaxAttempts: Type.Integer({ minimum: 1 }),
-  webhookBlockPrivate: Type.Boolean(),
-  inlineArtifactMaxBytes: Type.Integer({ minimum: 0 }),
-  engineMaxResponseBytes: Type.Integer({ minimum: 1024 }),
-  engineOutageTimeoutMs: Type.Integer({ minimum: 1 }),
-  webhookPerUrlConcurrency: Type.Integer({ minimum: 1 }),
-  bodyTimeoutMs: Type.Integer({ minimum: 1 }),
-  sqliteBusyTimeoutMs: Type.Integer({ minimum: 0 }),
-  sqliteSynchronous: Type.Union([Type.Literal('FULL'), Type.Literal('NORMAL')]),
-  idempotencyTtlMs: Type.Integer({ minimum: 1 }),
-  priorityAgingMs: Type.Integer({ minimum: 1 }),
-  sseKeepaliveMs: Type.Integer({ minimum: 1 }),
+  host: str('FOREMAN_HOST', '127.0.0.1', 1),
+  port: int('FOREMAN_PORT', '8080', 0, 65535),
+  dataDir: str('FOREMAN_DATA_DIR', './data', 1),
+  publicUrl: url('FOREMAN_PUBLIC_URL', undefined),
+  ollamaUrl: url('FOREMAN_OLLAMA_URL', 'http://127.0.0.1:11434'),
+  concurrency: int('FOREMAN_CONCURRENCY', '1', 1, 1024),
+  jobMaxAttempts: int('FOREMAN_JOB_MAX_ATTEMPTS', '3', 1, 1000),
+  jobRetryBaseMs: ms('FOREMAN_JOB_RETRY_BASE', '1s', 0),
+  jobRetryMaxMs: ms('FOREMAN_JOB_RETRY_MAX', '10m', 0),
+  engineIdleTimeoutMs: ms('FOREMAN_ENGINE_IDLE_TIMEOUT', '5m', 1),
+  jobTtlMs: ms('FOREMAN_JOB_TTL', '7d', 1),
+  maxBodyBytes: int('FOREMAN_MAX_BODY_BYTES', '10485760', 1024, 1073741824),
+  logLevel: oneOf('FOREMAN_LOG_LEVEL', 'info', LOG_LEVELS),
+  jobLeaseMs: ms('FOREMAN_JOB_LEASE', '60s', 100),
+  pollIntervalMs: ms('FOREMAN_POLL_INTERVAL', '5s', 1),
+  sweepIntervalMs: ms('FOREMAN_SWEEP_INTERVAL', '1m', 1),
+  shutdownGraceMs: ms('FOREMAN_SHUTDOWN_GRACE', '10s', 0),
+  maxQueued: int('FOREMAN_MAX_QUEUED', '10000', 1, 1_000_000_000),
+  webhookSecrets: Type.Array(Type.String({ minLength: 1 }), meta('FOREMAN_WEBHOOK_SECRET', '', 'list')),
+  webhookConcurrency: int('FOREMAN_WEBHOOK_CONCURRENCY', '16', 1, 4096),
+  webhookTimeoutMs: ms('FOREMAN_WEBHOOK_TIMEOUT', '10s', 1),
+  webhookBackoffBaseMs: ms('FOREMAN_WEBHOOK_BACKOFF_BASE', '1s', 0),
+  webhookBackoffMaxMs: ms('FOREMAN_WEBHOOK_BACKOFF_MAX', '1h', 0),
+  webhookRetryAfterMaxMs: ms('FOREMAN_WEBHOOK_RETRY_AFTER_MAX', '1h', 0),
+  webhookMaxAttempts: int('FOREMAN_WEBHOOK_MAX_ATTEMPTS', '45', 1, 10000),
+  webhookBlockPrivate: bool('FOREMAN_WEBHOOK_BLOCK_PRIVATE', 'false'),
+  inlineArtifactMaxBytes: int('FOREMAN_INLINE_ARTIFACT_MAX_BYTES', '262144', 0, 1073741824),
+  engineMaxResponseBytes: int('FOREMAN_ENGINE_MAX_RESPONSE_BYTES', '33554432', 1024, 1073741824),
+  engineOutageTimeoutMs: ms('FOREMAN_ENGINE_OUTAGE_TIMEOUT', '1h', 1),
+  webhookPerUrlConcurrency: int('FOREMAN_WEBHOOK_PER_URL_CONCURRENCY', '4', 1, 4096),
+  bodyTimeoutMs: ms('FOREMAN_BODY_TIMEOUT', '30s', 1),
+  sqliteBusyTimeoutMs: ms('FOREMAN_SQLITE_BUSY_TIMEOUT', '1s', 0),
+  sqliteSynchronous: oneOf('FOREMAN_SQLITE_SYNCHRONOUS', 'FULL', ['FULL', 'NORMAL'] as const),
+  idempotencyTtlMs: ms('FOREMAN_IDEMPOTENCY_TTL', '24h', 1),
+  priorityAgingMs: ms('FOREMAN_PRIORITY_AGING', '1m', 1),
+  sseKeepaliveMs: ms('FOREMAN_SSE_KEEPALIVE', '15s', 1),
 });
 export type Config = Static<typeof ConfigSchema>;
 
-const SPECS: Spec[] = [
-  { env: 'FOREMAN_HOST', key: 'host', def: '127.0.0.1', type: { kind: 'string' } },
-  { env: 'FOREMAN_PORT', key: 'port', def: '8080', type: { kind: 'int', min: 0, max: 65535 } },
-  { env: 'FOREMAN_DATA_DIR', key: 'dataDir', def: './data', type: { kind: 'string' } },
-  { env: 'FOREMAN_PUBLIC_URL', key: 'publicUrl', def: undefined, type: { kind: 'url' } },
-  { env: 'FOREMAN_OLLAMA_URL', key: 'ollamaUrl', def: 'http://127.0.0.1:11434', type: { kind: 'url' } },
-  { env: 'FOREMAN_CONCURRENCY', key: 'concurrency', def: '1', type: { kind: 'int', min: 1, max: 1024 } },
-  { env: 'FOREMAN_JOB_MAX_ATTEMPTS', key: 'jobMaxAttempts', def: '3', type: { kind: 'int', min: 1, max: 1000 } },
-  { env: 'FOREMAN_JOB_RETRY_BASE', key: 'jobRetryBaseMs', def: '1s', type: { kind: 'duration', min: 0 } },
-  { env: 'FOREMAN_ENGINE_IDLE_TIMEOUT', key: 'engineIdleTimeoutMs', def: '5m', type: { kind: 'duration', min: 1 } },
-  { env: 'FOREMAN_JOB_TTL', key: 'jobTtlMs', def: '7d', type: { kind: 'duration', min: 1 } },
-  { env: 'FOREMAN_MAX_BODY_BYTES', key: 'maxBodyBytes', def: '10485760', type: { kind: 'int', min: 1024, max: 1073741824 } },
-  { env: 'FOREMAN_LOG_LEVEL', key: 'logLevel', def: 'info', type: { kind: 'enum', values: LOG_LEVELS } },
-  { env: 'FOREMAN_JOB_LEASE', key: 'jobLeaseMs', def: '60s', type: { kind: 'duration', min: 100 } },
-  { env: 'FOREMAN_POLL_INTERVAL', key: 'pollIntervalMs', def: '5s', type: { kind: 'duration', min: 1 } },
-  { env: 'FOREMAN_SWEEP_INTERVAL', key: 'sweepIntervalMs', def: '1m', type: { kind: 'duration', min: 1 } },
-  { env: 'FOREMAN_SHUTDOWN_GRACE', key: 'shutdownGraceMs', def: '10s', type: { kind: 'duration', min: 0 } },
-  { env: 'FOREMAN_MAX_QUEUED', key: 'maxQueued', def: '10000', type: { kind: 'int', min: 1, max: 1_000_000_000 } },
-  { env: 'FOREMAN_WEBHOOK_SECRET', key: 'webhookSecrets', def: '', type: { kind: 'string' } },
-  { env: 'FOREMAN_WEBHOOK_CONCURRENCY', key: 'webhookConcurrency', def: '16', type: { kind: 'int', min: 1, max: 4096 } },
-  { env: 'FOREMAN_WEBHOOK_TIMEOUT', key: 'webhookTimeoutMs', def: '10s', type: { kind: 'duration', min: 1 } },
-  { env: 'FOREMAN_WEBHOOK_BACKOFF_BASE', key: 'webhookBackoffBaseMs', def: '1s', type: { kind: 'duration', min: 0 } },
-  { env: 'FOREMAN_WEBHOOK_BACKOFF_MAX', key: 'webhookBackoffMaxMs', def: '1h', type: { kind: 'duration', min: 0 } },
-  { env: 'FOREMAN_WEBHOOK_MAX_ATTEMPTS', key: 'webhookMaxAttempts', def: '45', type: { kind: 'int', min: 1, max: 10000 } },
-  { env: 'FOREMAN_WEBHOOK_BLOCK_PRIVATE', key: 'webhookBlockPrivate', def: 'false', type: { kind: 'bool' } },
-  { env: 'FOREMAN_INLINE_ARTIFACT_MAX_BYTES', key: 'inlineArtifactMaxBytes', def: '262144', type: { kind: 'int', min: 0, max: 1073741824 } },
-  { env: 'FOREMAN_ENGINE_MAX_RESPONSE_BYTES', key: 'engineMaxResponseBytes', def: '33554432', type: { kind: 'int', min: 1024, max: 1073741824 } },
-  { env: 'FOREMAN_ENGINE_OUTAGE_TIMEOUT', key: 'engineOutageTimeoutMs', def: '1h', type: { kind: 'duration', min: 1 } },
-  { env: 'FOREMAN_WEBHOOK_PER_URL_CONCURRENCY', key: 'webhookPerUrlConcurrency', def: '4', type: { kind: 'int', min: 1, max: 4096 } },
-  { env: 'FOREMAN_BODY_TIMEOUT', key: 'bodyTimeoutMs', def: '30s', type: { kind: 'duration', min: 1 } },
-  { env: 'FOREMAN_SQLITE_BUSY_TIMEOUT', key: 'sqliteBusyTimeoutMs', def: '1s', type: { kind: 'duration', min: 0 } },
-  { env: 'FOREMAN_SQLITE_SYNCHRONOUS', key: 'sqliteSynchronous', def: 'FULL', type: { kind: 'enum', values: ['FULL', 'NORMAL'] } },
-  { env: 'FOREMAN_IDEMPOTENCY_TTL', key: 'idempotencyTtlMs', def: '24h', type: { kind: 'duration', min: 1 } },
-  { env: 'FOREMAN_PRIORITY_AGING', key: 'priorityAgingMs', def: '1m', type: { kind: 'duration', min: 1 } },
-  { env: 'FOREMAN_SSE_KEEPALIVE', key: 'sseKeepaliveMs', def: '15s', type: { kind: 'duration', min: 1 } },
-];
+interface Spec extends SettingMeta {
+  key: keyof Config;
+  schema: Record<string, unknown>;
+}
+
+/** The table, as a list (derived from ConfigSchema). */
+export const SETTINGS: readonly Spec[] = Object.entries(ConfigSchema.properties).map(([key, schema]) => {
+  const m = schema as unknown as SettingMeta & Record<string, unknown>;
+  return { key: key as keyof Config, env: m.env, def: m.def, kind: m.kind, schema: m };
+});
 
 export class ConfigError extends Error {
   constructor(
@@ -120,10 +103,15 @@ export class ConfigError extends Error {
 }
 
 function parseOne(spec: Spec, raw: string): unknown {
-  const t = spec.type;
-  switch (t.kind) {
+  const t = spec.schema as { minimum?: number; maximum?: number; anyOf?: { const: string }[] };
+  switch (spec.kind) {
     case 'string':
       return raw;
+    case 'list':
+      return raw
+        .split(',')
+        .map((s) => s.trim())
+        .filter((s) => s.length > 0);
     case 'url': {
       let u: URL;
       try {
@@ -139,7 +127,9 @@ function parseOne(spec: Spec, raw: string): unknown {
     case 'int': {
       if (!/^\s*-?\d+\s*$/.test(raw)) throw new ConfigError(spec.env, `"${raw}" is not a whole number`);
       const n = Number(raw);
-      if (n < t.min || n > t.max) throw new ConfigError(spec.env, `${n} is out of range (${t.min}..${t.max})`);
+      if (n < (t.minimum ?? -Infinity) || n > (t.maximum ?? Infinity)) {
+        throw new ConfigError(spec.env, `${n} is out of range (${t.minimum}..${t.maximum})`);
+      }
       return n;
     }
     case 'duration': {
@@ -147,7 +137,7 @@ function parseOne(spec: Spec, raw: string): unknown {
       if (ms === undefined) {
         throw new ConfigError(spec.env, `"${raw}" is not a duration (use e.g. 250ms, 10s, 5m, 2h, 7d)`);
       }
-      if (ms < t.min) throw new ConfigError(spec.env, `must be at least ${t.min}ms`);
+      if (ms < (t.minimum ?? 0)) throw new ConfigError(spec.env, `must be at least ${t.minimum}ms`);
       return ms;
     }
     case 'bool': {
@@ -157,7 +147,8 @@ function parseOne(spec: Spec, raw: string): unknown {
       throw new ConfigError(spec.env, `"${raw}" is not a boolean (true or false)`);
     }
     case 'enum': {
-      if (!t.values.includes(raw)) throw new ConfigError(spec.env, `"${raw}" must be one of ${t.values.join(', ')}`);
+      const values = (t.anyOf ?? []).map((v) => v.const);
+      if (!values.includes(raw)) throw new ConfigError(spec.env, `"${raw}" must be one of ${values.join(', ')}`);
       return raw;
     }
   }
@@ -166,16 +157,12 @@ function parseOne(spec: Spec, raw: string): unknown {
 /** Reads every FOREMAN_* variable, applies defaults and validates. Throws ConfigError naming the variable. */
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   const out: Record<string, unknown> = {};
-  for (const spec of SPECS) {
+  for (const spec of SETTINGS) {
     const raw = env[spec.env];
     const value = raw === undefined ? spec.def : raw;
     if (value === undefined) continue;
     out[spec.key] = parseOne(spec, value);
   }
-  out.webhookSecrets = String(out.webhookSecrets ?? '')
-    .split(',')
-    .map((s) => s.trim())
-    .filter((s) => s.length > 0);
   out.dataDir = path.resolve(String(out.dataDir));
   // Empty means "derive from the address actually listened on" (see service.ts), so port 0 works.
   out.publicUrl ??= '';
@@ -185,7 +172,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   if (!Value.Check(ConfigSchema, out)) {
     const first = Value.Errors(ConfigSchema, out).First();
     const key = first?.path.slice(1) ?? '';
-    const spec = SPECS.find((s) => s.key === key);
+    const spec = SETTINGS.find((s) => s.key === key);
     throw new ConfigError(spec?.env ?? key, first?.message ?? 'invalid');
   }
   return out as Config;

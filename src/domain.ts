@@ -34,3 +34,8 @@ export const ARTIFACT_NAME_RE = /^[a-z0-9][a-z0-9._-]{0,63}$/;
 export function iso(ms: number | null | undefined): string | null {
   return ms === null || ms === undefined ? null : new Date(ms).toISOString();
 }
+
+/** A webhook event's id: stable across retries, restarts and redeliveries (ADR-0005). */
+export function eventId(jobId: string, state: JobState): string {
+  return `${jobId}:${state}`;
+}

@@ -1,5 +1,5 @@
 import type { ChatChunk } from './engine/engine.js';
-import type { TransitionEvent } from './store/store.js';
+import type { TransitionEvent } from './queue/driver.js';
 
 export type JobEvent = { type: 'state'; event: TransitionEvent } | { type: 'delta'; chunk: ChatChunk };
 export type JobListener = (e: JobEvent) => void;

@@ -1,6 +1,7 @@
 import { pino } from 'pino';
 import { ConfigError, loadConfig, type Config } from './config.js';
 import { Service } from './service.js';
+import { DataDirLocked } from './queue/sqlite/db.js';
 
 let config: Config;
 try {
@@ -19,7 +20,10 @@ try {
   service = new Service({ config, logger });
   await service.start();
 } catch (err) {
-  logger.fatal({ err }, 'foreman could not start');
+  if (err instanceof DataDirLocked) {
+    process.stderr.write(`foreman: refusing to start: ${err.message}\n`);
+    logger.fatal({ code: 'data_dir_locked' }, err.message);
+  } else logger.fatal({ err }, 'foreman could not start');
   process.exit(1);
 }
 

@@ -1,19 +1,22 @@
-import fs from 'node:fs';
-import path from 'node:path';
 import type { AddressInfo } from 'node:net';
 import { pino, type Logger } from 'pino';
 import type { Config } from './config.js';
 import { systemClock, type Clock } from './domain.js';
 import type { ChatEngine } from './engine/engine.js';
+import { EngineHealth } from './engine/health.js';
 import { OllamaEngine } from './engine/ollama.js';
-import { buildApp, type App } from './http/app.js';
-import { SubmitBatcher } from './store/batcher.js';
-import { GroupCommitter } from './store/committer.js';
-import { migrate, openDatabase, type DB } from './store/db.js';
-import { Store } from './store/store.js';
-import { Dispatcher } from './webhooks/dispatcher.js';
-import { Wake } from './wake.js';
 import { JobEvents } from './events.js';
+import { buildApp, type App } from './http/app.js';
+import { Jobs } from './jobs/jobs.js';
+import { Aging } from './maintenance/aging.js';
+import { Deadlines } from './maintenance/deadlines.js';
+import { Maintainer } from './maintenance/maintainer.js';
+import { OutagePolicy } from './maintenance/outage.js';
+import { Rescuer } from './maintenance/rescuer.js';
+import { TtlCleaner } from './maintenance/ttl-cleaner.js';
+import type { QueueDriver } from './queue/driver.js';
+import { SqliteDriver } from './queue/sqlite/driver.js';
+import { Dispatcher } from './webhooks/dispatcher.js';
 import { Worker } from './worker/worker.js';
 import { VERSION } from './version.js';
 
@@ -23,46 +26,48 @@ export interface ServiceOptions {
   clock?: Clock;
   engine?: ChatEngine;
   random?: () => number;
+  /** A driver made by the caller (tests); by default the SQLite driver in FOREMAN_DATA_DIR. */
+  driver?: QueueDriver;
 }
 
 /**
- * One Foreman process: database, HTTP app, worker loop, webhook dispatcher and TTL sweep,
- * wired with explicit dependencies. `start()` recovers and listens; `stop()` shuts down in order.
+ * One Foreman process: the queue driver, HTTP app, worker, webhook dispatcher and maintenance
+ * services, wired with explicit dependencies. `start()` recovers and listens; `stop()` shuts
+ * down in order.
  */
 export class Service {
   readonly config: Config;
   readonly logger: Logger;
   readonly clock: Clock;
-  readonly db: DB;
-  readonly store: Store;
+  readonly driver: QueueDriver;
+  readonly jobs: Jobs;
   readonly events: JobEvents;
   readonly engine: ChatEngine;
   readonly worker: Worker;
   readonly dispatcher: Dispatcher;
+  readonly maintainer: Maintainer;
+  readonly ttlCleaner: TtlCleaner;
   readonly app: App;
   private publicUrl: string;
-  private sweepTimer: NodeJS.Timeout | null = null;
   private stopped: Promise<void> | null = null;
+  private readonly unsubscribe: () => void;
 
   constructor(opts: ServiceOptions) {
     const config = (this.config = opts.config);
-    this.logger = opts.logger ?? pino({ level: config.logLevel });
-    this.clock = opts.clock ?? systemClock;
+    const logger = (this.logger = opts.logger ?? pino({ level: config.logLevel }));
+    const clock = (this.clock = opts.clock ?? systemClock);
     this.publicUrl = config.publicUrl;
-    fs.mkdirSync(config.dataDir, { recursive: true });
-    this.db = openDatabase(path.join(config.dataDir, 'foreman.db'), {
-      busyTimeoutMs: config.sqliteBusyTimeoutMs,
-      synchronous: config.sqliteSynchronous,
-    });
-    migrate(this.db);
-    const jobWake = new Wake();
-    const deliveryWake = new Wake();
+    const driver = (this.driver =
+      opts.driver ??
+      new SqliteDriver({ dataDir: config.dataDir, busyTimeoutMs: config.sqliteBusyTimeoutMs, synchronous: config.sqliteSynchronous }));
     this.events = new JobEvents();
-    this.store = new Store(
-      this.db,
-      { jobReady: jobWake.notify, deliveryReady: deliveryWake.notify, transition: this.events.transition },
-      config.priorityAgingMs,
-    );
+    this.unsubscribe = driver.notifier.on('stateChanged', this.events.transition);
+    this.jobs = new Jobs(driver, clock, {
+      maxQueued: config.maxQueued,
+      jobMaxAttempts: config.jobMaxAttempts,
+      idempotencyTtlMs: config.idempotencyTtlMs,
+      concurrency: config.concurrency,
+    });
     this.engine =
       opts.engine ??
       new OllamaEngine({
@@ -71,37 +76,35 @@ export class Service {
         connections: config.concurrency * 2 + 2,
         maxResponseBytes: config.engineMaxResponseBytes,
       });
-    const committer = new GroupCommitter(this.store);
-    const commit = <T>(op: () => T) => committer.run(op);
+    const health = new EngineHealth();
+    const random = opts.random ? { random: opts.random } : {};
     this.worker = new Worker({
-      commit,
-      store: this.store,
+      driver,
       engine: this.engine,
-      clock: this.clock,
-      logger: this.logger,
-      wake: jobWake,
+      health,
+      clock,
+      logger,
       options: {
         concurrency: config.concurrency,
         leaseMs: config.jobLeaseMs,
         pollIntervalMs: config.pollIntervalMs,
         retryBaseMs: config.jobRetryBaseMs,
-        outageTimeoutMs: config.engineOutageTimeoutMs,
+        retryMaxMs: config.jobRetryMaxMs,
       },
-      ...(opts.random ? { random: opts.random } : {}),
+      ...random,
       onChunk: this.events.delta,
     });
     this.dispatcher = new Dispatcher({
-      commit,
-      store: this.store,
-      clock: this.clock,
-      logger: this.logger,
-      wake: deliveryWake,
+      driver,
+      clock,
+      logger,
       options: {
         concurrency: config.webhookConcurrency,
-        perUrlConcurrency: config.webhookPerUrlConcurrency,
+        perOriginConcurrency: config.webhookPerUrlConcurrency,
         timeoutMs: config.webhookTimeoutMs,
         backoffBaseMs: config.webhookBackoffBaseMs,
         backoffMaxMs: config.webhookBackoffMaxMs,
+        retryAfterMaxMs: config.webhookRetryAfterMaxMs,
         maxAttempts: config.webhookMaxAttempts,
         blockPrivate: config.webhookBlockPrivate,
         inlineArtifactMaxBytes: config.inlineArtifactMaxBytes,
@@ -110,17 +113,29 @@ export class Service {
         pollIntervalMs: config.pollIntervalMs,
         publicUrl: () => this.publicUrl,
       },
-      ...(opts.random ? { random: opts.random } : {}),
+      ...random,
     });
+    const m = { driver, clock, logger };
+    this.ttlCleaner = new TtlCleaner(m, config.jobTtlMs, config.sweepIntervalMs);
+    this.maintainer = new Maintainer([
+      new Rescuer(m, config.jobLeaseMs),
+      new Deadlines(m, config.pollIntervalMs),
+      new Aging(m, config.priorityAgingMs),
+      this.ttlCleaner,
+      new OutagePolicy(m, this.engine, health, {
+        outageTimeoutMs: config.engineOutageTimeoutMs,
+        probeEveryMs: Math.min(1000, config.pollIntervalMs),
+        idleMs: config.pollIntervalMs,
+      }),
+    ]);
     this.app = buildApp({
-      store: this.store,
-      submitter: new SubmitBatcher(this.store, this.clock, config.maxQueued, committer),
+      jobs: this.jobs,
       engine: this.engine,
-      worker: this.worker,
       events: this.events,
+      storageReady: () => driver.ping(),
       config,
-      clock: this.clock,
-      logger: this.logger,
+      clock,
+      logger,
       publicUrl: () => this.publicUrl,
     });
   }
@@ -130,9 +145,7 @@ export class Service {
 
   async start(): Promise<string> {
     const t0 = performance.now();
-    // This process is the only one using the database: whatever was running belonged to a
-    // process that is gone.
-    const requeued = this.store.requeueOrphans(this.clock.now(), false);
+    const { requeued } = await this.driver.recover({ now: this.clock.now() });
     for (const id of requeued) this.logger.warn({ job_id: id, state: 'queued' }, 'job was running when the last process stopped; re-queued');
     await this.app.listen({ host: this.config.host, port: this.config.port });
     const addr = this.app.server.address() as AddressInfo;
@@ -141,57 +154,32 @@ export class Service {
     if (this.publicUrl === '') this.publicUrl = this.url;
     this.worker.start();
     this.dispatcher.start();
-    this.sweep();
+    this.maintainer.start();
     this.logger.info(
-      { url: this.url, public_url: this.publicUrl, requeued: requeued.length, startup_ms: Math.round(performance.now() - t0) },
+      { url: this.url, public_url: this.publicUrl, driver: this.driver.name, requeued: requeued.length, startup_ms: Math.round(performance.now() - t0) },
       `foreman listening on ${this.url}`,
     );
     return this.url;
   }
 
-  /**
-   * Deletes finished jobs older than the TTL (never one with a delivery still pending), one batch
-   * per turn of the event loop so a large backlog never blocks requests, then re-arms.
-   */
-  private sweep(deletedSoFar = 0): void {
-    const BATCH = 500;
-    let deleted = 0;
-    try {
-      deleted = this.store.sweepExpired(this.clock.now() - this.config.jobTtlMs, BATCH, this.clock.now());
-    } catch (err) {
-      this.logger.error({ err }, 'TTL sweep failed; will try again');
-    }
-    const total = deletedSoFar + deleted;
-    if (deleted === BATCH) {
-      this.sweepTimer = setTimeout(() => this.sweep(total), 0);
-    } else {
-      if (total > 0) this.logger.info({ deleted: total }, 'TTL sweep deleted expired jobs');
-      this.sweepTimer = setTimeout(() => this.sweep(), this.config.sweepIntervalMs);
-    }
-    this.sweepTimer.unref();
-  }
-
   /** Runs a TTL sweep now, to completion (tests, tools). */
-  sweepNow(): number {
-    if (this.sweepTimer) clearTimeout(this.sweepTimer);
-    let total = 0;
-    for (let n = -1; n !== 0; total += n) n = this.store.sweepExpired(this.clock.now() - this.config.jobTtlMs, 500, this.clock.now());
-    this.sweep();
-    return total;
+  sweepNow(): Promise<number> {
+    return this.ttlCleaner.sweepNow();
   }
 
   /**
    * Shutdown: stop taking requests, stop claiming, give running jobs the grace period, re-queue
-   * what is unfinished, let in-flight webhook attempts finish briefly, then close the database.
+   * what is unfinished, let in-flight webhook attempts finish briefly, then close the driver.
    */
   stop(): Promise<void> {
     this.stopped ??= (async () => {
-      if (this.sweepTimer) clearTimeout(this.sweepTimer);
       await this.app.close();
+      await this.maintainer.stop();
       await this.worker.stop(this.config.shutdownGraceMs);
       await this.dispatcher.stop(Math.min(2000, this.config.shutdownGraceMs));
       await this.engine.close();
-      this.db.close();
+      this.unsubscribe();
+      await this.driver.close();
       this.logger.info('foreman stopped');
     })();
     return this.stopped;

@@ -581,7 +581,7 @@ describe('TTL sweep', () => {
     const queuedId = await h.submit(hello('waits'));
 
     await sleep(100);
-    h.service.sweepNow();
+    await h.service.sweepNow();
 
     const gone = await h.api(`/jobs/${doneId}`);
     expectErrorShape(gone.body, 404, gone.status);

@@ -11,7 +11,7 @@ import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hello, startHarness, type Harness } from './support/harness.js';
 import type { FakeBehaviour, RecordedRequest } from './support/fake-ollama.js';
-import { sleep, until, jobCount, terminal } from './support/util.js';
+import { sleep, until, jobCount, sqlite, terminal } from './support/util.js';
 
 const BUSY = 'server busy, please try again.  maximum pending requests exceeded';
 const OOM = 'an error was encountered while running the model: CUDA error: out of memory';
@@ -548,7 +548,7 @@ describe('disk trouble', () => {
       expect(b.state).toBe('done');
       expect(b.attempt).toBe(1);
 
-      expect(h.service.db.pragma('integrity_check', { simple: true })).toBe('ok');
+      expect(sqlite(h).pragma('integrity_check', { simple: true })).toBe('ok');
       expect(other.pragma('integrity_check', { simple: true })).toBe('ok');
     } finally {
       if (other.inTransaction) other.exec('ROLLBACK');
@@ -565,7 +565,7 @@ describe('disk trouble', () => {
       await h.waitForState(before, ['working']);
       const countBefore = jobCount(h);
 
-      h.service.db.pragma('query_only = 1');
+      sqlite(h).pragma('query_only = 1');
       let restored = false;
       try {
         const r = await h.api('/jobs', { method: 'POST', json: hello('while read-only') });
@@ -579,10 +579,10 @@ describe('disk trouble', () => {
         expect(ready.status).toBe(200);
         expect(ready.body.database).toBe('ok');
         await sleep(1_000); // the running job's stream ends while the database is read-only
-        h.service.db.pragma('query_only = 0');
+        sqlite(h).pragma('query_only = 0');
         restored = true;
       } finally {
-        if (!restored) h.service.db.pragma('query_only = 0');
+        if (!restored) sqlite(h).pragma('query_only = 0');
       }
       expect(jobCount(h)).toBe(countBefore);
 
@@ -592,7 +592,7 @@ describe('disk trouble', () => {
       const a = await h.waitForState(before, terminal, 10_000);
       expect(a.state).toBe('done');
       expect(a.result.message.content).toBe('echo: before read-only');
-      expect(h.service.db.pragma('integrity_check', { simple: true })).toBe('ok');
+      expect(sqlite(h).pragma('integrity_check', { simple: true })).toBe('ok');
     } finally {
       await h.stop();
     }

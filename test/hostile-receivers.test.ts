@@ -16,7 +16,7 @@ import vm from 'node:vm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hello, startHarness, type Harness } from './support/harness.js';
 import { startReceiver, type Receiver } from './support/receiver.js';
-import { sleep, settled } from './support/util.js';
+import { sleep, settled, storedJob } from './support/util.js';
 
 
 // ---------------------------------------------------------------------------
@@ -473,10 +473,9 @@ describe('memory across 200 deliveries to hostile receivers', () => {
       const k = i % servers.length;
       ids.push({ id: await h.submit(hello(`${tag} ${i}`, { state_webhook_url: servers[k]!.s.url, webhook_events: ['done'] })), k });
     }
-    const store = h.service.store;
     await until(
       () => ids.every(({ id }) => {
-        const j = store.getJob(id);
+        const j = storedJob(h, id);
         return j !== null && j.state === 'done' && j.deliveries.length === 1 && j.deliveries[0]!.status !== 'pending';
       }),
       `${tag}: all ${n} jobs done with their delivery settled`,
@@ -505,7 +504,7 @@ describe('memory across 200 deliveries to hostile receivers', () => {
     );
     // Every delivery came to the outcome its receiver defines.
     for (const { id, k } of ids) {
-      const d = h.service.store.getJob(id)!.deliveries[0]!;
+      const d = storedJob(h, id)!.deliveries[0]!;
       expect({ receiver: servers[k]!.name, status: d.status }).toEqual({ receiver: servers[k]!.name, status: servers[k]!.expect });
     }
     // Connections that carried a request are gone; the rest (keep-alive after a 302, and the spare
@@ -619,7 +618,7 @@ describe('the per-attempt deadline and garbage collection', () => {
   it('an attempt that outlives its lock is never sent a second time concurrently', { timeout: 15_000 }, async () => {
     const { s, id } = await submitSlowBody('gc lock');
     // The row's lock is timeout + 5 s; an attempt still running then is claimed and sent again.
-    const pending = () => h.service.store.getJob(id)!.deliveries[0]!.status === 'pending';
+    const pending = () => storedJob(h, id)!.deliveries[0]!.status === 'pending';
     await until(() => s.requests.length >= 2 || !pending(), 'the delivery settled or was sent again', TIMEOUT + 5_000 + 2_000);
     expect(s.requests.map((r) => ({ event: r.event?.event_id, concurrent: r.conn !== s.requests[0]!.conn && s.requests[0]!.conn.closedAt === null }))).toEqual([
       { event: `${id}:done`, concurrent: false },

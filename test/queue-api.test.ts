@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hello, startHarness, type Harness } from './support/harness.js';
 import type { RecordedRequest } from './support/fake-ollama.js';
 import { startReceiver, type Receiver } from './support/receiver.js';
-import { jobCount, pollJob, sleep, until } from './support/util.js';
+import { jobCount, pollJob, sleep, sqlite, until } from './support/util.js';
 
 const ISO = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
 const BLOCKING = { concurrency: 1, engineIdleTimeoutMs: 60_000 } as const;
@@ -104,7 +104,8 @@ describe('Idempotency-Key', () => {
       const res = await post(other, 'key-2');
       expectError(res, 409, 'idempotency_key_reused', 'Idempotency-Key');
       expect(Object.keys(res.body).sort()).toEqual(['code', 'field', 'message']);
-      expect(res.body.message).toContain(first.body.job_id);
+      // Hardening finding 15: the conflict must not reveal the other request's job id.
+      expect(res.body.message).not.toContain(first.body.job_id);
     }
     expect(jobCount(h)).toBe(before);
     // The original body still replays after the conflicts.
@@ -480,7 +481,7 @@ describe('queue_position and estimated_start_at', () => {
     h.fake.enqueue({ kind: 'ok', chunkDelayMs: 40 });
     const slow = await h.submit(hello('eta-history'));
     expect((await h.waitForState(slow, finished)).state).toBe('done');
-    const avg = h.service.db.prepare('SELECT avg_ms FROM model_stats WHERE model = ?').pluck().get('llama3.2') as number;
+    const avg = sqlite(h).prepare('SELECT avg_ms FROM model_stats WHERE model = ?').pluck().get('llama3.2') as number;
     expect(avg).toBeGreaterThan(0);
 
     const blocker = await occupySlot(h, 'eta-blocker-2');

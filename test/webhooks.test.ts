@@ -346,10 +346,10 @@ describe('Retry-After', () => {
   });
 
   it('does not busy-poll the outbox while a job\'s head event waits for its retry', async () => {
-    const store = h.service.store;
-    const orig = store.dueDeliveries.bind(store);
+    const driver = h.service.driver;
+    const orig = driver.deliveriesClaim.bind(driver);
     let claims = 0;
-    store.dueDeliveries = (...a: Parameters<typeof orig>) => {
+    driver.deliveriesClaim = (...a: Parameters<typeof orig>) => {
       claims++;
       return orig(...a);
     };
@@ -365,7 +365,7 @@ describe('Retry-After', () => {
       // A sleeping dispatcher claims a handful of times at most; a spinning one hundreds.
       expect(during).toBeLessThan(20);
     } finally {
-      store.dueDeliveries = orig;
+      driver.deliveriesClaim = orig;
     }
   });
 });

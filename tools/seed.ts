@@ -4,7 +4,7 @@
  * (migrated by the service's own `migrate`) so the service can then be started on the file.
  */
 import Database from 'better-sqlite3';
-import { migrate } from '../src/store/db.js';
+import { migrate } from '../src/queue/sqlite/db.js';
 import { uuidv7 } from '../src/ids.js';
 
 export function seedJobs(file: string, n: number, opts: { models?: string[]; batches?: number } = {}): { ids: string[]; ms: number } {

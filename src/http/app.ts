@@ -4,33 +4,12 @@ import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
 import { registerOpenApi } from './openapi.js';
 import { SECURITY_HEADERS } from './headers.js';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
-import type { Logger } from 'pino';
-import type { Config } from '../config.js';
-import type { Clock } from '../domain.js';
-import type { ChatEngine, EngineStatus } from '../engine/engine.js';
-import type { SubmitBatcher } from '../store/batcher.js';
-import type { Store } from '../store/store.js';
-import type { Worker } from '../worker/worker.js';
-import type { JobEvents } from '../events.js';
-import { ApiError, errorHandler } from './errors.js';
+import type { EngineStatus } from '../engine/engine.js';
+import { errorHandler } from './errors.js';
 import { jobRoutes } from './routes.js';
 import { sseRoutes } from './sse.js';
 import { ollamaRoutes } from './ollama-api.js';
-
-export interface AppDeps {
-  store: Store;
-  submitter: SubmitBatcher;
-  engine: Pick<ChatEngine, 'status' | 'passthrough' | 'load'>;
-  /** Aborts a canceled job's running work. */
-  worker: Pick<Worker, 'abortJob' | 'activeJobs'>;
-  events: JobEvents;
-  config: Config;
-  clock: Clock;
-  logger: Logger;
-  /** The base of every absolute URL handed out (FOREMAN_PUBLIC_URL, or the address listened on). */
-  publicUrl: () => string;
-}
-
+import type { AppDeps } from './deps.js';
 
 const MAX_PARAM_LENGTH = 256;
 
@@ -143,7 +122,7 @@ export function buildApp(deps: AppDeps) {
     a.get('/readyz', { schema: { summary: 'The database answers; the engine status' } }, async (_req, reply) => {
       let dbOk = false;
       try {
-        dbOk = deps.store.ping();
+        dbOk = await deps.storageReady();
       } catch (err) {
         deps.logger.error({ err }, 'readiness: database ping failed');
       }
@@ -165,4 +144,3 @@ export function buildApp(deps: AppDeps) {
 }
 
 export type App = ReturnType<typeof buildApp>;
-export { ApiError };

@@ -1,5 +1,5 @@
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
-import { isStorageError } from '../store/db.js';
+import { DomainError } from '../errors.js';
 
 /** An error answered as JSON `{code, message, field?}` with a stable `code`. */
 export class ApiError extends Error {
@@ -27,6 +27,25 @@ function fieldOf(v: { instancePath?: string; params?: Record<string, unknown> })
   let out = '';
   for (const p of parts) out += /^\d+$/.test(p) ? `[${p}]` : out === '' ? p : `.${p}`;
   return out;
+}
+
+const STATUS_OF: Record<DomainError['kind'], number> = {
+  validation: 400,
+  not_found: 404,
+  conflict: 409,
+  gone: 410,
+  quota: 429,
+  unavailable: 503,
+};
+
+/** The one mapping from domain errors to HTTP. */
+function fromDomain(e: DomainError): ApiError {
+  const headers: Record<string, string> = e.retryAfterS !== undefined ? { 'retry-after': String(e.retryAfterS) } : {};
+  if (e.code === 'storage_unavailable') {
+    // Never the database's own words.
+    return new ApiError(503, e.code, 'the database cannot take writes right now; try again shortly', undefined, headers);
+  }
+  return new ApiError(STATUS_OF[e.kind], e.code, e.message, e.field, headers);
 }
 
 export function toApiError(err: FastifyError | ApiError | Error): ApiError {
@@ -57,11 +76,7 @@ export function toApiError(err: FastifyError | ApiError | Error): ApiError {
   if (e instanceof SyntaxError || e.name === 'SyntaxError') {
     return new ApiError(400, 'invalid_json', 'the request body is not valid JSON');
   }
-  if (isStorageError(e)) {
-    return new ApiError(503, 'storage_unavailable', 'the database cannot take writes right now; try again shortly', undefined, {
-      'retry-after': '5',
-    });
-  }
+  if (e instanceof DomainError) return fromDomain(e);
   const status = typeof e.statusCode === 'number' ? e.statusCode : 500;
   if (status >= 400 && status < 500) {
     return new ApiError(status, 'bad_request', e.message || 'bad request');

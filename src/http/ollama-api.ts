@@ -8,8 +8,7 @@ import { uuidv7 } from '../ids.js';
 import { ApiError } from './errors.js';
 import { SECURITY_HEADERS } from './headers.js';
 import { EngineFields, Message } from './schemas.js';
-import { cancelJob, submitJob } from './submit.js';
-import type { AppDeps } from './app.js';
+import type { AppDeps } from './deps.js';
 
 /**
  * Ollama's request shape, as its clients send it. Unknown fields are ignored, as Ollama does;
@@ -50,7 +49,7 @@ function nonStreamResult(result: ChatResponse): Record<string, unknown> {
  * JSON object. A client that disconnects cancels its job. Reads pass through to the engine.
  */
 export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) => {
-  const { store, events } = deps;
+  const { jobs, events } = deps;
 
   app.post(
     '/api/chat',
@@ -85,11 +84,14 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
       let finished = false;
       const cancelIfGone = () => {
         if (finished) return;
-        if (cancelJob(deps, id)?.canceled) req.log.info({ job_id: id, state: 'canceled' }, 'client went away; job canceled');
+        jobs.cancelQuietly(id).then(
+          (canceled) => canceled && req.log.info({ job_id: id, state: 'canceled' }, 'client went away; job canceled'),
+          (err: unknown) => req.log.error({ err, job_id: id }, 'could not cancel the job of a client that went away'),
+        );
       };
       reply.raw.on('close', cancelIfGone);
       try {
-        await submitJob(deps, {
+        await jobs.submit({
           id,
           body,
           webhookUrl: null,
@@ -142,14 +144,14 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
             // The generation was interrupted and will start over: an Ollama stream cannot take
             // that back, so end it with an error, as Ollama does mid-stream, and stop the job.
             finished = true;
-            cancelJob(deps, id);
+            await jobs.cancelQuietly(id);
             write({ error: 'the generation was interrupted; try again' });
             reply.raw.end();
             return reply;
           }
           if (!isTerminal(s)) continue;
           finished = true;
-          const job = store.getJob(id)!;
+          const job = (await jobs.find(id))!;
           if (s === 'done') {
             const result = job.result as ChatResponse;
             if (stream) {

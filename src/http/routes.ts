@@ -1,6 +1,8 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
-import { iso, JOB_STATES, ARTIFACT_NAME_RE, type JobState } from '../domain.js';
-import type { JobView, Store } from '../store/store.js';
+import { eventId, iso, JOB_STATES, type JobState } from '../domain.js';
+import type { JobView } from '../queue/driver.js';
+import type { QueueEstimate } from '../jobs/jobs.js';
+import { checkWebhookUrl } from '../jobs/rules.js';
 import { artifactUrl } from '../webhooks/payload.js';
 import { ApiError } from './errors.js';
 import {
@@ -17,19 +19,16 @@ import {
   SubmitHeaders,
   SubmitReply,
 } from './schemas.js';
-import { cancelJob, checkWebhookUrl, submitJob } from './submit.js';
-import type { AppDeps } from './app.js';
-
-const notFound = (id: string) => new ApiError(404, 'job_not_found', `no job with id ${JSON.stringify(id.slice(0, 80))}`);
+import type { AppDeps } from './deps.js';
 const errorReplies = { 400: ErrorBody, 404: ErrorBody, 409: ErrorBody, 413: ErrorBody, 415: ErrorBody, 503: ErrorBody };
 
 export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) => {
-  const { store, config } = deps;
+  const { jobs } = deps;
   const publicUrl = () => deps.publicUrl();
 
-  function jobView(j: JobView) {
+  function jobView(j: JobView & { queue: QueueEstimate | null }) {
     const base = publicUrl();
-    const q = j.state === 'queued' ? queueEstimate(store, j, deps.clock.now(), config.concurrency) : null;
+    const q = j.queue;
     return {
       job_id: j.id,
       state: j.state,
@@ -62,7 +61,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
               url: j.webhookUrl,
               events: j.webhookEvents ?? [...JOB_STATES],
               deliveries: j.deliveries.map((d) => ({
-                event_id: `${j.id}:${d.state}`,
+                event_id: eventId(j.id, d.state),
                 state: d.state,
                 status: d.status,
                 attempts: d.attempts,
@@ -87,13 +86,9 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     },
     async (req, reply) => {
       const body = req.body;
-      const webhookUrl = body.state_webhook_url === undefined ? null : checkWebhookUrl(body.state_webhook_url);
-      if (body.webhook_events !== undefined && webhookUrl === null) {
-        throw new ApiError(400, 'validation_failed', 'webhook_events needs state_webhook_url', 'webhook_events');
-      }
-      const outcome = await submitJob(deps, {
+      const outcome = await jobs.submit({
         body,
-        webhookUrl,
+        webhookUrl: body.state_webhook_url === undefined ? null : checkWebhookUrl(body.state_webhook_url),
         webhookEvents: (body.webhook_events as JobState[] | undefined) ?? null,
         metadata: body.metadata ?? null,
         priority: body.priority ?? 0,
@@ -102,13 +97,13 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       });
       const id = outcome.jobId;
       reply.header('location', `/jobs/${id}`);
+      const reply_ = { job_id: id, state: outcome.state, status_url: `${publicUrl()}/jobs/${id}` };
       if (outcome.replayed) {
-        const state = store.getJob(id)?.state ?? 'queued';
         req.log.info({ job_id: id }, 'idempotent replay');
-        return reply.code(200).header('idempotent-replayed', 'true').send({ job_id: id, state, status_url: `${publicUrl()}/jobs/${id}` });
+        return reply.code(200).header('idempotent-replayed', 'true').send(reply_);
       }
       req.log.info({ job_id: id, state: 'queued', model: body.model }, 'job queued');
-      return reply.code(202).send({ job_id: id, state: 'queued', status_url: `${publicUrl()}/jobs/${id}` });
+      return reply.code(202).send(reply_);
     },
   );
 
@@ -117,8 +112,6 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     { schema: { summary: 'List jobs, newest first', querystring: ListQuery, response: { 200: ListReply, ...errorReplies } } },
     async (req) => {
       const q = req.query as Record<string, string | undefined>;
-      const limit = q.limit === undefined ? 20 : Number(q.limit);
-      if (!(limit >= 1 && limit <= 100)) throw new ApiError(400, 'validation_failed', 'limit must be 1 to 100', 'limit');
       const time = (field: string) => {
         const v = q[field];
         if (v === undefined) return undefined;
@@ -126,27 +119,22 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         if (!/^\d{4}-\d{2}-\d{2}/.test(v) || Number.isNaN(t)) throw new ApiError(400, 'validation_failed', `${field} must be an ISO-8601 time`, field);
         return t;
       };
-      const metadata = Object.entries(q)
-        .filter(([k, v]) => k.startsWith('metadata.') && v !== undefined)
-        .map(([k, v]) => [k.slice('metadata.'.length), v as string] as [string, string]);
       const createdAfter = time('created_after');
       const createdBefore = time('created_before');
-      const beforeSeq = q.cursor === undefined ? undefined : decodeCursor(q.cursor);
-      // One more than asked, to know whether another page exists.
-      const rows = store.listJobs({
-        limit: limit + 1,
+      const page = await jobs.list({
+        limit: q.limit === undefined ? 20 : Number(q.limit),
         ...(q.state ? { state: q.state as JobState } : {}),
         ...(q.model ? { model: q.model } : {}),
         ...(createdAfter !== undefined ? { createdAfter } : {}),
         ...(createdBefore !== undefined ? { createdBefore } : {}),
-        ...(metadata.length ? { metadata } : {}),
-        ...(beforeSeq !== undefined ? { beforeSeq } : {}),
+        metadata: Object.entries(q)
+          .filter(([k, v]) => k.startsWith('metadata.') && v !== undefined)
+          .map(([k, v]) => [k.slice('metadata.'.length), v as string] as [string, string]),
+        ...(q.cursor !== undefined ? { cursor: q.cursor } : {}),
       });
       const base = publicUrl();
-      const more = rows.length > limit;
-      if (more) rows.pop();
       return {
-        jobs: rows.map((r) => ({
+        jobs: page.jobs.map((r) => ({
           job_id: r.id,
           state: r.state,
           model: r.model,
@@ -157,7 +145,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
           finished_at: iso(r.finishedAt),
           status_url: `${base}/jobs/${r.id}`,
         })),
-        next_cursor: more ? encodeCursor(rows[rows.length - 1]!.seq) : null,
+        next_cursor: page.nextCursor,
       };
     },
   );
@@ -166,28 +154,18 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     '/jobs/:id/cancel',
     { schema: { summary: 'Cancel a job', params: JobParams, response: { 200: CancelReply, ...errorReplies } } },
     async (req) => {
-      const r = cancelJob(deps, req.params.id);
-      if (r === null) throw notFound(req.params.id);
-      if (!r.canceled) throw new ApiError(409, 'job_finished', `the job is already ${r.state}`);
+      const r = await jobs.cancel(req.params.id);
       req.log.info({ job_id: req.params.id, state: 'canceled', was_running: r.wasRunning }, 'job canceled');
       return { job_id: req.params.id, state: 'canceled' as const };
     },
   );
 
   app.get('/jobs/:id', { schema: { summary: 'A job', params: JobParams, response: { 200: JobReply, ...errorReplies } } }, async (req) => {
-    const j = store.getJob(req.params.id);
-    if (!j) throw notFound(req.params.id);
-    return jobView(j);
+    return jobView(await jobs.get(req.params.id));
   });
 
   app.get('/jobs/:id/artifacts/:name', { schema: { params: ArtifactParams } }, async (req, reply) => {
-    const { id, name } = req.params;
-    // The name is a lookup key, never a path; anything outside the allowed alphabet cannot exist.
-    const a = ARTIFACT_NAME_RE.test(name) ? store.getArtifact(id, name) : null;
-    if (!a) {
-      if (store.seqOf(id) === null) throw notFound(id);
-      throw new ApiError(404, 'artifact_not_found', `job ${id} has no artifact named ${JSON.stringify(name.slice(0, 80))}`);
-    }
+    const a = await jobs.artifact(req.params.id, req.params.name);
     const etag = `"${a.sha256}"`;
     reply.header('etag', etag).header('cache-control', 'private, max-age=31536000, immutable');
     if (etagMatches(req.headers['if-none-match'], etag)) return reply.code(304).send();
@@ -198,58 +176,13 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     '/jobs/:id/webhooks/redeliver',
     { schema: { params: JobParams, querystring: RedeliverQuery, response: { 202: RedeliverReply, ...errorReplies } } },
     async (req, reply) => {
-      const j = store.getJob(req.params.id);
-      if (!j) throw notFound(req.params.id);
-      if (j.webhookUrl === null) throw new ApiError(409, 'no_webhook', 'this job has no state_webhook_url');
-      const state = (req.query.state as JobState | undefined) ?? null;
-      if (state !== null && !j.deliveries.some((d) => d.state === state)) {
-        throw new ApiError(409, 'no_such_event', `this job has no ${state} event to redeliver`, 'state');
-      }
-      const states = store.redeliver(j.seq, deps.clock.now(), state);
-      req.log.info({ job_id: j.id, requeued: states }, 'webhook redelivery requested');
-      return reply.code(202).send({ job_id: j.id, requeued: states.map((s) => `${j.id}:${s}`) });
+      const id = req.params.id;
+      const states = await jobs.redeliver(id, (req.query.state as JobState | undefined) ?? null);
+      req.log.info({ job_id: id, requeued: states }, 'webhook redelivery requested');
+      return reply.code(202).send({ job_id: id, requeued: states.map((s) => eventId(id, s)) });
     },
   );
 };
-
-/** Opaque list cursors: the last seq of the previous page. */
-export function encodeCursor(seq: number): string {
-  return Buffer.from(`v1:${seq}`).toString('base64url');
-}
-
-export function decodeCursor(cursor: string): number {
-  const m = /^v1:(\d{1,15})$/.exec(Buffer.from(cursor, 'base64url').toString('utf8'));
-  if (!m) throw new ApiError(400, 'invalid_cursor', 'cursor is not one this service handed out', 'cursor');
-  return Number(m[1]);
-}
-
-/**
- * Queue position and start estimate for a queued job (README "Queue position and ETA"):
- * position = queued jobs the claim takes first (effective priority, then FIFO);
- * estimate = now + (Σ ahead of each model's average run time + the remaining average time of
- * running jobs) / concurrency. Averages are per-model moving averages (α = 0.2) of recent runs;
- * a model with none uses the mean over models; with no history at all the estimate is null.
- */
-export function queueEstimate(store: Store, j: JobView, now: number, concurrency: number) {
-  const snap = store.queueSnapshot({ seq: j.seq });
-  const position = snap.ahead.reduce((a, r) => a + r.n, 0);
-  const all = [...snap.stats.values()];
-  const fallback = all.length ? all.reduce((a, b) => a + b, 0) / all.length : null;
-  const avg = (m: string) => snap.stats.get(m) ?? fallback;
-  if (position === 0 && snap.running.length < concurrency) return { position, estimatedStartAt: iso(now) };
-  let work = 0;
-  for (const r of snap.ahead) {
-    const a = avg(r.model);
-    if (a === null) return { position, estimatedStartAt: null };
-    work += a * r.n;
-  }
-  for (const r of snap.running) {
-    const a = avg(r.model);
-    if (a === null) return { position, estimatedStartAt: null };
-    work += Math.max(0, a - (now - r.startedAt));
-  }
-  return { position, estimatedStartAt: iso(now + Math.round(work / concurrency)) };
-}
 
 /** RFC 9110 If-None-Match: weak comparison, a list, or `*`. */
 export function etagMatches(header: string | undefined, etag: string): boolean {

@@ -2,10 +2,11 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
 import { iso, isTerminal, type JobState } from '../domain.js';
 import type { JobEvent } from '../events.js';
-import { ApiError } from './errors.js';
+import type { TransitionEvent } from '../queue/driver.js';
+import { NotFound } from '../errors.js';
 import { SECURITY_HEADERS } from './headers.js';
 import { JobParams } from './schemas.js';
-import type { AppDeps } from './app.js';
+import type { AppDeps } from './deps.js';
 
 const SSE_HEADERS = {
   'content-type': 'text/event-stream; charset=utf-8',
@@ -22,7 +23,7 @@ const SSE_HEADERS = {
  * terminal state. Watchers read the worker's single engine stream through JobEvents.
  */
 export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) => {
-  const { store, events, config } = deps;
+  const { jobs, events, config } = deps;
 
   app.get(
     '/jobs/:id/events',
@@ -35,8 +36,8 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       },
     },
     async (req, reply) => {
-      const job = store.getJob(req.params.id);
-      if (!job) throw new ApiError(404, 'job_not_found', `no job with id ${JSON.stringify(req.params.id.slice(0, 80))}`);
+      const job = await jobs.find(req.params.id);
+      if (!job) throw new NotFound('job_not_found', `no job with id ${JSON.stringify(req.params.id.slice(0, 80))}`);
       const lastId = Number(req.headers['last-event-id'] ?? 0);
       const raw = reply.raw;
       reply.hijack();
@@ -56,7 +57,7 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         clearInterval(keepalive);
         raw.end();
       };
-      const sendState = (e: { n: number; state: JobState; at: number; attempt: number }) => {
+      const sendState = (e: TransitionEvent) => {
         if (e.n <= lastSent) {
           if (isTerminal(e.state)) close(); // the client claimed to have seen past the end
           return;
@@ -64,7 +65,7 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         lastSent = e.n;
         state = e.state;
         const data: Record<string, unknown> = { job_id: job.id, state: e.state, at: iso(e.at), attempt: e.attempt };
-        if (e.state === 'failed') data.error = store.getJob(job.id)?.error ?? null;
+        if (e.state === 'failed') data.error = e.error ?? null;
         raw.write(`id: ${e.n}\nevent: state\ndata: ${JSON.stringify(data)}\n\n`);
         if (isTerminal(e.state)) close();
       };
@@ -85,7 +86,15 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       const keepalive = setInterval(() => raw.write(': keep-alive\n\n'), config.sseKeepaliveMs);
       keepalive.unref();
       req.raw.on('close', close);
-      for (const t of store.transitionsSince(job.seq, lastId)) sendState(t);
+      let replay: TransitionEvent[];
+      try {
+        replay = await jobs.transitionsSince(job.id, lastId);
+      } catch (err) {
+        req.log.error({ err, job_id: job.id }, 'SSE replay failed');
+        close();
+        return;
+      }
+      for (const t of replay) sendState(t);
       replaying = false;
       for (const e of pending.splice(0)) handle(e);
       if (isTerminal(state)) close(); // resumed after the end: nothing more will come

@@ -1,8 +1,9 @@
 import { Agent } from 'undici';
 import type { Logger } from 'pino';
 import type { Clock } from '../domain.js';
-import type { DueDelivery, Store } from '../store/store.js';
-import type { Wake } from '../wake.js';
+import type { ClaimedDelivery, DeliveryOutcome, QueueDriver } from '../queue/driver.js';
+import { backoffDelay, Loop } from '../loop.js';
+import { retryStorage } from '../retry-storage.js';
 import { discardBody } from '../body.js';
 import { buildEvent } from './payload.js';
 import { Signer } from './signing.js';
@@ -10,11 +11,13 @@ import { guardedConnector } from './ssrf.js';
 
 export interface DispatcherOptions {
   concurrency: number;
-  /** At most this many attempts in flight to one URL, so a dead receiver cannot take every slot. */
-  perUrlConcurrency: number;
+  /** At most this many attempts in flight to one receiver origin, so a dead receiver cannot take every slot. */
+  perOriginConcurrency: number;
   timeoutMs: number;
   backoffBaseMs: number;
   backoffMaxMs: number;
+  /** A receiver's `Retry-After` is honoured up to this, whatever the backoff maximum. */
+  retryAfterMaxMs: number;
   maxAttempts: number;
   blockPrivate: boolean;
   inlineArtifactMaxBytes: number;
@@ -26,27 +29,18 @@ export interface DispatcherOptions {
 }
 
 export interface DispatcherDeps {
-  store: Store;
+  driver: QueueDriver;
   clock: Clock;
   logger: Logger;
-  wake: Wake;
   options: DispatcherOptions;
   random?: () => number;
-  /** Runs a store write in the current group commit; resolves after it is durable. */
-  commit: <T>(op: () => T) => Promise<T>;
 }
 
-/** What one attempt came to. */
-type Outcome =
+/** What one attempt came to, before it is turned into a `DeliveryOutcome`. */
+type Attempt =
   | { kind: 'delivered'; status: number }
   | { kind: 'gone'; status: number }
   | { kind: 'retry'; status: number | null; error: string; retryAfterMs?: number };
-
-/** Exponential backoff with downward jitter: min(max, base·2^(n-1))·[0.8, 1.0], n = attempts so far. */
-export function webhookRetryDelay(o: { backoffBaseMs: number; backoffMaxMs: number }, attempts: number, random: () => number): number {
-  const d = Math.min(o.backoffMaxMs, o.backoffBaseMs * 2 ** Math.max(0, attempts - 1));
-  return Math.round(d * (0.8 + 0.2 * random()));
-}
 
 /** `Retry-After` as delta-seconds or an HTTP date; undefined if absent or unreadable. */
 export function parseRetryAfter(value: string | string[] | undefined, now: number): number | undefined {
@@ -60,21 +54,18 @@ export function parseRetryAfter(value: string | string[] | undefined, now: numbe
 const RESPONSE_BODY_LIMIT = 4096;
 
 /**
- * The outbox dispatcher: a loop separate from the worker that sends due deliveries
- * concurrently, head-of-line per job (a later state waits for the earlier one), with a
- * per-attempt timeout, and records each attempt. Nothing here touches a job's state.
+ * The outbox dispatcher: a loop separate from the worker that claims due deliveries from the
+ * driver (head of each job's line, per-origin cap), sends them concurrently with a per-attempt
+ * timeout, and records each attempt. Nothing here touches a job's state.
  */
 export class Dispatcher {
   private readonly agent: Agent;
   private readonly signer: Signer;
   private readonly inflight = new Set<Promise<void>>();
-  private readonly perUrl = new Map<string, number>();
-  /** Deliveries with an attempt in flight (single process: memory is the lock). */
-  private readonly busyIds = new Set<number>();
   private readonly stopCtl = new AbortController();
-  private stopping = false;
-  private loop: Promise<void> | null = null;
+  private readonly loop: Loop;
   private readonly random: () => number;
+  private readonly unsubscribe: () => void;
 
   constructor(private readonly deps: DispatcherDeps) {
     const o = deps.options;
@@ -86,99 +77,93 @@ export class Dispatcher {
       bodyTimeout: o.timeoutMs,
       keepAliveTimeout: 4_000,
     });
+    this.loop = new Loop('webhook dispatcher', () => this.tick(), deps.logger, o.pollIntervalMs);
+    this.unsubscribe = deps.driver.notifier.on('deliveryReady', this.loop.wake.notify);
   }
 
   start(): void {
-    this.loop ??= this.run();
+    this.loop.start();
   }
 
-  private async run(): Promise<void> {
-    const { store, clock, logger, wake, options } = this.deps;
-    while (!this.stopping) {
-      let delay = options.pollIntervalMs;
-      try {
-        const free = options.concurrency - this.inflight.size;
-        if (free > 0) {
-          const now = clock.now();
-          const saturated = [...this.perUrl].filter(([, n]) => n >= options.perUrlConcurrency).map(([u]) => u);
-          const busy = [...this.busyIds];
-          const due = store.dueDeliveries(now, free, busy, saturated);
-          let launched = 0;
-          for (const d of due) {
-            // Several rows of one URL may come back in one read: respect its cap here too.
-            if ((this.perUrl.get(d.url) ?? 0) >= options.perUrlConcurrency) continue;
-            this.launch(d);
-            launched++;
-          }
-          if (launched === free) continue;
-          if (launched < due.length) {
-            await wake.wait(delay); // woken when an attempt finishes
-            continue;
-          }
-          const next = store.nextDeliveryAt([...this.busyIds]);
-          const wait = next === null ? delay : next - clock.now();
-          // Something already due that the claim skipped belongs to a busy URL: wait for an attempt to finish.
-          if (wait > 0 || saturated.length === 0) delay = Math.min(delay, Math.max(0, wait));
-        }
-      } catch (err) {
-        logger.error({ err }, 'webhook dispatcher: store error; will retry');
-      }
-      await wake.wait(delay);
-    }
+  private async tick(): Promise<number> {
+    const { driver, clock, options } = this.deps;
+    const free = options.concurrency - this.inflight.size;
+    if (free <= 0) return options.pollIntervalMs; // woken when an attempt ends
+    const claimed = await driver.deliveriesClaim({
+      now: clock.now(),
+      limit: free,
+      perOriginLimit: options.perOriginConcurrency,
+      inlineMax: options.inlineArtifactMaxBytes,
+    });
+    for (const d of claimed) this.launch(d);
+    if (claimed.length === free) return 0;
+    const next = await driver.deliveriesNextDueAt({ perOriginLimit: options.perOriginConcurrency });
+    return next === null ? options.pollIntervalMs : Math.min(options.pollIntervalMs, Math.max(0, next - clock.now()));
   }
 
-  private launch(d: DueDelivery): void {
-    this.perUrl.set(d.url, (this.perUrl.get(d.url) ?? 0) + 1);
-    this.busyIds.add(d.id);
+  private launch(d: ClaimedDelivery): void {
     const p: Promise<void> = this.deliver(d)
-      .catch((err: unknown) => this.deps.logger.error({ err, job_id: d.jobId }, 'webhook delivery crashed'))
+      .catch((err: unknown) => {
+        this.deps.logger.error({ err, job_id: d.jobId }, 'webhook delivery crashed');
+        return this.deps.driver.deliveryRelease({ id: d.id });
+      })
       .finally(() => {
-        const n = (this.perUrl.get(d.url) ?? 1) - 1;
-        if (n === 0) this.perUrl.delete(d.url);
-        else this.perUrl.set(d.url, n);
-        this.busyIds.delete(d.id);
         this.inflight.delete(p);
-        this.deps.wake.notify();
+        this.loop.wake.notify();
       });
     this.inflight.add(p);
   }
 
-  private async deliver(d: DueDelivery): Promise<void> {
-    const { store, clock, logger, options, commit } = this.deps;
-    const event = buildEvent(d, d.state === 'done' ? store.artifactsForEvent(d.jobSeq, options.inlineArtifactMaxBytes) : [], options.publicUrl(), options.inlineArtifactMaxBytes);
+  private async deliver(d: ClaimedDelivery): Promise<void> {
+    const { driver, clock, logger, options } = this.deps;
+    const event = buildEvent(d, options.publicUrl(), options.inlineArtifactMaxBytes);
     const body = Buffer.from(JSON.stringify(event), 'utf8');
-    const outcome = await this.attempt(event.event_id, body, d.url);
-    if (this.stopping && outcome.kind === 'retry' && this.stopCtl.signal.aborted) return; // stays pending; sent after restart
+    const attempt = await this.attempt(event.event_id, body, d.url);
+    if (this.stopCtl.signal.aborted && attempt.kind === 'retry') {
+      // Cut short by shutdown: not the receiver's fault; it stays due and is sent after restart.
+      await driver.deliveryRelease({ id: d.id });
+      return;
+    }
     const now = clock.now();
     const attempts = d.attempts + 1;
     const log = logger.child({ job_id: d.jobId, event_id: event.event_id, attempts });
+    const outcome = this.outcomeOf(attempt, attempts, now);
+    // Recording can fail (disk full, locked): keep the delivery claimed, with backoff, until the
+    // outcome is stored. Never send it again meanwhile (ADR-0007).
+    await retryStorage(() => driver.deliveryRecord({ id: d.id, now, outcome }), {
+      signal: this.stopCtl.signal,
+      maxWaitMs: 30_000,
+      onRetry: (err, wait) => log.error({ err, retry_in_ms: wait }, 'could not record the webhook attempt; retrying'),
+    });
     switch (outcome.kind) {
       case 'delivered':
-        await commit(() => store.markDelivered(d.id, now, outcome.status));
         log.debug({ status: outcome.status }, 'webhook delivered');
-        return;
+        break;
       case 'gone':
-        await commit(() => store.markGone(d.id, d.jobSeq, outcome.status, 'receiver answered 410 Gone; no further events for this job'));
-        log.warn({ status: 410 }, 'webhook receiver answered 410 Gone; giving up on this job\'s webhook');
-        return;
+        log.warn({ status: 410 }, "webhook receiver answered 410 Gone; giving up on this job's webhook");
+        break;
+      case 'failed':
+        log.warn({ status: outcome.status, last_error: outcome.error }, 'webhook delivery failed after the last attempt');
+        break;
       case 'retry':
-        if (attempts >= options.maxAttempts) {
-          await commit(() => store.markDeliveryFailed(d.id, outcome.status, outcome.error));
-          log.warn({ status: outcome.status, last_error: outcome.error }, 'webhook delivery failed after the last attempt');
-          return;
-        }
-        {
-          const delay =
-            outcome.retryAfterMs !== undefined
-              ? Math.min(outcome.retryAfterMs, options.backoffMaxMs)
-              : webhookRetryDelay(options, attempts, this.random);
-          await commit(() => store.markAttemptFailed(d.id, now + delay, outcome.status, outcome.error));
-          log.info({ status: outcome.status, last_error: outcome.error, retry_in_ms: delay }, 'webhook attempt failed; will retry');
-        }
+        log.info({ status: outcome.status, last_error: outcome.error, retry_in_ms: outcome.at - now }, 'webhook attempt failed; will retry');
     }
   }
 
-  private async attempt(eventId: string, body: Buffer, url: string): Promise<Outcome> {
+  private outcomeOf(a: Attempt, attempts: number, now: number): DeliveryOutcome {
+    const { options } = this.deps;
+    if (a.kind === 'delivered') return a;
+    if (a.kind === 'gone') return { kind: 'gone', status: a.status, error: 'receiver answered 410 Gone; no further events for this job' };
+    if (attempts >= options.maxAttempts) return { kind: 'failed', status: a.status, error: a.error };
+    // The receiver's own Retry-After is honoured as given (up to its own cap), not cut to the backoff maximum.
+    const delay =
+      a.retryAfterMs !== undefined
+        ? Math.min(a.retryAfterMs, options.retryAfterMaxMs)
+        : backoffDelay(options.backoffBaseMs, options.backoffMaxMs, attempts, this.random);
+    return { kind: 'retry', at: now + delay, status: a.status, error: a.error };
+  }
+
+  private async attempt(eventId: string, body: Buffer, url: string): Promise<Attempt> {
     const { options, clock } = this.deps;
     const timestamp = Math.floor(clock.now() / 1000);
     const headers: Record<string, string> = {
@@ -234,9 +219,8 @@ export class Dispatcher {
 
   /** Stops claiming; waits up to graceMs for attempts in flight, then aborts them (they stay pending). */
   async stop(graceMs: number): Promise<void> {
-    this.stopping = true;
-    this.deps.wake.notify();
-    await this.loop;
+    await this.loop.stop();
+    this.unsubscribe();
     const all = Promise.allSettled([...this.inflight]);
     let timer: NodeJS.Timeout | undefined;
     await Promise.race([all, new Promise<void>((r) => (timer = setTimeout(r, graceMs)))]);

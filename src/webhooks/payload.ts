@@ -1,5 +1,5 @@
-import type { ArtifactMeta, DueDelivery } from '../store/store.js';
-import { iso, type JobState } from '../domain.js';
+import type { ArtifactMeta, ClaimedDelivery } from '../queue/driver.js';
+import { eventId, iso, type JobState } from '../domain.js';
 
 /** The event body (ADR-0005). `event_id` is `<job_id>:<state>`, stable across retries and restarts. */
 export interface WebhookEvent {
@@ -49,9 +49,9 @@ export function eventArtifact(a: ArtifactMeta & { body?: Buffer | null }, public
   return out;
 }
 
-export function buildEvent(d: DueDelivery, artifacts: (ArtifactMeta & { body: Buffer | null })[], publicUrl: string, inlineMax: number): WebhookEvent {
+export function buildEvent(d: ClaimedDelivery, publicUrl: string, inlineMax: number): WebhookEvent {
   const ev: WebhookEvent = {
-    event_id: `${d.jobId}:${d.state}`,
+    event_id: eventId(d.jobId, d.state),
     type: 'job.state_changed',
     job_id: d.jobId,
     state: d.state,
@@ -59,7 +59,7 @@ export function buildEvent(d: DueDelivery, artifacts: (ArtifactMeta & { body: Bu
     occurred_at: iso(d.occurredAt) as string,
     metadata: d.metadata ?? {},
   };
-  if (d.state === 'failed') ev.error = { code: d.errorCode ?? 'unknown', message: d.errorMessage ?? '' };
-  if (d.state === 'done') ev.artifacts = artifacts.map((a) => eventArtifact(a, publicUrl, d.jobId, inlineMax));
+  if (d.state === 'failed') ev.error = d.error ?? { code: 'unknown', message: '' };
+  if (d.state === 'done') ev.artifacts = d.artifacts.map((a) => eventArtifact(a, publicUrl, d.jobId, inlineMax));
   return ev;
 }

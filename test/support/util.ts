@@ -1,4 +1,6 @@
+import type { Database } from 'better-sqlite3';
 import type { Harness } from './harness.js';
+import type { SqliteDriver } from '../../src/queue/sqlite/driver.js';
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
@@ -15,9 +17,23 @@ export async function until<T>(what: string, fn: () => Promise<T | undefined | n
   throw new Error(`timed out waiting for ${what}`);
 }
 
+/** The service's SQLite database, for tests that look at or interfere with storage directly. */
+export function sqlite(h: Harness): Database {
+  return (h.service.driver as SqliteDriver).db;
+}
+
 /** Rows in the jobs table, read straight from the service's database. */
 export function jobCount(h: Harness): number {
-  return (h.service.db.prepare('select count(*) n from jobs').get() as { n: number }).n;
+  return (sqlite(h).prepare('select count(*) n from jobs').get() as { n: number }).n;
+}
+
+/** A job's state and its deliveries' statuses, read synchronously (for polling predicates). */
+export function storedJob(h: Harness, id: string): { state: string; deliveries: { status: string }[] } | null {
+  const db = sqlite(h);
+  const j = db.prepare('SELECT seq, state FROM jobs WHERE id = ?').get(id) as { seq: number; state: string } | undefined;
+  if (!j) return null;
+  const deliveries = db.prepare('SELECT status FROM webhook_deliveries WHERE job_seq = ? ORDER BY sequence, id').all(j.seq) as { status: string }[];
+  return { state: j.state, deliveries };
 }
 
 /** Polls GET /jobs/:id until pred holds. */

@@ -5,15 +5,15 @@ import { fileURLToPath } from 'node:url';
 
 export type DB = Database.Database;
 
-/** Finds the repository's `migrations/` folder whether we run from src/ (tests) or dist/src/ (built). */
+/** Finds the repository's `migrations/sqlite/` folder whether we run from src/ (tests) or dist/src/ (built). */
 export function defaultMigrationsDir(): string {
   let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (let i = 0; i < 6; i++) {
-    const candidate = path.join(dir, 'migrations');
+  for (let i = 0; i < 8; i++) {
+    const candidate = path.join(dir, 'migrations', 'sqlite');
     if (fs.existsSync(candidate) && fs.existsSync(path.join(dir, 'package.json'))) return candidate;
     dir = path.dirname(dir);
   }
-  throw new Error('migrations/ folder not found next to package.json');
+  throw new Error('migrations/sqlite/ folder not found next to package.json');
 }
 
 /**
@@ -25,7 +25,7 @@ export function openDatabase(
   opts: { busyTimeoutMs?: number; readonly?: boolean; synchronous?: 'FULL' | 'NORMAL' } = {},
 ): DB {
   const db = new Database(file, { readonly: opts.readonly ?? false, fileMustExist: opts.readonly ?? false });
-  db.pragma(`busy_timeout = ${Math.trunc(opts.busyTimeoutMs ?? 5000)}`);
+  db.pragma(`busy_timeout = ${Math.trunc(opts.busyTimeoutMs ?? 1000)}`);
   if (!opts.readonly) {
     db.pragma('journal_mode = WAL');
     db.pragma(`synchronous = ${opts.synchronous === 'NORMAL' ? 'NORMAL' : 'FULL'}`);
@@ -64,7 +64,41 @@ export function migrate(db: DB, dir: string = defaultMigrationsDir()): number[] 
 }
 
 /** SQLite errors that mean storage is unavailable (locked, read-only, full, I/O), not a bug. */
-export function isStorageError(err: unknown): boolean {
+export function isSqliteStorageError(err: unknown): boolean {
   const code = (err as { code?: unknown } | null)?.code;
   return typeof code === 'string' && /^SQLITE_(BUSY|LOCKED|FULL|IOERR|READONLY|CANTOPEN|PROTOCOL|CORRUPT|NOTADB)/.test(code);
+}
+
+/** The data directory is already used by a live process. */
+export class DataDirLocked extends Error {
+  constructor(dir: string) {
+    super(
+      `the data directory ${dir} is in use by another running Foreman process; ` +
+        'a SQLite data directory belongs to exactly one process (use FOREMAN_DATABASE_URL=postgres://… to run several)',
+    );
+    this.name = 'DataDirLocked';
+  }
+}
+
+/**
+ * Takes the data directory for this process: an exclusive lock on `foreman.lock`, held by an open
+ * SQLite connection in EXCLUSIVE locking mode. It is an OS file lock, so the kernel releases it
+ * when the process dies, even by SIGKILL; a second process gets `DataDirLocked` at once.
+ */
+export function lockDataDir(dir: string): { release(): void } {
+  const lock = new Database(path.join(dir, 'foreman.lock'));
+  try {
+    lock.pragma('busy_timeout = 0');
+    lock.pragma('locking_mode = EXCLUSIVE');
+    lock.exec('CREATE TABLE IF NOT EXISTS holder (pid INTEGER, since INTEGER)');
+    lock.exec('BEGIN EXCLUSIVE');
+    lock.prepare('DELETE FROM holder').run();
+    lock.prepare('INSERT INTO holder VALUES (?, ?)').run(process.pid, Date.now());
+    lock.exec('COMMIT'); // in EXCLUSIVE locking mode the lock stays after the commit
+  } catch (err) {
+    lock.close();
+    if ((err as { code?: string }).code?.startsWith('SQLITE_BUSY')) throw new DataDirLocked(dir);
+    throw err;
+  }
+  return { release: () => lock.close() };
 }

@@ -1,0 +1,20 @@
+import type { Logger } from 'pino';
+import type { Config } from '../config.js';
+import type { Clock } from '../domain.js';
+import type { ChatEngine } from '../engine/engine.js';
+import type { JobEvents } from '../events.js';
+import type { Jobs } from '../jobs/jobs.js';
+
+/** What the HTTP layer is given. It reaches stored jobs only through `jobs` (the application layer). */
+export interface AppDeps {
+  jobs: Jobs;
+  engine: Pick<ChatEngine, 'status' | 'passthrough' | 'load'>;
+  events: JobEvents;
+  /** Whether storage answers (readiness). */
+  storageReady: () => Promise<boolean>;
+  config: Config;
+  clock: Clock;
+  logger: Logger;
+  /** The base of every absolute URL handed out (FOREMAN_PUBLIC_URL, or the address listened on). */
+  publicUrl: () => string;
+}

@@ -1,0 +1,201 @@
+import { iso, type Clock, type JobState } from '../domain.js';
+import { Conflict, NotFound, Unavailable, Validation } from '../errors.js';
+import { uuidv7 } from '../ids.js';
+import type { Artifact, CancelOutcome, JobView, ListedJob, QueueDriver, TransitionEvent } from '../queue/driver.js';
+import { ARTIFACT_NAME_RE } from '../domain.js';
+import { bodyHash, decodeCursor, encodeCursor, ENGINE_FIELDS, MAX_JSON_DEPTH, parseDeadline, tooDeep } from './rules.js';
+
+export interface JobsSettings {
+  maxQueued: number;
+  jobMaxAttempts: number;
+  idempotencyTtlMs: number;
+  /** Jobs run at once (for the ETA). */
+  concurrency: number;
+}
+
+export interface SubmitInput {
+  body: Record<string, unknown> & { model: string };
+  webhookUrl: string | null;
+  webhookEvents: JobState[] | null;
+  metadata: Record<string, string> | null;
+  priority: number;
+  deadline: string | undefined;
+  idempotencyKey: string | undefined;
+  /** Pre-chosen id, so a caller can subscribe to the job's events before it exists. */
+  id?: string;
+}
+
+export interface ListQuery {
+  limit: number;
+  state?: JobState;
+  model?: string;
+  createdAfter?: number;
+  createdBefore?: number;
+  metadata: [string, string][];
+  cursor?: string;
+}
+
+/** At most this many `metadata.*` filters in one listing. */
+export const MAX_METADATA_FILTERS = 8;
+
+export interface QueueEstimate {
+  position: number;
+  estimatedStartAt: string | null;
+}
+
+const notFound = (id: string) => new NotFound('job_not_found', `no job with id ${JSON.stringify(id.slice(0, 80))}`);
+
+/**
+ * The application layer: what the HTTP routes (and tools) may do with jobs. It is the only caller
+ * of the queue driver from HTTP, applies the rules the schemas cannot express, and throws domain
+ * errors that `http/errors.ts` maps to status codes.
+ */
+export class Jobs {
+  constructor(
+    private readonly driver: QueueDriver,
+    private readonly clock: Clock,
+    private readonly settings: JobsSettings,
+  ) {}
+
+  /** Validates, then commits the job; resolves once it is durable. */
+  async submit(input: SubmitInput): Promise<{ jobId: string; replayed: boolean; state: JobState }> {
+    const { settings, clock } = this;
+    const request: Record<string, unknown> = {};
+    for (const k of ENGINE_FIELDS) if (input.body[k] !== undefined) request[k] = input.body[k];
+    const deep = tooDeep(request, MAX_JSON_DEPTH);
+    if (deep !== null) throw new Validation(`${deep} is nested deeper than ${MAX_JSON_DEPTH} levels`, deep);
+    if (input.webhookEvents !== null && input.webhookUrl === null) {
+      throw new Validation('webhook_events needs state_webhook_url', 'webhook_events');
+    }
+    const now = clock.now();
+    const deadlineAt = input.deadline === undefined ? null : parseDeadline(input.deadline, now);
+    const [outcome] = await this.driver.jobsInsert({
+      now,
+      maxQueued: settings.maxQueued,
+      jobs: [
+        {
+          id: input.id ?? uuidv7(),
+          model: input.body.model,
+          request,
+          metadata: input.metadata,
+          webhookUrl: input.webhookUrl,
+          webhookEvents: input.webhookEvents,
+          maxAttempts: settings.jobMaxAttempts,
+          priority: input.priority,
+          deadlineAt,
+          idempotency:
+            input.idempotencyKey === undefined
+              ? null
+              : { key: input.idempotencyKey, bodyHash: bodyHash(input.body), expiresAt: now + settings.idempotencyTtlMs },
+        },
+      ],
+    });
+    if (outcome!.ok) return outcome!;
+    if (outcome!.code === 'idempotency_key_reused') {
+      throw new Conflict('idempotency_key_reused', 'this Idempotency-Key was already used with a different body', 'Idempotency-Key');
+    }
+    throw new Unavailable('queue_full', `the queue holds FOREMAN_MAX_QUEUED (${settings.maxQueued}) jobs; try again later`, undefined, 5);
+  }
+
+  /**
+   * Cancels a queued or running job. The transition commits first; the driver then announces a
+   * running job's cancel, and whoever runs it closes the engine request (which stops Ollama).
+   */
+  async cancel(id: string): Promise<CancelOutcome> {
+    const r = await this.driver.jobCancel({ id, now: this.clock.now() });
+    if (r === null) throw notFound(id);
+    if (!r.canceled) throw new Conflict('job_finished', `the job is already ${r.state}`);
+    return r;
+  }
+
+  /** Cancels if possible; never throws for a job that is gone or finished (clients that went away). */
+  async cancelQuietly(id: string): Promise<boolean> {
+    const r = await this.driver.jobCancel({ id, now: this.clock.now() });
+    return r?.canceled ?? false;
+  }
+
+  async get(id: string): Promise<JobView & { queue: QueueEstimate | null }> {
+    const j = await this.driver.jobGet({ id });
+    if (!j) throw notFound(id);
+    return { ...j, queue: j.state === 'queued' ? await this.estimate(j) : null };
+  }
+
+  /** Null when the job does not exist (no estimate needed: SSE, /api/chat). */
+  find(id: string): Promise<JobView | null> {
+    return this.driver.jobGet({ id });
+  }
+
+  async list(q: ListQuery): Promise<{ jobs: ListedJob[]; nextCursor: string | null }> {
+    if (!(q.limit >= 1 && q.limit <= 100)) throw new Validation('limit must be 1 to 100', 'limit');
+    if (q.metadata.length > MAX_METADATA_FILTERS) {
+      throw new Validation(`at most ${MAX_METADATA_FILTERS} metadata.* filters may be combined`, `metadata.${q.metadata[MAX_METADATA_FILTERS]![0]}`);
+    }
+    const beforeSeq = q.cursor === undefined ? undefined : decodeCursor(q.cursor);
+    // One more than asked, to know whether another page exists.
+    const rows = await this.driver.jobsList({
+      limit: q.limit + 1,
+      ...(q.state ? { state: q.state } : {}),
+      ...(q.model ? { model: q.model } : {}),
+      ...(q.createdAfter !== undefined ? { createdAfter: q.createdAfter } : {}),
+      ...(q.createdBefore !== undefined ? { createdBefore: q.createdBefore } : {}),
+      ...(q.metadata.length ? { metadata: q.metadata } : {}),
+      ...(beforeSeq !== undefined ? { beforeSeq } : {}),
+    });
+    const more = rows.length > q.limit;
+    if (more) rows.pop();
+    return { jobs: rows, nextCursor: more ? encodeCursor(rows[rows.length - 1]!.seq) : null };
+  }
+
+  async artifact(jobId: string, name: string): Promise<Artifact> {
+    // The name is a lookup key, never a path; anything outside the allowed alphabet cannot exist.
+    const a = ARTIFACT_NAME_RE.test(name) ? await this.driver.artifactGet({ jobId, name }) : null;
+    if (a) return a;
+    if ((await this.driver.jobGet({ id: jobId })) === null) throw notFound(jobId);
+    throw new NotFound('artifact_not_found', `job ${jobId} has no artifact named ${JSON.stringify(name.slice(0, 80))}`);
+  }
+
+  /** Makes the job's failed deliveries (or the one for `state`) pending again. */
+  async redeliver(id: string, state: JobState | null): Promise<JobState[]> {
+    const j = await this.driver.jobGet({ id });
+    if (!j) throw notFound(id);
+    if (j.webhookUrl === null) throw new Conflict('no_webhook', 'this job has no state_webhook_url');
+    if (state !== null && !j.deliveries.some((d) => d.state === state)) {
+      throw new Conflict('no_such_event', `this job has no ${state} event to redeliver`, 'state');
+    }
+    return this.driver.deliveriesRedeliver({ jobId: id, now: this.clock.now(), state });
+  }
+
+  transitionsSince(id: string, after: number): Promise<TransitionEvent[]> {
+    return this.driver.jobTransitionsSince({ id, after });
+  }
+
+  /**
+   * Queue position and start estimate for a queued job (README "Queue position and ETA"):
+   * position = queued jobs the claim takes first (effective priority, then FIFO);
+   * estimate = now + (Σ ahead of each model's average run time + the remaining average time of
+   * running jobs) / concurrency. Averages are per-model moving averages (α = 0.2) of recent runs;
+   * a model with none uses the mean over models; with no history at all the estimate is null.
+   */
+  async estimate(j: { seq: number }): Promise<QueueEstimate> {
+    const now = this.clock.now();
+    const concurrency = this.settings.concurrency;
+    const snap = await this.driver.jobQueueSnapshot({ seq: j.seq });
+    const position = snap.ahead.reduce((a, r) => a + r.n, 0);
+    const all = [...snap.stats.values()];
+    const fallback = all.length ? all.reduce((a, b) => a + b, 0) / all.length : null;
+    const avg = (m: string) => snap.stats.get(m) ?? fallback;
+    if (position === 0 && snap.running.length < concurrency) return { position, estimatedStartAt: iso(now) };
+    let work = 0;
+    for (const r of snap.ahead) {
+      const a = avg(r.model);
+      if (a === null) return { position, estimatedStartAt: null };
+      work += a * r.n;
+    }
+    for (const r of snap.running) {
+      const a = avg(r.model);
+      if (a === null) return { position, estimatedStartAt: null };
+      work += Math.max(0, a - (now - r.startedAt));
+    }
+    return { position, estimatedStartAt: iso(now + Math.round(work / concurrency)) };
+  }
+}

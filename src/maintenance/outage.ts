@@ -1,0 +1,51 @@
+import type { ChatEngine } from '../engine/engine.js';
+import type { EngineHealth } from '../engine/health.js';
+import { MaintenanceService, type MaintenanceDeps } from './maintainer.js';
+
+/**
+ * The engine-outage policy (ADR-0007). While the worker has found the engine unreachable, jobs
+ * stay queued with their attempts, and this probes the engine; once it answers, claims resume.
+ * Once the outage has lasted `outageTimeoutMs`, queued jobs that have waited that long fail
+ * with `engine_unavailable`.
+ */
+export class OutagePolicy extends MaintenanceService {
+  readonly name = 'outage policy';
+
+  constructor(
+    deps: MaintenanceDeps,
+    private readonly engine: Pick<ChatEngine, 'status'>,
+    private readonly health: EngineHealth,
+    private readonly opts: { outageTimeoutMs: number; probeEveryMs: number; idleMs: number },
+  ) {
+    super(deps);
+    health.onDown(this.wake);
+  }
+
+  protected async tick(): Promise<number> {
+    const { driver, clock, logger } = this.deps;
+    const since = this.health.downSince;
+    if (since === null) return this.opts.idleMs; // woken when the worker marks the engine down
+    const waited = clock.now() - since;
+    if (waited < this.opts.probeEveryMs) return this.opts.probeEveryMs - waited;
+    const status = await this.engine.status();
+    logger.debug({ status }, 'engine probe');
+    if (status.up) {
+      logger.info({ down_ms: clock.now() - since }, 'engine is reachable again; resuming');
+      this.health.markUp();
+      return this.opts.idleMs;
+    }
+    const now = clock.now();
+    if (now - since >= this.opts.outageTimeoutMs) {
+      const ids = await driver.jobsFailStale({
+        createdBefore: now - this.opts.outageTimeoutMs,
+        now,
+        error: {
+          code: 'engine_unavailable',
+          message: `the engine has been unreachable for longer than FOREMAN_ENGINE_OUTAGE_TIMEOUT (${this.opts.outageTimeoutMs}ms): ${status.error ?? 'down'}`,
+        },
+      });
+      for (const id of ids) logger.warn({ job_id: id, state: 'failed', code: 'engine_unavailable' }, 'job failed: engine outage outlasted its wait');
+    }
+    return this.opts.probeEveryMs;
+  }
+}

@@ -1,0 +1,241 @@
+import type { ErrorInfo, JobState } from '../domain.js';
+import type { Notifier } from './notifier.js';
+
+/**
+ * The queue driver boundary (ADR-0010). Everything the service stores goes through one of these
+ * methods: async, named entity + verb, one params object each. A driver owns its SQL, its
+ * transactions and its connection handling; nothing of its database shows through this file.
+ * Errors are domain errors (`StorageUnavailable`, `Conflict`, `NotFound`, see `errors.ts`).
+ * Effects (a job became claimable, an outbox row became due, a state changed, a running job was
+ * canceled) are announced through the driver's `Notifier`, only after the commit that made them.
+ *
+ * Writes that return `boolean` are guarded transitions: they return false, and change nothing,
+ * when the job is no longer in the state the caller expected or the lease is no longer theirs.
+ */
+export interface QueueDriver {
+  readonly name: string;
+  readonly notifier: Notifier;
+
+  /**
+   * Start-up recovery, correct for how the driver is shared: an exclusive driver (SQLite)
+   * re-queues whatever was running, since its owner is gone; a shared one leaves running jobs
+   * to the rescuer, which takes them only once their lease has expired.
+   */
+  recover(p: { now: number }): Promise<{ requeued: string[] }>;
+  ping(): Promise<boolean>;
+  close(): Promise<void>;
+
+  // --- jobs: submit and claim ---
+  jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number }): Promise<InsertOutcome[]>;
+  /** Up to `limit` claimable jobs in claim order, each moved to `loading` with a lease of its own. */
+  jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number }): Promise<ClaimedJob[]>;
+  jobLeaseRenew(p: { seq: number; lease: string; until: number }): Promise<boolean>;
+
+  // --- jobs: one attempt's transitions (guarded by the lease) ---
+  jobSetWorking(p: { seq: number; lease: string; now: number; leaseMs: number }): Promise<boolean>;
+  jobComplete(p: { seq: number; lease: string; now: number; result: unknown; artifacts: ArtifactInput[]; runMs: number }): Promise<boolean>;
+  jobRetry(p: { seq: number; lease: string; now: number; runAt: number }): Promise<boolean>;
+  jobFail(p: { seq: number; lease: string; now: number; error: ErrorInfo }): Promise<boolean>;
+  /** Gives the attempt back (shutdown, storage trouble, engine unreachable): it does not count. */
+  jobRelease(p: { seq: number; lease: string; now: number }): Promise<boolean>;
+
+  /** Cancels a queued or running job; a running one is announced as `cancelRequested`. Null: no such job. */
+  jobCancel(p: { id: string; now: number }): Promise<CancelOutcome | null>;
+
+  // --- jobs: maintenance ---
+  /** Re-queues running jobs whose lease has expired (their attempt does not count). */
+  jobsRescue(p: { now: number }): Promise<string[]>;
+  jobsFailPastDeadline(p: { now: number }): Promise<string[]>;
+  /** Fails queued jobs created before `createdBefore` (engine outage policy). */
+  jobsFailStale(p: { createdBefore: number; now: number; error: ErrorInfo }): Promise<string[]>;
+  /** Refreshes queued jobs' stored aging boost (whole `agingMs` intervals waited). */
+  jobsAge(p: { now: number; agingMs: number }): Promise<number>;
+  /** Deletes up to `limit` jobs finished before `finishedBefore` with no delivery owed. */
+  jobsDeleteExpired(p: { finishedBefore: number; limit: number; now: number }): Promise<number>;
+  /** When the next delayed (retrying) queued job becomes claimable, or null. */
+  jobsNextRunAt(): Promise<number | null>;
+  jobsNextDeadlineAt(): Promise<number | null>;
+  /** The oldest finish time of a terminal job, or null (the TTL cleaner's next wake-up). */
+  jobsOldestFinishedAt(): Promise<number | null>;
+
+  // --- jobs: reads ---
+  jobGet(p: { id: string }): Promise<JobView | null>;
+  jobsList(p: ListFilter): Promise<ListedJob[]>;
+  jobTransitionsSince(p: { id: string; after: number }): Promise<TransitionEvent[]>;
+  /** What a queued job's position and ETA are computed from (the claim order). */
+  jobQueueSnapshot(p: { seq: number }): Promise<QueueSnapshot>;
+  artifactGet(p: { jobId: string; name: string }): Promise<Artifact | null>;
+
+  // --- webhook outbox ---
+  /**
+   * Claims up to `limit` due deliveries: the head of each job's line only, none already
+   * claimed, at most `perOriginLimit` claimed per receiver origin. A claimed delivery stays
+   * claimed until `deliveryRecord` or `deliveryRelease`. Cost does not depend on how many
+   * deliveries wait (ADR-0010).
+   */
+  deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]>;
+  /** When the next unclaimed delivery of an origin below its cap becomes due, or null. */
+  deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null>;
+  deliveryRecord(p: { id: number; now: number; outcome: DeliveryOutcome }): Promise<void>;
+  /** Un-claims a delivery without recording an attempt (shutdown): it stays due. */
+  deliveryRelease(p: { id: number }): Promise<void>;
+  /** Makes a job's failed deliveries (or the one for `state`) pending again; returns their states. */
+  deliveriesRedeliver(p: { jobId: string; now: number; state: JobState | null }): Promise<JobState[]>;
+}
+
+export interface NewJob {
+  id: string;
+  model: string;
+  request: Record<string, unknown>;
+  metadata: Record<string, string> | null;
+  webhookUrl: string | null;
+  webhookEvents: JobState[] | null;
+  maxAttempts: number;
+  priority: number;
+  deadlineAt: number | null;
+  /** Idempotency-Key handling: the key, the hash of the request body, and when the key expires. */
+  idempotency: { key: string; bodyHash: string; expiresAt: number } | null;
+}
+
+export type InsertOutcome =
+  | { ok: true; jobId: string; replayed: boolean; state: JobState }
+  | { ok: false; code: 'queue_full' }
+  | { ok: false; code: 'idempotency_key_reused' };
+
+export interface ClaimedJob {
+  seq: number;
+  id: string;
+  model: string;
+  request: Record<string, unknown>;
+  attempt: number;
+  maxAttempts: number;
+  /** This attempt's lease token: every later transition of the attempt must present it. */
+  lease: string;
+}
+
+export interface CancelOutcome {
+  canceled: boolean;
+  wasRunning: boolean;
+  /** The state after the call. */
+  state: JobState;
+}
+
+export interface ArtifactInput {
+  name: string;
+  contentType: string;
+  body: Buffer;
+}
+
+export interface ArtifactMeta {
+  name: string;
+  contentType: string;
+  size: number;
+  sha256: string;
+}
+
+export interface Artifact extends ArtifactMeta {
+  body: Buffer;
+}
+
+export interface DeliveryView {
+  id: number;
+  state: JobState;
+  sequence: number;
+  status: 'pending' | 'delivered' | 'failed';
+  attempts: number;
+  lastStatusCode: number | null;
+  lastError: string | null;
+  nextAttemptAt: number | null;
+  deliveredAt: number | null;
+  occurredAt: number;
+}
+
+export interface JobView {
+  seq: number;
+  id: string;
+  state: JobState;
+  model: string;
+  attempt: number;
+  maxAttempts: number;
+  priority: number;
+  deadlineAt: number | null;
+  metadata: Record<string, string> | null;
+  createdAt: number;
+  startedAt: number | null;
+  finishedAt: number | null;
+  updatedAt: number;
+  result: unknown;
+  error: ErrorInfo | null;
+  webhookUrl: string | null;
+  webhookEvents: JobState[] | null;
+  transitions: { state: JobState; at: number; attempt: number }[];
+  artifacts: ArtifactMeta[];
+  deliveries: DeliveryView[];
+}
+
+/** A claimed webhook delivery, with what the dispatcher needs to build the event body. */
+export interface ClaimedDelivery {
+  id: number;
+  jobId: string;
+  state: JobState;
+  sequence: number;
+  url: string;
+  /** scheme://host[:port]: the key of the per-receiver concurrency cap. */
+  origin: string;
+  occurredAt: number;
+  attempts: number;
+  metadata: Record<string, string> | null;
+  error: ErrorInfo | null;
+  /** For `done`: the job's artifacts; `body` only where small enough to travel inline. */
+  artifacts: (ArtifactMeta & { body: Buffer | null })[];
+}
+
+export type DeliveryOutcome =
+  | { kind: 'delivered'; status: number }
+  | { kind: 'retry'; at: number; status: number | null; error: string }
+  | { kind: 'failed'; status: number | null; error: string }
+  /** 410: this and every later event of the job are given up. */
+  | { kind: 'gone'; status: number; error: string };
+
+/** A committed state change, as watchers see it. `n` is its place in the job's transition log. */
+export interface TransitionEvent {
+  jobId: string;
+  state: JobState;
+  n: number;
+  at: number;
+  attempt: number;
+  /** For `failed`. */
+  error?: ErrorInfo;
+}
+
+export interface ListFilter {
+  state?: JobState;
+  model?: string;
+  createdAfter?: number;
+  createdBefore?: number;
+  /** metadata.<key>=<value> filters; all must match. */
+  metadata?: [string, string][];
+  /** Only jobs with seq below this (the cursor). */
+  beforeSeq?: number;
+  limit: number;
+}
+
+export interface ListedJob {
+  seq: number;
+  id: string;
+  state: JobState;
+  model: string;
+  priority: number;
+  attempt: number;
+  metadata: Record<string, string> | null;
+  createdAt: number;
+  finishedAt: number | null;
+}
+
+export interface QueueSnapshot {
+  /** Queued jobs the claim takes before this one, per model. */
+  ahead: { model: string; n: number }[];
+  running: { model: string; startedAt: number }[];
+  /** Moving average of run time per model. */
+  stats: Map<string, number>;
+}

@@ -1,0 +1,622 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { createHash } from 'node:crypto';
+import type { Statement } from 'better-sqlite3';
+import { STATE_SEQUENCE, type ErrorInfo, type JobState } from '../../domain.js';
+import type {
+  Artifact,
+  ArtifactMeta,
+  CancelOutcome,
+  ClaimedDelivery,
+  ClaimedJob,
+  DeliveryOutcome,
+  DeliveryView,
+  InsertOutcome,
+  JobView,
+  ListFilter,
+  ListedJob,
+  NewJob,
+  QueueDriver,
+  QueueSnapshot,
+  TransitionEvent,
+} from '../driver.js';
+import { LocalNotifier, type Notifier } from '../notifier.js';
+import { lockDataDir, migrate, openDatabase, type DB } from './db.js';
+import { domainError, GroupCommit, type Effects } from './group-commit.js';
+import { prepareStatements, type Statements } from './statements.js';
+
+export interface SqliteDriverOptions {
+  dataDir: string;
+  busyTimeoutMs?: number;
+  synchronous?: 'FULL' | 'NORMAL';
+  notifier?: Notifier;
+  /** Observes each group commit (metrics). */
+  onCommit?: (size: number, ms: number) => void;
+}
+
+/** The columns a transition statement returns. */
+interface TransitionRow {
+  seq: number;
+  id: string;
+  attempt: number;
+  webhook_url: string | null;
+  webhook_events: string | null;
+  webhook_gone: number;
+  error_code: string | null;
+  error_message: string | null;
+}
+
+interface JobRow extends TransitionRow {
+  state: JobState;
+  model: string;
+  priority: number;
+  deadline_at: number | null;
+  request: string;
+  metadata: string | null;
+  max_attempts: number;
+  created_at: number;
+  started_at: number | null;
+  finished_at: number | null;
+  updated_at: number;
+  result: string | null;
+}
+
+interface DueRow {
+  id: number;
+  jobSeq: number;
+  state: JobState;
+  sequence: number;
+  url: string;
+  origin: string;
+  occurredAt: number;
+  attempts: number;
+  jobId: string;
+  metadata: string | null;
+  errorCode: string | null;
+  errorMessage: string | null;
+}
+
+const LIST_CACHE_MAX = 64;
+
+/** The origin (scheme://host[:port]) of a normalised webhook URL: the per-receiver cap's key. */
+export const originOf = (url: string): string => new URL(url).origin;
+
+/**
+ * The SQLite driver: one process owns the database file (a lock on the data directory enforces
+ * it), writes go through the group commit, and claims of webhook deliveries are held in memory
+ * (a process that dies releases them with its memory). ADR-0002, ADR-0010.
+ */
+export class SqliteDriver implements QueueDriver {
+  readonly name = 'sqlite';
+  readonly notifier: Notifier;
+  readonly db: DB;
+  private readonly s: Statements;
+  private readonly group: GroupCommit;
+  private readonly lock: { release(): void };
+  private readonly listCache = new Map<string, Statement>();
+  /** Claimed deliveries (id → origin) and how many each origin has claimed. */
+  private readonly claimed = new Map<number, string>();
+  private readonly claimedPerOrigin = new Map<string, number>();
+  private closed = false;
+
+  constructor(opts: SqliteDriverOptions) {
+    fs.mkdirSync(opts.dataDir, { recursive: true });
+    this.lock = lockDataDir(opts.dataDir);
+    try {
+      this.db = openDatabase(path.join(opts.dataDir, 'foreman.db'), {
+        busyTimeoutMs: opts.busyTimeoutMs ?? 1000,
+        synchronous: opts.synchronous ?? 'FULL',
+      });
+      migrate(this.db);
+      this.s = prepareStatements(this.db);
+    } catch (err) {
+      this.lock.release();
+      throw err;
+    }
+    this.notifier = opts.notifier ?? new LocalNotifier();
+    this.group = new GroupCommit(this.db, (all) => all.forEach((fx) => this.announce(fx)), opts.onCommit);
+  }
+
+  private announce(fx: Effects): void {
+    const n = this.notifier;
+    if (fx.deliveryReady) n.emit('deliveryReady');
+    if (fx.jobReady) n.emit('jobReady');
+    for (const e of fx.transitions) n.emit('stateChanged', e);
+    for (const id of fx.canceled) n.emit('cancelRequested', id);
+  }
+
+  /** A write, in the current group commit; settles after the commit. */
+  private write<T>(op: (fx: Effects) => T): Promise<T> {
+    return this.group.run(op);
+  }
+
+  /** A read: runs now, outside any transaction it does not need. */
+  private async read<T>(fn: () => T): Promise<T> {
+    try {
+      return fn();
+    } catch (err) {
+      throw domainError(err);
+    }
+  }
+
+  // --- transitions ---
+
+  /** Appends the transition and, if the job's webhook wants this state, the outbox row. */
+  private record(fx: Effects, row: TransitionRow, state: JobState, now: number): void {
+    const s = this.s;
+    const n = s.insertTransition.get({ seq: row.seq, state, at: now, attempt: row.attempt }) as number;
+    const ev: TransitionEvent = { jobId: row.id, state, n, at: now, attempt: row.attempt };
+    if (state === 'failed') ev.error = { code: row.error_code ?? 'unknown', message: row.error_message ?? '' };
+    fx.transitions.push(ev);
+    if (state === 'queued') fx.jobReady = true;
+    if (row.webhook_url === null || row.webhook_gone === 1) return;
+    if (row.webhook_events !== null && !(JSON.parse(row.webhook_events) as string[]).includes(state)) return;
+    const origin = originOf(row.webhook_url);
+    const r = s.insertDelivery.get({ seq: row.seq, state, sequence: STATE_SEQUENCE[state], url: row.webhook_url, origin, now }) as
+      | { dueAt: number | null }
+      | undefined;
+    // Due now unless an earlier event of the job is still pending (then it becomes due in turn).
+    if (r?.dueAt == null) return;
+    s.originEarlier.run({ origin, at: r.dueAt });
+    fx.deliveryReady = true;
+  }
+
+  private move(fx: Effects, stmt: Statement, params: object, state: JobState, now: number): TransitionRow | undefined {
+    const row = stmt.get(params) as TransitionRow | undefined;
+    if (row) this.record(fx, row, state, now);
+    return row;
+  }
+
+  private moveAll(fx: Effects, stmt: Statement, params: object, state: JobState, now: number): string[] {
+    const rows = stmt.all(params) as TransitionRow[];
+    for (const r of rows) this.record(fx, r, state, now);
+    return rows.map((r) => r.id);
+  }
+
+  async recover(p: { now: number }): Promise<{ requeued: string[] }> {
+    // This process owns the database exclusively: whatever was running belonged to a process that is gone.
+    const requeued = await this.write((fx) => this.moveAll(fx, this.s.rescueAll, { now: p.now }, 'queued', p.now));
+    return { requeued };
+  }
+
+  async ping(): Promise<boolean> {
+    return this.read(() => this.s.ping.get() === 1);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.group.flush();
+    this.db.close();
+    this.lock.release();
+  }
+
+  jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number }): Promise<InsertOutcome[]> {
+    const s = this.s;
+    return this.write((fx) => {
+      const { now } = p;
+      let queued = s.countQueued.get() as number;
+      const out: InsertOutcome[] = [];
+      for (const j of p.jobs) {
+        if (j.idempotency) {
+          const prior = s.idemGet.get(j.idempotency.key) as { bodyHash: string; jobSeq: number; expiresAt: number } | undefined;
+          if (prior && prior.expiresAt > now) {
+            const job = s.idStateBySeq.get(prior.jobSeq) as { id: string; state: JobState };
+            out.push(prior.bodyHash === j.idempotency.bodyHash ? { ok: true, jobId: job.id, replayed: true, state: job.state } : { ok: false, code: 'idempotency_key_reused' });
+            continue;
+          }
+          if (prior) s.idemDelete.run(j.idempotency.key);
+        }
+        if (queued >= p.maxQueued) {
+          out.push({ ok: false, code: 'queue_full' });
+          continue;
+        }
+        const row = s.insertJob.get({
+          id: j.id,
+          model: j.model,
+          request: JSON.stringify(j.request),
+          metadata: j.metadata === null ? null : JSON.stringify(j.metadata),
+          webhook_url: j.webhookUrl,
+          webhook_events: j.webhookEvents === null ? null : JSON.stringify(j.webhookEvents),
+          max_attempts: j.maxAttempts,
+          priority: j.priority,
+          deadline_at: j.deadlineAt,
+          now,
+        }) as TransitionRow;
+        if (j.metadata) for (const [k, v] of Object.entries(j.metadata)) s.insertMetadata.run(k, v, row.seq);
+        if (j.idempotency) s.idemInsert.run(j.idempotency.key, j.idempotency.bodyHash, row.seq, j.idempotency.expiresAt);
+        this.record(fx, row, 'queued', now);
+        queued++;
+        out.push({ ok: true, jobId: j.id, replayed: false, state: 'queued' });
+      }
+      return out;
+    });
+  }
+
+  jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number }): Promise<ClaimedJob[]> {
+    return this.write((fx) => {
+      const rows = this.s.claim.all({ owner: p.owner, n: p.limit, now: p.now, lease: p.now + p.leaseMs }) as (TransitionRow & {
+        model: string;
+        request: string;
+        max_attempts: number;
+        lease_owner: string;
+      })[];
+      for (const r of rows) this.record(fx, r, 'loading', p.now);
+      return rows.map((r) => ({
+        seq: r.seq,
+        id: r.id,
+        model: r.model,
+        request: JSON.parse(r.request) as Record<string, unknown>,
+        attempt: r.attempt,
+        maxAttempts: r.max_attempts,
+        lease: r.lease_owner,
+      }));
+    });
+  }
+
+  jobLeaseRenew(p: { seq: number; lease: string; until: number }): Promise<boolean> {
+    return this.write(() => this.s.heartbeat.run(p).changes > 0);
+  }
+
+  jobSetWorking(p: { seq: number; lease: string; now: number; leaseMs: number }): Promise<boolean> {
+    return this.write(
+      (fx) => this.move(fx, this.s.toWorking, { seq: p.seq, lease: p.lease, now: p.now, lease_until: p.now + p.leaseMs }, 'working', p.now) !== undefined,
+    );
+  }
+
+  jobComplete(p: { seq: number; lease: string; now: number; result: unknown; artifacts: { name: string; contentType: string; body: Buffer }[]; runMs: number }): Promise<boolean> {
+    const s = this.s;
+    return this.write((fx) => {
+      const row = this.move(fx, s.toDone, { seq: p.seq, lease: p.lease, now: p.now, result: JSON.stringify(p.result) }, 'done', p.now) as
+        | (TransitionRow & { model: string })
+        | undefined;
+      if (!row) return false;
+      for (const a of p.artifacts) {
+        const sha = createHash('sha256').update(a.body).digest('hex');
+        s.insertArtifact.run(p.seq, a.name, a.contentType, a.body.length, sha, a.body, p.now);
+      }
+      s.modelStat.run({ model: row.model, ms: p.runMs });
+      return true;
+    });
+  }
+
+  jobRetry(p: { seq: number; lease: string; now: number; runAt: number }): Promise<boolean> {
+    return this.write((fx) => this.move(fx, this.s.toQueuedRetry, { seq: p.seq, lease: p.lease, now: p.now, run_at: p.runAt }, 'queued', p.now) !== undefined);
+  }
+
+  jobFail(p: { seq: number; lease: string; now: number; error: ErrorInfo }): Promise<boolean> {
+    return this.write(
+      (fx) =>
+        this.move(fx, this.s.toFailed, { seq: p.seq, lease: p.lease, now: p.now, code: p.error.code, message: p.error.message }, 'failed', p.now) !==
+        undefined,
+    );
+  }
+
+  jobRelease(p: { seq: number; lease: string; now: number }): Promise<boolean> {
+    return this.write((fx) => this.move(fx, this.s.toQueuedRelease, p, 'queued', p.now) !== undefined);
+  }
+
+  jobCancel(p: { id: string; now: number }): Promise<CancelOutcome | null> {
+    const s = this.s;
+    return this.write((fx) => {
+      const before = s.seqStateById.get(p.id) as { seq: number; state: JobState } | undefined;
+      if (!before) return null;
+      const canceled = this.move(fx, s.toCanceled, { seq: before.seq, now: p.now }, 'canceled', p.now) !== undefined;
+      const wasRunning = canceled && (before.state === 'loading' || before.state === 'working');
+      if (wasRunning) fx.canceled.push(p.id);
+      return { canceled, wasRunning, state: canceled ? 'canceled' : before.state };
+    });
+  }
+
+  // --- maintenance ---
+
+  jobsRescue(p: { now: number }): Promise<string[]> {
+    return this.write((fx) => this.moveAll(fx, this.s.rescueExpired, p, 'queued', p.now));
+  }
+
+  jobsFailPastDeadline(p: { now: number }): Promise<string[]> {
+    return this.write((fx) => this.moveAll(fx, this.s.pastDeadline, p, 'failed', p.now));
+  }
+
+  jobsFailStale(p: { createdBefore: number; now: number; error: ErrorInfo }): Promise<string[]> {
+    return this.write((fx) =>
+      this.moveAll(fx, this.s.staleQueued, { cutoff: p.createdBefore, now: p.now, code: p.error.code, message: p.error.message }, 'failed', p.now),
+    );
+  }
+
+  jobsAge(p: { now: number; agingMs: number }): Promise<number> {
+    return this.write(() => this.s.age.run({ now: p.now, aging: p.agingMs }).changes);
+  }
+
+  jobsDeleteExpired(p: { finishedBefore: number; limit: number; now: number }): Promise<number> {
+    const s = this.s;
+    return this.write(() => {
+      const seqs = s.sweepPick.all(p.finishedBefore, p.limit) as number[];
+      for (const seq of seqs) s.deleteJob.run(seq);
+      s.idemSweep.run(p.now, p.limit);
+      return seqs.length;
+    });
+  }
+
+  jobsNextRunAt(): Promise<number | null> {
+    return this.read(() => (this.s.nextRunAt.get() as number | undefined) ?? null);
+  }
+
+  jobsNextDeadlineAt(): Promise<number | null> {
+    return this.read(() => (this.s.nextDeadline.get() as number | undefined) ?? null);
+  }
+
+  jobsOldestFinishedAt(): Promise<number | null> {
+    return this.read(() => (this.s.oldestFinished.get() as number | undefined) ?? null);
+  }
+
+  // --- reads ---
+
+  jobGet(p: { id: string }): Promise<JobView | null> {
+    const s = this.s;
+    return this.read(() => {
+      const r = s.jobById.get(p.id) as JobRow | undefined;
+      if (!r) return null;
+      return {
+        seq: r.seq,
+        id: r.id,
+        state: r.state,
+        model: r.model,
+        attempt: r.attempt,
+        maxAttempts: r.max_attempts,
+        priority: r.priority,
+        deadlineAt: r.deadline_at,
+        metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+        createdAt: r.created_at,
+        startedAt: r.started_at,
+        finishedAt: r.finished_at,
+        updatedAt: r.updated_at,
+        result: r.result === null ? null : (JSON.parse(r.result) as unknown),
+        error: r.error_code === null ? null : { code: r.error_code, message: r.error_message ?? '' },
+        webhookUrl: r.webhook_url,
+        webhookEvents: r.webhook_events === null ? null : (JSON.parse(r.webhook_events) as JobState[]),
+        transitions: s.transitions.all(r.seq) as JobView['transitions'],
+        artifacts: s.artifactMetas.all(r.seq) as ArtifactMeta[],
+        deliveries: s.deliveries.all(r.seq) as DeliveryView[],
+      };
+    });
+  }
+
+  jobTransitionsSince(p: { id: string; after: number }): Promise<TransitionEvent[]> {
+    return this.read(() =>
+      (
+        this.s.transitionsSince.all(p.id, p.after) as {
+          n: number;
+          state: JobState;
+          at: number;
+          attempt: number;
+          error_code: string | null;
+          error_message: string | null;
+        }[]
+      ).map((t) => {
+        const e: TransitionEvent = { jobId: p.id, n: t.n, state: t.state, at: t.at, attempt: t.attempt };
+        if (t.state === 'failed') e.error = { code: t.error_code ?? 'unknown', message: t.error_message ?? '' };
+        return e;
+      }),
+    );
+  }
+
+  jobQueueSnapshot(p: { seq: number }): Promise<QueueSnapshot> {
+    const s = this.s;
+    return this.read(() => {
+      const eff = s.effectiveOf.get(p.seq) as number;
+      const ahead = s.queueAhead.all({ eff, seq: p.seq }) as { model: string; n: number }[];
+      const running = s.running.all() as { model: string; startedAt: number }[];
+      const stats = new Map((s.modelStats.all() as { model: string; avgMs: number }[]).map((r) => [r.model, r.avgMs]));
+      return { ahead, running, stats };
+    });
+  }
+
+  artifactGet(p: { jobId: string; name: string }): Promise<Artifact | null> {
+    return this.read(() => (this.s.artifact.get(p.jobId, p.name) as Artifact | undefined) ?? null);
+  }
+
+  /** Newest first, keyset-paginated on seq (never OFFSET). */
+  jobsList(f: ListFilter): Promise<ListedJob[]> {
+    return this.read(() => this.list(f));
+  }
+
+  private list(f: ListFilter): ListedJob[] {
+    const s = this.s;
+    let upper = f.beforeSeq ?? null; // exclusive
+    let lower: number | null = null; // inclusive
+    if (f.createdBefore !== undefined) {
+      const b = (s.seqCreatedBefore.get(f.createdBefore) as number | undefined) ?? null;
+      if (b === null) return [];
+      upper = upper === null ? b + 1 : Math.min(upper, b + 1);
+    }
+    if (f.createdAfter !== undefined) {
+      lower = (s.seqCreatedAtOrAfter.get(f.createdAfter) as number | undefined) ?? null;
+      if (lower === null) return [];
+    }
+    const where: string[] = [];
+    const params: Record<string, unknown> = { limit: f.limit };
+    let from = 'jobs j';
+    const meta = f.metadata ?? [];
+    meta.forEach(([k, v], i) => {
+      params[`mk${i}`] = k;
+      params[`mv${i}`] = v;
+      if (i === 0) {
+        // The first metadata filter drives the scan through its (key, value, job_seq) index.
+        from = 'job_metadata m JOIN jobs j ON j.seq = m.job_seq';
+        where.push('m.key = @mk0 AND m.value = @mv0');
+      } else {
+        where.push(`EXISTS (SELECT 1 FROM job_metadata m${i} WHERE m${i}.key = @mk${i} AND m${i}.value = @mv${i} AND m${i}.job_seq = j.seq)`);
+      }
+    });
+    const seqCol = meta.length > 0 ? 'm.job_seq' : 'j.seq';
+    if (upper !== null) {
+      where.push(`${seqCol} < @upper`);
+      params.upper = upper;
+    }
+    if (lower !== null) {
+      where.push(`${seqCol} >= @lower`);
+      params.lower = lower;
+    }
+    // seq bounds narrow the scan; the created_at checks keep the result exact even if the clock
+    // ever stepped back between two submissions.
+    if (f.createdBefore !== undefined) {
+      where.push('j.created_at < @cbefore');
+      params.cbefore = f.createdBefore;
+    }
+    if (f.createdAfter !== undefined) {
+      where.push('j.created_at >= @cafter');
+      params.cafter = f.createdAfter;
+    }
+    if (f.state) {
+      where.push('j.state = @state');
+      params.state = f.state;
+    }
+    if (f.model) {
+      where.push('j.model = @model');
+      params.model = f.model;
+    }
+    const sql = `SELECT j.seq, j.id, j.state, j.model, j.priority, j.attempt, j.metadata, j.created_at AS createdAt,
+        j.finished_at AS finishedAt
+      FROM ${from} ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
+      ORDER BY ${seqCol} DESC LIMIT @limit`;
+    // A handful of shapes, each prepared once; the cache is bounded (least recently used out).
+    let stmt = this.listCache.get(sql);
+    if (stmt) this.listCache.delete(sql);
+    else {
+      stmt = this.db.prepare(sql);
+      if (this.listCache.size >= LIST_CACHE_MAX) this.listCache.delete(this.listCache.keys().next().value as string);
+    }
+    this.listCache.set(sql, stmt);
+    return (stmt.all(params) as (Omit<ListedJob, 'metadata'> & { metadata: string | null })[]).map((r) => ({
+      ...r,
+      metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+    }));
+  }
+
+  // --- webhook outbox ---
+
+  deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]> {
+    const s = this.s;
+    return this.read(() => {
+      const out: ClaimedDelivery[] = [];
+      if (p.limit <= 0) return out;
+      // Origins with claims may lead the list without yielding anything: fetch that many more.
+      const origins = s.dueOrigins.all({ now: p.now, n: p.limit + this.claimedPerOrigin.size }) as string[];
+      for (const origin of origins) {
+        if (out.length >= p.limit) break;
+        const claimedHere = this.claimedPerOrigin.get(origin) ?? 0;
+        const room = Math.min(p.perOriginLimit - claimedHere, p.limit - out.length);
+        if (room <= 0) continue;
+        const rows = s.dueInOrigin.all({ origin, until: p.now, n: room + claimedHere }) as DueRow[];
+        let took = 0;
+        for (const r of rows) {
+          if (took >= room) break;
+          if (this.claimed.has(r.id)) continue;
+          took++;
+          this.claimed.set(r.id, origin);
+          this.claimedPerOrigin.set(origin, (this.claimedPerOrigin.get(origin) ?? 0) + 1);
+          out.push({
+            id: r.id,
+            jobId: r.jobId,
+            state: r.state,
+            sequence: r.sequence,
+            url: r.url,
+            origin: r.origin,
+            occurredAt: r.occurredAt,
+            attempts: r.attempts,
+            metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+            error: r.state === 'failed' ? { code: r.errorCode ?? 'unknown', message: r.errorMessage ?? '' } : null,
+            artifacts: r.state === 'done' ? (s.artifactsForEvent.all(p.inlineMax, r.jobSeq) as (ArtifactMeta & { body: Buffer | null })[]) : [],
+          });
+        }
+      }
+      return out;
+    });
+  }
+
+  deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null> {
+    const s = this.s;
+    return this.read(() => {
+      let best: number | null = null;
+      // At most claimedPerOrigin.size origins have claims; the one after them has none.
+      const origins = s.originsByDue.all({ n: this.claimedPerOrigin.size + 1 }) as { origin: string; dueAt: number }[];
+      for (const o of origins) {
+        if (best !== null && o.dueAt >= best) break;
+        const claimedHere = this.claimedPerOrigin.get(o.origin) ?? 0;
+        if (claimedHere >= p.perOriginLimit) continue; // woken when one of its attempts ends
+        if (claimedHere === 0) {
+          best = o.dueAt;
+          break;
+        }
+        const rows = s.nextInOrigin.all({ origin: o.origin, n: claimedHere + 1 }) as { id: number; dueAt: number }[];
+        const first = rows.find((r) => !this.claimed.has(r.id));
+        if (first && (best === null || first.dueAt < best)) best = first.dueAt;
+      }
+      return best;
+    });
+  }
+
+  private unclaim(id: number): void {
+    const origin = this.claimed.get(id);
+    if (origin === undefined) return;
+    this.claimed.delete(id);
+    const n = (this.claimedPerOrigin.get(origin) ?? 1) - 1;
+    if (n <= 0) this.claimedPerOrigin.delete(origin);
+    else this.claimedPerOrigin.set(origin, n);
+  }
+
+  async deliveryRecord(p: { id: number; now: number; outcome: DeliveryOutcome }): Promise<void> {
+    const s = this.s;
+    const o = p.outcome;
+    await this.write((fx) => {
+      type Done = { jobSeq: number; origin: string } | undefined;
+      let row: Done;
+      switch (o.kind) {
+        case 'delivered':
+          row = s.deliveryDelivered.get({ id: p.id, now: p.now, code: o.status }) as Done;
+          break;
+        case 'retry':
+          row = s.deliveryRetry.get({ id: p.id, next: o.at, code: o.status, error: o.error }) as Done;
+          break;
+        case 'failed':
+        case 'gone':
+          row = s.deliveryFailed.get({ id: p.id, code: o.status, error: o.error }) as Done;
+          if (row && o.kind === 'gone') {
+            s.goneJob.run(row.jobSeq);
+            s.goneRest.run(row.jobSeq);
+          }
+          break;
+      }
+      if (!row) return;
+      if (o.kind !== 'retry') {
+        // The job's next event, if any, is now the head of its line.
+        s.lineRefresh.run({ seq: row.jobSeq });
+        fx.deliveryReady = true;
+      }
+      s.originRefresh.run({ origin: row.origin });
+    });
+    // Only once the outcome is durable may the row be claimed again.
+    this.unclaim(p.id);
+    this.notifier.emit('deliveryReady');
+  }
+
+  async deliveryRelease(p: { id: number }): Promise<void> {
+    this.unclaim(p.id);
+  }
+
+  deliveriesRedeliver(p: { jobId: string; now: number; state: JobState | null }): Promise<JobState[]> {
+    const s = this.s;
+    return this.write((fx) => {
+      const job = s.seqStateById.get(p.jobId) as { seq: number } | undefined;
+      if (!job) return [];
+      const rows = s.redeliver.all({ seq: job.seq, now: p.now, state: p.state }) as { state: JobState; origin: string }[];
+      if (rows.length === 0) return [];
+      s.ungone.run(job.seq);
+      s.lineRefresh.run({ seq: job.seq });
+      for (const origin of new Set(rows.map((r) => r.origin))) s.originRefresh.run({ origin });
+      fx.deliveryReady = true;
+      return rows.map((r) => r.state);
+    });
+  }
+}

@@ -1,0 +1,168 @@
+import type { DB } from './db.js';
+
+/** The columns a transition needs to log itself and decide whether to write an outbox row. */
+export const TRANSITION_COLS = 'seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message';
+
+/** The claim order, also used for queue positions: effective priority, then FIFO (index jobs_claim). */
+const EFFECTIVE = '(priority + age_boost)';
+
+/** Every fixed statement of the SQLite driver, prepared once. */
+export function prepareStatements(db: DB) {
+  const p = (sql: string) => db.prepare(sql);
+  return {
+    // --- submit ---
+    countQueued: p(`SELECT n FROM job_counts WHERE state = 'queued'`).pluck(),
+    insertJob: p(`INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
+        max_attempts, priority, deadline_at, run_at, created_at, updated_at)
+      VALUES (@id, 'queued', @model, @request, @metadata, @webhook_url, @webhook_events,
+        @max_attempts, @priority, @deadline_at, @now, @now, @now)
+      RETURNING ${TRANSITION_COLS}`),
+    insertMetadata: p(`INSERT INTO job_metadata (key, value, job_seq) VALUES (?, ?, ?)`),
+    idemGet: p(`SELECT body_hash AS bodyHash, job_seq AS jobSeq, expires_at AS expiresAt FROM idempotency_keys WHERE key = ?`),
+    idemDelete: p(`DELETE FROM idempotency_keys WHERE key = ?`),
+    idemInsert: p(`INSERT INTO idempotency_keys (key, body_hash, job_seq, expires_at) VALUES (?, ?, ?, ?)`),
+    idemSweep: p(`DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys WHERE expires_at <= ? LIMIT ?)`),
+    idStateBySeq: p(`SELECT id, state FROM jobs WHERE seq = ?`),
+    insertTransition: p(`INSERT INTO job_transitions (job_seq, n, state, at, attempt)
+      VALUES (@seq, (SELECT coalesce(max(n), 0) + 1 FROM job_transitions WHERE job_seq = @seq), @state, @at, @attempt)
+      RETURNING n`).pluck(),
+
+    // --- claim and one attempt (every write after the claim is guarded by the attempt's lease) ---
+    claim: p(`UPDATE jobs SET state = 'loading', attempt = attempt + 1,
+        lease_owner = @owner || ':' || seq || ':' || (attempt + 1),
+        lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now
+      WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_claim WHERE state = 'queued' AND run_at <= @now
+          AND (deadline_at IS NULL OR deadline_at > @now)
+        ORDER BY ${EFFECTIVE} DESC, seq LIMIT @n)
+      RETURNING ${TRANSITION_COLS}, model, request, max_attempts, lease_owner`),
+    heartbeat: p(`UPDATE jobs SET lease_expires_at = @until WHERE seq = @seq AND lease_owner = @lease
+        AND state IN ('loading', 'working')`),
+    toWorking: p(`UPDATE jobs SET state = 'working', lease_expires_at = @lease_until, updated_at = @now
+      WHERE seq = @seq AND state = 'loading' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`),
+    toDone: p(`UPDATE jobs SET state = 'done', result = @result, finished_at = @now, updated_at = @now,
+        lease_owner = NULL, lease_expires_at = NULL
+      WHERE seq = @seq AND state = 'working' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}, model`),
+    modelStat: p(`INSERT INTO model_stats (model, avg_ms, samples) VALUES (@model, @ms, 1)
+      ON CONFLICT (model) DO UPDATE SET avg_ms = avg_ms + 0.2 * (@ms - avg_ms), samples = samples + 1`),
+    toFailed: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message,
+        finished_at = @now, updated_at = @now, lease_owner = NULL, lease_expires_at = NULL
+      WHERE seq = @seq AND state IN ('loading', 'working') AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`),
+    toQueuedRetry: p(`UPDATE jobs SET state = 'queued', run_at = @run_at, updated_at = @now,
+        lease_owner = NULL, lease_expires_at = NULL
+      WHERE seq = @seq AND state IN ('loading', 'working') AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`),
+    // An interrupted attempt (shutdown, crash, storage, unreachable engine) was not the engine's fault: it does not count.
+    toQueuedRelease: p(`UPDATE jobs SET state = 'queued', run_at = @now, updated_at = @now,
+        attempt = max(attempt - 1, 0), lease_owner = NULL, lease_expires_at = NULL
+      WHERE seq = @seq AND state IN ('loading', 'working') AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`),
+    seqStateById: p(`SELECT seq, state FROM jobs WHERE id = ?`),
+    toCanceled: p(`UPDATE jobs SET state = 'canceled', finished_at = @now, updated_at = @now,
+        lease_owner = NULL, lease_expires_at = NULL
+      WHERE seq = @seq AND state IN ('queued', 'loading', 'working') RETURNING ${TRANSITION_COLS}`),
+    insertArtifact: p(`INSERT INTO artifacts (job_seq, name, content_type, size, sha256, body, created_at)
+      VALUES (?, ?, ?, ?, ?, ?, ?)`),
+
+    // --- maintenance ---
+    rescueAll: p(`UPDATE jobs SET state = 'queued', run_at = @now, updated_at = @now,
+        attempt = max(attempt - 1, 0), lease_owner = NULL, lease_expires_at = NULL
+      WHERE state IN ('loading', 'working') RETURNING ${TRANSITION_COLS}`),
+    rescueExpired: p(`UPDATE jobs SET state = 'queued', run_at = @now, updated_at = @now,
+        attempt = max(attempt - 1, 0), lease_owner = NULL, lease_expires_at = NULL
+      WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_running WHERE state IN ('loading', 'working') AND lease_expires_at < @now)
+      RETURNING ${TRANSITION_COLS}`),
+    staleQueued: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message,
+        finished_at = @now, updated_at = @now
+      WHERE state = 'queued' AND created_at < @cutoff RETURNING ${TRANSITION_COLS}`),
+    pastDeadline: p(`UPDATE jobs SET state = 'failed', error_code = 'deadline_exceeded',
+        error_message = 'the job was still queued at its deadline', finished_at = @now, updated_at = @now
+      WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_deadline WHERE state = 'queued' AND deadline_at IS NOT NULL
+        AND deadline_at <= @now) RETURNING ${TRANSITION_COLS}`),
+    // Aging: whole intervals waited (CAST: Date.now() is bound as a REAL).
+    age: p(`UPDATE jobs SET age_boost = CAST((@now - created_at) / @aging AS INTEGER)
+      WHERE state = 'queued' AND age_boost <> CAST((@now - created_at) / @aging AS INTEGER)`),
+    nextRunAt: p(`SELECT run_at FROM jobs INDEXED BY jobs_run_at WHERE state = 'queued' ORDER BY run_at LIMIT 1`).pluck(),
+    nextDeadline: p(`SELECT deadline_at FROM jobs INDEXED BY jobs_deadline
+      WHERE state = 'queued' AND deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1`).pluck(),
+    oldestFinished: p(`SELECT finished_at FROM jobs INDEXED BY jobs_finished
+      WHERE state IN ('done', 'failed', 'canceled') ORDER BY finished_at LIMIT 1`).pluck(),
+    // Sweep: finished long enough ago, and no delivery still owed.
+    sweepPick: p(`SELECT seq FROM jobs j INDEXED BY jobs_finished WHERE state IN ('done', 'failed', 'canceled') AND finished_at < ?
+        AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_seq = j.seq AND d.status = 'pending')
+      ORDER BY finished_at LIMIT ?`).pluck(),
+    deleteJob: p(`DELETE FROM jobs WHERE seq = ?`),
+
+    // --- reads ---
+    jobById: p(`SELECT seq, id, state, model, priority, deadline_at, request, metadata, webhook_url, webhook_events,
+        webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message
+      FROM jobs WHERE id = ?`),
+    transitions: p(`SELECT state, at, attempt FROM job_transitions WHERE job_seq = ? ORDER BY n`),
+    transitionsSince: p(`SELECT t.n, t.state, t.at, t.attempt, j.error_code, j.error_message
+      FROM job_transitions t JOIN jobs j ON j.seq = t.job_seq WHERE j.id = ? AND t.n > ? ORDER BY t.n`),
+    artifactMetas: p(`SELECT name, content_type AS contentType, size, sha256 FROM artifacts WHERE job_seq = ? ORDER BY name`),
+    artifact: p(`SELECT a.name, a.content_type AS contentType, a.size, a.sha256, a.body
+      FROM artifacts a JOIN jobs j ON j.seq = a.job_seq WHERE j.id = ? AND a.name = ?`),
+    deliveries: p(`SELECT id, state, sequence, status, attempts, last_status_code AS lastStatusCode, last_error AS lastError,
+        next_attempt_at AS nextAttemptAt, delivered_at AS deliveredAt, occurred_at AS occurredAt
+      FROM webhook_deliveries WHERE job_seq = ? ORDER BY sequence, id`),
+    // Queue position: queued jobs that the claim would pick before this one.
+    queueAhead: p(`SELECT model, count(*) AS n FROM jobs INDEXED BY jobs_claim
+      WHERE state = 'queued' AND (${EFFECTIVE} > @eff OR (${EFFECTIVE} = @eff AND seq < @seq))
+      GROUP BY model`),
+    effectiveOf: p(`SELECT priority + age_boost FROM jobs WHERE seq = ?`).pluck(),
+    running: p(`SELECT model, started_at AS startedAt FROM jobs INDEXED BY jobs_running WHERE state IN ('loading', 'working')`),
+    modelStats: p(`SELECT model, avg_ms AS avgMs FROM model_stats`),
+    // Listing: created_at bounds become seq bounds through the created_at index (one probe each).
+    seqCreatedBefore: p(`SELECT seq FROM jobs WHERE created_at < ? ORDER BY created_at DESC, seq DESC LIMIT 1`).pluck(),
+    seqCreatedAtOrAfter: p(`SELECT seq FROM jobs WHERE created_at >= ? ORDER BY created_at, seq LIMIT 1`).pluck(),
+    ping: p(`SELECT 1`).pluck(),
+
+    // --- webhook outbox (ADR-0010: heads, origins) ---
+    // A new row is due at once if no earlier event of its job is still pending.
+    insertDelivery: p(`INSERT OR IGNORE INTO webhook_deliveries (job_seq, state, sequence, url, origin, occurred_at, next_attempt_at, due_at)
+      VALUES (@seq, @state, @sequence, @url, @origin, @now, @now,
+        CASE WHEN EXISTS (SELECT 1 FROM webhook_deliveries WHERE job_seq = @seq AND status = 'pending' AND sequence < @sequence)
+          THEN NULL ELSE @now END)
+      RETURNING due_at AS dueAt`),
+    // An origin's earliest due head only moves earlier here.
+    originEarlier: p(`INSERT INTO webhook_origins (origin, due_at) VALUES (@origin, @at)
+      ON CONFLICT (origin) DO UPDATE SET due_at = min(coalesce(due_at, excluded.due_at), excluded.due_at)`),
+    originRefresh: p(`UPDATE webhook_origins SET due_at = (SELECT min(due_at) FROM webhook_deliveries
+        WHERE origin = @origin AND due_at IS NOT NULL) WHERE origin = @origin`),
+    // The head of a job's line: due at its next attempt; every other pending row of the job: not due.
+    lineRefresh: p(`UPDATE webhook_deliveries SET due_at = CASE WHEN id = (SELECT id FROM webhook_deliveries
+          WHERE job_seq = @seq AND status = 'pending' ORDER BY sequence, id LIMIT 1) THEN next_attempt_at END
+      WHERE job_seq = @seq AND status = 'pending'`),
+    dueOrigins: p(`SELECT origin FROM webhook_origins INDEXED BY webhook_origins_due
+      WHERE due_at IS NOT NULL AND due_at <= @now ORDER BY due_at LIMIT @n`).pluck(),
+    originsByDue: p(`SELECT origin, due_at AS dueAt FROM webhook_origins INDEXED BY webhook_origins_due
+      WHERE due_at IS NOT NULL ORDER BY due_at LIMIT @n`),
+    dueInOrigin: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
+        d.attempts, d.due_at AS dueAt, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage
+      FROM webhook_deliveries d INDEXED BY webhook_deliveries_origin_due JOIN jobs j ON j.seq = d.job_seq
+      WHERE d.origin = @origin AND d.due_at IS NOT NULL AND d.due_at <= @until ORDER BY d.due_at, d.id LIMIT @n`),
+    nextInOrigin: p(`SELECT id, due_at AS dueAt FROM webhook_deliveries INDEXED BY webhook_deliveries_origin_due
+      WHERE origin = @origin AND due_at IS NOT NULL ORDER BY due_at, id LIMIT @n`),
+    // Bodies only for the artifacts small enough to travel inline in an event.
+    artifactsForEvent: p(`SELECT name, content_type AS contentType, size, sha256, CASE WHEN size <= ? THEN body END AS body
+      FROM artifacts WHERE job_seq = ? ORDER BY name`),
+    deliveryDelivered: p(`UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = @now,
+        next_attempt_at = NULL, due_at = NULL, last_status_code = @code, last_error = NULL
+      WHERE id = @id AND status = 'pending' RETURNING job_seq AS jobSeq, origin`),
+    deliveryRetry: p(`UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = @next,
+        due_at = CASE WHEN due_at IS NULL THEN NULL ELSE @next END, last_status_code = @code, last_error = @error
+      WHERE id = @id AND status = 'pending' RETURNING job_seq AS jobSeq, origin`),
+    deliveryFailed: p(`UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, next_attempt_at = NULL,
+        due_at = NULL, last_status_code = @code, last_error = @error
+      WHERE id = @id AND status = 'pending' RETURNING job_seq AS jobSeq, origin`),
+    goneJob: p(`UPDATE jobs SET webhook_gone = 1 WHERE seq = ?`),
+    goneRest: p(`UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, due_at = NULL,
+        last_error = 'not sent: the receiver answered 410 Gone for an earlier event'
+      WHERE job_seq = ? AND status = 'pending'`),
+    redeliver: p(`UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = @now,
+        delivered_at = NULL
+      WHERE job_seq = @seq AND status <> 'pending' AND (@state IS NULL AND status = 'failed' OR state = @state)
+      RETURNING state, origin`),
+    ungone: p(`UPDATE jobs SET webhook_gone = 0 WHERE seq = ?`),
+  };
+}
+
+export type Statements = ReturnType<typeof prepareStatements>;
