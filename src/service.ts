@@ -51,6 +51,8 @@ export class Service {
   private publicUrl: string;
   private stopped: Promise<void> | null = null;
   private readonly unsubscribe: () => void;
+  /** Group commits so far: how many, how many writes they carried, and their time (logged at stop). */
+  readonly commits = { groups: 0, ops: 0, ms: 0 };
 
   constructor(opts: ServiceOptions) {
     const config = (this.config = opts.config);
@@ -59,7 +61,16 @@ export class Service {
     this.publicUrl = config.publicUrl;
     const driver = (this.driver =
       opts.driver ??
-      new SqliteDriver({ dataDir: config.dataDir, busyTimeoutMs: config.sqliteBusyTimeoutMs, synchronous: config.sqliteSynchronous }));
+      new SqliteDriver({
+        dataDir: config.dataDir,
+        busyTimeoutMs: config.sqliteBusyTimeoutMs,
+        synchronous: config.sqliteSynchronous,
+        onCommit: (ops, ms) => {
+          this.commits.groups++;
+          this.commits.ops += ops;
+          this.commits.ms += ms;
+        },
+      }));
     this.events = new JobEvents();
     this.unsubscribe = driver.notifier.on('stateChanged', this.events.transition);
     this.jobs = new Jobs(driver, clock, {
@@ -180,7 +191,11 @@ export class Service {
       await this.engine.close();
       this.unsubscribe();
       await this.driver.close();
-      this.logger.info('foreman stopped');
+      const c = this.commits;
+      this.logger.info(
+        { commits: c.groups, writes_per_commit: c.groups ? +(c.ops / c.groups).toFixed(2) : 0, commit_ms_avg: c.groups ? +(c.ms / c.groups).toFixed(3) : 0 },
+        'foreman stopped',
+      );
     })();
     return this.stopped;
   }

@@ -52,8 +52,8 @@ export interface QueueDriver {
   jobsAge(p: { now: number; agingMs: number }): Promise<number>;
   /** Deletes up to `limit` jobs finished before `finishedBefore` with no delivery owed. */
   jobsDeleteExpired(p: { finishedBefore: number; limit: number; now: number }): Promise<number>;
-  /** When the next delayed (retrying) queued job becomes claimable, or null. */
-  jobsNextRunAt(): Promise<number | null>;
+  /** When the next delayed (retrying) queued job becomes claimable (after `now`), or null. */
+  jobsNextRunAt(p: { now: number }): Promise<number | null>;
   jobsNextDeadlineAt(): Promise<number | null>;
   /** The oldest finish time of a terminal job, or null (the TTL cleaner's next wake-up). */
   jobsOldestFinishedAt(): Promise<number | null>;

@@ -75,7 +75,7 @@ export class Worker {
     for (const job of claimed) this.launch(job);
     if (claimed.length === free) return 0;
     // Delayed retries become claimable at their run_at: sleep until the first of them.
-    const next = await driver.jobsNextRunAt();
+    const next = await driver.jobsNextRunAt({ now: clock.now() });
     return next === null ? options.pollIntervalMs : Math.min(options.pollIntervalMs, Math.max(0, next - clock.now()));
   }
 

@@ -98,24 +98,37 @@ export class SqliteDriver implements QueueDriver {
   private readonly claimed = new Map<number, string>();
   private readonly claimedPerOrigin = new Map<string, number>();
   private closed = false;
+  private claims = 0;
 
   constructor(opts: SqliteDriverOptions) {
     fs.mkdirSync(opts.dataDir, { recursive: true });
     this.lock = lockDataDir(opts.dataDir);
     try {
-      this.db = openDatabase(path.join(opts.dataDir, 'foreman.db'), {
-        busyTimeoutMs: opts.busyTimeoutMs ?? 1000,
-        synchronous: opts.synchronous ?? 'FULL',
-      });
+      const file = path.join(opts.dataDir, 'foreman.db');
+      // FULL durability is kept, but the WAL sync happens off the event loop (ADR-0002): SQLite
+      // commits without syncing, and the group's callers hear of it once an fdatasync of the
+      // WAL, run on libuv's thread pool, has returned.
+      this.db = openDatabase(file, { busyTimeoutMs: opts.busyTimeoutMs ?? 1000, synchronous: 'NORMAL' });
       migrate(this.db);
       this.s = prepareStatements(this.db);
+      if ((opts.synchronous ?? 'FULL') === 'FULL') {
+        this.walFd = fs.openSync(`${file}-wal`, fs.constants.O_RDONLY | fs.constants.O_CREAT);
+      }
     } catch (err) {
       this.lock.release();
       throw err;
     }
     this.notifier = opts.notifier ?? new LocalNotifier();
-    this.group = new GroupCommit(this.db, (all) => all.forEach((fx) => this.announce(fx)), opts.onCommit);
+    const walFd = this.walFd;
+    this.group = new GroupCommit(
+      this.db,
+      (all) => all.forEach((fx) => this.announce(fx)),
+      opts.onCommit,
+      walFd === null ? null : { sync: (cb) => fs.fdatasync(walFd, (err) => cb(err)) },
+    );
   }
+
+  private readonly walFd: number | null = null;
 
   private announce(fx: Effects): void {
     const n = this.notifier;
@@ -187,7 +200,9 @@ export class SqliteDriver implements QueueDriver {
     if (this.closed) return;
     this.closed = true;
     this.group.flush();
+    await this.group.whenDurable();
     this.db.close();
+    if (this.walFd !== null) fs.closeSync(this.walFd);
     this.lock.release();
   }
 
@@ -234,13 +249,19 @@ export class SqliteDriver implements QueueDriver {
   }
 
   jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number }): Promise<ClaimedJob[]> {
+    // Each claim call gets its own token prefix: an attempt given back (its number reused) and
+    // claimed again by the same owner still gets a lease of its own.
+    const owner = `${p.owner}.${++this.claims}`;
     return this.write((fx) => {
-      const rows = this.s.claim.all({ owner: p.owner, n: p.limit, now: p.now, lease: p.now + p.leaseMs }) as (TransitionRow & {
+      const rows = this.s.claim.all({ owner, n: p.limit, now: p.now, lease: p.now + p.leaseMs }) as (TransitionRow & {
         model: string;
         request: string;
         max_attempts: number;
         lease_owner: string;
+        eff: number;
       })[];
+      // RETURNING does not keep the subquery's order: put them back in claim order.
+      rows.sort((a, b) => b.eff - a.eff || a.seq - b.seq);
       for (const r of rows) this.record(fx, r, 'loading', p.now);
       return rows.map((r) => ({
         seq: r.seq,
@@ -338,8 +359,8 @@ export class SqliteDriver implements QueueDriver {
     });
   }
 
-  jobsNextRunAt(): Promise<number | null> {
-    return this.read(() => (this.s.nextRunAt.get() as number | undefined) ?? null);
+  jobsNextRunAt(p: { now: number }): Promise<number | null> {
+    return this.read(() => (this.s.nextRunAt.get(p.now) as number | undefined) ?? null);
   }
 
   jobsNextDeadlineAt(): Promise<number | null> {
@@ -496,7 +517,14 @@ export class SqliteDriver implements QueueDriver {
 
   // --- webhook outbox ---
 
-  deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]> {
+  async deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]> {
+    const claimed = await this.claimDue(p);
+    // An event is sent only once the state change it reports is on disk.
+    if (claimed.length > 0) await this.group.whenDurable();
+    return claimed;
+  }
+
+  private claimDue(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]> {
     const s = this.s;
     return this.read(() => {
       const out: ClaimedDelivery[] = [];
@@ -598,7 +626,6 @@ export class SqliteDriver implements QueueDriver {
     });
     // Only once the outcome is durable may the row be claimed again.
     this.unclaim(p.id);
-    this.notifier.emit('deliveryReady');
   }
 
   async deliveryRelease(p: { id: number }): Promise<void> {

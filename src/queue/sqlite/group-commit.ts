@@ -18,6 +18,14 @@ export function domainError(err: unknown): unknown {
   return err;
 }
 
+/**
+ * Makes committed WAL frames durable off the event loop (an `fdatasync` on libuv's thread pool).
+ * Null when commits need no extra sync (`FOREMAN_SQLITE_SYNCHRONOUS=NORMAL`).
+ */
+export interface WalSync {
+  sync(cb: (err: Error | null) => void): void;
+}
+
 interface Op {
   op: (fx: Effects) => unknown;
   resolve: (v: unknown) => void;
@@ -35,14 +43,56 @@ interface Op {
 export class GroupCommit {
   private ops: Op[] = [];
   private scheduled = false;
+  /** Committed groups waiting for their WAL frames to be synced, in commit order. */
+  private unsynced: ((err?: unknown) => void)[] = [];
+  private syncing = false;
+  private committed = 0;
+  private durable = 0;
+  private readonly barriers: { seq: number; resolve: () => void }[] = [];
 
   constructor(
     private readonly db: DB,
     private readonly announce: (fx: Effects[]) => void,
     /** Observes each committed group (metrics). */
     private readonly onGroup: (size: number, ms: number) => void = () => {},
+    /** See `WalSync`: with it, a group's callers hear of their commit only once it is on disk. */
+    private readonly walSync: WalSync | null = null,
     private readonly maxOps = 1024,
   ) {}
+
+  /**
+   * Resolves once everything committed so far is durable. Whatever is sent out of the process
+   * on the strength of a read (a webhook) waits for this, so nothing leaves that a power loss
+   * could take back.
+   */
+  whenDurable(): Promise<void> {
+    if (this.durable >= this.committed) return Promise.resolve();
+    return new Promise((resolve) => this.barriers.push({ seq: this.committed, resolve }));
+  }
+
+  /**
+   * One sync at a time; the groups committed meanwhile share the next one. The WAL is written
+   * sequentially, so a sync issued after a commit covers it and everything before it.
+   */
+  private syncNext(): void {
+    if (this.syncing || this.unsynced.length === 0) return;
+    const settle = this.unsynced;
+    this.unsynced = [];
+    const upTo = this.committed;
+    this.syncing = true;
+    this.walSync!.sync((err) => {
+      this.syncing = false;
+      if (err) {
+        // Committed but not known to be on disk: the callers must not take it as durable.
+        for (const fn of settle) fn(new StorageUnavailable(`storage unavailable: could not sync the WAL: ${err.message}`, err));
+      } else {
+        this.durable = upTo;
+        for (const fn of settle) fn();
+        while (this.barriers.length > 0 && this.barriers[0]!.seq <= upTo) this.barriers.shift()!.resolve();
+      }
+      this.syncNext();
+    });
+  }
 
   run<T>(op: (fx: Effects) => T): Promise<T> {
     return new Promise<T>((resolve, reject) => {
@@ -87,11 +137,22 @@ export class GroupCommit {
       return;
     }
     this.onGroup(ops.length, performance.now() - t0);
-    this.announce(results.filter((r) => r.ok).map((r) => r.fx));
-    ops.forEach((o, i) => {
-      const r = results[i]!;
-      if (r.ok) o.resolve(r.value);
-      else o.reject(r.value);
-    });
+    this.committed++;
+    const settle = (syncErr?: unknown) => {
+      if (syncErr === undefined) this.announce(results.filter((r) => r.ok).map((r) => r.fx));
+      ops.forEach((o, i) => {
+        const r = results[i]!;
+        if (syncErr !== undefined) o.reject(syncErr);
+        else if (r.ok) o.resolve(r.value);
+        else o.reject(r.value);
+      });
+    };
+    if (!this.walSync) {
+      this.durable = this.committed;
+      settle();
+      return;
+    }
+    this.unsynced.push(settle);
+    this.syncNext();
   }
 }

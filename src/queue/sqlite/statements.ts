@@ -34,7 +34,7 @@ export function prepareStatements(db: DB) {
       WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_claim WHERE state = 'queued' AND run_at <= @now
           AND (deadline_at IS NULL OR deadline_at > @now)
         ORDER BY ${EFFECTIVE} DESC, seq LIMIT @n)
-      RETURNING ${TRANSITION_COLS}, model, request, max_attempts, lease_owner`),
+      RETURNING ${TRANSITION_COLS}, model, request, max_attempts, lease_owner, ${EFFECTIVE} AS eff`),
     heartbeat: p(`UPDATE jobs SET lease_expires_at = @until WHERE seq = @seq AND lease_owner = @lease
         AND state IN ('loading', 'working')`),
     toWorking: p(`UPDATE jobs SET state = 'working', lease_expires_at = @lease_until, updated_at = @now
@@ -77,9 +77,10 @@ export function prepareStatements(db: DB) {
       WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_deadline WHERE state = 'queued' AND deadline_at IS NOT NULL
         AND deadline_at <= @now) RETURNING ${TRANSITION_COLS}`),
     // Aging: whole intervals waited (CAST: Date.now() is bound as a REAL).
-    age: p(`UPDATE jobs SET age_boost = CAST((@now - created_at) / @aging AS INTEGER)
-      WHERE state = 'queued' AND age_boost <> CAST((@now - created_at) / @aging AS INTEGER)`),
-    nextRunAt: p(`SELECT run_at FROM jobs INDEXED BY jobs_run_at WHERE state = 'queued' ORDER BY run_at LIMIT 1`).pluck(),
+    age: p(`UPDATE jobs SET age_boost = max(0, CAST((@now - created_at) / @aging AS INTEGER))
+      WHERE state = 'queued' AND age_boost <> max(0, CAST((@now - created_at) / @aging AS INTEGER))`),
+    // Only a later run_at: a job claimable now but not claimed (past its deadline) is not a reason to wake.
+    nextRunAt: p(`SELECT run_at FROM jobs INDEXED BY jobs_run_at WHERE state = 'queued' AND run_at > ? ORDER BY run_at LIMIT 1`).pluck(),
     nextDeadline: p(`SELECT deadline_at FROM jobs INDEXED BY jobs_deadline
       WHERE state = 'queued' AND deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1`).pluck(),
     oldestFinished: p(`SELECT finished_at FROM jobs INDEXED BY jobs_finished
