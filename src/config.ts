@@ -71,7 +71,7 @@ export const ConfigSchema = Type.Object({
   inlineArtifactMaxBytes: int('FOREMAN_INLINE_ARTIFACT_MAX_BYTES', '262144', 0, 1073741824),
   engineMaxResponseBytes: int('FOREMAN_ENGINE_MAX_RESPONSE_BYTES', '33554432', 1024, 1073741824),
   engineOutageTimeoutMs: ms('FOREMAN_ENGINE_OUTAGE_TIMEOUT', '1h', 1),
-  webhookPerUrlConcurrency: int('FOREMAN_WEBHOOK_PER_URL_CONCURRENCY', '4', 1, 4096),
+  webhookPerUrlConcurrency: int('FOREMAN_WEBHOOK_PER_URL_CONCURRENCY', '8', 1, 4096),
   bodyTimeoutMs: ms('FOREMAN_BODY_TIMEOUT', '30s', 1),
   sqliteBusyTimeoutMs: ms('FOREMAN_SQLITE_BUSY_TIMEOUT', '1s', 0),
   sqliteSynchronous: oneOf('FOREMAN_SQLITE_SYNCHRONOUS', 'FULL', ['FULL', 'NORMAL'] as const),

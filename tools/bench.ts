@@ -1,6 +1,8 @@
 /**
  * npm run bench: starts the built service as a child process against a zero-latency fake
- * Ollama and prints figures. A baseline, not a test: nothing here asserts.
+ * Ollama and prints figures. A baseline, not a test: nothing here asserts. It measures what users
+ * do: every state subscribed (queued, loading, working, done, in order), as the shared bench
+ * does, plus the cost of a dead receiver with a large backlog, and lookups on a large table.
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -9,10 +11,20 @@ import { Pool } from 'undici';
 import { startFakeOllama } from '../test/support/fake-ollama.js';
 import { startReceiver } from '../test/support/receiver.js';
 import { startChild } from '../test/support/child.js';
+import { readFileSync } from 'node:fs';
+
+/** CPU seconds (user + system) a process has used so far, from /proc. */
+function cpuSeconds(pid: number): number {
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100;
+}
 import { seedJobs } from './seed.js';
 
 const N_SUBMIT = Number(process.env.BENCH_SUBMIT ?? 5000);
 const N_E2E = Number(process.env.BENCH_E2E ?? 2000);
+const N_E2E_LARGE = Number(process.env.BENCH_E2E_LARGE ?? 20000);
+const N_DEAD = Number(process.env.BENCH_DEAD ?? 10000);
+const DEAD_SECONDS = Number(process.env.BENCH_DEAD_SECONDS ?? 60);
 const N_IDLE = Number(process.env.BENCH_IDLE ?? 50);
 const CLIENTS = Number(process.env.BENCH_CLIENTS ?? 64);
 
@@ -59,16 +71,15 @@ async function run(synchronous: 'FULL' | 'NORMAL'): Promise<Row[]> {
     );
   }
 
-  // 1. Idle submit → working latency, one job at a time on an idle service.
+  // 1. Idle submit → done event received, one job at a time on an idle service, every state subscribed.
   const idle: number[] = [];
   const idleClient: number[] = [];
   for (let i = 0; i < N_IDLE; i++) {
-    const tSubmit = Date.now();
-    const { id } = await post(body(i, { state_webhook_url: `${receiver.url}/idle`, webhook_events: ['working'] }));
-    await receiver.waitFor((rs) => rs.some((r) => r.event?.event_id === `${id}:working`), 10_000);
-    idleClient.push(Date.now() - tSubmit);
-    let j = await getJob(id);
-    while (j.state !== 'done') j = await getJob(id);
+    const tSubmit = performance.now();
+    const { id } = await post(body(i, { state_webhook_url: `${receiver.url}/idle` }));
+    await receiver.waitFor((rs) => rs.some((r) => r.event?.event_id === `${id}:done`), 10_000);
+    idleClient.push(performance.now() - tSubmit);
+    const j = await getJob(id);
     const at = (s: string) => Date.parse(j.transitions.find((t: any) => t.state === s).at);
     idle.push(at('working') - at('queued'));
     await new Promise((r) => setTimeout(r, 20)); // let the service go idle again
@@ -89,21 +100,33 @@ async function run(synchronous: 'FULL' | 'NORMAL'): Promise<Row[]> {
     j = await getJob(j.job_id);
   }
 
-  // 3. End to end: submit N jobs with a `done` webhook; time until every done event arrived.
-  receiver.received.length = 0;
-  t0 = performance.now();
-  await runClients(N_E2E, async (i) => {
-    await post(body(i, { state_webhook_url: `${receiver.url}/e2e`, webhook_events: ['done'] }));
-  });
-  await receiver.waitFor((rs) => rs.length >= N_E2E, 300_000);
-  const e2eSecs = (performance.now() - t0) / 1000;
+  // 3. End to end: N jobs, every state subscribed; done when every job's `done` event arrived.
+  //    Run at N and at N_LARGE: the figure must not fall as the backlog grows.
+  const e2e = async (n: number, tag: string) => {
+    receiver.received.length = 0;
+    const cpu0 = cpuSeconds(child.proc.pid!);
+    const t = performance.now();
+    await runClients(n, async (i) => {
+      await post(body(i, { state_webhook_url: `${receiver.url}/${tag}` }));
+    });
+    await receiver.waitFor((rs) => rs.filter((r) => r.event?.state === 'done').length >= n, 600_000);
+    const secs = (performance.now() - t) / 1000;
+    // Per job, the four events must have arrived in order.
+    const seen = new Map<string, string[]>();
+    for (const r of receiver.received) seen.set(r.event.job_id, [...(seen.get(r.event.job_id) ?? []), r.event.state]);
+    const outOfOrder = [...seen.values()].filter((st) => st.join() !== 'queued,loading,working,done').length;
+    return { rate: n / secs, secs, cpuMsPerJob: ((cpuSeconds(child.proc.pid!) - cpu0) * 1000) / n, outOfOrder };
+  };
+  const small = await e2e(N_E2E, 'e2e');
+  const large = await e2e(N_E2E_LARGE, 'e2e-large');
 
   const rows: Row[] = [
     [`POST /jobs throughput (${N_SUBMIT} requests, ${CLIENTS} connections)`, `${f(N_SUBMIT / submitSecs, 0)} req/s`],
     ['POST /jobs latency p50 / p99', `${f(pct(lat, 50))} ms / ${f(pct(lat, 99))} ms`],
-    [`end-to-end (${N_E2E} jobs, submit → done webhook received)`, `${f(N_E2E / e2eSecs, 0)} jobs/s (${f(e2eSecs)} s)`],
+    [`end to end, all 4 events (${N_E2E} jobs, until every done event arrived)`, `${f(small.rate, 0)} jobs/s (${f(small.secs)} s), ${f(small.cpuMsPerJob)} ms CPU/job, ${small.outOfOrder} out of order`],
+    [`end to end, all 4 events (${N_E2E_LARGE} jobs)`, `${f(large.rate, 0)} jobs/s (${f(large.secs)} s; ${f((100 * large.rate) / small.rate, 0)} % of the ${N_E2E} run), ${f(large.cpuMsPerJob)} ms CPU/job, ${large.outOfOrder} out of order`],
     [`idle submit → working, server clock (${N_IDLE} jobs) p50 / p99`, `${f(pct(idle, 50), 0)} ms / ${f(pct(idle, 99), 0)} ms`],
-    ['idle submit → working webhook received, client clock p50 / p99', `${f(pct(idleClient, 50), 0)} ms / ${f(pct(idleClient, 99), 0)} ms`],
+    ['idle submit → done event received (all states subscribed), client clock p50 / p99', `${f(pct(idleClient, 50), 1)} ms / ${f(pct(idleClient, 99), 1)} ms`],
   ];
   child.proc.kill('SIGTERM');
   await child.exited;
@@ -112,6 +135,71 @@ async function run(synchronous: 'FULL' | 'NORMAL'): Promise<Row[]> {
   await fake.close();
   fs.rmSync(dir, { recursive: true, force: true });
   return rows;
+}
+
+/**
+ * A dead receiver: N_DEAD deliveries pending to a receiver that answers 500 (each retried with
+ * a long backoff once it failed), then the service's CPU over DEAD_SECONDS while otherwise idle,
+ * and how fast a healthy receiver's events arrive meanwhile.
+ */
+async function runDead(): Promise<Row[]> {
+  const fake = await startFakeOllama();
+  const dead = await startReceiver();
+  dead.respond(() => 500);
+  const healthy = await startReceiver();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'foreman-bench-dead-'));
+  const child = await startChild({
+    FOREMAN_DATA_DIR: dir,
+    FOREMAN_OLLAMA_URL: fake.url,
+    FOREMAN_LOG_LEVEL: 'warn',
+    FOREMAN_CONCURRENCY: '4',
+    FOREMAN_MAX_QUEUED: '1000000',
+    FOREMAN_WEBHOOK_BACKOFF_BASE: '10m',
+  });
+  const pool = new Pool(child.url, { connections: CLIENTS });
+  const post = async (extra: Record<string, unknown>) => {
+    const res = await pool.request({
+      path: '/jobs',
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'llama3.2', messages: [{ role: 'user', content: 'x' }], ...extra }),
+    });
+    const j = (await res.body.json()) as { job_id: string };
+    return j.job_id;
+  };
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: CLIENTS }, async () => {
+      while (next++ < N_DEAD) await post({ state_webhook_url: `${dead.url}/dead`, webhook_events: ['done'] });
+    }),
+  );
+  // Every job done and its one delivery attempted once (and failed): the backlog is in place.
+  await dead.waitFor((rs) => rs.length >= N_DEAD, 600_000);
+  await new Promise((r) => setTimeout(r, 2000));
+  const cpu0 = cpuSeconds(child.proc.pid!);
+  const t0 = performance.now();
+  // Meanwhile a healthy receiver's jobs, one every 2 s: state change → event received.
+  const lags: number[] = [];
+  while (performance.now() - t0 < DEAD_SECONDS * 1000) {
+    const id = await post({ state_webhook_url: `${healthy.url}/ok` });
+    await healthy.waitFor((rs) => rs.some((r) => r.event?.event_id === `${id}:done`), 10_000);
+    for (const r of healthy.received.filter((x) => x.event?.job_id === id)) lags.push(r.at - Date.parse(r.event.occurred_at));
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+  const secs = (performance.now() - t0) / 1000;
+  const cpu = cpuSeconds(child.proc.pid!) - cpu0;
+  const jobs = lags.length / 4;
+  child.proc.kill('SIGTERM');
+  await child.exited;
+  await pool.close();
+  await dead.close();
+  await healthy.close();
+  await fake.close();
+  fs.rmSync(dir, { recursive: true, force: true });
+  return [
+    [`dead receiver: ${N_DEAD.toLocaleString('en')} deliveries pending (answers 500); service CPU over ${f(secs, 0)} s, with ${jobs} healthy jobs run meanwhile`, `${f((100 * cpu) / secs, 2)} % of one core`],
+    [`healthy receiver meanwhile: state change → event received (${lags.length} events) p50 / max`, `${f(pct(lags, 50), 0)} ms / ${f(Math.max(...lags), 0)} ms`],
+  ];
 }
 
 /** GET /jobs/<id> and GET /jobs latency with BENCH_ROWS (default 1,000,000) jobs in the table. */
@@ -164,6 +252,13 @@ async function main() {
   console.log(`| measure | synchronous=FULL (default) |${normal ? ' synchronous=NORMAL |' : ''}`);
   console.log(`| --- | --- |${normal ? ' --- |' : ''}`);
   full.forEach(([k, v], i) => console.log(`| ${k} | ${v} |${normal ? ` ${normal[i]![1]} |` : ''}`));
+  if (!process.env.BENCH_SKIP_DEAD) {
+    const dead = await runDead();
+    console.log('');
+    console.log('| measure (dead receiver) | value |');
+    console.log('| --- | --- |');
+    for (const [k, v] of dead) console.log(`| ${k} | ${v} |`);
+  }
   if (!process.env.BENCH_SKIP_LARGE) {
     const large = await runLarge();
     console.log('');

@@ -105,7 +105,7 @@ export class Worker {
     const { driver, engine, clock, options } = this.deps;
     const { seq, lease } = job;
     const log = this.deps.logger.child({ job_id: job.id, attempt: job.attempt });
-    log.info({ state: 'loading', model: job.model }, 'job loading');
+    log.debug({ state: 'loading', model: job.model }, 'job loading');
     const heartbeat = setInterval(() => {
       driver.jobLeaseRenew({ seq, lease, until: clock.now() + options.leaseMs }).catch((err: unknown) => log.error({ err }, 'lease heartbeat failed'));
     }, Math.max(50, Math.floor(options.leaseMs / 3)));
@@ -117,7 +117,7 @@ export class Worker {
         log.warn('lost the job lease before working; leaving it to its new owner');
         return;
       }
-      log.info({ state: 'working', load_ms: loadMs }, 'job working');
+      log.debug({ state: 'working', load_ms: loadMs }, 'job working');
       const tRun = performance.now();
       const onChunk = this.deps.onChunk;
       const response = await engine.chat(job.request, { signal, ...(onChunk ? { onChunk: (c: ChatChunk) => onChunk(job.id, c) } : {}) });
@@ -136,7 +136,7 @@ export class Worker {
           }),
         { signal, maxTries: 9, onRetry: (err, wait) => log.error({ err, retry_in_ms: wait }, 'could not save the result; retrying') },
       );
-      if (moved) log.info({ state: 'done', bytes: body.length }, 'job done');
+      if (moved) log.info({ state: 'done', model: job.model, load_ms: loadMs, run_ms: Math.round(runMs), bytes: body.length }, 'job done');
       else log.warn('lost the job lease before done; result discarded');
     } catch (err) {
       await this.handleFailure(job, err, signal, log);
