@@ -74,6 +74,13 @@ export interface QueueDriver {
    * deliveries wait (ADR-0010).
    */
   deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]>;
+  /**
+   * After delivery `afterId` was acknowledged by its receiver: claims the same job's next pending
+   * event, if it is due, so it can be sent at once, without waiting for the first outcome to be
+   * recorded (order holds: the receiver already has the earlier event; a crash before the record
+   * commits sends both again, in order). Null if there is none.
+   */
+  deliveryClaimNext(p: { afterId: number; now: number; inlineMax: number }): Promise<ClaimedDelivery | null>;
   /** When the next unclaimed delivery of an origin below its cap becomes due, or null. */
   deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null>;
   deliveryRecord(p: { id: number; now: number; outcome: DeliveryOutcome }): Promise<void>;

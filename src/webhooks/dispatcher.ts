@@ -103,10 +103,7 @@ export class Dispatcher {
 
   private launch(d: ClaimedDelivery): void {
     const p: Promise<void> = this.deliver(d)
-      .catch((err: unknown) => {
-        this.deps.logger.error({ err, job_id: d.jobId }, 'webhook delivery crashed');
-        return this.deps.driver.deliveryRelease({ id: d.id });
-      })
+      .catch((err: unknown) => this.deps.logger.error({ err, job_id: d.jobId }, 'webhook delivery crashed'))
       .finally(() => {
         this.inflight.delete(p);
         this.loop.wake.notify();
@@ -114,27 +111,65 @@ export class Dispatcher {
     this.inflight.add(p);
   }
 
-  private async deliver(d: ClaimedDelivery): Promise<void> {
+  /** Sends `first`, then, while each is acknowledged, the same job's next due event (ADR-0010). */
+  private async deliver(first: ClaimedDelivery): Promise<void> {
+    const records: Promise<void>[] = [];
+    let d: ClaimedDelivery | null = first;
+    try {
+      while (d) {
+        const step: { next: ClaimedDelivery | null; recorded: Promise<void> } = await this.deliverOne(d);
+        records.push(step.recorded);
+        d = step.next;
+      }
+    } catch (err) {
+      // A bug, not the receiver: let the row go, so it is claimed again later.
+      if (d) await this.deps.driver.deliveryRelease({ id: d.id });
+      throw err;
+    } finally {
+      await Promise.all(records);
+    }
+  }
+
+  /** One attempt; its outcome's record runs on in `recorded`. */
+  private async deliverOne(d: ClaimedDelivery): Promise<{ next: ClaimedDelivery | null; recorded: Promise<void> }> {
     const { driver, clock, logger, options } = this.deps;
     const event = buildEvent(d, options.publicUrl(), options.inlineArtifactMaxBytes);
     const body = Buffer.from(JSON.stringify(event), 'utf8');
     const attempt = await this.attempt(event.event_id, body, d.url);
     if (this.stopCtl.signal.aborted && attempt.kind === 'retry') {
       // Cut short by shutdown: not the receiver's fault; it stays due and is sent after restart.
-      await driver.deliveryRelease({ id: d.id });
-      return;
+      return { next: null, recorded: driver.deliveryRelease({ id: d.id }) };
     }
     const now = clock.now();
     const attempts = d.attempts + 1;
     const log = logger.child({ job_id: d.jobId, event_id: event.event_id, attempts });
     const outcome = this.outcomeOf(attempt, attempts, now);
-    // Recording can fail (disk full, locked): keep the delivery claimed, with backoff, until the
+    // Recording can fail (disk full, locked): keep the delivery held, with backoff, until the
     // outcome is stored. Never send it again meanwhile (ADR-0007).
-    await retryStorage(() => driver.deliveryRecord({ id: d.id, now, outcome }), {
+    const recorded = retryStorage(() => driver.deliveryRecord({ id: d.id, now, outcome }), {
       signal: this.stopCtl.signal,
       maxWaitMs: 30_000,
       onRetry: (err, wait) => log.error({ err, retry_in_ms: wait }, 'could not record the webhook attempt; retrying'),
-    });
+    }).then(
+      () => this.logOutcome(log, outcome, now),
+      (err: unknown) => {
+        // Shutting down with storage still failing: the attempt stays pending and is sent again after restart.
+        log.error({ err }, 'could not record the webhook attempt');
+        return driver.deliveryRelease({ id: d.id });
+      },
+    );
+    // Acknowledged: the job's next event can go now, while the record commits.
+    const next =
+      outcome.kind === 'delivered' && !this.stopCtl.signal.aborted
+        ? await driver.deliveryClaimNext({ afterId: d.id, now: clock.now(), inlineMax: options.inlineArtifactMaxBytes }).catch((err: unknown) => {
+            log.error({ err }, "could not claim the job's next event; it is sent in turn");
+            return null;
+          })
+        : null;
+    return { next, recorded };
+  }
+
+  private logOutcome(log: Logger, outcome: DeliveryOutcome, now: number): void {
     switch (outcome.kind) {
       case 'delivered':
         log.debug({ status: outcome.status }, 'webhook delivered');

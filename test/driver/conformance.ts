@@ -1029,6 +1029,47 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         ]);
       });
 
+      it('deliveryClaimNext: after an acknowledged event, the job\'s next due event is claimed before the record commits', async () => {
+        const id = await insertOne(at(1000), { webhookUrl: HOOK });
+        const c = await claimOne(at(1100));
+        expect(await d.jobSetWorking({ seq: c.seq, lease: c.lease, now: at(1200), leaseMs: 1_000 })).toBe(true);
+        const [queued] = await claimDeliveries(at(1300), { perOriginLimit: 1 });
+        expect(queued!.state).toBe('queued');
+        // The receiver acknowledged `queued`: its record and the next claim go together.
+        const record = d.deliveryRecord({ id: queued!.id, now: at(1400), outcome: { kind: 'delivered', status: 200 } });
+        const loading = await d.deliveryClaimNext({ afterId: queued!.id, now: at(1400), inlineMax: 1024 });
+        expect(loading).toMatchObject({ jobId: id, state: 'loading', sequence: 2, attempts: 0, origin: ORIGIN });
+        await record;
+        // Held: the ordinary claim does not hand it out again, even though it now heads the line.
+        expect(await claimDeliveries(at(1401))).toEqual([]);
+        // Chained again: `working` is next; nothing after it.
+        const working = await d.deliveryClaimNext({ afterId: loading!.id, now: at(1500), inlineMax: 1024 });
+        expect(working).toMatchObject({ state: 'working', sequence: 3 });
+        expect(await d.deliveryClaimNext({ afterId: working!.id, now: at(1500), inlineMax: 1024 })).toBeNull();
+        await d.deliveryRecord({ id: loading!.id, now: at(1500), outcome: { kind: 'delivered', status: 200 } });
+        await d.deliveryRecord({ id: working!.id, now: at(1600), outcome: { kind: 'delivered', status: 200 } });
+        expect((await deliveriesOf(id)).map((x) => [x.state, x.status, x.attempts])).toEqual([
+          ['queued', 'delivered', 1],
+          ['loading', 'delivered', 1],
+          ['working', 'delivered', 1],
+        ]);
+        expect(await claimDeliveries(at(1700))).toEqual([]);
+      });
+
+      it('deliveryClaimNext: a chained event that fails is retried at its backoff, in turn', async () => {
+        const id = await insertOne(at(0), { webhookUrl: HOOK });
+        await claimOne(at(10));
+        const [queued] = await claimDeliveries(at(20));
+        const record = d.deliveryRecord({ id: queued!.id, now: at(30), outcome: { kind: 'delivered', status: 200 } });
+        const loading = await d.deliveryClaimNext({ afterId: queued!.id, now: at(30), inlineMax: 1024 });
+        await record;
+        await d.deliveryRecord({ id: loading!.id, now: at(40), outcome: { kind: 'retry', at: at(5000), status: 500, error: 'HTTP 500' } });
+        expect(await claimDeliveries(at(4999))).toEqual([]);
+        expect(await d.deliveriesNextDueAt({ perOriginLimit: 10 })).toBe(at(5000));
+        const again = await claimDeliveries(at(5000));
+        expect(again.map((x) => [x.jobId, x.state, x.attempts])).toEqual([[id, 'loading', 1]]);
+      });
+
       it('claims at most perOriginLimit per origin (scheme://host:port), up to limit in all', async () => {
         const a = await insertOne(at(0), { webhookUrl: 'http://127.0.0.1:9/a', webhookEvents: ['queued'] });
         const b = await insertOne(at(1), { webhookUrl: 'http://127.0.0.1:9/b', webhookEvents: ['queued'] });

@@ -78,6 +78,12 @@ interface DueRow {
 
 const LIST_CACHE_MAX = 64;
 
+function bump(m: Map<string, number>, k: string, d: number): void {
+  const n = (m.get(k) ?? 0) + d;
+  if (n <= 0) m.delete(k);
+  else m.set(k, n);
+}
+
 /** The origin (scheme://host[:port]) of a normalised webhook URL: the per-receiver cap's key. */
 export const originOf = (url: string): string => new URL(url).origin;
 
@@ -94,9 +100,15 @@ export class SqliteDriver implements QueueDriver {
   private readonly group: GroupCommit;
   private readonly lock: { release(): void };
   private readonly listCache = new Map<string, Statement>();
-  /** Claimed deliveries (id → origin) and how many each origin has claimed. */
+  /**
+   * Deliveries held by this process (id → origin): claimed and in flight, or sent and waiting
+   * for their outcome to commit. A held row is never claimed again. `heldPerOrigin` counts them;
+   * `inflightPerOrigin` counts only attempts in flight, which is what the per-origin cap limits.
+   */
   private readonly claimed = new Map<number, string>();
-  private readonly claimedPerOrigin = new Map<string, number>();
+  private readonly heldPerOrigin = new Map<string, number>();
+  private readonly inflightPerOrigin = new Map<string, number>();
+  private readonly attempting = new Set<number>();
   private closed = false;
   private claims = 0;
 
@@ -530,54 +542,69 @@ export class SqliteDriver implements QueueDriver {
       const out: ClaimedDelivery[] = [];
       if (p.limit <= 0) return out;
       // Origins with claims may lead the list without yielding anything: fetch that many more.
-      const origins = s.dueOrigins.all({ now: p.now, n: p.limit + this.claimedPerOrigin.size }) as string[];
+      const origins = s.dueOrigins.all({ now: p.now, n: p.limit + this.heldPerOrigin.size }) as string[];
       for (const origin of origins) {
         if (out.length >= p.limit) break;
-        const claimedHere = this.claimedPerOrigin.get(origin) ?? 0;
-        const room = Math.min(p.perOriginLimit - claimedHere, p.limit - out.length);
+        const room = Math.min(p.perOriginLimit - (this.inflightPerOrigin.get(origin) ?? 0), p.limit - out.length);
         if (room <= 0) continue;
-        const rows = s.dueInOrigin.all({ origin, until: p.now, n: room + claimedHere }) as DueRow[];
+        const heldHere = this.heldPerOrigin.get(origin) ?? 0;
+        const rows = s.dueInOrigin.all({ origin, until: p.now, n: room + heldHere }) as DueRow[];
         let took = 0;
         for (const r of rows) {
           if (took >= room) break;
           if (this.claimed.has(r.id)) continue;
           took++;
-          this.claimed.set(r.id, origin);
-          this.claimedPerOrigin.set(origin, (this.claimedPerOrigin.get(origin) ?? 0) + 1);
-          out.push({
-            id: r.id,
-            jobId: r.jobId,
-            state: r.state,
-            sequence: r.sequence,
-            url: r.url,
-            origin: r.origin,
-            occurredAt: r.occurredAt,
-            attempts: r.attempts,
-            metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
-            error: r.state === 'failed' ? { code: r.errorCode ?? 'unknown', message: r.errorMessage ?? '' } : null,
-            artifacts: r.state === 'done' ? (s.artifactsForEvent.all(p.inlineMax, r.jobSeq) as (ArtifactMeta & { body: Buffer | null })[]) : [],
-          });
+          out.push(this.hold(r, p.inlineMax));
         }
       }
       return out;
     });
   }
 
+  private hold(r: DueRow, inlineMax: number): ClaimedDelivery {
+    this.claimed.set(r.id, r.origin);
+    this.attempting.add(r.id);
+    bump(this.heldPerOrigin, r.origin, 1);
+    bump(this.inflightPerOrigin, r.origin, 1);
+    return {
+      id: r.id,
+      jobId: r.jobId,
+      state: r.state,
+      sequence: r.sequence,
+      url: r.url,
+      origin: r.origin,
+      occurredAt: r.occurredAt,
+      attempts: r.attempts,
+      metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+      error: r.state === 'failed' ? { code: r.errorCode ?? 'unknown', message: r.errorMessage ?? '' } : null,
+      artifacts: r.state === 'done' ? (this.s.artifactsForEvent.all(inlineMax, r.jobSeq) as (ArtifactMeta & { body: Buffer | null })[]) : [],
+    };
+  }
+
+  async deliveryClaimNext(p: { afterId: number; now: number; inlineMax: number }): Promise<ClaimedDelivery | null> {
+    const next = await this.read(() => {
+      const r = this.s.nextOfJob.get({ id: p.afterId, now: p.now }) as DueRow | undefined;
+      return r && !this.claimed.has(r.id) ? this.hold(r, p.inlineMax) : null;
+    });
+    if (next) await this.group.whenDurable();
+    return next;
+  }
+
   deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null> {
     const s = this.s;
     return this.read(() => {
       let best: number | null = null;
-      // At most claimedPerOrigin.size origins have claims; the one after them has none.
-      const origins = s.originsByDue.all({ n: this.claimedPerOrigin.size + 1 }) as { origin: string; dueAt: number }[];
+      // At most heldPerOrigin.size origins hold rows; the one after them holds none.
+      const origins = s.originsByDue.all({ n: this.heldPerOrigin.size + 1 }) as { origin: string; dueAt: number }[];
       for (const o of origins) {
         if (best !== null && o.dueAt >= best) break;
-        const claimedHere = this.claimedPerOrigin.get(o.origin) ?? 0;
-        if (claimedHere >= p.perOriginLimit) continue; // woken when one of its attempts ends
-        if (claimedHere === 0) {
+        if ((this.inflightPerOrigin.get(o.origin) ?? 0) >= p.perOriginLimit) continue; // woken when one of its attempts ends
+        const heldHere = this.heldPerOrigin.get(o.origin) ?? 0;
+        if (heldHere === 0) {
           best = o.dueAt;
           break;
         }
-        const rows = s.nextInOrigin.all({ origin: o.origin, n: claimedHere + 1 }) as { id: number; dueAt: number }[];
+        const rows = s.nextInOrigin.all({ origin: o.origin, n: heldHere + 1 }) as { id: number; dueAt: number }[];
         const first = rows.find((r) => !this.claimed.has(r.id));
         if (first && (best === null || first.dueAt < best)) best = first.dueAt;
       }
@@ -585,18 +612,26 @@ export class SqliteDriver implements QueueDriver {
     });
   }
 
+  /** The attempt is over: its origin has a free slot (the row stays held until its outcome commits). */
+  private endAttempt(id: number, inflight: Set<number>): void {
+    const origin = this.claimed.get(id);
+    if (origin === undefined || !inflight.has(id)) return;
+    inflight.delete(id);
+    bump(this.inflightPerOrigin, origin, -1);
+  }
+
   private unclaim(id: number): void {
+    this.endAttempt(id, this.attempting);
     const origin = this.claimed.get(id);
     if (origin === undefined) return;
     this.claimed.delete(id);
-    const n = (this.claimedPerOrigin.get(origin) ?? 1) - 1;
-    if (n <= 0) this.claimedPerOrigin.delete(origin);
-    else this.claimedPerOrigin.set(origin, n);
+    bump(this.heldPerOrigin, origin, -1);
   }
 
   async deliveryRecord(p: { id: number; now: number; outcome: DeliveryOutcome }): Promise<void> {
     const s = this.s;
     const o = p.outcome;
+    this.endAttempt(p.id, this.attempting);
     await this.write((fx) => {
       type Done = { jobSeq: number; origin: string } | undefined;
       let row: Done;

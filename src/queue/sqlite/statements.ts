@@ -140,6 +140,14 @@ export function prepareStatements(db: DB) {
         d.attempts, d.due_at AS dueAt, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage
       FROM webhook_deliveries d INDEXED BY webhook_deliveries_origin_due JOIN jobs j ON j.seq = d.job_seq
       WHERE d.origin = @origin AND d.due_at IS NOT NULL AND d.due_at <= @until ORDER BY d.due_at, d.id LIMIT @n`),
+    // The job's next pending event after a delivered one (sent without waiting for the record).
+    nextOfJob: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
+        d.attempts, d.due_at AS dueAt, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage
+      FROM (SELECT job_seq, sequence FROM webhook_deliveries WHERE id = @id) cur
+        JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.sequence > cur.sequence
+        JOIN jobs j ON j.seq = d.job_seq
+      WHERE d.status = 'pending' AND d.next_attempt_at <= @now
+      ORDER BY d.sequence, d.id LIMIT 1`),
     nextInOrigin: p(`SELECT id, due_at AS dueAt FROM webhook_deliveries INDEXED BY webhook_deliveries_origin_due
       WHERE origin = @origin AND due_at IS NOT NULL ORDER BY due_at, id LIMIT @n`),
     // Bodies only for the artifacts small enough to travel inline in an event.
