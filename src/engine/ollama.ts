@@ -175,44 +175,70 @@ export class OllamaEngine implements ChatEngine {
       merger.add(chunk);
       opts.onChunk?.(chunk);
     };
+    // Read in flowing mode rather than `for await`: leaving a `for await` early destroys the body
+    // (and the keep-alive connection with it). After the done line the rest is drained, not parsed.
+    const body = res.body;
     try {
-      for await (const part of res.body) {
-        received += (part as Buffer).length;
-        if (received > this.maxResponseBytes) {
-          throw new EngineError(
-            'permanent',
-            'engine_response_too_large',
-            `the engine's response exceeded FOREMAN_ENGINE_MAX_RESPONSE_BYTES (${this.maxResponseBytes} bytes); generation stopped`,
-          );
-        }
-        buf += decoder.decode(part as Buffer, { stream: true });
-        let start = 0;
-        let nl: number;
-        while ((nl = buf.indexOf('\n', start)) >= 0) {
-          handleLine(buf.slice(start, nl));
-          start = nl + 1;
-          if (merger.final) break;
-        }
-        buf = buf.slice(start);
-        if (merger.final) break;
-        if (buf.length > this.maxLineBytes) {
-          throw new EngineError('transient', 'engine_protocol_error', `an NDJSON line exceeded ${this.maxLineBytes} bytes`);
-        }
-      }
-      if (!merger.final) {
-        buf += decoder.decode();
-        handleLine(buf);
-      }
+      await new Promise<void>((resolve, reject) => {
+        let settled = false;
+        const fail = (err: unknown) => {
+          if (settled) return;
+          settled = true;
+          reject(err);
+        };
+        body.on('data', (part: Buffer) => {
+          if (settled) return; // after the done line: drained, ignored
+          try {
+            received += part.length;
+            if (received > this.maxResponseBytes) {
+              throw new EngineError(
+                'permanent',
+                'engine_response_too_large',
+                `the engine's response exceeded FOREMAN_ENGINE_MAX_RESPONSE_BYTES (${this.maxResponseBytes} bytes); generation stopped`,
+              );
+            }
+            buf += decoder.decode(part, { stream: true });
+            let start = 0;
+            let nl: number;
+            while ((nl = buf.indexOf('\n', start)) >= 0) {
+              handleLine(buf.slice(start, nl));
+              start = nl + 1;
+              if (merger.final) break;
+            }
+            buf = buf.slice(start);
+            if (merger.final) {
+              settled = true;
+              resolve();
+              return;
+            }
+            if (buf.length > this.maxLineBytes) {
+              throw new EngineError('transient', 'engine_protocol_error', `an NDJSON line exceeded ${this.maxLineBytes} bytes`);
+            }
+          } catch (err) {
+            fail(err);
+          }
+        });
+        body.on('end', () => {
+          if (settled) return;
+          try {
+            buf += decoder.decode();
+            handleLine(buf);
+            settled = true;
+            resolve();
+          } catch (err) {
+            fail(err);
+          }
+        });
+        body.on('error', fail);
+      });
     } catch (err) {
-      discardBody(res.body);
+      discardBody(body);
       if (err instanceof EngineError) throw err;
       return classifyNetworkError(err, opts.signal, 'generation');
     }
     if (!merger.final) {
       throw new EngineError('transient', 'engine_stream_incomplete', 'the engine stream ended without done:true');
     }
-    // Anything after the done line is ignored; free the connection.
-    discardBody(res.body);
     return merger.result();
   }
 

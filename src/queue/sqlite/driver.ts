@@ -142,6 +142,18 @@ export class SqliteDriver implements QueueDriver {
 
   private readonly walFd: number | null = null;
 
+  /** URLs repeat across jobs: a bounded memo of their origins. */
+  private readonly origins = new Map<string, string>();
+  private originOfUrl(url: string): string {
+    let o = this.origins.get(url);
+    if (o === undefined) {
+      o = originOf(url);
+      if (this.origins.size >= 4096) this.origins.clear();
+      this.origins.set(url, o);
+    }
+    return o;
+  }
+
   private announce(fx: Effects): void {
     const n = this.notifier;
     if (fx.deliveryReady) n.emit('deliveryReady');
@@ -176,7 +188,7 @@ export class SqliteDriver implements QueueDriver {
     if (state === 'queued') fx.jobReady = true;
     if (row.webhook_url === null || row.webhook_gone === 1) return;
     if (row.webhook_events !== null && !(JSON.parse(row.webhook_events) as string[]).includes(state)) return;
-    const origin = originOf(row.webhook_url);
+    const origin = this.originOfUrl(row.webhook_url);
     const r = s.insertDelivery.get({ seq: row.seq, state, sequence: STATE_SEQUENCE[state], url: row.webhook_url, origin, now }) as
       | { dueAt: number | null }
       | undefined;
@@ -548,13 +560,13 @@ export class SqliteDriver implements QueueDriver {
         const room = Math.min(p.perOriginLimit - (this.inflightPerOrigin.get(origin) ?? 0), p.limit - out.length);
         if (room <= 0) continue;
         const heldHere = this.heldPerOrigin.get(origin) ?? 0;
-        const rows = s.dueInOrigin.all({ origin, until: p.now, n: room + heldHere }) as DueRow[];
+        const ids = s.dueInOrigin.all({ origin, until: p.now, n: room + heldHere }) as number[];
         let took = 0;
-        for (const r of rows) {
+        for (const id of ids) {
           if (took >= room) break;
-          if (this.claimed.has(r.id)) continue;
+          if (this.claimed.has(id)) continue;
           took++;
-          out.push(this.hold(r, p.inlineMax));
+          out.push(this.hold(s.deliveryForSend.get(id) as DueRow, p.inlineMax));
         }
       }
       return out;

@@ -136,13 +136,15 @@ export function prepareStatements(db: DB) {
       WHERE due_at IS NOT NULL AND due_at <= @now ORDER BY due_at LIMIT @n`).pluck(),
     originsByDue: p(`SELECT origin, due_at AS dueAt FROM webhook_origins INDEXED BY webhook_origins_due
       WHERE due_at IS NOT NULL ORDER BY due_at LIMIT @n`),
-    dueInOrigin: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
-        d.attempts, d.due_at AS dueAt, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage
-      FROM webhook_deliveries d INDEXED BY webhook_deliveries_origin_due JOIN jobs j ON j.seq = d.job_seq
-      WHERE d.origin = @origin AND d.due_at IS NOT NULL AND d.due_at <= @until ORDER BY d.due_at, d.id LIMIT @n`),
+    // Ids only, from the covering (origin, due_at, id) index: held rows are skipped before any row is read.
+    dueInOrigin: p(`SELECT id FROM webhook_deliveries INDEXED BY webhook_deliveries_origin_due
+      WHERE origin = @origin AND due_at IS NOT NULL AND due_at <= @until ORDER BY due_at, id LIMIT @n`).pluck(),
+    deliveryForSend: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
+        d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage
+      FROM webhook_deliveries d JOIN jobs j ON j.seq = d.job_seq WHERE d.id = ?`),
     // The job's next pending event after a delivered one (sent without waiting for the record).
     nextOfJob: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
-        d.attempts, d.due_at AS dueAt, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage
+        d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage
       FROM (SELECT job_seq, sequence FROM webhook_deliveries WHERE id = @id) cur
         JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.sequence > cur.sequence
         JOIN jobs j ON j.seq = d.job_seq
