@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
-import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
+import Fastify, { LogController, type FastifyInstance, type FastifyReply } from 'fastify';
 import { registerOpenApi } from './openapi.js';
 import { SECURITY_HEADERS } from './headers.js';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
@@ -57,7 +57,7 @@ export function buildApp(deps: AppDeps) {
     genReqId: () => randomUUID(),
     return503OnClosing: true,
     // One line per request, when it completes (onResponse below), instead of two.
-    disableRequestLogging: true,
+    logController: new LogController({ disableRequestLogging: true }),
     // Strict validation: no type coercion, nothing silently removed.
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
     onProtoPoisoning: 'error',
