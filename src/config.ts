@@ -1,6 +1,7 @@
 import { Type, type Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 import path from 'node:path';
+import { blockListOf } from './webhooks/ssrf.js';
 
 /** Parses `250ms`, `10s`, `5m`, `2h`, `7d` (or a bare number of milliseconds) into milliseconds. */
 export function parseDuration(text: string): number | undefined {
@@ -28,9 +29,9 @@ interface SettingMeta {
 const meta = (env: string, def: string | undefined, kind: Kind): SettingMeta => ({ env, def, kind });
 const str = (env: string, def: string | undefined, minLength = 0) => Type.String({ minLength, ...meta(env, def, 'string') });
 const url = (env: string, def: string | undefined) => Type.String({ ...meta(env, def, 'url') });
-const int = (env: string, def: string, minimum: number, maximum: number) => Type.Integer({ minimum, maximum, ...meta(env, def, 'int') });
-const ms = (env: string, def: string, minimum: number) => Type.Integer({ minimum, ...meta(env, def, 'duration') });
-const bool = (env: string, def: string) => Type.Boolean(meta(env, def, 'bool'));
+const int = (env: string, def: string | undefined, minimum: number, maximum: number) => Type.Integer({ minimum, maximum, ...meta(env, def, 'int') });
+const ms = (env: string, def: string | undefined, minimum: number) => Type.Integer({ minimum, ...meta(env, def, 'duration') });
+const bool = (env: string, def: string | undefined) => Type.Boolean(meta(env, def, 'bool'));
 const oneOf = <T extends string>(env: string, def: T, values: readonly T[]) =>
   Type.Union(
     values.map((v) => Type.Literal(v)),
@@ -60,6 +61,9 @@ export const ConfigSchema = Type.Object({
   sweepIntervalMs: ms('FOREMAN_SWEEP_INTERVAL', '1m', 1),
   shutdownGraceMs: ms('FOREMAN_SHUTDOWN_GRACE', '10s', 0),
   maxQueued: int('FOREMAN_MAX_QUEUED', '10000', 1, 1_000_000_000),
+  maxQueuedBytes: int('FOREMAN_MAX_QUEUED_BYTES', '1073741824', 1024, Number.MAX_SAFE_INTEGER),
+  // Unset: FOREMAN_JOB_TTL.
+  failedJobTtlMs: Type.Optional(ms('FOREMAN_FAILED_JOB_TTL', undefined, 1)),
   webhookSecrets: Type.Array(Type.String({ minLength: 1 }), meta('FOREMAN_WEBHOOK_SECRET', '', 'list')),
   webhookConcurrency: int('FOREMAN_WEBHOOK_CONCURRENCY', '16', 1, 4096),
   webhookTimeoutMs: ms('FOREMAN_WEBHOOK_TIMEOUT', '10s', 1),
@@ -67,7 +71,14 @@ export const ConfigSchema = Type.Object({
   webhookBackoffMaxMs: ms('FOREMAN_WEBHOOK_BACKOFF_MAX', '1h', 0),
   webhookRetryAfterMaxMs: ms('FOREMAN_WEBHOOK_RETRY_AFTER_MAX', '1h', 0),
   webhookMaxAttempts: int('FOREMAN_WEBHOOK_MAX_ATTEMPTS', '45', 1, 10000),
-  webhookBlockPrivate: bool('FOREMAN_WEBHOOK_BLOCK_PRIVATE', 'false'),
+  // Unset: blocked unless Foreman listens on loopback only (open single-user mode keeps loopback receivers working).
+  webhookBlockPrivate: Type.Optional(bool('FOREMAN_WEBHOOK_BLOCK_PRIVATE', undefined)),
+  webhookAllowNets: Type.Array(Type.String({ minLength: 1 }), meta('FOREMAN_WEBHOOK_ALLOW_NETS', '', 'list')),
+  allowedHosts: Type.Array(Type.String({ minLength: 1 }), meta('FOREMAN_ALLOWED_HOSTS', '', 'list')),
+  auth: oneOf('FOREMAN_AUTH', 'auto', ['auto', 'off'] as const),
+  maxConnections: int('FOREMAN_MAX_CONNECTIONS', '1024', 1, 1_000_000),
+  maxWatchersPerJob: int('FOREMAN_MAX_WATCHERS_PER_JOB', '64', 1, 100_000),
+  redeliverPerMinute: int('FOREMAN_REDELIVER_PER_MINUTE', '5', 1, 10_000),
   inlineArtifactMaxBytes: int('FOREMAN_INLINE_ARTIFACT_MAX_BYTES', '262144', 0, 1073741824),
   engineMaxResponseBytes: int('FOREMAN_ENGINE_MAX_RESPONSE_BYTES', '33554432', 1024, 1073741824),
   engineOutageTimeoutMs: ms('FOREMAN_ENGINE_OUTAGE_TIMEOUT', '1h', 1),
@@ -166,6 +177,19 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   out.dataDir = path.resolve(String(out.dataDir));
   // Empty means "derive from the address actually listened on" (see service.ts), so port 0 works.
   out.publicUrl ??= '';
+  checkSecrets(out.webhookSecrets as string[]);
+  try {
+    blockListOf(out.webhookAllowNets as string[]);
+  } catch (err) {
+    throw new ConfigError('FOREMAN_WEBHOOK_ALLOW_NETS', (err as Error).message);
+  }
+  if (!isLoopbackHost(String(out.host)) && out.auth !== 'off') {
+    throw new ConfigError(
+      'FOREMAN_HOST',
+      `"${String(out.host)}" is not a loopback address, and Foreman has no authentication configured: anyone who can reach it ` +
+        'could submit, read and cancel every job. Listen on 127.0.0.1, or set FOREMAN_AUTH=off to run open on purpose',
+    );
+  }
   if ((out.webhookBackoffMaxMs as number) < (out.webhookBackoffBaseMs as number)) {
     throw new ConfigError('FOREMAN_WEBHOOK_BACKOFF_MAX', 'must not be smaller than FOREMAN_WEBHOOK_BACKOFF_BASE');
   }
@@ -176,6 +200,33 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     throw new ConfigError(spec?.env ?? key, first?.message ?? 'invalid');
   }
   return out as Config;
+}
+
+/** localhost, 127.0.0.0/8 or ::1 (with or without brackets). */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.toLowerCase().replace(/^\[|\]$/g, '');
+  return h === 'localhost' || h.endsWith('.localhost') || h === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h);
+}
+
+/**
+ * Webhook secrets must give a real HMAC key: a `whsec_` secret is base64 of at least 24 bytes,
+ * any other at least 16 bytes. The message never shows the secret.
+ */
+function checkSecrets(secrets: string[]): void {
+  secrets.forEach((sec, i) => {
+    const which = secrets.length > 1 ? `secret #${i + 1}` : 'the secret';
+    if (sec.startsWith('whsec_')) {
+      const b64 = sec.slice(6);
+      if (!/^[A-Za-z0-9+/]+={0,2}$/.test(b64) || b64.length % 4 !== 0) {
+        throw new ConfigError('FOREMAN_WEBHOOK_SECRET', `${which} starts with whsec_ but the rest is not base64`);
+      }
+      if (Buffer.from(b64, 'base64').length < 24) {
+        throw new ConfigError('FOREMAN_WEBHOOK_SECRET', `${which} decodes to fewer than 24 bytes; use at least 24 random bytes`);
+      }
+    } else if (Buffer.byteLength(sec, 'utf8') < 16) {
+      throw new ConfigError('FOREMAN_WEBHOOK_SECRET', `${which} is shorter than 16 bytes`);
+    }
+  });
 }
 
 /** A config for tests and tools: the defaults, overridden by `over`. */

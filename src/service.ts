@@ -1,6 +1,7 @@
 import type { AddressInfo } from 'node:net';
 import { pino, type Logger } from 'pino';
-import type { Config } from './config.js';
+import { isLoopbackHost, type Config } from './config.js';
+import { blockListOf } from './webhooks/ssrf.js';
 import { systemClock, type Clock } from './domain.js';
 import type { ChatEngine } from './engine/engine.js';
 import { EngineHealth } from './engine/health.js';
@@ -43,6 +44,7 @@ export class Service {
   readonly jobs: Jobs;
   readonly events: JobEvents;
   readonly engine: ChatEngine;
+  private readonly passthroughEngine: ChatEngine;
   readonly worker: Worker;
   readonly dispatcher: Dispatcher;
   readonly maintainer: Maintainer;
@@ -75,6 +77,8 @@ export class Service {
     this.unsubscribe = driver.notifier.on('stateChanged', this.events.transition);
     this.jobs = new Jobs(driver, clock, {
       maxQueued: config.maxQueued,
+      maxQueuedBytes: config.maxQueuedBytes,
+      redeliverPerMinute: config.redeliverPerMinute,
       jobMaxAttempts: config.jobMaxAttempts,
       idempotencyTtlMs: config.idempotencyTtlMs,
       concurrency: config.concurrency,
@@ -85,6 +89,16 @@ export class Service {
         url: config.ollamaUrl,
         idleTimeoutMs: config.engineIdleTimeoutMs,
         connections: config.concurrency * 2 + 2,
+        maxResponseBytes: config.engineMaxResponseBytes,
+      });
+    // Pass-through reads and direct loads from /api/* get a client (and connections) of their
+    // own, so they can never starve the worker's (hardening finding 8).
+    this.passthroughEngine =
+      opts.engine ??
+      new OllamaEngine({
+        url: config.ollamaUrl,
+        idleTimeoutMs: config.engineIdleTimeoutMs,
+        connections: 4,
         maxResponseBytes: config.engineMaxResponseBytes,
       });
     const health = new EngineHealth();
@@ -117,7 +131,9 @@ export class Service {
         backoffMaxMs: config.webhookBackoffMaxMs,
         retryAfterMaxMs: config.webhookRetryAfterMaxMs,
         maxAttempts: config.webhookMaxAttempts,
-        blockPrivate: config.webhookBlockPrivate,
+        blockPrivate: config.webhookBlockPrivate ?? !isLoopbackHost(config.host),
+        allow: blockListOf(config.webhookAllowNets),
+        self: () => this.listenAddress,
         inlineArtifactMaxBytes: config.inlineArtifactMaxBytes,
         secrets: config.webhookSecrets,
         userAgent: `foreman/${VERSION}`,
@@ -127,7 +143,7 @@ export class Service {
       ...random,
     });
     const m = { driver, clock, logger };
-    this.ttlCleaner = new TtlCleaner(m, config.jobTtlMs, config.sweepIntervalMs);
+    this.ttlCleaner = new TtlCleaner(m, config.jobTtlMs, config.sweepIntervalMs, config.failedJobTtlMs ?? config.jobTtlMs);
     this.maintainer = new Maintainer([
       new Rescuer(m, config.jobLeaseMs),
       new Deadlines(m, config.pollIntervalMs),
@@ -141,7 +157,7 @@ export class Service {
     ]);
     this.app = buildApp({
       jobs: this.jobs,
-      engine: this.engine,
+      engine: this.passthroughEngine,
       events: this.events,
       storageReady: () => driver.ping(),
       config,
@@ -153,6 +169,8 @@ export class Service {
 
   /** The URL the server listens on (after start). */
   url = '';
+  /** Where this process listens (after start): webhooks may never point here. */
+  private listenAddress: { address: string; port: number } | null = null;
 
   async start(): Promise<string> {
     const t0 = performance.now();
@@ -160,6 +178,7 @@ export class Service {
     for (const id of requeued) this.logger.warn({ job_id: id, state: 'queued' }, 'job was running when the last process stopped; re-queued');
     await this.app.listen({ host: this.config.host, port: this.config.port });
     const addr = this.app.server.address() as AddressInfo;
+    this.listenAddress = { address: addr.address, port: addr.port };
     const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
     this.url = `http://${host === '0.0.0.0' || host === '[::]' ? '127.0.0.1' : host}:${addr.port}`;
     if (this.publicUrl === '') this.publicUrl = this.url;
@@ -189,6 +208,7 @@ export class Service {
       await this.worker.stop(this.config.shutdownGraceMs);
       await this.dispatcher.stop(Math.min(2000, this.config.shutdownGraceMs));
       await this.engine.close();
+      if (this.passthroughEngine !== this.engine) await this.passthroughEngine.close();
       this.unsubscribe();
       await this.driver.close();
       const c = this.commits;

@@ -85,7 +85,7 @@ interface Case {
 type Obj = Record<string, unknown>;
 
 const JSON_CT = 'application/json';
-/** Content types Fastify's JSON parser accepts (the charset is ignored; the body is read as UTF-8). */
+/** Content types accepted as JSON (UTF-8; any other declared charset is 415, hardening finding 17). */
 const JSON_TYPES = [
   'application/json',
   'application/json; charset=utf-8',
@@ -93,11 +93,12 @@ const JSON_TYPES = [
   'Application/JSON',
   'application/json; charset="utf-8"',
   'application/json ; charset=utf-8',
-  'application/json; charset=latin1',
   'application/json;',
 ];
 /** Content types that are not JSON: 415 even for a perfectly valid job body. */
 const NON_JSON_TYPES = [
+  'application/json; charset=latin1',
+  'application/json; charset=utf-16',
   'text/plain',
   'text/plain; charset=utf-8',
   'application/x-www-form-urlencoded',

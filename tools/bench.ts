@@ -109,7 +109,13 @@ async function run(synchronous: 'FULL' | 'NORMAL'): Promise<Row[]> {
     await runClients(n, async (i) => {
       await post(body(i, { state_webhook_url: `${receiver.url}/${tag}` }));
     });
-    await receiver.waitFor((rs) => rs.filter((r) => r.event?.state === 'done').length >= n, 600_000);
+    // Counted incrementally: the predicate runs on every arrival.
+    let scanned = 0;
+    let done = 0;
+    await receiver.waitFor((rs) => {
+      for (; scanned < rs.length; scanned++) if (rs[scanned]!.event?.state === 'done') done++;
+      return done >= n;
+    }, 600_000);
     const secs = (performance.now() - t) / 1000;
     // Per job, the four events must have arrived in order.
     const seen = new Map<string, string[]>();

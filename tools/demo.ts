@@ -13,7 +13,7 @@ import { startFakeOllama } from '../test/support/fake-ollama.js';
 import { startReceiver, type Received } from '../test/support/receiver.js';
 import { startChild } from '../test/support/child.js';
 
-const SECRET = 'demo-secret';
+const SECRET = 'demo-secret-not-for-production';
 
 function checkSignatures(r: Received): string {
   const raw = r.raw;

@@ -5,7 +5,8 @@ import { registerOpenApi } from './openapi.js';
 import { SECURITY_HEADERS } from './headers.js';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { EngineStatus } from '../engine/engine.js';
-import { errorHandler } from './errors.js';
+import { isLoopbackHost } from '../config.js';
+import { ApiError, errorHandler } from './errors.js';
 import { jobRoutes } from './routes.js';
 import { sseRoutes } from './sse.js';
 import { ollamaRoutes } from './ollama-api.js';
@@ -48,6 +49,12 @@ function clientErrorHandler(err: NodeJS.ErrnoException, socket: Socket): void {
   socket.end(`HTTP/1.1 ${status} ${reason}\r\n${headers}\r\n${body}`);
 }
 
+/** The host name of a Host header (`name:port`, `[v6]:port`), lowercased; null when malformed. */
+function hostnameOf(header: string): string | null {
+  const m = /^(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+)(?::\d{1,5})?$/.exec(header.trim());
+  return m?.[1] ? m[1].toLowerCase().replace(/^\[|\]$/g, '') : null;
+}
+
 /** Builds the Fastify instance without listening, so tests can `inject` or listen on port 0. */
 export function buildApp(deps: AppDeps) {
   const app = Fastify({
@@ -56,6 +63,8 @@ export function buildApp(deps: AppDeps) {
     requestIdHeader: 'x-request-id',
     genReqId: () => randomUUID(),
     return503OnClosing: true,
+    // A request (headers and body) must arrive in this time; responses (SSE) are not limited by it.
+    requestTimeout: deps.config.bodyTimeoutMs + 5_000,
     // One line per request, when it completes (onResponse below), instead of two.
     logController: new LogController({ disableRequestLogging: true }),
     // Strict validation: no type coercion, nothing silently removed.
@@ -79,6 +88,42 @@ export function buildApp(deps: AppDeps) {
 
   // JSON only: anything else is 415 (Fastify would otherwise accept text/plain).
   app.removeContentTypeParser(['text/plain']);
+
+  // Connections beyond FOREMAN_MAX_CONNECTIONS get a 503 and are closed (hardening finding 7).
+  let open = 0;
+  app.server.on('connection', (socket: Socket) => {
+    open++;
+    socket.once('close', () => open--);
+    if (open <= deps.config.maxConnections) return;
+    const body = JSON.stringify({ code: 'too_many_connections', message: 'the server has FOREMAN_MAX_CONNECTIONS open connections; try again shortly' });
+    socket.end(
+      `HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\n` +
+        `retry-after: 1\r\ncache-control: no-store\r\nconnection: close\r\n\r\n${body}`,
+    );
+  });
+
+  // DNS rebinding (hardening finding 2): with no authentication, only requests addressed to a
+  // loopback name, the public URL's host or FOREMAN_ALLOWED_HOSTS are served. Health probes are exempt.
+  const allowedHosts = new Set([...deps.config.allowedHosts, ...(deps.config.publicUrl ? [new URL(deps.config.publicUrl).hostname] : [])].map((h) => h.toLowerCase().replace(/^\[|\]$/g, '')));
+  app.addHook('onRequest', (req, _reply, done) => {
+    if (req.url === '/healthz' || req.url === '/readyz') return done();
+    const host = hostnameOf(req.headers.host ?? '');
+    if (host !== null && (isLoopbackHost(host) || allowedHosts.has(host) || allowedHosts.has('*'))) return done();
+    done(new ApiError(421, 'host_not_allowed', 'this server answers only to its own names: add the Host to FOREMAN_ALLOWED_HOSTS (or FOREMAN_PUBLIC_URL)', 'Host'));
+  });
+
+  // Bodies are uncompressed UTF-8 JSON: anything else is 415, never misread (hardening finding 17).
+  app.addHook('onRequest', (req, _reply, done) => {
+    const enc = req.headers['content-encoding'];
+    if (enc !== undefined && enc.trim().toLowerCase() !== 'identity') {
+      return done(new ApiError(415, 'unsupported_media_type', `Content-Encoding ${JSON.stringify(enc.slice(0, 40))} is not supported: send the body uncompressed`, 'Content-Encoding'));
+    }
+    const charset = /;\s*charset\s*=\s*"?([^";\s]+)/i.exec(req.headers['content-type'] ?? '')?.[1]?.toLowerCase();
+    if (charset !== undefined && charset !== 'utf-8' && charset !== 'utf8') {
+      return done(new ApiError(415, 'unsupported_media_type', `charset ${JSON.stringify(charset.slice(0, 40))} is not supported: bodies are UTF-8`, 'Content-Type'));
+    }
+    done();
+  });
 
   // A request body must arrive within FOREMAN_BODY_TIMEOUT (a chunked body that never ends would
   // otherwise hold the connection forever): answer 408 in our format and close the connection.

@@ -7,6 +7,7 @@ import type { JobEvent } from '../events.js';
 import { uuidv7 } from '../ids.js';
 import { ApiError } from './errors.js';
 import { SECURITY_HEADERS } from './headers.js';
+import { SSE_BUFFER_MAX } from './sse.js';
 import { EngineFields, Message } from './schemas.js';
 import type { AppDeps } from './deps.js';
 
@@ -23,6 +24,40 @@ const ChatBody = Type.Object(
   },
   { additionalProperties: true },
 );
+
+/** Direct model loads (`/api/chat` with no messages) at once, and how long one may wait for a turn. */
+const LOADS_AT_ONCE = 2;
+const LOAD_WAIT_MS = 10_000;
+
+/** A counting semaphore whose waiters give up after a timeout. */
+class Semaphore {
+  private waiters: (() => void)[] = [];
+  constructor(private free: number) {}
+
+  acquire(timeoutMs: number): Promise<boolean> {
+    if (this.free > 0) {
+      this.free--;
+      return Promise.resolve(true);
+    }
+    return new Promise((resolve) => {
+      const grant = () => {
+        clearTimeout(timer);
+        resolve(true);
+      };
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w !== grant);
+        resolve(false);
+      }, timeoutMs);
+      this.waiters.push(grant);
+    });
+  }
+
+  release(): void {
+    const next = this.waiters.shift();
+    if (next) next();
+    else this.free++;
+  }
+}
 
 /** Maps a failed job's error code to the HTTP status Ollama would have answered. */
 function statusFor(code: string): number {
@@ -50,6 +85,10 @@ function nonStreamResult(result: ChatResponse): Record<string, unknown> {
  */
 export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) => {
   const { jobs, events } = deps;
+  // Loads asked for directly (empty messages) bypass the queue: at most LOADS_AT_ONCE run at a
+  // time, on the pass-through engine client, so they can never take the worker's connections
+  // (hardening finding 8). More wait briefly, then get 503.
+  const loads = new Semaphore(LOADS_AT_ONCE);
 
   app.post(
     '/api/chat',
@@ -65,11 +104,16 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
       const stream = body.stream !== false; // Ollama's default
       if (body.messages.length === 0) {
         // A load request: answered by the engine directly, as Ollama does.
+        if (!(await loads.acquire(LOAD_WAIT_MS))) {
+          throw new ApiError(503, 'engine_busy', `${LOADS_AT_ONCE} model loads are already running; try again shortly`, undefined, { 'retry-after': '5' });
+        }
         try {
           await deps.engine.load(body.model, { keepAlive: body.keep_alive, signal: AbortSignal.timeout(deps.config.engineIdleTimeoutMs) });
         } catch (err) {
           if (err instanceof EngineError) return (reply as FastifyReply).code(statusFor(err.code)).send({ error: err.message, code: err.code, message: err.message });
           throw err;
+        } finally {
+          loads.release();
         }
         return { model: body.model, created_at: new Date().toISOString(), message: { role: 'assistant', content: '' }, done: true, done_reason: 'load' };
       }
@@ -127,6 +171,8 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
           });
         }
         reply.raw.write(`${JSON.stringify(line)}\n`);
+        // A client that does not read is cut off once its unsent output passes the cap (its job is then canceled).
+        if (reply.raw.writableLength > SSE_BUFFER_MAX) reply.raw.destroy();
       };
       try {
         let sawWorking = false;

@@ -58,7 +58,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         j.webhookUrl === null
           ? null
           : {
-              url: j.webhookUrl,
+              url: redactUrl(j.webhookUrl),
               events: j.webhookEvents ?? [...JOB_STATES],
               deliveries: j.deliveries.map((d) => ({
                 event_id: eventId(j.id, d.state),
@@ -183,6 +183,17 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     },
   );
 };
+
+/**
+ * A webhook URL as shown to callers: query values (tokens, often) replaced by `REDACTED`. The
+ * stored URL, which the dispatcher uses, keeps them.
+ */
+export function redactUrl(url: string): string {
+  const u = new URL(url);
+  if (u.search === '') return url;
+  for (const k of new Set(u.searchParams.keys())) u.searchParams.set(k, 'REDACTED');
+  return u.href;
+}
 
 /** RFC 9110 If-None-Match: weak comparison, a list, or `*`. */
 export function etagMatches(header: string | undefined, etag: string): boolean {

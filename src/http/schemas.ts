@@ -29,6 +29,12 @@ export const API_ERROR_CODES = [
   'storage_unavailable',
   'engine_unavailable',
   'internal_error',
+  'host_not_allowed',
+  'too_many_connections',
+  'too_many_watchers',
+  'redeliver_rate_limited',
+  'filter_too_broad',
+  'engine_busy',
 ] as const;
 
 /** Every `error.code` a failed job can carry (ADR-0003, ADR-0007). */

@@ -3,10 +3,13 @@ import { Type } from '@sinclair/typebox';
 import { iso, isTerminal, type JobState } from '../domain.js';
 import type { JobEvent } from '../events.js';
 import type { TransitionEvent } from '../queue/driver.js';
-import { NotFound } from '../errors.js';
+import { NotFound, Unavailable } from '../errors.js';
 import { SECURITY_HEADERS } from './headers.js';
 import { JobParams } from './schemas.js';
 import type { AppDeps } from './deps.js';
+
+/** Unsent output a watcher may have before it is dropped. */
+export const SSE_BUFFER_MAX = 1024 * 1024;
 
 const SSE_HEADERS = {
   'content-type': 'text/event-stream; charset=utf-8',
@@ -38,6 +41,9 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     async (req, reply) => {
       const job = await jobs.find(req.params.id);
       if (!job) throw new NotFound('job_not_found', `no job with id ${JSON.stringify(req.params.id.slice(0, 80))}`);
+      if (events.watchers(job.id) >= config.maxWatchersPerJob) {
+        throw new Unavailable('too_many_watchers', `this job already has FOREMAN_MAX_WATCHERS_PER_JOB (${config.maxWatchersPerJob}) watchers; try again later`, undefined, 5);
+      }
       const lastId = Number(req.headers['last-event-id'] ?? 0);
       const raw = reply.raw;
       reply.hijack();
@@ -57,6 +63,19 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         clearInterval(keepalive);
         raw.end();
       };
+      // Backpressure (hardening finding 7): a watcher that does not read is dropped once its
+      // unsent output passes the cap; it can come back with Last-Event-ID and lose nothing.
+      const write = (chunk: string) => {
+        if (closed) return;
+        raw.write(chunk);
+        if (raw.writableLength > SSE_BUFFER_MAX) {
+          req.log.info({ job_id: job.id, buffered: raw.writableLength }, 'SSE watcher is not reading; closed');
+          closed = true;
+          unsubscribe();
+          clearInterval(keepalive);
+          raw.destroy();
+        }
+      };
       const sendState = (e: TransitionEvent) => {
         if (e.n <= lastSent) {
           if (isTerminal(e.state)) close(); // the client claimed to have seen past the end
@@ -66,7 +85,7 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         state = e.state;
         const data: Record<string, unknown> = { job_id: job.id, state: e.state, at: iso(e.at), attempt: e.attempt };
         if (e.state === 'failed') data.error = e.error ?? null;
-        raw.write(`id: ${e.n}\nevent: state\ndata: ${JSON.stringify(data)}\n\n`);
+        write(`id: ${e.n}\nevent: state\ndata: ${JSON.stringify(data)}\n\n`);
         if (isTerminal(e.state)) close();
       };
       const handle = (e: JobEvent) => {
@@ -79,11 +98,11 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         if (m.content) delta.content = m.content;
         if (m.thinking) delta.thinking = m.thinking;
         if (m.tool_calls) delta.tool_calls = m.tool_calls;
-        if (Object.keys(delta).length > 0) raw.write(`event: delta\ndata: ${JSON.stringify(delta)}\n\n`);
+        if (Object.keys(delta).length > 0) write(`event: delta\ndata: ${JSON.stringify(delta)}\n\n`);
       };
       // Subscribe first, then replay the log, then what arrived meanwhile: nothing falls in between.
       const unsubscribe = events.subscribe(job.id, (e) => (replaying ? pending.push(e) : handle(e)));
-      const keepalive = setInterval(() => raw.write(': keep-alive\n\n'), config.sseKeepaliveMs);
+      const keepalive = setInterval(() => write(': keep-alive\n\n'), config.sseKeepaliveMs);
       keepalive.unref();
       req.raw.on('close', close);
       let replay: TransitionEvent[];

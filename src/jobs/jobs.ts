@@ -1,5 +1,5 @@
 import { iso, type Clock, type JobState } from '../domain.js';
-import { Conflict, NotFound, Unavailable, Validation } from '../errors.js';
+import { Conflict, NotFound, QuotaExceeded, Unavailable, Validation } from '../errors.js';
 import { uuidv7 } from '../ids.js';
 import type { Artifact, CancelOutcome, JobView, ListedJob, QueueDriver, TransitionEvent } from '../queue/driver.js';
 import { ARTIFACT_NAME_RE } from '../domain.js';
@@ -7,6 +7,9 @@ import { bodyHash, decodeCursor, encodeCursor, ENGINE_FIELDS, MAX_JSON_DEPTH, pa
 
 export interface JobsSettings {
   maxQueued: number;
+  maxQueuedBytes: number;
+  /** Redeliveries of one job per minute (hardening finding 11). */
+  redeliverPerMinute: number;
   jobMaxAttempts: number;
   idempotencyTtlMs: number;
   /** Jobs run at once (for the ETA). */
@@ -51,6 +54,9 @@ const notFound = (id: string) => new NotFound('job_not_found', `no job with id $
  * errors that `http/errors.ts` maps to status codes.
  */
 export class Jobs {
+  /** When each job's recent redeliveries were asked for (the last minute's). */
+  private readonly redeliveries = new Map<string, number[]>();
+
   constructor(
     private readonly driver: QueueDriver,
     private readonly clock: Clock,
@@ -72,6 +78,7 @@ export class Jobs {
     const [outcome] = await this.driver.jobsInsert({
       now,
       maxQueued: settings.maxQueued,
+      maxQueuedBytes: settings.maxQueuedBytes,
       jobs: [
         {
           id: input.id ?? uuidv7(),
@@ -93,6 +100,9 @@ export class Jobs {
     if (outcome!.ok) return outcome!;
     if (outcome!.code === 'idempotency_key_reused') {
       throw new Conflict('idempotency_key_reused', 'this Idempotency-Key was already used with a different body', 'Idempotency-Key');
+    }
+    if (outcome!.code === 'queue_bytes_full') {
+      throw new Unavailable('queue_full', `the queued jobs hold FOREMAN_MAX_QUEUED_BYTES (${settings.maxQueuedBytes}) bytes of requests; try again later`, undefined, 5);
     }
     throw new Unavailable('queue_full', `the queue holds FOREMAN_MAX_QUEUED (${settings.maxQueued}) jobs; try again later`, undefined, 5);
   }
@@ -162,7 +172,22 @@ export class Jobs {
     if (state !== null && !j.deliveries.some((d) => d.state === state)) {
       throw new Conflict('no_such_event', `this job has no ${state} event to redeliver`, 'state');
     }
-    return this.driver.deliveriesRedeliver({ jobId: id, now: this.clock.now(), state });
+    // Redelivery floods (hardening finding 11): one at a time per job, and a few per minute.
+    if (j.deliveries.some((d) => d.status === 'pending')) {
+      throw new QuotaExceeded('redeliver_rate_limited', "this job's earlier events are still being delivered; try again once they are done", undefined, 1);
+    }
+    const now = this.clock.now();
+    const recent = (this.redeliveries.get(id) ?? []).filter((t) => t > now - 60_000);
+    if (recent.length >= this.settings.redeliverPerMinute) {
+      const wait = Math.max(1, Math.ceil((recent[0]! + 60_000 - now) / 1000));
+      throw new QuotaExceeded('redeliver_rate_limited', `at most FOREMAN_REDELIVER_PER_MINUTE (${this.settings.redeliverPerMinute}) redeliveries of one job per minute`, undefined, wait);
+    }
+    recent.push(now);
+    this.redeliveries.set(id, recent);
+    if (this.redeliveries.size > 10_000) {
+      for (const [k, ts] of this.redeliveries) if (ts[ts.length - 1]! <= now - 60_000) this.redeliveries.delete(k);
+    }
+    return this.driver.deliveriesRedeliver({ jobId: id, now, state });
   }
 
   transitionsSince(id: string, after: number): Promise<TransitionEvent[]> {

@@ -17,6 +17,8 @@ export class TtlCleaner extends MaintenanceService {
     deps: MaintenanceDeps,
     private readonly ttlMs: number,
     private readonly intervalMs: number,
+    /** Failed jobs may be kept longer (or shorter) than the rest: FOREMAN_FAILED_JOB_TTL. */
+    private readonly failedTtlMs: number = ttlMs,
   ) {
     super(deps);
   }
@@ -25,7 +27,7 @@ export class TtlCleaner extends MaintenanceService {
     return [
       this.deps.driver.notifier.on('stateChanged', (e) => {
         if (!isTerminal(e.state)) return;
-        const at = e.at + this.ttlMs;
+        const at = e.at + (e.state === 'failed' ? this.failedTtlMs : this.ttlMs);
         if (at >= this.wakeAt) return;
         this.wakeAt = at;
         if (this.timer) clearTimeout(this.timer);
@@ -45,7 +47,8 @@ export class TtlCleaner extends MaintenanceService {
 
   private sweep(): Promise<number> {
     const { driver, clock } = this.deps;
-    return driver.jobsDeleteExpired({ finishedBefore: clock.now() - this.ttlMs, limit: TtlCleaner.BATCH, now: clock.now() });
+    const now = clock.now();
+    return driver.jobsDeleteExpired({ finishedBefore: now - this.ttlMs, failedFinishedBefore: now - this.failedTtlMs, limit: TtlCleaner.BATCH, now });
   }
 
   protected async tick(): Promise<number> {
@@ -54,9 +57,10 @@ export class TtlCleaner extends MaintenanceService {
     if (deleted > 0) logger.info({ deleted }, 'TTL cleaner deleted expired jobs');
     if (deleted === TtlCleaner.BATCH) return 0;
     // Jobs kept for a pending delivery stay the oldest; do not spin on them.
-    const floor = Math.min(this.intervalMs, Math.max(1000, this.ttlMs));
+    const ttl = Math.min(this.ttlMs, this.failedTtlMs);
+    const floor = Math.min(this.intervalMs, Math.max(1000, ttl));
     const oldest = await driver.jobsOldestFinishedAt();
-    const until = oldest === null ? this.intervalMs : oldest + this.ttlMs - clock.now() + 1;
+    const until = oldest === null ? this.intervalMs : oldest + ttl - clock.now() + 1;
     const delay = Math.min(this.intervalMs, Math.max(floor, until));
     this.wakeAt = clock.now() + delay;
     return delay;

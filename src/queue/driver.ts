@@ -26,7 +26,8 @@ export interface QueueDriver {
   close(): Promise<void>;
 
   // --- jobs: submit and claim ---
-  jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number }): Promise<InsertOutcome[]>;
+  /** `maxQueuedBytes`: the queued jobs' stored requests may not exceed this many bytes together. */
+  jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<InsertOutcome[]>;
   /** Up to `limit` claimable jobs in claim order, each moved to `loading` with a lease of its own. */
   jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number }): Promise<ClaimedJob[]>;
   jobLeaseRenew(p: { seq: number; lease: string; until: number }): Promise<boolean>;
@@ -50,8 +51,11 @@ export interface QueueDriver {
   jobsFailStale(p: { createdBefore: number; now: number; error: ErrorInfo }): Promise<string[]>;
   /** Refreshes queued jobs' stored aging boost (whole `agingMs` intervals waited). */
   jobsAge(p: { now: number; agingMs: number }): Promise<number>;
-  /** Deletes up to `limit` jobs finished before `finishedBefore` with no delivery owed. */
-  jobsDeleteExpired(p: { finishedBefore: number; limit: number; now: number }): Promise<number>;
+  /**
+   * Deletes up to `limit` jobs finished before `finishedBefore` (failed ones: before
+   * `failedFinishedBefore`, when given) with no delivery owed.
+   */
+  jobsDeleteExpired(p: { finishedBefore: number; failedFinishedBefore?: number; limit: number; now: number }): Promise<number>;
   /** When the next delayed (retrying) queued job becomes claimable (after `now`), or null. */
   jobsNextRunAt(p: { now: number }): Promise<number | null>;
   jobsNextDeadlineAt(): Promise<number | null>;
@@ -107,6 +111,7 @@ export interface NewJob {
 export type InsertOutcome =
   | { ok: true; jobId: string; replayed: boolean; state: JobState }
   | { ok: false; code: 'queue_full' }
+  | { ok: false; code: 'queue_bytes_full' }
   | { ok: false; code: 'idempotency_key_reused' };
 
 export interface ClaimedJob {

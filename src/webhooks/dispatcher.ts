@@ -1,3 +1,4 @@
+import type { BlockList } from 'node:net';
 import { Agent } from 'undici';
 import type { Logger } from 'pino';
 import type { Clock } from '../domain.js';
@@ -20,6 +21,10 @@ export interface DispatcherOptions {
   retryAfterMaxMs: number;
   maxAttempts: number;
   blockPrivate: boolean;
+  /** Ranges allowed despite `blockPrivate` (FOREMAN_WEBHOOK_ALLOW_NETS). */
+  allow: BlockList;
+  /** Foreman's own listening address: never a webhook target. */
+  self: () => { address: string; port: number } | null;
   inlineArtifactMaxBytes: number;
   secrets: string[];
   userAgent: string;
@@ -72,7 +77,7 @@ export class Dispatcher {
     this.random = deps.random ?? Math.random;
     this.signer = new Signer(o.secrets);
     this.agent = new Agent({
-      connect: guardedConnector({ blockPrivate: o.blockPrivate, timeoutMs: o.timeoutMs }),
+      connect: guardedConnector({ blockPrivate: o.blockPrivate, allow: o.allow, self: o.self, timeoutMs: o.timeoutMs }),
       headersTimeout: o.timeoutMs,
       bodyTimeout: o.timeoutMs,
       keepAliveTimeout: 4_000,

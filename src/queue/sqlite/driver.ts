@@ -21,6 +21,7 @@ import type {
   TransitionEvent,
 } from '../driver.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
+import { Validation } from '../../errors.js';
 import { lockDataDir, migrate, openDatabase, type DB } from './db.js';
 import { domainError, GroupCommit, type Effects } from './group-commit.js';
 import { prepareStatements, type Statements } from './statements.js';
@@ -77,6 +78,10 @@ interface DueRow {
 }
 
 const LIST_CACHE_MAX = 64;
+/** `jobs.result` when the result is the job's `completion` artifact, stored once there. */
+const RESULT_IN_ARTIFACT = '{"$foreman":"completion-artifact"}';
+/** At most this many index entries are read to answer one listing (hardening finding 10). */
+export const LIST_SCAN_BUDGET = 20_000;
 
 function bump(m: Map<string, number>, k: string, d: number): void {
   const n = (m.get(k) ?? 0) + d;
@@ -230,11 +235,13 @@ export class SqliteDriver implements QueueDriver {
     this.lock.release();
   }
 
-  jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number }): Promise<InsertOutcome[]> {
+  jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<InsertOutcome[]> {
     const s = this.s;
     return this.write((fx) => {
       const { now } = p;
-      let queued = s.countQueued.get() as number;
+      const counts = s.countQueued.get() as { n: number; bytes: number };
+      let queued = counts.n;
+      let bytes = counts.bytes;
       const out: InsertOutcome[] = [];
       for (const j of p.jobs) {
         if (j.idempotency) {
@@ -250,10 +257,16 @@ export class SqliteDriver implements QueueDriver {
           out.push({ ok: false, code: 'queue_full' });
           continue;
         }
+        const request = JSON.stringify(j.request);
+        const size = Buffer.byteLength(request, 'utf8');
+        if (p.maxQueuedBytes !== undefined && bytes + size > p.maxQueuedBytes) {
+          out.push({ ok: false, code: 'queue_bytes_full' });
+          continue;
+        }
         const row = s.insertJob.get({
           id: j.id,
           model: j.model,
-          request: JSON.stringify(j.request),
+          request,
           metadata: j.metadata === null ? null : JSON.stringify(j.metadata),
           webhook_url: j.webhookUrl,
           webhook_events: j.webhookEvents === null ? null : JSON.stringify(j.webhookEvents),
@@ -266,6 +279,7 @@ export class SqliteDriver implements QueueDriver {
         if (j.idempotency) s.idemInsert.run(j.idempotency.key, j.idempotency.bodyHash, row.seq, j.idempotency.expiresAt);
         this.record(fx, row, 'queued', now);
         queued++;
+        bytes += size;
         out.push({ ok: true, jobId: j.id, replayed: false, state: 'queued' });
       }
       return out;
@@ -312,7 +326,11 @@ export class SqliteDriver implements QueueDriver {
   jobComplete(p: { seq: number; lease: string; now: number; result: unknown; artifacts: { name: string; contentType: string; body: Buffer }[]; runMs: number }): Promise<boolean> {
     const s = this.s;
     return this.write((fx) => {
-      const row = this.move(fx, s.toDone, { seq: p.seq, lease: p.lease, now: p.now, result: JSON.stringify(p.result) }, 'done', p.now) as
+      // The completion is stored once (hardening finding 12): when the `completion` artifact is
+      // the result itself, the column holds only a reference to it.
+      const text = JSON.stringify(p.result);
+      const same = p.artifacts.some((a) => a.name === 'completion' && a.body.length === Buffer.byteLength(text) && a.body.equals(Buffer.from(text)));
+      const row = this.move(fx, s.toDone, { seq: p.seq, lease: p.lease, now: p.now, result: same ? RESULT_IN_ARTIFACT : text }, 'done', p.now) as
         | (TransitionRow & { model: string })
         | undefined;
       if (!row) return false;
@@ -373,10 +391,10 @@ export class SqliteDriver implements QueueDriver {
     return this.write(() => this.s.age.run({ now: p.now, aging: p.agingMs }).changes);
   }
 
-  jobsDeleteExpired(p: { finishedBefore: number; limit: number; now: number }): Promise<number> {
+  jobsDeleteExpired(p: { finishedBefore: number; failedFinishedBefore?: number; limit: number; now: number }): Promise<number> {
     const s = this.s;
     return this.write(() => {
-      const seqs = s.sweepPick.all(p.finishedBefore, p.limit) as number[];
+      const seqs = s.sweepPick.all({ cutoff: p.finishedBefore, failedCutoff: p.failedFinishedBefore ?? p.finishedBefore, limit: p.limit }) as number[];
       for (const seq of seqs) s.deleteJob.run(seq);
       s.idemSweep.run(p.now, p.limit);
       return seqs.length;
@@ -416,7 +434,7 @@ export class SqliteDriver implements QueueDriver {
         startedAt: r.started_at,
         finishedAt: r.finished_at,
         updatedAt: r.updated_at,
-        result: r.result === null ? null : (JSON.parse(r.result) as unknown),
+        result: this.resultOf(r.seq, r.result),
         error: r.error_code === null ? null : { code: r.error_code, message: r.error_message ?? '' },
         webhookUrl: r.webhook_url,
         webhookEvents: r.webhook_events === null ? null : (JSON.parse(r.webhook_events) as JobState[]),
@@ -425,6 +443,13 @@ export class SqliteDriver implements QueueDriver {
         deliveries: s.deliveries.all(r.seq) as DeliveryView[],
       };
     });
+  }
+
+  private resultOf(seq: number, stored: string | null): unknown {
+    if (stored === null) return null;
+    if (stored !== RESULT_IN_ARTIFACT) return JSON.parse(stored) as unknown;
+    const body = this.s.artifactBody.get(seq, 'completion') as Buffer | undefined;
+    return body === undefined ? null : (JSON.parse(body.toString('utf8')) as unknown);
   }
 
   jobTransitionsSince(p: { id: string; after: number }): Promise<TransitionEvent[]> {
@@ -483,26 +508,27 @@ export class SqliteDriver implements QueueDriver {
     const params: Record<string, unknown> = { limit: f.limit };
     let from = 'jobs j';
     const meta = f.metadata ?? [];
-    meta.forEach(([k, v], i) => {
-      params[`mk${i}`] = k;
-      params[`mv${i}`] = v;
-      if (i === 0) {
-        // The first metadata filter drives the scan through its (key, value, job_seq) index.
-        from = 'job_metadata m JOIN jobs j ON j.seq = m.job_seq';
-        where.push('m.key = @mk0 AND m.value = @mv0');
-      } else {
-        where.push(`EXISTS (SELECT 1 FROM job_metadata m${i} WHERE m${i}.key = @mk${i} AND m${i}.value = @mv${i} AND m${i}.job_seq = j.seq)`);
-      }
-    });
-    const seqCol = meta.length > 0 ? 'm.job_seq' : 'j.seq';
+    // The first metadata filter drives the scan through its (key, value, job_seq) index, at most
+    // LIST_SCAN_BUDGET entries of it: a listing never holds the process for long (finding 10).
+    const inner: string[] = ['key = @mk0', 'value = @mv0'];
     if (upper !== null) {
-      where.push(`${seqCol} < @upper`);
+      inner.push('job_seq < @upper');
       params.upper = upper;
     }
     if (lower !== null) {
-      where.push(`${seqCol} >= @lower`);
+      inner.push('job_seq >= @lower');
       params.lower = lower;
     }
+    meta.forEach(([k, v], i) => {
+      params[`mk${i}`] = k;
+      params[`mv${i}`] = v;
+      if (i > 0) where.push(`EXISTS (SELECT 1 FROM job_metadata m${i} WHERE m${i}.key = @mk${i} AND m${i}.value = @mv${i} AND m${i}.job_seq = j.seq)`);
+    });
+    const innerSql = `SELECT job_seq FROM job_metadata WHERE ${inner.join(' AND ')} ORDER BY job_seq DESC LIMIT ${LIST_SCAN_BUDGET}`;
+    if (meta.length > 0) from = `(${innerSql}) m JOIN jobs j ON j.seq = m.job_seq`;
+    const seqCol = meta.length > 0 ? 'm.job_seq' : 'j.seq';
+    if (meta.length === 0 && upper !== null) where.push('j.seq < @upper');
+    if (meta.length === 0 && lower !== null) where.push('j.seq >= @lower');
     // seq bounds narrow the scan; the created_at checks keep the result exact even if the clock
     // ever stepped back between two submissions.
     if (f.createdBefore !== undefined) {
@@ -526,6 +552,26 @@ export class SqliteDriver implements QueueDriver {
       FROM ${from} ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
       ORDER BY ${seqCol} DESC LIMIT @limit`;
     // A handful of shapes, each prepared once; the cache is bounded (least recently used out).
+    const stmt = this.cached(sql);
+    const rows = (stmt.all(params) as (Omit<ListedJob, 'metadata'> & { metadata: string | null })[]).map((r) => ({
+      ...r,
+      metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+    }));
+    if (meta.length > 0 && rows.length < f.limit) {
+      // A short page: exact only if the driving scan ended before its budget did.
+      const scanned = this.cached(`SELECT count(*) FROM (${innerSql})`).pluck().get(params) as number;
+      if (scanned >= LIST_SCAN_BUDGET && (f.metadata!.length > 1 || f.state || f.model || f.createdAfter !== undefined || f.createdBefore !== undefined)) {
+        throw new Validation(
+          `this filter combination would scan more than ${LIST_SCAN_BUDGET} jobs of metadata.${meta[0]![0]}=${JSON.stringify(meta[0]![1].slice(0, 40))}: narrow it (created_after/created_before, or a rarer metadata filter first)`,
+          `metadata.${meta[0]![0]}`,
+          'filter_too_broad',
+        );
+      }
+    }
+    return rows;
+  }
+
+  private cached(sql: string): Statement {
     let stmt = this.listCache.get(sql);
     if (stmt) this.listCache.delete(sql);
     else {
@@ -533,10 +579,7 @@ export class SqliteDriver implements QueueDriver {
       if (this.listCache.size >= LIST_CACHE_MAX) this.listCache.delete(this.listCache.keys().next().value as string);
     }
     this.listCache.set(sql, stmt);
-    return (stmt.all(params) as (Omit<ListedJob, 'metadata'> & { metadata: string | null })[]).map((r) => ({
-      ...r,
-      metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
-    }));
+    return stmt;
   }
 
   // --- webhook outbox ---

@@ -11,7 +11,8 @@ export function prepareStatements(db: DB) {
   const p = (sql: string) => db.prepare(sql);
   return {
     // --- submit ---
-    countQueued: p(`SELECT n FROM job_counts WHERE state = 'queued'`).pluck(),
+    countQueued: p(`SELECT n, bytes FROM job_counts WHERE state = 'queued'`),
+    artifactBody: p(`SELECT body FROM artifacts WHERE job_seq = ? AND name = ?`).pluck(),
     insertJob: p(`INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
         max_attempts, priority, deadline_at, run_at, created_at, updated_at)
       VALUES (@id, 'queued', @model, @request, @metadata, @webhook_url, @webhook_events,
@@ -86,9 +87,11 @@ export function prepareStatements(db: DB) {
     oldestFinished: p(`SELECT finished_at FROM jobs INDEXED BY jobs_finished
       WHERE state IN ('done', 'failed', 'canceled') ORDER BY finished_at LIMIT 1`).pluck(),
     // Sweep: finished long enough ago, and no delivery still owed.
-    sweepPick: p(`SELECT seq FROM jobs j INDEXED BY jobs_finished WHERE state IN ('done', 'failed', 'canceled') AND finished_at < ?
+    sweepPick: p(`SELECT seq FROM jobs j INDEXED BY jobs_finished WHERE state IN ('done', 'failed', 'canceled')
+        AND finished_at < max(@cutoff, @failedCutoff)
+        AND (CASE WHEN state = 'failed' THEN finished_at < @failedCutoff ELSE finished_at < @cutoff END)
         AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_seq = j.seq AND d.status = 'pending')
-      ORDER BY finished_at LIMIT ?`).pluck(),
+      ORDER BY finished_at LIMIT @limit`).pluck(),
     deleteJob: p(`DELETE FROM jobs WHERE seq = ?`),
 
     // --- reads ---
