@@ -42,7 +42,8 @@ const BIG_QUEUE = 1_000_000;
 const sha256 = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 const sorted = <T>(xs: T[]): T[] => [...xs].sort();
 
-function newJob(over: Partial<NewJob> = {}): NewJob {
+/** A new job with sensible defaults, for driver tests. */
+export function newJob(over: Partial<NewJob> = {}): NewJob {
   return {
     id: uuidv7(),
     model: 'm1',

@@ -7,11 +7,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { uuidv7 } from '../../src/ids.js';
-import type { NewJob } from '../../src/queue/driver.js';
 import { DataDirLocked } from '../../src/queue/sqlite/db.js';
 import { SqliteDriver } from '../../src/queue/sqlite/driver.js';
-import { driverConformance } from './conformance.js';
+import { driverConformance, newJob } from './conformance.js';
 
 const freshDir = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'foreman-driver-'));
 
@@ -32,19 +30,7 @@ driverConformance(
 
 const T0 = 1_700_000_000_000;
 
-const job = (over: Partial<NewJob> = {}): NewJob => ({
-  id: uuidv7(),
-  model: 'm1',
-  request: { messages: [] },
-  metadata: null,
-  webhookUrl: null,
-  webhookEvents: null,
-  maxAttempts: 3,
-  priority: 0,
-  deadlineAt: null,
-  idempotency: null,
-  ...over,
-});
+const job = newJob;
 
 describe('sqlite driver only', () => {
   const dirs: string[] = [];
