@@ -32,6 +32,11 @@ export class Validation extends DomainError {
   }
 }
 
+/** It existed, and is gone for good (410). */
+export class Gone extends DomainError {
+  readonly kind = 'gone';
+}
+
 export class QuotaExceeded extends DomainError {
   readonly kind = 'quota';
 }

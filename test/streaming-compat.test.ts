@@ -191,7 +191,15 @@ function expectState(f: SseFrame | undefined, jobId: string, n: number, state: s
   expect(f, `state frame ${n}`).toBeDefined();
   expect(f!.type).toBe('state');
   expect(f!.id).toBe(String(n));
-  expect(Object.keys(f!.data).sort()).toEqual(['at', 'attempt', 'job_id', 'state']);
+  // Terminal events also say how the run went (ADR-0016).
+  const run = ['done', 'failed', 'canceled'].includes(state)
+    ? ['conversation_id', 'duration_ms', 'finished_at', 'load_ms', 'model', 'queue_ms', 'started_at', 'usage']
+    : [];
+  expect(Object.keys(f!.data).filter((k) => k !== 'error').sort()).toEqual(['at', 'attempt', 'job_id', 'state', ...run].sort());
+  if (run.length > 0) {
+    expect(f!.data.conversation_id).toBe(jobId);
+    expect(f!.data.finished_at).toBe(f!.data.at);
+  }
   expect(f!.data.job_id).toBe(jobId);
   expect(f!.data.state).toBe(state);
   expect(f!.data.attempt).toBe(attempt);
@@ -703,6 +711,8 @@ describe('OpenAPI document and docs page', () => {
     '/jobs/{id}/cancel': ['post'],
     '/jobs/{id}/events': ['get'],
     '/jobs/{id}/webhooks/redeliver': ['post'],
+    '/conversations': ['get'],
+    '/conversations/{id}': ['get'],
     '/api/chat': ['post'],
     '/api/tags': ['get'],
     '/api/ps': ['get'],

@@ -31,6 +31,18 @@ function gate() {
 
 
 
+/** What a terminal event says about the run, from the job record (ADR-0016). */
+const runOf = (j: any) => ({
+  started_at: j.started_at,
+  finished_at: j.finished_at,
+  duration_ms: j.started_at === null ? null : Date.parse(j.finished_at) - Date.parse(j.started_at),
+  queue_ms: Date.parse(j.started_at ?? j.finished_at) - Date.parse(j.created_at),
+  load_ms: j.load_ms,
+  attempt: j.attempt,
+  model: j.model,
+  usage: j.usage,
+  conversation_id: j.conversation_id,
+});
 const delivery = (j: any, state: string) => j.webhook.deliveries.find((d: any) => d.state === state);
 const transitionAt = (j: any, state: string) => j.transitions.find((t: any) => t.state === state)?.at;
 
@@ -99,6 +111,7 @@ describe('webhooks with default settings', () => {
     expect(job.artifacts).toHaveLength(1);
     expect(got[3]!.event).toStrictEqual({
       ...base('done'),
+      ...runOf(job),
       artifacts: [
         {
           name: 'completion',
@@ -143,6 +156,7 @@ describe('webhooks with default settings', () => {
       occurred_at: transitionAt(job, 'failed'),
       metadata: {},
       error: { code: 'model_not_found', message: "model 'llama9' not found" },
+      ...runOf(job),
     });
     expect(got.map((r) => r.event.sequence)).toEqual([1, 2, 4]);
     for (const r of got) expectCommonHeaders(r, false);

@@ -135,9 +135,12 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
       };
       reply.raw.on('close', cancelIfGone);
       try {
+        const continueFrom = req.headers['x-foreman-continue-from'];
         await jobs.submit({
           id,
           body,
+          // Conversations through the queue (ADR-0016): the header names the job this continues.
+          ...(typeof continueFrom === 'string' && continueFrom !== '' ? { continueFrom } : {}),
           webhookUrl: null,
           webhookEvents: null,
           metadata: { source: 'api/chat' },

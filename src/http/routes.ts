@@ -8,6 +8,10 @@ import { ApiError } from './errors.js';
 import {
   ArtifactParams,
   CancelReply,
+  ConversationParams,
+  ConversationReply,
+  ConversationsQuery,
+  ConversationsReply,
   ErrorBody,
   JobParams,
   JobReply,
@@ -20,7 +24,7 @@ import {
   SubmitReply,
 } from './schemas.js';
 import type { AppDeps } from './deps.js';
-const errorReplies = { 400: ErrorBody, 404: ErrorBody, 409: ErrorBody, 413: ErrorBody, 415: ErrorBody, 503: ErrorBody };
+const errorReplies = { 400: ErrorBody, 404: ErrorBody, 409: ErrorBody, 410: ErrorBody, 413: ErrorBody, 415: ErrorBody, 429: ErrorBody, 503: ErrorBody };
 
 export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) => {
   const { jobs } = deps;
@@ -71,6 +75,11 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
                 delivered_at: iso(d.deliveredAt),
               })),
             },
+      conversation_id: j.conversationId,
+      continue_from: j.continueFrom,
+      waiting_for_previous: j.waiting,
+      load_ms: j.loadMs,
+      usage: { prompt_tokens: j.usage.promptTokens, completion_tokens: j.usage.completionTokens },
     };
   }
 
@@ -88,6 +97,8 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       const body = req.body;
       const outcome = await jobs.submit({
         body,
+        ...(body.continue_from !== undefined ? { continueFrom: body.continue_from } : {}),
+        ...(body.wait_for_previous !== undefined ? { waitForPrevious: body.wait_for_previous } : {}),
         webhookUrl: body.state_webhook_url === undefined ? null : checkWebhookUrl(body.state_webhook_url),
         webhookEvents: (body.webhook_events as JobState[] | undefined) ?? null,
         metadata: body.metadata ?? null,
@@ -102,7 +113,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         req.log.info({ job_id: id }, 'idempotent replay');
         return reply.code(200).header('idempotent-replayed', 'true').send(reply_);
       }
-      req.log.info({ job_id: id, state: 'queued', model: body.model }, 'job queued');
+      req.log.info({ job_id: id, state: 'queued', model: body.model, continue_from: body.continue_from }, 'job queued');
       return reply.code(202).send(reply_);
     },
   );
@@ -125,6 +136,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         limit: q.limit === undefined ? 20 : Number(q.limit),
         ...(q.state ? { state: q.state as JobState } : {}),
         ...(q.model ? { model: q.model } : {}),
+        ...(q.conversation_id ? { conversationId: q.conversation_id } : {}),
         ...(createdAfter !== undefined ? { createdAfter } : {}),
         ...(createdBefore !== undefined ? { createdBefore } : {}),
         metadata: Object.entries(q)
@@ -180,6 +192,48 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       const states = await jobs.redeliver(id, (req.query.state as JobState | undefined) ?? null);
       req.log.info({ job_id: id, requeued: states }, 'webhook redelivery requested');
       return reply.code(202).send({ job_id: id, requeued: states.map((s) => eventId(id, s)) });
+    },
+  );
+
+  app.get(
+    '/conversations/:id',
+    { schema: { summary: 'A conversation: its turns in order, and its status', params: ConversationParams, response: { 200: ConversationReply, ...errorReplies } } },
+    async (req) => {
+      const c = await jobs.conversation(req.params.id);
+      return {
+        conversation_id: c.id,
+        status: c.status,
+        created_at: iso(c.createdAt) as string,
+        turns: c.turns.map((t) => ({
+          job_id: t.jobId,
+          state: t.state,
+          messages: t.messages,
+          reply: t.reply,
+          error: t.error,
+          created_at: iso(t.createdAt) as string,
+          finished_at: iso(t.finishedAt),
+        })),
+      };
+    },
+  );
+
+  app.get(
+    '/conversations',
+    { schema: { summary: 'Conversations, newest activity first', querystring: ConversationsQuery, response: { 200: ConversationsReply, ...errorReplies } } },
+    async (req) => {
+      const q = req.query;
+      const page = await jobs.conversations({ limit: q.limit === undefined ? 20 : Number(q.limit), ...(q.cursor !== undefined ? { cursor: q.cursor } : {}) });
+      return {
+        conversations: page.conversations.map((c) => ({
+          conversation_id: c.id,
+          created_at: iso(c.createdAt) as string,
+          turns: c.turns,
+          last_job_id: c.lastJobId,
+          last_state: c.lastState,
+          url: `${publicUrl()}/conversations/${c.id}`,
+        })),
+        next_cursor: page.nextCursor,
+      };
     },
   );
 };

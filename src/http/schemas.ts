@@ -35,6 +35,9 @@ export const API_ERROR_CODES = [
   'redeliver_rate_limited',
   'filter_too_broad',
   'engine_busy',
+  'conversation_not_ready',
+  'conversation_expired',
+  'conversation_not_found',
 ] as const;
 
 /** Every `error.code` a failed job can carry (ADR-0003, ADR-0007). */
@@ -51,6 +54,7 @@ export const JOB_ERROR_CODES = [
   'engine_bad_request',
   'engine_rejected',
   'deadline_exceeded',
+  'previous_failed',
   'internal_error',
 ] as const;
 
@@ -103,6 +107,9 @@ export const EngineFields = {
 export const SubmitBody = Type.Object(
   {
     ...EngineFields,
+    model: Type.Optional(Type.String({ minLength: 1, maxLength: 256, description: "required, except with continue_from (default: that job's model)" })),
+    continue_from: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: 'continue the conversation of this job: its messages and reply come first (ADR-0016)' })),
+    wait_for_previous: Type.Optional(Type.Boolean({ description: 'with continue_from: queue now and run once that job is done' })),
     messages: Type.Array(Message, { minItems: 1, maxItems: 10_000 }),
     stream: Type.Optional(Type.Boolean()),
     state_webhook_url: Type.Optional(Type.String({ minLength: 1, maxLength: 2048 })),
@@ -149,6 +156,7 @@ export const ListQuery = Type.Object(
     created_before: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: 'ISO-8601, exclusive' })),
     limit: Type.Optional(Type.String({ pattern: '^[0-9]{1,3}$', description: '1 to 100, default 20' })),
     cursor: Type.Optional(Type.String({ minLength: 1, maxLength: 128, description: 'next_cursor of the previous page' })),
+    conversation_id: Type.Optional(Type.String({ minLength: 1, maxLength: 64 })),
   },
   {
     // metadata.<key>=<value> filters
@@ -221,6 +229,49 @@ export const JobReply = Type.Object({
       deliveries: Type.Array(DeliveryViewSchema),
     }),
   ),
+  conversation_id: Type.String(),
+  continue_from: Nullable(Type.String()),
+  waiting_for_previous: Type.Boolean(),
+  load_ms: Nullable(Type.Number()),
+  usage: Type.Object({ prompt_tokens: Nullable(Type.Integer()), completion_tokens: Nullable(Type.Integer()) }),
+});
+
+export const ConversationParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 64 }) });
+export const ConversationReply = Type.Object({
+  conversation_id: Type.String(),
+  status: Type.Union([Type.Literal('active'), Type.Literal('idle'), Type.Literal('failed')]),
+  created_at: Type.String(),
+  turns: Type.Array(
+    Type.Object({
+      job_id: Type.String(),
+      state: JobStateSchema,
+      messages: Type.Array(Type.Unknown()),
+      reply: Type.Unknown(),
+      error: Nullable(Type.Object({ code: Type.String(), message: Type.String() })),
+      created_at: Type.String(),
+      finished_at: Nullable(Type.String()),
+    }),
+  ),
+});
+export const ConversationsQuery = Type.Object(
+  {
+    limit: Type.Optional(Type.String({ pattern: '^[0-9]{1,3}$', description: '1 to 100, default 20' })),
+    cursor: Type.Optional(Type.String({ minLength: 1, maxLength: 128 })),
+  },
+  { additionalProperties: false },
+);
+export const ConversationsReply = Type.Object({
+  conversations: Type.Array(
+    Type.Object({
+      conversation_id: Type.String(),
+      created_at: Type.String(),
+      turns: Type.Integer(),
+      last_job_id: Type.String(),
+      last_state: JobStateSchema,
+      url: Type.String(),
+    }),
+  ),
+  next_cursor: Nullable(Type.String()),
 });
 
 export const RedeliverReply = Type.Object({
@@ -238,6 +289,16 @@ export const WebhookEventSchema = Type.Object({
   occurred_at: Type.String({ format: 'date-time' }),
   metadata: Type.Record(Type.String(), Type.String()),
   error: Type.Optional(Type.Object({ code: Type.String({ enum: [...JOB_ERROR_CODES] }), message: Type.String() })),
+  // Terminal events (done, failed, canceled) only: how the run went (ADR-0005, ADR-0016).
+  started_at: Type.Optional(Nullable(Type.String({ format: 'date-time' }))),
+  finished_at: Type.Optional(Nullable(Type.String({ format: 'date-time' }))),
+  duration_ms: Type.Optional(Nullable(Type.Number({ description: 'finished_at - started_at' }))),
+  queue_ms: Type.Optional(Nullable(Type.Number({ description: 'started_at (or finished_at, if it never started) - created_at' }))),
+  load_ms: Type.Optional(Nullable(Type.Number())),
+  attempt: Type.Optional(Type.Integer()),
+  model: Type.Optional(Type.String()),
+  usage: Type.Optional(Type.Object({ prompt_tokens: Nullable(Type.Integer()), completion_tokens: Nullable(Type.Integer()) })),
+  conversation_id: Type.Optional(Type.String()),
   artifacts: Type.Optional(
     Type.Array(
       Type.Object({

@@ -3,6 +3,7 @@ import { Type } from '@sinclair/typebox';
 import { iso, isTerminal, type JobState } from '../domain.js';
 import type { JobEvent } from '../events.js';
 import type { TransitionEvent } from '../queue/driver.js';
+import { runFields } from '../webhooks/payload.js';
 import { NotFound, Unavailable } from '../errors.js';
 import { SECURITY_HEADERS } from './headers.js';
 import { JobParams } from './schemas.js';
@@ -85,6 +86,7 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         state = e.state;
         const data: Record<string, unknown> = { job_id: job.id, state: e.state, at: iso(e.at), attempt: e.attempt };
         if (e.state === 'failed') data.error = e.error ?? null;
+        if (e.run) Object.assign(data, runFields(e.run));
         write(`id: ${e.n}\nevent: state\ndata: ${JSON.stringify(data)}\n\n`);
         if (isTerminal(e.state)) close();
       };

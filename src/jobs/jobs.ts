@@ -1,5 +1,5 @@
 import { iso, type Clock, type JobState } from '../domain.js';
-import { Conflict, NotFound, QuotaExceeded, Unavailable, Validation } from '../errors.js';
+import { Conflict, Gone, NotFound, QuotaExceeded, Unavailable, Validation } from '../errors.js';
 import { uuidv7 } from '../ids.js';
 import type { Artifact, CancelOutcome, JobView, ListedJob, QueueDriver, TransitionEvent } from '../queue/driver.js';
 import { ARTIFACT_NAME_RE } from '../domain.js';
@@ -17,7 +17,11 @@ export interface JobsSettings {
 }
 
 export interface SubmitInput {
-  body: Record<string, unknown> & { model: string };
+  body: Record<string, unknown> & { model?: string };
+  /** Continue the conversation of this job (ADR-0016). */
+  continueFrom?: string;
+  /** With `continueFrom`: queue now and wait for the earlier job to be done. */
+  waitForPrevious?: boolean;
   webhookUrl: string | null;
   webhookEvents: JobState[] | null;
   metadata: Record<string, string> | null;
@@ -30,6 +34,7 @@ export interface SubmitInput {
 
 export interface ListQuery {
   limit: number;
+  conversationId?: string;
   state?: JobState;
   model?: string;
   createdAfter?: number;
@@ -66,8 +71,30 @@ export class Jobs {
   /** Validates, then commits the job; resolves once it is durable. */
   async submit(input: SubmitInput): Promise<{ jobId: string; replayed: boolean; state: JobState }> {
     const { settings, clock } = this;
+    // A continuation: the earlier job must exist (410 once the TTL removed it); the model
+    // defaults to its model. Whether it is done is decided again in the insert's transaction.
+    let previous: { seq: number; wait: boolean } | null = null;
+    let conversationId: string | undefined;
+    let model = input.body.model;
+    if (input.waitForPrevious !== undefined && input.continueFrom === undefined) {
+      throw new Validation('wait_for_previous needs continue_from', 'wait_for_previous');
+    }
+    if (input.continueFrom !== undefined) {
+      const prev = await this.driver.jobGet({ id: input.continueFrom });
+      if (!prev) {
+        if (await this.driver.jobExpired({ id: input.continueFrom })) {
+          throw new Gone('conversation_expired', `job ${input.continueFrom} has been removed by FOREMAN_JOB_TTL: its conversation can no longer be continued`, 'continue_from');
+        }
+        throw new NotFound('job_not_found', `no job with id ${JSON.stringify(input.continueFrom.slice(0, 80))}`, 'continue_from');
+      }
+      previous = { seq: prev.seq, wait: input.waitForPrevious === true };
+      conversationId = prev.conversationId;
+      model ??= prev.model;
+    }
+    if (model === undefined) throw new Validation('model is required (it may be left out only with continue_from)', 'model');
     const request: Record<string, unknown> = {};
     for (const k of ENGINE_FIELDS) if (input.body[k] !== undefined) request[k] = input.body[k];
+    request.model = model;
     const deep = tooDeep(request, MAX_JSON_DEPTH);
     if (deep !== null) throw new Validation(`${deep} is nested deeper than ${MAX_JSON_DEPTH} levels`, deep);
     if (input.webhookEvents !== null && input.webhookUrl === null) {
@@ -82,8 +109,10 @@ export class Jobs {
       jobs: [
         {
           id: input.id ?? uuidv7(),
-          model: input.body.model,
+          model,
           request,
+          previous,
+          ...(conversationId !== undefined ? { conversationId } : {}),
           metadata: input.metadata,
           webhookUrl: input.webhookUrl,
           webhookEvents: input.webhookEvents,
@@ -100,6 +129,13 @@ export class Jobs {
     if (outcome!.ok) return outcome!;
     if (outcome!.code === 'idempotency_key_reused') {
       throw new Conflict('idempotency_key_reused', 'this Idempotency-Key was already used with a different body', 'Idempotency-Key');
+    }
+    if (outcome!.code === 'previous_not_ready') {
+      throw new Conflict(
+        'conversation_not_ready',
+        `the job this continues (${input.continueFrom}) is ${outcome!.state}: it must be done${outcome!.state === 'queued' || outcome!.state === 'loading' || outcome!.state === 'working' ? ', or send wait_for_previous: true' : ''}`,
+        'continue_from',
+      );
     }
     if (outcome!.code === 'queue_bytes_full') {
       throw new Unavailable('queue_full', `the queued jobs hold FOREMAN_MAX_QUEUED_BYTES (${settings.maxQueuedBytes}) bytes of requests; try again later`, undefined, 5);
@@ -146,6 +182,7 @@ export class Jobs {
       limit: q.limit + 1,
       ...(q.state ? { state: q.state } : {}),
       ...(q.model ? { model: q.model } : {}),
+      ...(q.conversationId ? { conversationId: q.conversationId } : {}),
       ...(q.createdAfter !== undefined ? { createdAfter: q.createdAfter } : {}),
       ...(q.createdBefore !== undefined ? { createdBefore: q.createdBefore } : {}),
       ...(q.metadata.length ? { metadata: q.metadata } : {}),
@@ -188,6 +225,30 @@ export class Jobs {
       for (const [k, ts] of this.redeliveries) if (ts[ts.length - 1]! <= now - 60_000) this.redeliveries.delete(k);
     }
     return this.driver.deliveriesRedeliver({ jobId: id, now, state });
+  }
+
+  /**
+   * A conversation: its turns in order, and its status: `active` while a turn is queued or
+   * running, `failed` if the last turn failed, `idle` otherwise.
+   */
+  async conversation(id: string) {
+    const c = await this.driver.conversationGet({ id });
+    if (!c || c.turns.length === 0) throw new NotFound('conversation_not_found', `no conversation with id ${JSON.stringify(id.slice(0, 80))}`);
+    const last = c.turns[c.turns.length - 1]!;
+    const active = c.turns.some((t) => t.state === 'queued' || t.state === 'loading' || t.state === 'working');
+    return { ...c, status: active ? ('active' as const) : last.state === 'failed' ? ('failed' as const) : ('idle' as const) };
+  }
+
+  /** Newest activity first, with the same opaque cursors as the job listing. */
+  async conversations(q: { limit: number; cursor?: string }) {
+    if (!(q.limit >= 1 && q.limit <= 100)) throw new Validation('limit must be 1 to 100', 'limit');
+    const rows = await this.driver.conversationsList({
+      limit: q.limit + 1,
+      ...(q.cursor !== undefined ? { beforeSeq: decodeCursor(q.cursor) } : {}),
+    });
+    const more = rows.length > q.limit;
+    if (more) rows.pop();
+    return { conversations: rows, nextCursor: more ? encodeCursor(rows[rows.length - 1]!.lastSeq) : null };
   }
 
   transitionsSince(id: string, after: number): Promise<TransitionEvent[]> {

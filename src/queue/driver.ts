@@ -34,7 +34,16 @@ export interface QueueDriver {
 
   // --- jobs: one attempt's transitions (guarded by the lease) ---
   jobSetWorking(p: { seq: number; lease: string; now: number; leaseMs: number }): Promise<boolean>;
-  jobComplete(p: { seq: number; lease: string; now: number; result: unknown; artifacts: ArtifactInput[]; runMs: number }): Promise<boolean>;
+  jobComplete(p: {
+    seq: number;
+    lease: string;
+    now: number;
+    result: unknown;
+    artifacts: ArtifactInput[];
+    runMs: number;
+    loadMs?: number;
+    usage?: { promptTokens: number | null; completionTokens: number | null };
+  }): Promise<boolean>;
   jobRetry(p: { seq: number; lease: string; now: number; runAt: number }): Promise<boolean>;
   jobFail(p: { seq: number; lease: string; now: number; error: ErrorInfo }): Promise<boolean>;
   /** Gives the attempt back (shutdown, storage trouble, engine unreachable): it does not count. */
@@ -69,6 +78,13 @@ export interface QueueDriver {
   /** What a queued job's position and ETA are computed from (the claim order). */
   jobQueueSnapshot(p: { seq: number }): Promise<QueueSnapshot>;
   artifactGet(p: { jobId: string; name: string }): Promise<Artifact | null>;
+  /** Whether a job with this id existed and was removed by the TTL (a continuation of it is 410). */
+  jobExpired(p: { id: string }): Promise<boolean>;
+
+  // --- conversations (ADR-0016) ---
+  conversationGet(p: { id: string }): Promise<ConversationView | null>;
+  /** Newest activity first; `beforeSeq` is the cursor (the last page's last `lastSeq`). */
+  conversationsList(p: { limit: number; beforeSeq?: number }): Promise<ConversationListed[]>;
 
   // --- webhook outbox ---
   /**
@@ -106,13 +122,19 @@ export interface NewJob {
   deadlineAt: number | null;
   /** Idempotency-Key handling: the key, the hash of the request body, and when the key expires. */
   idempotency: { key: string; bodyHash: string; expiresAt: number } | null;
+  /** The conversation: a fresh id for a first turn, the earlier job's for a continuation. */
+  conversationId?: string;
+  /** A continuation: the job it continues, and whether to wait for it to be done. */
+  previous?: { seq: number; wait: boolean } | null;
 }
 
 export type InsertOutcome =
   | { ok: true; jobId: string; replayed: boolean; state: JobState }
   | { ok: false; code: 'queue_full' }
   | { ok: false; code: 'queue_bytes_full' }
-  | { ok: false; code: 'idempotency_key_reused' };
+  | { ok: false; code: 'idempotency_key_reused' }
+  /** The continued job is not done (and the caller would not wait), or it failed or was canceled. */
+  | { ok: false; code: 'previous_not_ready'; state: JobState };
 
 export interface ClaimedJob {
   seq: number;
@@ -123,6 +145,51 @@ export interface ClaimedJob {
   maxAttempts: number;
   /** This attempt's lease token: every later transition of the attempt must present it. */
   lease: string;
+  /**
+   * For a continuation: the conversation so far, oldest first (each earlier turn's messages and
+   * its assistant reply), to send before `request.messages`. Built at claim time, never stored.
+   */
+  history: Record<string, unknown>[];
+}
+
+/** How a finished run went: carried by terminal events (ADR-0005). */
+export interface RunSummary {
+  createdAt: number;
+  startedAt: number | null;
+  finishedAt: number | null;
+  attempt: number;
+  model: string;
+  loadMs: number | null;
+  promptTokens: number | null;
+  completionTokens: number | null;
+  conversationId: string;
+}
+
+export interface ConversationTurn {
+  jobId: string;
+  state: JobState;
+  /** The turn's own new messages, as submitted. */
+  messages: unknown[];
+  /** The assistant's reply, once done. */
+  reply: unknown;
+  error: ErrorInfo | null;
+  createdAt: number;
+  finishedAt: number | null;
+}
+
+export interface ConversationView {
+  id: string;
+  createdAt: number;
+  turns: ConversationTurn[];
+}
+
+export interface ConversationListed {
+  id: string;
+  createdAt: number;
+  lastSeq: number;
+  lastJobId: string;
+  lastState: JobState;
+  turns: number;
 }
 
 export interface CancelOutcome {
@@ -183,6 +250,13 @@ export interface JobView {
   transitions: { state: JobState; at: number; attempt: number }[];
   artifacts: ArtifactMeta[];
   deliveries: DeliveryView[];
+  conversationId: string;
+  /** The job this one continues, or null. */
+  continueFrom: string | null;
+  /** Queued, waiting for the job it continues to be done. */
+  waiting: boolean;
+  loadMs: number | null;
+  usage: { promptTokens: number | null; completionTokens: number | null };
 }
 
 /** A claimed webhook delivery, with what the dispatcher needs to build the event body. */
@@ -200,6 +274,8 @@ export interface ClaimedDelivery {
   error: ErrorInfo | null;
   /** For `done`: the job's artifacts; `body` only where small enough to travel inline. */
   artifacts: (ArtifactMeta & { body: Buffer | null })[];
+  /** For terminal states: how the run went. */
+  run: RunSummary | null;
 }
 
 export type DeliveryOutcome =
@@ -218,10 +294,13 @@ export interface TransitionEvent {
   attempt: number;
   /** For `failed`. */
   error?: ErrorInfo;
+  /** For terminal states: how the run went. */
+  run?: RunSummary;
 }
 
 export interface ListFilter {
   state?: JobState;
+  conversationId?: string;
   model?: string;
   createdAfter?: number;
   createdBefore?: number;

@@ -1,4 +1,4 @@
-import type { ArtifactMeta, ClaimedDelivery } from '../queue/driver.js';
+import type { ArtifactMeta, ClaimedDelivery, RunSummary } from '../queue/driver.js';
 import { eventId, iso, type JobState } from '../domain.js';
 
 /** The event body (ADR-0005). `event_id` is `<job_id>:<state>`, stable across retries and restarts. */
@@ -12,6 +12,34 @@ export interface WebhookEvent {
   metadata: Record<string, string>;
   error?: { code: string; message: string };
   artifacts?: EventArtifact[];
+}
+
+/** What a terminal event says about how the run went (ADR-0005, ADR-0016). */
+export interface RunFields {
+  started_at: string | null;
+  finished_at: string | null;
+  duration_ms: number | null;
+  queue_ms: number | null;
+  load_ms: number | null;
+  attempt: number;
+  model: string;
+  usage: { prompt_tokens: number | null; completion_tokens: number | null };
+  conversation_id: string;
+}
+
+export function runFields(r: RunSummary): RunFields {
+  const waitedUntil = r.startedAt ?? r.finishedAt;
+  return {
+    started_at: iso(r.startedAt),
+    finished_at: iso(r.finishedAt),
+    duration_ms: r.startedAt !== null && r.finishedAt !== null ? r.finishedAt - r.startedAt : null,
+    queue_ms: waitedUntil !== null ? waitedUntil - r.createdAt : null,
+    load_ms: r.loadMs,
+    attempt: r.attempt,
+    model: r.model,
+    usage: { prompt_tokens: r.promptTokens, completion_tokens: r.completionTokens },
+    conversation_id: r.conversationId,
+  };
 }
 
 export interface EventArtifact {
@@ -49,8 +77,8 @@ export function eventArtifact(a: ArtifactMeta & { body?: Buffer | null }, public
   return out;
 }
 
-export function buildEvent(d: ClaimedDelivery, publicUrl: string, inlineMax: number): WebhookEvent {
-  const ev: WebhookEvent = {
+export function buildEvent(d: ClaimedDelivery, publicUrl: string, inlineMax: number): WebhookEvent & Partial<RunFields> {
+  const ev: WebhookEvent & Partial<RunFields> = {
     event_id: eventId(d.jobId, d.state),
     type: 'job.state_changed',
     job_id: d.jobId,
@@ -61,5 +89,6 @@ export function buildEvent(d: ClaimedDelivery, publicUrl: string, inlineMax: num
   };
   if (d.state === 'failed') ev.error = d.error ?? { code: 'unknown', message: '' };
   if (d.state === 'done') ev.artifacts = d.artifacts.map((a) => eventArtifact(a, publicUrl, d.jobId, inlineMax));
+  if (d.run) Object.assign(ev, runFields(d.run));
   return ev;
 }

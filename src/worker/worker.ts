@@ -120,7 +120,10 @@ export class Worker {
       log.debug({ state: 'working', load_ms: loadMs }, 'job working');
       const tRun = performance.now();
       const onChunk = this.deps.onChunk;
-      const response = await engine.chat(job.request, { signal, ...(onChunk ? { onChunk: (c: ChatChunk) => onChunk(job.id, c) } : {}) });
+      // A continuation sends the conversation so far, then its own messages (ADR-0016).
+      const request =
+        job.history.length === 0 ? job.request : { ...job.request, messages: [...job.history, ...((job.request.messages as unknown[] | undefined) ?? [])] };
+      const response = await engine.chat(request, { signal, ...(onChunk ? { onChunk: (c: ChatChunk) => onChunk(job.id, c) } : {}) });
       const result = { ...response, foreman: { load_ms: loadMs } };
       const body = Buffer.from(JSON.stringify(result), 'utf8');
       const runMs = loadMs + (performance.now() - tRun);
@@ -133,6 +136,8 @@ export class Worker {
             result,
             artifacts: [{ name: 'completion', contentType: 'application/json', body }],
             runMs,
+            loadMs,
+            usage: { promptTokens: response.prompt_eval_count ?? null, completionTokens: response.eval_count ?? null },
           }),
         { signal, maxTries: 9, onRetry: (err, wait) => log.error({ err, retry_in_ms: wait }, 'could not save the result; retrying') },
       );

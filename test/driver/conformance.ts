@@ -42,6 +42,21 @@ const BIG_QUEUE = 1_000_000;
 const sha256 = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 const sorted = <T>(xs: T[]): T[] => [...xs].sort();
 
+/** The run summary a terminal event carries, for a job of model m1 with no usage recorded. */
+function runOf(o: { id: string; createdAt: number; startedAt: number | null; finishedAt: number; attempt: number; model?: string }) {
+  return {
+    createdAt: o.createdAt,
+    startedAt: o.startedAt,
+    finishedAt: o.finishedAt,
+    attempt: o.attempt,
+    model: o.model ?? 'm1',
+    loadMs: null,
+    promptTokens: null,
+    completionTokens: null,
+    conversationId: o.id,
+  };
+}
+
 /** A new job with sensible defaults, for driver tests. */
 export function newJob(over: Partial<NewJob> = {}): NewJob {
   return {
@@ -194,6 +209,11 @@ export function driverConformance(name: string, factory: DriverFactory, options:
           transitions: [{ state: 'queued', at: at(1000), attempt: 0 }],
           artifacts: [],
           deliveries: [],
+          conversationId: a.id,
+          continueFrom: null,
+          waiting: false,
+          loadMs: null,
+          usage: { promptTokens: null, completionTokens: null },
         });
         const vb = await view(b.id);
         expect(vb.seq).toBeGreaterThan(va.seq);
@@ -352,6 +372,7 @@ export function driverConformance(name: string, factory: DriverFactory, options:
           attempt: 1,
           maxAttempts: 4,
           lease: expect.any(String),
+          history: [],
         });
         expect(v.state).toBe('loading');
         expect(v.attempt).toBe(1);
@@ -618,7 +639,9 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         d.notifier.on('stateChanged', (e) => changes.push(e));
         expect(await d.jobCancel({ id, now: at(10) })).toEqual({ canceled: true, wasRunning: false, state: 'canceled' });
         expect(cancels).toEqual([]);
-        expect(changes).toEqual([{ jobId: id, state: 'canceled', n: 2, at: at(10), attempt: 0 }]);
+        expect(changes).toEqual([
+          { jobId: id, state: 'canceled', n: 2, at: at(10), attempt: 0, run: runOf({ id, createdAt: at(0), startedAt: null, finishedAt: at(10), attempt: 0 }) },
+        ]);
         expect(await view(id)).toMatchObject({ state: 'canceled', finishedAt: at(10), updatedAt: at(10), error: null, result: null });
         expect(await d.jobsClaim({ owner: 'w', limit: 10, now: at(20), leaseMs: 1_000 })).toEqual([]);
       });
@@ -723,7 +746,15 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         d.notifier.on('stateChanged', (e) => changes.push(e));
         expect(await d.jobsFailPastDeadline({ now: at(1000) })).toEqual([a]);
         expect(changes).toEqual([
-          { jobId: a, state: 'failed', n: 2, at: at(1000), attempt: 0, error: { code: 'deadline_exceeded', message: expect.any(String) } },
+          {
+            jobId: a,
+            state: 'failed',
+            n: 2,
+            at: at(1000),
+            attempt: 0,
+            error: { code: 'deadline_exceeded', message: expect.any(String) },
+            run: runOf({ id: a, createdAt: at(1), startedAt: null, finishedAt: at(1000), attempt: 0 }),
+          },
         ]);
         const va = await view(a);
         expect(va).toMatchObject({ state: 'failed', finishedAt: at(1000), error: { code: 'deadline_exceeded' } });
@@ -744,7 +775,9 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         const error = { code: 'engine_unavailable', message: 'the engine has been down too long' };
         expect(await d.jobsFailStale({ createdBefore: at(100), now: at(300), error })).toEqual([a]);
         expect(await view(a)).toMatchObject({ state: 'failed', error, finishedAt: at(300) });
-        expect(await d.jobTransitionsSince({ id: a, after: 1 })).toEqual([{ jobId: a, state: 'failed', n: 2, at: at(300), attempt: 0, error }]);
+        expect(await d.jobTransitionsSince({ id: a, after: 1 })).toEqual([
+          { jobId: a, state: 'failed', n: 2, at: at(300), attempt: 0, error, run: runOf({ id: a, createdAt: at(50), startedAt: null, finishedAt: at(300), attempt: 0 }) },
+        ]);
         expect(await stateOf(running)).toBe('loading');
         expect(await stateOf(b)).toBe('queued');
         expect(sorted(await d.jobsFailStale({ createdBefore: at(201), now: at(400), error }))).toEqual(sorted([b, c]));
@@ -866,6 +899,11 @@ export function driverConformance(name: string, factory: DriverFactory, options:
             { id: q!.id, state: 'queued', sequence: 1, status: 'delivered', attempts: 1, lastStatusCode: 204, lastError: null, nextAttemptAt: null, deliveredAt: at(1500), occurredAt: at(1000) },
             { id: expect.any(Number), state: 'done', sequence: 4, status: 'pending', attempts: 0, lastStatusCode: null, lastError: null, nextAttemptAt: at(1300), deliveredAt: null, occurredAt: at(1300) },
           ],
+          conversationId: j.id,
+          continueFrom: null,
+          waiting: false,
+          loadMs: null,
+          usage: { promptTokens: null, completionTokens: null },
         });
         expect(await d.jobGet({ id: uuidv7() })).toBeNull();
       });
@@ -939,16 +977,17 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         const error = { code: 'boom', message: 'it broke' };
         expect(await d.jobFail({ seq: c.seq, lease: c.lease, now: at(30), error })).toBe(true);
         const failedEvent: TransitionEvent = { jobId: id, state: 'failed', n: 4, at: at(30), attempt: 1, error };
-        expect(changes).toEqual([failedEvent]);
+        const failedWithRun = { ...failedEvent, run: runOf({ id, createdAt: at(0), startedAt: at(10), finishedAt: at(30), attempt: 1 }) };
+        expect(changes).toEqual([failedWithRun]);
         const all = await d.jobTransitionsSince({ id, after: 0 });
         expect(all).toEqual([
           { jobId: id, state: 'queued', n: 1, at: at(0), attempt: 0 },
           { jobId: id, state: 'loading', n: 2, at: at(10), attempt: 1 },
           { jobId: id, state: 'working', n: 3, at: at(20), attempt: 1 },
-          failedEvent,
+          failedWithRun,
         ]);
         expect(all.slice(0, 3).every((e) => e.error === undefined)).toBe(true);
-        expect(await d.jobTransitionsSince({ id, after: 2 })).toEqual([{ jobId: id, state: 'working', n: 3, at: at(20), attempt: 1 }, failedEvent]);
+        expect(await d.jobTransitionsSince({ id, after: 2 })).toEqual([{ jobId: id, state: 'working', n: 3, at: at(20), attempt: 1 }, failedWithRun]);
         expect(await d.jobTransitionsSince({ id, after: 4 })).toEqual([]);
         expect(await d.jobTransitionsSince({ id: uuidv7(), after: 0 })).toEqual([]);
       });
@@ -1000,7 +1039,7 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         ]);
         const first = await claimDeliveries(at(1300));
         expect(first).toEqual([
-          { id: expect.any(Number), jobId: id, state: 'queued', sequence: 1, url: HOOK, origin: ORIGIN, occurredAt: at(1000), attempts: 0, metadata: { k: 'v' }, error: null, artifacts: [] },
+          { id: expect.any(Number), jobId: id, state: 'queued', sequence: 1, url: HOOK, origin: ORIGIN, occurredAt: at(1000), attempts: 0, metadata: { k: 'v' }, error: null, artifacts: [], run: null },
         ]);
         // Already claimed, and the others wait behind it.
         expect(await claimDeliveries(at(1301))).toEqual([]);
@@ -1237,7 +1276,20 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         expect(w).toMatchObject({ state: 'working', sequence: 3, error: null, artifacts: [], metadata: { m: '1' } });
         await d.deliveryRecord({ id: w!.id, now: at(50), outcome: { kind: 'delivered', status: 200 } });
         expect(await claimDeliveries(at(51))).toEqual([
-          { id: expect.any(Number), jobId: id, state: 'failed', sequence: 4, url: HOOK, origin: ORIGIN, occurredAt: at(30), attempts: 0, metadata: { m: '1' }, error, artifacts: [] },
+          {
+            id: expect.any(Number),
+            jobId: id,
+            state: 'failed',
+            sequence: 4,
+            url: HOOK,
+            origin: ORIGIN,
+            occurredAt: at(30),
+            attempts: 0,
+            metadata: { m: '1' },
+            error,
+            artifacts: [],
+            run: runOf({ id, createdAt: at(0), startedAt: at(10), finishedAt: at(30), attempt: 1 }),
+          },
         ]);
       });
 
@@ -1277,6 +1329,7 @@ export function driverConformance(name: string, factory: DriverFactory, options:
               { name: 'a.txt', contentType: 'text/plain', size: 10, sha256: sha256(small), body: small },
               { name: 'b.bin', contentType: 'application/octet-stream', size: 11, sha256: sha256(big), body: null },
             ],
+            run: runOf({ id, createdAt: at(0), startedAt: at(10), finishedAt: at(30), attempt: 1 }),
           },
         ]);
         expect(Buffer.compare(got[0]!.artifacts[0]!.body!, small)).toBe(0);

@@ -18,7 +18,10 @@ import type {
   NewJob,
   QueueDriver,
   QueueSnapshot,
+  RunSummary,
   TransitionEvent,
+  ConversationView,
+  ConversationListed,
 } from '../driver.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
 import { Validation } from '../../errors.js';
@@ -45,11 +48,20 @@ interface TransitionRow {
   webhook_gone: number;
   error_code: string | null;
   error_message: string | null;
+  model: string;
+  created_at: number;
+  started_at: number | null;
+  finished_at: number | null;
+  conversation_id: string;
+  load_ms: number | null;
+  prompt_tokens: number | null;
+  completion_tokens: number | null;
 }
 
 interface JobRow extends TransitionRow {
   state: JobState;
-  model: string;
+  waits: number;
+  prev_id: string | null;
   priority: number;
   deadline_at: number | null;
   request: string;
@@ -62,7 +74,7 @@ interface JobRow extends TransitionRow {
   result: string | null;
 }
 
-interface DueRow {
+interface DueRow extends RunRow {
   id: number;
   jobSeq: number;
   state: JobState;
@@ -76,6 +88,35 @@ interface DueRow {
   errorCode: string | null;
   errorMessage: string | null;
 }
+
+interface RunRow {
+  createdAt: number;
+  startedAt: number | null;
+  finishedAt: number | null;
+  attempt: number;
+  model: string;
+  conversationId: string;
+  loadMs: number | null;
+  promptTokens: number | null;
+  completionTokens: number | null;
+}
+
+/** run_at of a turn waiting for its predecessor: never claimable until released. */
+const NEVER = 253402300799000; // 9999-12-31
+/** How long the ids of expired jobs are remembered (a continuation of one answers 410). */
+const EXPIRED_IDS_KEPT_MS = 30 * 86_400_000;
+
+const runOf = (r: TransitionRow): RunSummary => ({
+  createdAt: r.created_at,
+  startedAt: r.started_at,
+  finishedAt: r.finished_at,
+  attempt: r.attempt,
+  model: r.model,
+  loadMs: r.load_ms,
+  promptTokens: r.prompt_tokens,
+  completionTokens: r.completion_tokens,
+  conversationId: r.conversation_id,
+});
 
 const LIST_CACHE_MAX = 64;
 /** `jobs.result` when the result is the job's `completion` artifact, stored once there. */
@@ -189,8 +230,16 @@ export class SqliteDriver implements QueueDriver {
     const n = s.insertTransition.get({ seq: row.seq, state, at: now, attempt: row.attempt }) as number;
     const ev: TransitionEvent = { jobId: row.id, state, n, at: now, attempt: row.attempt };
     if (state === 'failed') ev.error = { code: row.error_code ?? 'unknown', message: row.error_message ?? '' };
+    if (state === 'done' || state === 'failed' || state === 'canceled') ev.run = runOf(row);
     fx.transitions.push(ev);
     if (state === 'queued') fx.jobReady = true;
+    // Turns waiting for this one: released when it is done, failed when it is not (ADR-0016).
+    if (state === 'done') {
+      if (s.releaseWaiting.run({ seq: row.seq, now }).changes > 0) fx.jobReady = true;
+    } else if (state === 'failed' || state === 'canceled') {
+      const message = `the job this one continues (${row.id}) ended ${state}`;
+      for (const w of s.failWaiting.all({ seq: row.seq, now, message }) as TransitionRow[]) this.record(fx, w, 'failed', now);
+    }
     if (row.webhook_url === null || row.webhook_gone === 1) return;
     if (row.webhook_events !== null && !(JSON.parse(row.webhook_events) as string[]).includes(state)) return;
     const origin = this.originOfUrl(row.webhook_url);
@@ -263,6 +312,17 @@ export class SqliteDriver implements QueueDriver {
           out.push({ ok: false, code: 'queue_bytes_full' });
           continue;
         }
+        // A continuation: decided here, in the transaction, against the earlier job's state now.
+        let waits = 0;
+        if (j.previous) {
+          const prevState = s.stateBySeq.get(j.previous.seq) as JobState | undefined;
+          const running = prevState === 'queued' || prevState === 'loading' || prevState === 'working';
+          if (prevState !== 'done' && !(running && j.previous.wait)) {
+            out.push({ ok: false, code: 'previous_not_ready', state: prevState ?? 'canceled' });
+            continue;
+          }
+          if (running) waits = 1;
+        }
         const row = s.insertJob.get({
           id: j.id,
           model: j.model,
@@ -274,7 +334,12 @@ export class SqliteDriver implements QueueDriver {
           priority: j.priority,
           deadline_at: j.deadlineAt,
           now,
+          run_at: waits ? NEVER : now,
+          conversation_id: j.conversationId ?? j.id,
+          prev_seq: j.previous?.seq ?? null,
+          waits,
         }) as TransitionRow;
+        s.conversationUpsert.run({ id: row.conversation_id, seq: row.seq, now });
         if (j.metadata) for (const [k, v] of Object.entries(j.metadata)) s.insertMetadata.run(k, v, row.seq);
         if (j.idempotency) s.idemInsert.run(j.idempotency.key, j.idempotency.bodyHash, row.seq, j.idempotency.expiresAt);
         this.record(fx, row, 'queued', now);
@@ -296,6 +361,7 @@ export class SqliteDriver implements QueueDriver {
         request: string;
         max_attempts: number;
         lease_owner: string;
+        prev_seq: number | null;
         eff: number;
       })[];
       // RETURNING does not keep the subquery's order: put them back in claim order.
@@ -309,8 +375,26 @@ export class SqliteDriver implements QueueDriver {
         attempt: r.attempt,
         maxAttempts: r.max_attempts,
         lease: r.lease_owner,
+        history: r.prev_seq === null ? [] : this.historyBefore(r.prev_seq),
       }));
     });
+  }
+
+  /**
+   * A continuation's conversation so far, oldest first: each earlier turn's own messages, then
+   * its assistant reply (tool calls included). Built when the turn runs; never stored again.
+   */
+  private historyBefore(prevSeq: number): Record<string, unknown>[] {
+    const turns: Record<string, unknown>[][] = [];
+    for (let seq: number | null = prevSeq; seq !== null; ) {
+      const t = this.s.turnBySeq.get(seq) as { prevSeq: number | null; request: string; result: string | null } | undefined;
+      if (!t) break;
+      const req = JSON.parse(t.request) as { messages?: Record<string, unknown>[] };
+      const result = this.resultOf(seq, t.result) as { message?: Record<string, unknown> } | null;
+      turns.push([...(req.messages ?? []), ...(result?.message ? [result.message] : [])]);
+      seq = t.prevSeq;
+    }
+    return turns.reverse().flat();
   }
 
   jobLeaseRenew(p: { seq: number; lease: string; until: number }): Promise<boolean> {
@@ -323,16 +407,37 @@ export class SqliteDriver implements QueueDriver {
     );
   }
 
-  jobComplete(p: { seq: number; lease: string; now: number; result: unknown; artifacts: { name: string; contentType: string; body: Buffer }[]; runMs: number }): Promise<boolean> {
+  jobComplete(p: {
+    seq: number;
+    lease: string;
+    now: number;
+    result: unknown;
+    artifacts: { name: string; contentType: string; body: Buffer }[];
+    runMs: number;
+    loadMs?: number;
+    usage?: { promptTokens: number | null; completionTokens: number | null };
+  }): Promise<boolean> {
     const s = this.s;
     return this.write((fx) => {
       // The completion is stored once (hardening finding 12): when the `completion` artifact is
       // the result itself, the column holds only a reference to it.
       const text = JSON.stringify(p.result);
       const same = p.artifacts.some((a) => a.name === 'completion' && a.body.length === Buffer.byteLength(text) && a.body.equals(Buffer.from(text)));
-      const row = this.move(fx, s.toDone, { seq: p.seq, lease: p.lease, now: p.now, result: same ? RESULT_IN_ARTIFACT : text }, 'done', p.now) as
-        | (TransitionRow & { model: string })
-        | undefined;
+      const row = this.move(
+        fx,
+        s.toDone,
+        {
+          seq: p.seq,
+          lease: p.lease,
+          now: p.now,
+          result: same ? RESULT_IN_ARTIFACT : text,
+          load_ms: p.loadMs ?? null,
+          prompt_tokens: p.usage?.promptTokens ?? null,
+          completion_tokens: p.usage?.completionTokens ?? null,
+        },
+        'done',
+        p.now,
+      );
       if (!row) return false;
       for (const a of p.artifacts) {
         const sha = createHash('sha256').update(a.body).digest('hex');
@@ -394,10 +499,19 @@ export class SqliteDriver implements QueueDriver {
   jobsDeleteExpired(p: { finishedBefore: number; failedFinishedBefore?: number; limit: number; now: number }): Promise<number> {
     const s = this.s;
     return this.write(() => {
-      const seqs = s.sweepPick.all({ cutoff: p.finishedBefore, failedCutoff: p.failedFinishedBefore ?? p.finishedBefore, limit: p.limit }) as number[];
-      for (const seq of seqs) s.deleteJob.run(seq);
+      const picked = s.sweepPick.all({ cutoff: p.finishedBefore, failedCutoff: p.failedFinishedBefore ?? p.finishedBefore, limit: p.limit }) as {
+        seq: number;
+        id: string;
+        conversationId: string;
+      }[];
+      for (const j of picked) {
+        s.deleteJob.run(j.seq);
+        s.expiredInsert.run(j.id, p.now);
+        s.conversationDropIfEmpty.run({ id: j.conversationId });
+      }
       s.idemSweep.run(p.now, p.limit);
-      return seqs.length;
+      s.expiredSweep.run(p.now - EXPIRED_IDS_KEPT_MS, p.limit);
+      return picked.length;
     });
   }
 
@@ -441,6 +555,11 @@ export class SqliteDriver implements QueueDriver {
         transitions: s.transitions.all(r.seq) as JobView['transitions'],
         artifacts: s.artifactMetas.all(r.seq) as ArtifactMeta[],
         deliveries: s.deliveries.all(r.seq) as DeliveryView[],
+        conversationId: r.conversation_id,
+        continueFrom: r.prev_id,
+        waiting: r.waits === 1,
+        loadMs: r.load_ms,
+        usage: { promptTokens: r.prompt_tokens, completionTokens: r.completion_tokens },
       };
     });
   }
@@ -454,18 +573,15 @@ export class SqliteDriver implements QueueDriver {
 
   jobTransitionsSince(p: { id: string; after: number }): Promise<TransitionEvent[]> {
     return this.read(() =>
-      (
-        this.s.transitionsSince.all(p.id, p.after) as {
-          n: number;
-          state: JobState;
-          at: number;
-          attempt: number;
-          error_code: string | null;
-          error_message: string | null;
-        }[]
-      ).map((t) => {
-        const e: TransitionEvent = { jobId: p.id, n: t.n, state: t.state, at: t.at, attempt: t.attempt };
-        if (t.state === 'failed') e.error = { code: t.error_code ?? 'unknown', message: t.error_message ?? '' };
+      (this.s.transitionsSince.all(p.id, p.after) as Record<string, unknown>[]).map((t) => {
+        const state = t.state as JobState;
+        const e: TransitionEvent = { jobId: p.id, n: t.n as number, state, at: t.at as number, attempt: t.attempt as number };
+        if (state === 'failed') e.error = { code: (t.error_code as string | null) ?? 'unknown', message: (t.error_message as string | null) ?? '' };
+        if (state === 'done' || state === 'failed' || state === 'canceled') {
+          // The job row, as a transition statement returns it (columns prefixed j_).
+          const row = Object.fromEntries(Object.entries(t).filter(([k]) => k.startsWith('j_')).map(([k, v]) => [k.slice(2), v])) as unknown as TransitionRow;
+          e.run = runOf(row);
+        }
         return e;
       }),
     );
@@ -480,6 +596,44 @@ export class SqliteDriver implements QueueDriver {
       const stats = new Map((s.modelStats.all() as { model: string; avgMs: number }[]).map((r) => [r.model, r.avgMs]));
       return { ahead, running, stats };
     });
+  }
+
+  jobExpired(p: { id: string }): Promise<boolean> {
+    return this.read(() => this.s.expiredById.get(p.id) === 1);
+  }
+
+  conversationGet(p: { id: string }): Promise<ConversationView | null> {
+    const s = this.s;
+    return this.read(() => {
+      const c = s.conversationById.get(p.id) as { id: string; createdAt: number } | undefined;
+      if (!c) return null;
+      const turns = (
+        s.conversationTurns.all(p.id) as {
+          seq: number;
+          id: string;
+          state: JobState;
+          request: string;
+          result: string | null;
+          errorCode: string | null;
+          errorMessage: string | null;
+          createdAt: number;
+          finishedAt: number | null;
+        }[]
+      ).map((t) => ({
+        jobId: t.id,
+        state: t.state,
+        messages: (JSON.parse(t.request) as { messages?: unknown[] }).messages ?? [],
+        reply: (this.resultOf(t.seq, t.result) as { message?: unknown } | null)?.message ?? null,
+        error: t.errorCode === null ? null : { code: t.errorCode, message: t.errorMessage ?? '' },
+        createdAt: t.createdAt,
+        finishedAt: t.finishedAt,
+      }));
+      return { id: c.id, createdAt: c.createdAt, turns };
+    });
+  }
+
+  conversationsList(p: { limit: number; beforeSeq?: number }): Promise<ConversationListed[]> {
+    return this.read(() => this.s.conversationsPage.all({ before: p.beforeSeq ?? Number.MAX_SAFE_INTEGER, limit: p.limit }) as ConversationListed[]);
   }
 
   artifactGet(p: { jobId: string; name: string }): Promise<Artifact | null> {
@@ -546,6 +700,10 @@ export class SqliteDriver implements QueueDriver {
     if (f.model) {
       where.push('j.model = @model');
       params.model = f.model;
+    }
+    if (f.conversationId) {
+      where.push('j.conversation_id = @conversation');
+      params.conversation = f.conversationId;
     }
     const sql = `SELECT j.seq, j.id, j.state, j.model, j.priority, j.attempt, j.metadata, j.created_at AS createdAt,
         j.finished_at AS finishedAt
@@ -633,6 +791,20 @@ export class SqliteDriver implements QueueDriver {
       metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
       error: r.state === 'failed' ? { code: r.errorCode ?? 'unknown', message: r.errorMessage ?? '' } : null,
       artifacts: r.state === 'done' ? (this.s.artifactsForEvent.all(inlineMax, r.jobSeq) as (ArtifactMeta & { body: Buffer | null })[]) : [],
+      run:
+        r.state === 'done' || r.state === 'failed' || r.state === 'canceled'
+          ? {
+              createdAt: r.createdAt,
+              startedAt: r.startedAt,
+              finishedAt: r.finishedAt,
+              attempt: r.attempt,
+              model: r.model,
+              loadMs: r.loadMs,
+              promptTokens: r.promptTokens,
+              completionTokens: r.completionTokens,
+              conversationId: r.conversationId,
+            }
+          : null,
     };
   }
 

@@ -1,7 +1,8 @@
 import type { DB } from './db.js';
 
 /** The columns a transition needs to log itself and decide whether to write an outbox row. */
-export const TRANSITION_COLS = 'seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message';
+export const TRANSITION_COLS = `seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message, model,
+  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens`;
 
 /** The claim order, also used for queue positions: effective priority, then FIFO (index jobs_claim). */
 const EFFECTIVE = '(priority + age_boost)';
@@ -14,10 +15,34 @@ export function prepareStatements(db: DB) {
     countQueued: p(`SELECT n, bytes FROM job_counts WHERE state = 'queued'`),
     artifactBody: p(`SELECT body FROM artifacts WHERE job_seq = ? AND name = ?`).pluck(),
     insertJob: p(`INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
-        max_attempts, priority, deadline_at, run_at, created_at, updated_at)
+        max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits)
       VALUES (@id, 'queued', @model, @request, @metadata, @webhook_url, @webhook_events,
-        @max_attempts, @priority, @deadline_at, @now, @now, @now)
+        @max_attempts, @priority, @deadline_at, @run_at, @now, @now, @conversation_id, @prev_seq, @waits)
       RETURNING ${TRANSITION_COLS}`),
+    // --- conversations ---
+    stateBySeq: p(`SELECT state FROM jobs WHERE seq = ?`).pluck(),
+    conversationUpsert: p(`INSERT INTO conversations (id, last_seq, created_at) VALUES (@id, @seq, @now)
+      ON CONFLICT (id) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)`),
+    // The earlier turns of a continuation, one step back at a time (chains are short).
+    turnBySeq: p(`SELECT prev_seq AS prevSeq, request, result FROM jobs WHERE seq = ?`),
+    releaseWaiting: p(`UPDATE jobs SET waits = 0, run_at = @now, updated_at = @now
+      WHERE prev_seq = @seq AND state = 'queued' AND waits = 1`),
+    failWaiting: p(`UPDATE jobs SET state = 'failed', waits = 0, error_code = 'previous_failed', error_message = @message,
+        finished_at = @now, updated_at = @now
+      WHERE prev_seq = @seq AND state = 'queued' AND waits = 1 RETURNING ${TRANSITION_COLS}`),
+    conversationTurns: p(`SELECT seq, id, state, request, result, error_code AS errorCode, error_message AS errorMessage,
+        created_at AS createdAt, finished_at AS finishedAt
+      FROM jobs INDEXED BY jobs_conversation WHERE conversation_id = ? ORDER BY seq`),
+    conversationById: p(`SELECT id, created_at AS createdAt FROM conversations WHERE id = ?`),
+    conversationsPage: p(`SELECT c.id, c.created_at AS createdAt, c.last_seq AS lastSeq, j.id AS lastJobId, j.state AS lastState,
+        (SELECT count(*) FROM jobs k WHERE k.conversation_id = c.id) AS turns
+      FROM conversations c INDEXED BY conversations_recent JOIN jobs j ON j.seq = c.last_seq
+      WHERE c.last_seq < @before ORDER BY c.last_seq DESC LIMIT @limit`),
+    expiredById: p(`SELECT 1 FROM expired_jobs WHERE id = ?`).pluck(),
+    expiredInsert: p(`INSERT OR IGNORE INTO expired_jobs (id, at) VALUES (?, ?)`),
+    expiredSweep: p(`DELETE FROM expired_jobs WHERE id IN (SELECT id FROM expired_jobs INDEXED BY expired_jobs_at WHERE at < ? LIMIT ?)`),
+    conversationDropIfEmpty: p(`DELETE FROM conversations WHERE id = @id
+      AND NOT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_conversation WHERE conversation_id = @id)`),
     insertMetadata: p(`INSERT INTO job_metadata (key, value, job_seq) VALUES (?, ?, ?)`),
     idemGet: p(`SELECT body_hash AS bodyHash, job_seq AS jobSeq, expires_at AS expiresAt FROM idempotency_keys WHERE key = ?`),
     idemDelete: p(`DELETE FROM idempotency_keys WHERE key = ?`),
@@ -35,14 +60,15 @@ export function prepareStatements(db: DB) {
       WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_claim WHERE state = 'queued' AND run_at <= @now
           AND (deadline_at IS NULL OR deadline_at > @now)
         ORDER BY ${EFFECTIVE} DESC, seq LIMIT @n)
-      RETURNING ${TRANSITION_COLS}, model, request, max_attempts, lease_owner, ${EFFECTIVE} AS eff`),
+      RETURNING ${TRANSITION_COLS}, request, max_attempts, lease_owner, prev_seq, ${EFFECTIVE} AS eff`),
     heartbeat: p(`UPDATE jobs SET lease_expires_at = @until WHERE seq = @seq AND lease_owner = @lease
         AND state IN ('loading', 'working')`),
     toWorking: p(`UPDATE jobs SET state = 'working', lease_expires_at = @lease_until, updated_at = @now
       WHERE seq = @seq AND state = 'loading' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`),
     toDone: p(`UPDATE jobs SET state = 'done', result = @result, finished_at = @now, updated_at = @now,
-        lease_owner = NULL, lease_expires_at = NULL
-      WHERE seq = @seq AND state = 'working' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}, model`),
+        lease_owner = NULL, lease_expires_at = NULL, load_ms = @load_ms, prompt_tokens = @prompt_tokens,
+        completion_tokens = @completion_tokens
+      WHERE seq = @seq AND state = 'working' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`),
     modelStat: p(`INSERT INTO model_stats (model, avg_ms, samples) VALUES (@model, @ms, 1)
       ON CONFLICT (model) DO UPDATE SET avg_ms = avg_ms + 0.2 * (@ms - avg_ms), samples = samples + 1`),
     toFailed: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message,
@@ -87,19 +113,24 @@ export function prepareStatements(db: DB) {
     oldestFinished: p(`SELECT finished_at FROM jobs INDEXED BY jobs_finished
       WHERE state IN ('done', 'failed', 'canceled') ORDER BY finished_at LIMIT 1`).pluck(),
     // Sweep: finished long enough ago, and no delivery still owed.
-    sweepPick: p(`SELECT seq FROM jobs j INDEXED BY jobs_finished WHERE state IN ('done', 'failed', 'canceled')
+    // Expired, no delivery owed, and no kept later turn continues it (a conversation never has a hole).
+    sweepPick: p(`SELECT seq, id, conversation_id AS conversationId FROM jobs j INDEXED BY jobs_finished
+      WHERE state IN ('done', 'failed', 'canceled')
         AND finished_at < max(@cutoff, @failedCutoff)
         AND (CASE WHEN state = 'failed' THEN finished_at < @failedCutoff ELSE finished_at < @cutoff END)
         AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_seq = j.seq AND d.status = 'pending')
-      ORDER BY finished_at LIMIT @limit`).pluck(),
+        AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.prev_seq = j.seq)
+      ORDER BY finished_at LIMIT @limit`),
     deleteJob: p(`DELETE FROM jobs WHERE seq = ?`),
 
     // --- reads ---
     jobById: p(`SELECT seq, id, state, model, priority, deadline_at, request, metadata, webhook_url, webhook_events,
-        webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message
+        webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message,
+        conversation_id, waits, load_ms, prompt_tokens, completion_tokens,
+        (SELECT p.id FROM jobs p WHERE p.seq = jobs.prev_seq) AS prev_id
       FROM jobs WHERE id = ?`),
     transitions: p(`SELECT state, at, attempt FROM job_transitions WHERE job_seq = ? ORDER BY n`),
-    transitionsSince: p(`SELECT t.n, t.state, t.at, t.attempt, j.error_code, j.error_message
+    transitionsSince: p(`SELECT t.n, t.state, t.at, t.attempt, j.error_code, j.error_message, ${TRANSITION_COLS.replace(/(^|,)\s*(\w+)/g, '$1 j.$2 AS j_$2')}
       FROM job_transitions t JOIN jobs j ON j.seq = t.job_seq WHERE j.id = ? AND t.n > ? ORDER BY t.n`),
     artifactMetas: p(`SELECT name, content_type AS contentType, size, sha256 FROM artifacts WHERE job_seq = ? ORDER BY name`),
     artifact: p(`SELECT a.name, a.content_type AS contentType, a.size, a.sha256, a.body
@@ -143,11 +174,11 @@ export function prepareStatements(db: DB) {
     dueInOrigin: p(`SELECT id FROM webhook_deliveries INDEXED BY webhook_deliveries_origin_due
       WHERE origin = @origin AND due_at IS NOT NULL AND due_at <= @until ORDER BY due_at, id LIMIT @n`).pluck(),
     deliveryForSend: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
-        d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage
+        d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, j.created_at AS createdAt, j.started_at AS startedAt, j.finished_at AS finishedAt, j.attempt, j.model, j.conversation_id AS conversationId, j.load_ms AS loadMs, j.prompt_tokens AS promptTokens, j.completion_tokens AS completionTokens
       FROM webhook_deliveries d JOIN jobs j ON j.seq = d.job_seq WHERE d.id = ?`),
     // The job's next pending event after a delivered one (sent without waiting for the record).
     nextOfJob: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
-        d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage
+        d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, j.created_at AS createdAt, j.started_at AS startedAt, j.finished_at AS finishedAt, j.attempt, j.model, j.conversation_id AS conversationId, j.load_ms AS loadMs, j.prompt_tokens AS promptTokens, j.completion_tokens AS completionTokens
       FROM (SELECT job_seq, sequence FROM webhook_deliveries WHERE id = @id) cur
         JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.sequence > cur.sequence
         JOIN jobs j ON j.seq = d.job_seq
