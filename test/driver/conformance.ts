@@ -857,6 +857,88 @@ export function driverConformance(name: string, factory: DriverFactory, options:
     });
 
     // =========================================================================================
+    describe('conversations', () => {
+      it('a continuation of a done job: same conversation, and its claim carries the whole history', async () => {
+        const first = await insertOne(at(0), { request: { messages: [{ role: 'user', content: 'one' }] } });
+        const c1 = await claimOne(at(1));
+        expect(c1.history).toEqual([]);
+        expect(await d.jobSetWorking({ seq: c1.seq, lease: c1.lease, now: at(2), leaseMs: 1_000 })).toBe(true);
+        const reply = { role: 'assistant', content: 'uno', tool_calls: [{ function: { name: 'f', arguments: {} } }] };
+        expect(await d.jobComplete({ seq: c1.seq, lease: c1.lease, now: at(3), result: { message: reply }, artifacts: [], runMs: 1 })).toBe(true);
+        const second = newJob({ request: { messages: [{ role: 'user', content: 'two' }] }, conversationId: first, previous: { seq: c1.seq, wait: false } });
+        await insert(at(4), second);
+        const c2 = await claimOne(at(5));
+        expect(c2.id).toBe(second.id);
+        expect(c2.history).toEqual([{ role: 'user', content: 'one' }, reply]);
+        expect(c2.request).toEqual({ messages: [{ role: 'user', content: 'two' }] }); // stored short
+        expect(await view(second.id)).toMatchObject({ conversationId: first, continueFrom: first, waiting: false });
+        const conv = await d.conversationGet({ id: first });
+        expect(conv!.turns.map((t) => [t.jobId, t.state, t.messages, t.reply])).toEqual([
+          [first, 'done', [{ role: 'user', content: 'one' }], reply],
+          [second.id, 'loading', [{ role: 'user', content: 'two' }], null],
+        ]);
+        const listed = await d.conversationsList({ limit: 10 });
+        expect(listed.map((x) => [x.id, x.turns, x.lastJobId, x.lastState])).toEqual([[first, 2, second.id, 'loading']]);
+        expect(await d.conversationGet({ id: 'nope' })).toBeNull();
+      });
+
+      it('a continuation of an unfinished job: refused without wait; with wait it is not claimable until that job is done', async () => {
+        const first = await insertOne(at(0));
+        const c1 = await claimOne(at(1));
+        const refused = await d.jobsInsert({ now: at(2), maxQueued: BIG_QUEUE, jobs: [newJob({ conversationId: first, previous: { seq: c1.seq, wait: false } })] });
+        expect(refused).toEqual([{ ok: false, code: 'previous_not_ready', state: 'loading' }]);
+        const waiting = newJob({ conversationId: first, previous: { seq: c1.seq, wait: true } });
+        await insert(at(3), waiting);
+        expect(await view(waiting.id)).toMatchObject({ state: 'queued', waiting: true });
+        expect(await d.jobsClaim({ owner: 'w', limit: 10, now: at(4), leaseMs: 1_000 })).toEqual([]);
+        const ready: number[] = [];
+        d.notifier.on('jobReady', () => ready.push(1));
+        expect(await d.jobSetWorking({ seq: c1.seq, lease: c1.lease, now: at(5), leaseMs: 1_000 })).toBe(true);
+        expect(await d.jobComplete({ seq: c1.seq, lease: c1.lease, now: at(6), result: { message: { role: 'assistant', content: 'x' } }, artifacts: [], runMs: 1 })).toBe(true);
+        expect(ready.length).toBeGreaterThanOrEqual(1);
+        expect(await view(waiting.id)).toMatchObject({ state: 'queued', waiting: false });
+        expect((await claimOne(at(7))).id).toBe(waiting.id);
+      });
+
+      it('when the continued job fails or is canceled, the turns waiting on it fail previous_failed, in a chain', async () => {
+        const first = await insertOne(at(0));
+        const c1 = await claimOne(at(1));
+        const w2 = newJob({ conversationId: first, previous: { seq: c1.seq, wait: true } });
+        await insert(at(2), w2);
+        const seq2 = (await view(w2.id)).seq;
+        const w3 = newJob({ conversationId: first, previous: { seq: seq2, wait: true } });
+        await insert(at(3), w3);
+        const changes: TransitionEvent[] = [];
+        d.notifier.on('stateChanged', (e) => changes.push(e));
+        expect(await d.jobCancel({ id: first, now: at(4) })).toMatchObject({ canceled: true });
+        expect(changes.map((e) => [e.jobId, e.state, e.error?.code])).toEqual([
+          [first, 'canceled', undefined],
+          [w2.id, 'failed', 'previous_failed'],
+          [w3.id, 'failed', 'previous_failed'],
+        ]);
+        const failedPrev = await d.jobsInsert({ now: at(5), maxQueued: BIG_QUEUE, jobs: [newJob({ conversationId: first, previous: { seq: c1.seq, wait: true } })] });
+        expect(failedPrev).toEqual([{ ok: false, code: 'previous_not_ready', state: 'canceled' }]);
+      });
+
+      it('expiry removes later turns first, never leaving a hole, and remembers the removed ids', async () => {
+        const first = await insertOne(at(0));
+        const c1 = await runToDone(at(1));
+        const second = newJob({ conversationId: first, previous: { seq: c1.seq, wait: false } });
+        await insert(at(10), second);
+        await runToDone(at(11));
+        expect(await d.jobExpired({ id: first })).toBe(false);
+        // Both expired by the cutoff: the later turn goes first, then the earlier one.
+        expect(await d.jobsDeleteExpired({ finishedBefore: at(100), limit: 10, now: at(100) })).toBe(1);
+        expect(await d.jobGet({ id: second.id })).toBeNull();
+        expect(await d.jobGet({ id: first })).not.toBeNull();
+        expect(await d.jobsDeleteExpired({ finishedBefore: at(100), limit: 10, now: at(100) })).toBe(1);
+        expect(await d.jobGet({ id: first })).toBeNull();
+        expect(await d.jobExpired({ id: first })).toBe(true);
+        expect(await d.jobExpired({ id: second.id })).toBe(true);
+        expect(await d.conversationGet({ id: first })).toBeNull();
+      });
+    });
+
     describe('reads', () => {
       it('jobGet: the full view, transitions in order, artifacts and deliveries', async () => {
         const j = newJob({ priority: 3, metadata: { a: '1' }, webhookUrl: HOOK, webhookEvents: ['queued', 'done'], maxAttempts: 2 });
