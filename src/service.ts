@@ -203,7 +203,12 @@ export class Service {
    */
   stop(): Promise<void> {
     this.stopped ??= (async () => {
-      await this.app.close();
+      // In-flight requests may finish; connections still open after the grace period (keep-alive
+      // sockets a request finished on meanwhile, watchers) are closed rather than waited for.
+      const closing = this.app.close();
+      const force = setTimeout(() => this.app.server.closeAllConnections(), this.config.shutdownGraceMs);
+      await closing;
+      clearTimeout(force);
       await this.maintainer.stop();
       await this.worker.stop(this.config.shutdownGraceMs);
       await this.dispatcher.stop(Math.min(2000, this.config.shutdownGraceMs));

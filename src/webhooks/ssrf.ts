@@ -60,18 +60,43 @@ export function blockListOf(cidrs: string[]): net.BlockList {
   return list;
 }
 
-/** IPv4 carried in an IPv6 address: IPv4-mapped (::ffff:a.b.c.d) or NAT64 (64:ff9b::/96). */
+/** The 16 bytes of an IPv6 address (which may end in a dotted IPv4), or null. */
+function ipv6Bytes(address: string): number[] | null {
+  let a = address.toLowerCase();
+  let tail: number[] = [];
+  const dotted = /^(.*:)(\d+\.\d+\.\d+\.\d+)$/.exec(a);
+  if (dotted) {
+    tail = dotted[2]!.split('.').map(Number);
+    a = `${dotted[1]}0:0`;
+  }
+  const [head, rest] = a.split('::') as [string, string | undefined];
+  const h = head === '' ? [] : head.split(':');
+  const r = rest === undefined || rest === '' ? [] : rest.split(':');
+  const fill = rest === undefined ? 0 : 8 - h.length - r.length;
+  if (fill < 0) return null;
+  const groups = [...h, ...Array(fill).fill('0'), ...r];
+  if (groups.length !== 8 || groups.some((g) => !/^[0-9a-f]{1,4}$/.test(g))) return null;
+  const bytes = groups.flatMap((g) => [parseInt(g, 16) >> 8, parseInt(g, 16) & 255]);
+  if (tail.length === 4) bytes.splice(12, 4, ...tail);
+  return bytes;
+}
+
+/**
+ * IPv4 carried in an IPv6 address: IPv4-mapped (::ffff:a.b.c.d), NAT64 (64:ff9b::/96 and the
+ * local-use 64:ff9b:1::/48) or 6to4 (2002:aabb:ccdd::/48). Null for any other address.
+ */
 function embeddedIPv4(address: string): string | null {
-  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
-  if (mapped?.[1]) return mapped[1];
-  const nat64 = /^64:ff9b::(.+)$/i.exec(address);
-  if (!nat64?.[1]) return null;
-  if (net.isIPv4(nat64[1])) return nat64[1];
-  const m = /^([0-9a-f]{1,4}):([0-9a-f]{1,4})$/i.exec(nat64[1]);
-  if (!m) return null;
-  const hi = parseInt(m[1]!, 16);
-  const lo = parseInt(m[2]!, 16);
-  return `${hi >> 8}.${hi & 255}.${lo >> 8}.${lo & 255}`;
+  const b = ipv6Bytes(address);
+  if (!b) return null;
+  const v4 = (i: number) => `${b[i]}.${b[i + 1]}.${b[i + 2]}.${b[i + 3]}`;
+  const zero = (from: number, to: number) => b.slice(from, to).every((x) => x === 0);
+  if (zero(0, 10) && b[10] === 0xff && b[11] === 0xff) return v4(12); // ::ffff:a.b.c.d
+  if (b[0] === 0x00 && b[1] === 0x64 && b[2] === 0xff && b[3] === 0x9b) {
+    if (zero(4, 12)) return v4(12); // 64:ff9b::/96
+    if (b[4] === 0x00 && b[5] === 0x01) return v4(12); // 64:ff9b:1::/48 (local use)
+  }
+  if (b[0] === 0x20 && b[1] === 0x02) return v4(2); // 6to4
+  return null;
 }
 
 const LOOPBACK = new net.BlockList();

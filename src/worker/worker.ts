@@ -74,8 +74,9 @@ export class Worker {
     const claimed = await driver.jobsClaim({ owner: this.owner, limit: free, now, leaseMs: options.leaseMs });
     for (const job of claimed) this.launch(job);
     if (claimed.length === free) return 0;
-    // Delayed retries become claimable at their run_at: sleep until the first of them.
-    const next = await driver.jobsNextRunAt({ now: clock.now() });
+    // Delayed retries become claimable at their run_at: sleep until the first of them (after the
+    // claim's own `now`, so one that came due since is claimed at once, not a poll later).
+    const next = await driver.jobsNextRunAt({ now });
     return next === null ? options.pollIntervalMs : Math.min(options.pollIntervalMs, Math.max(0, next - clock.now()));
   }
 
