@@ -14,7 +14,10 @@ try {
   throw err;
 }
 
-const logger = pino({ level: config.logLevel });
+// On a terminal, readable lines (pino-pretty, in pino's transport thread); JSON otherwise.
+const logger = process.stdout.isTTY
+  ? pino({ level: config.logLevel, transport: { target: 'pino-pretty', options: { colorize: true, translateTime: 'SYS:HH:MM:ss.l' } } })
+  : pino({ level: config.logLevel });
 let service: Service;
 try {
   service = new Service({ config, logger });

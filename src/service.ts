@@ -20,6 +20,7 @@ import { SqliteDriver } from './queue/sqlite/driver.js';
 import { Dispatcher } from './webhooks/dispatcher.js';
 import { Worker } from './worker/worker.js';
 import { VERSION } from './version.js';
+import { Metrics } from './metrics.js';
 
 export interface ServiceOptions {
   config: Config;
@@ -53,6 +54,8 @@ export class Service {
   private publicUrl: string;
   private stopped: Promise<void> | null = null;
   private readonly unsubscribe: () => void;
+  private readonly unsubscribeMetrics: () => void;
+  readonly metrics: Metrics;
   /** Group commits so far: how many, how many writes they carried, and their time (logged at stop). */
   readonly commits = { groups: 0, ops: 0, ms: 0 };
 
@@ -71,6 +74,7 @@ export class Service {
           this.commits.groups++;
           this.commits.ops += ops;
           this.commits.ms += ms;
+          this.metrics?.commit(ops, ms);
         },
       }));
     this.events = new JobEvents();
@@ -102,6 +106,8 @@ export class Service {
         maxResponseBytes: config.engineMaxResponseBytes,
       });
     const health = new EngineHealth();
+    this.metrics = new Metrics(driver, health, clock);
+    this.unsubscribeMetrics = driver.notifier.on('stateChanged', this.metrics.transition);
     const random = opts.random ? { random: opts.random } : {};
     this.worker = new Worker({
       driver,
@@ -118,6 +124,7 @@ export class Service {
       },
       ...random,
       onChunk: this.events.delta,
+      onFirstToken: this.metrics.firstTokenAfter,
     });
     this.dispatcher = new Dispatcher({
       driver,
@@ -141,6 +148,7 @@ export class Service {
         publicUrl: () => this.publicUrl,
       },
       ...random,
+      onOutcome: this.metrics.delivery,
     });
     const m = { driver, clock, logger };
     this.ttlCleaner = new TtlCleaner(m, config.jobTtlMs, config.sweepIntervalMs, config.failedJobTtlMs ?? config.jobTtlMs);
@@ -160,6 +168,7 @@ export class Service {
       engine: this.passthroughEngine,
       events: this.events,
       storageReady: () => driver.ping(),
+      metrics: this.metrics,
       config,
       clock,
       logger,
@@ -215,6 +224,7 @@ export class Service {
       await this.engine.close();
       if (this.passthroughEngine !== this.engine) await this.passthroughEngine.close();
       this.unsubscribe();
+      this.unsubscribeMetrics();
       await this.driver.close();
       const c = this.commits;
       this.logger.info(

@@ -719,6 +719,7 @@ describe('OpenAPI document and docs page', () => {
     '/api/version': ['get'],
     '/healthz': ['get'],
     '/readyz': ['get'],
+    '/metrics': ['get'],
   };
   const METHODS = ['get', 'put', 'post', 'delete', 'options', 'head', 'patch', 'trace'];
   const documented = () =>

@@ -157,6 +157,8 @@ export function buildApp(deps: AppDeps) {
     void reply.code(404).send({ code: 'route_not_found', message: `no route for ${req.method} ${req.url.split('?')[0]?.slice(0, 200)}` });
   });
   app.addHook('onResponse', (req, reply, done) => {
+    // The route pattern (never the URL: ids would make the label set unbounded).
+    deps.metrics?.request(req.method, req.routeOptions.url ?? 'unmatched', reply.statusCode, reply.elapsedTime / 1000);
     req.log.info(
       { req: { method: req.method, url: req.url.split('?')[0]?.slice(0, 200) }, res: { statusCode: reply.statusCode }, responseTime: Math.round(reply.elapsedTime * 1000) / 1000 },
       'request completed',
@@ -171,6 +173,12 @@ export function buildApp(deps: AppDeps) {
   // Inside a plugin, so they are registered after the OpenAPI plugin and documented.
   void app.register(async (a) => {
     a.get('/healthz', { schema: { summary: 'The process is up' } }, async () => ({ status: 'ok' }));
+
+    a.get('/metrics', { schema: { summary: 'Prometheus metrics (text exposition format)' } }, async (_req, reply) => {
+      if (!deps.metrics) return reply.code(404).send({ code: 'route_not_found', message: 'metrics are off' });
+      const m = await deps.metrics.text();
+      return reply.type(m.contentType).send(m.body);
+    });
 
     let engineCache: { at: number; status: EngineStatus } | null = null;
     a.get('/readyz', { schema: { summary: 'The database answers; the engine status' } }, async (_req, reply) => {

@@ -10,6 +10,11 @@ export interface AppDeps {
   jobs: Jobs;
   engine: Pick<ChatEngine, 'status' | 'passthrough' | 'load'>;
   events: JobEvents;
+  /** Prometheus metrics: the exposition, and one observation per request. */
+  metrics?: {
+    text(): Promise<{ contentType: string; body: string }>;
+    request(method: string, route: string, status: number, seconds: number): void;
+  };
   /** Whether storage answers (readiness). */
   storageReady: () => Promise<boolean>;
   config: Config;

@@ -75,6 +75,10 @@ export interface QueueDriver {
   jobGet(p: { id: string }): Promise<JobView | null>;
   jobsList(p: ListFilter): Promise<ListedJob[]>;
   jobTransitionsSince(p: { id: string; after: number }): Promise<TransitionEvent[]>;
+  /** Queued and running jobs per state and model (metrics; served by the partial indexes). */
+  jobsCountActive(): Promise<{ state: JobState; model: string; n: number }[]>;
+  /** Pending webhook deliveries and the oldest one's event time (metrics). */
+  deliveriesPendingStats(): Promise<{ count: number; oldestOccurredAt: number | null }>;
   /** What a queued job's position and ETA are computed from (the claim order). */
   jobQueueSnapshot(p: { seq: number }): Promise<QueueSnapshot>;
   artifactGet(p: { jobId: string; name: string }): Promise<Artifact | null>;
@@ -289,6 +293,8 @@ export type DeliveryOutcome =
 export interface TransitionEvent {
   jobId: string;
   state: JobState;
+  /** The job's model (metrics label). */
+  model?: string;
   n: number;
   at: number;
   attempt: number;

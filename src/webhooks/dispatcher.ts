@@ -34,6 +34,8 @@ export interface DispatcherOptions {
 }
 
 export interface DispatcherDeps {
+  /** Each attempt's outcome, and for a delivered one the time since its state change (metrics). */
+  onOutcome?: (outcome: 'delivered' | 'retried' | 'failed' | 'gone', latencySeconds: number | null) => void;
   driver: QueueDriver;
   clock: Clock;
   logger: Logger;
@@ -156,7 +158,10 @@ export class Dispatcher {
       maxWaitMs: 30_000,
       onRetry: (err, wait) => log.error({ err, retry_in_ms: wait }, 'could not record the webhook attempt; retrying'),
     }).then(
-      () => this.logOutcome(log, outcome, now),
+      () => {
+        this.deps.onOutcome?.(outcome.kind === 'retry' ? 'retried' : outcome.kind, outcome.kind === 'delivered' ? (now - d.occurredAt) / 1000 : null);
+        this.logOutcome(log, outcome, now);
+      },
       (err: unknown) => {
         // Shutting down with storage still failing: the attempt stays pending and is sent again after restart.
         log.error({ err }, 'could not record the webhook attempt');

@@ -26,6 +26,8 @@ export interface WorkerDeps {
   random?: () => number;
   /** Sees every chunk a running job's generation streams (SSE `delta` events, /api/chat streaming). */
   onChunk?: (jobId: string, chunk: ChatChunk) => void;
+  /** Seconds from the start of a generation to its first streamed chunk (metrics). */
+  onFirstToken?: (model: string, seconds: number) => void;
   /** This instance's name, the prefix of every lease it takes. */
   instanceId?: string;
 }
@@ -120,7 +122,18 @@ export class Worker {
       }
       log.debug({ state: 'working', load_ms: loadMs }, 'job working');
       const tRun = performance.now();
-      const onChunk = this.deps.onChunk;
+      const { onChunk: watch, onFirstToken } = this.deps;
+      let first = true;
+      const onChunk =
+        watch || onFirstToken
+          ? (jobId: string, c: ChatChunk) => {
+              if (first) {
+                first = false;
+                onFirstToken?.(job.model, (performance.now() - tRun) / 1000);
+              }
+              watch?.(jobId, c);
+            }
+          : undefined;
       // A continuation sends the conversation so far, then its own messages (ADR-0016).
       const request =
         job.history.length === 0 ? job.request : { ...job.request, messages: [...job.history, ...((job.request.messages as unknown[] | undefined) ?? [])] };

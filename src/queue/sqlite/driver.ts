@@ -228,7 +228,7 @@ export class SqliteDriver implements QueueDriver {
   private record(fx: Effects, row: TransitionRow, state: JobState, now: number): void {
     const s = this.s;
     const n = s.insertTransition.get({ seq: row.seq, state, at: now, attempt: row.attempt }) as number;
-    const ev: TransitionEvent = { jobId: row.id, state, n, at: now, attempt: row.attempt };
+    const ev: TransitionEvent = { jobId: row.id, state, model: row.model, n, at: now, attempt: row.attempt };
     if (state === 'failed') ev.error = { code: row.error_code ?? 'unknown', message: row.error_message ?? '' };
     if (state === 'done' || state === 'failed' || state === 'canceled') ev.run = runOf(row);
     fx.transitions.push(ev);
@@ -585,6 +585,14 @@ export class SqliteDriver implements QueueDriver {
         return e;
       }),
     );
+  }
+
+  jobsCountActive(): Promise<{ state: JobState; model: string; n: number }[]> {
+    return this.read(() => this.s.activeByStateModel.all() as { state: JobState; model: string; n: number }[]);
+  }
+
+  deliveriesPendingStats(): Promise<{ count: number; oldestOccurredAt: number | null }> {
+    return this.read(() => this.s.pendingStats.get() as { count: number; oldestOccurredAt: number | null });
   }
 
   jobQueueSnapshot(p: { seq: number }): Promise<QueueSnapshot> {

@@ -149,6 +149,10 @@ export function prepareStatements(db: DB) {
     seqCreatedBefore: p(`SELECT seq FROM jobs WHERE created_at < ? ORDER BY created_at DESC, seq DESC LIMIT 1`).pluck(),
     seqCreatedAtOrAfter: p(`SELECT seq FROM jobs WHERE created_at >= ? ORDER BY created_at, seq LIMIT 1`).pluck(),
     ping: p(`SELECT 1`).pluck(),
+    activeByStateModel: p(`SELECT state, model, count(*) AS n FROM jobs INDEXED BY jobs_state_model_seq
+      WHERE state IN ('queued', 'loading', 'working') GROUP BY state, model`),
+    pendingStats: p(`SELECT count(*) AS count, min(occurred_at) AS oldestOccurredAt FROM webhook_deliveries
+      INDEXED BY webhook_deliveries_pending_job WHERE status = 'pending'`),
 
     // --- webhook outbox (ADR-0010: heads, origins) ---
     // A new row is due at once if no earlier event of its job is still pending.
