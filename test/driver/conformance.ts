@@ -327,7 +327,7 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         expect(ready).toBe(0);
         expect(deliveryReady).toBe(0);
         expect(await p).toEqual([{ ok: true, jobId: j.id, replayed: false, state: 'queued' }]);
-        expect(changes).toEqual([{ jobId: j.id, state: 'queued', n: 1, at: at(1000), attempt: 0 }]);
+        expect(changes).toEqual([{ jobId: j.id, state: 'queued', model: 'm1', n: 1, at: at(1000), attempt: 0 }]);
         expect(ready).toBe(1);
         expect(deliveryReady).toBe(1);
         expect(readsAtChange).toHaveLength(1);
@@ -640,7 +640,7 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         expect(await d.jobCancel({ id, now: at(10) })).toEqual({ canceled: true, wasRunning: false, state: 'canceled' });
         expect(cancels).toEqual([]);
         expect(changes).toEqual([
-          { jobId: id, state: 'canceled', n: 2, at: at(10), attempt: 0, run: runOf({ id, createdAt: at(0), startedAt: null, finishedAt: at(10), attempt: 0 }) },
+          { jobId: id, state: 'canceled', model: 'm1', n: 2, at: at(10), attempt: 0, run: runOf({ id, createdAt: at(0), startedAt: null, finishedAt: at(10), attempt: 0 }) },
         ]);
         expect(await view(id)).toMatchObject({ state: 'canceled', finishedAt: at(10), updatedAt: at(10), error: null, result: null });
         expect(await d.jobsClaim({ owner: 'w', limit: 10, now: at(20), leaseMs: 1_000 })).toEqual([]);
@@ -717,7 +717,7 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         d.notifier.on('jobReady', () => ready++);
         expect(await d.jobsRescue({ now: at(110) })).toEqual([]); // a's lease ends at 110: not yet expired
         expect(await d.jobsRescue({ now: at(111) })).toEqual([a]);
-        expect(changes).toEqual([{ jobId: a, state: 'queued', n: 3, at: at(111), attempt: 0 }]);
+        expect(changes).toEqual([{ jobId: a, state: 'queued', model: 'm1', n: 3, at: at(111), attempt: 0 }]);
         expect(ready).toBe(1);
         expect(await d.jobsRescue({ now: at(151) })).toEqual([c]);
         expect(await stateOf(b)).toBe('loading');
@@ -749,6 +749,7 @@ export function driverConformance(name: string, factory: DriverFactory, options:
           {
             jobId: a,
             state: 'failed',
+            model: 'm1',
             n: 2,
             at: at(1000),
             attempt: 0,
@@ -776,7 +777,7 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         expect(await d.jobsFailStale({ createdBefore: at(100), now: at(300), error })).toEqual([a]);
         expect(await view(a)).toMatchObject({ state: 'failed', error, finishedAt: at(300) });
         expect(await d.jobTransitionsSince({ id: a, after: 1 })).toEqual([
-          { jobId: a, state: 'failed', n: 2, at: at(300), attempt: 0, error, run: runOf({ id: a, createdAt: at(50), startedAt: null, finishedAt: at(300), attempt: 0 }) },
+          { jobId: a, state: 'failed', model: 'm1', n: 2, at: at(300), attempt: 0, error, run: runOf({ id: a, createdAt: at(50), startedAt: null, finishedAt: at(300), attempt: 0 }) },
         ]);
         expect(await stateOf(running)).toBe('loading');
         expect(await stateOf(b)).toBe('queued');
@@ -1058,18 +1059,18 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         d.notifier.on('stateChanged', (e) => changes.push(e));
         const error = { code: 'boom', message: 'it broke' };
         expect(await d.jobFail({ seq: c.seq, lease: c.lease, now: at(30), error })).toBe(true);
-        const failedEvent: TransitionEvent = { jobId: id, state: 'failed', n: 4, at: at(30), attempt: 1, error };
+        const failedEvent: TransitionEvent = { jobId: id, state: 'failed', model: 'm1', n: 4, at: at(30), attempt: 1, error };
         const failedWithRun = { ...failedEvent, run: runOf({ id, createdAt: at(0), startedAt: at(10), finishedAt: at(30), attempt: 1 }) };
         expect(changes).toEqual([failedWithRun]);
         const all = await d.jobTransitionsSince({ id, after: 0 });
         expect(all).toEqual([
-          { jobId: id, state: 'queued', n: 1, at: at(0), attempt: 0 },
-          { jobId: id, state: 'loading', n: 2, at: at(10), attempt: 1 },
-          { jobId: id, state: 'working', n: 3, at: at(20), attempt: 1 },
+          { jobId: id, state: 'queued', model: 'm1', n: 1, at: at(0), attempt: 0 },
+          { jobId: id, state: 'loading', model: 'm1', n: 2, at: at(10), attempt: 1 },
+          { jobId: id, state: 'working', model: 'm1', n: 3, at: at(20), attempt: 1 },
           failedWithRun,
         ]);
         expect(all.slice(0, 3).every((e) => e.error === undefined)).toBe(true);
-        expect(await d.jobTransitionsSince({ id, after: 2 })).toEqual([{ jobId: id, state: 'working', n: 3, at: at(20), attempt: 1 }, failedWithRun]);
+        expect(await d.jobTransitionsSince({ id, after: 2 })).toEqual([{ jobId: id, state: 'working', model: 'm1', n: 3, at: at(20), attempt: 1 }, failedWithRun]);
         expect(await d.jobTransitionsSince({ id, after: 4 })).toEqual([]);
         expect(await d.jobTransitionsSince({ id: uuidv7(), after: 0 })).toEqual([]);
       });

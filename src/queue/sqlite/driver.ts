@@ -575,7 +575,7 @@ export class SqliteDriver implements QueueDriver {
     return this.read(() =>
       (this.s.transitionsSince.all(p.id, p.after) as Record<string, unknown>[]).map((t) => {
         const state = t.state as JobState;
-        const e: TransitionEvent = { jobId: p.id, n: t.n as number, state, at: t.at as number, attempt: t.attempt as number };
+        const e: TransitionEvent = { jobId: p.id, state, model: t.j_model as string, n: t.n as number, at: t.at as number, attempt: t.attempt as number };
         if (state === 'failed') e.error = { code: (t.error_code as string | null) ?? 'unknown', message: (t.error_message as string | null) ?? '' };
         if (state === 'done' || state === 'failed' || state === 'canceled') {
           // The job row, as a transition statement returns it (columns prefixed j_).
