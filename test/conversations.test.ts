@@ -4,28 +4,14 @@
  * events that say how the run went.
  */
 import { Ollama } from 'ollama';
-import { afterEach, describe, expect, it } from 'vitest';
-import { hello, startHarness, type Harness } from './support/harness.js';
-import { startReceiver, type Receiver } from './support/receiver.js';
+import { describe, expect, it } from 'vitest';
+import { hello, type Harness } from './support/harness.js';
+import type { Receiver } from './support/receiver.js';
+import { scoped } from './support/scoped.js';
 import type { RecordedRequest } from './support/fake-ollama.js';
 import { sleep } from './support/util.js';
 
-const cleanups: (() => Promise<void> | void)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-
-async function harness(over: Parameters<typeof startHarness>[0] = {}): Promise<Harness> {
-  const h = await startHarness(over);
-  cleanups.push(() => h.stop());
-  return h;
-}
-
-async function receiver(): Promise<Receiver> {
-  const r = await startReceiver();
-  cleanups.push(() => r.close());
-  return r;
-}
+const { harness, receiver } = scoped();
 
 const user = (content: string) => ({ role: 'user', content });
 const chats = (h: Harness): RecordedRequest[] => h.fake.requests.filter((r) => r.kind === 'chat');

@@ -4,29 +4,14 @@
  * directory belongs to one process.
  */
 import fs from 'node:fs';
-import { afterEach, describe, expect, it } from 'vitest';
-import { hello, startHarness, tempDir, type Harness } from './support/harness.js';
-import { startReceiver, type Receiver } from './support/receiver.js';
+import { describe, expect, it } from 'vitest';
+import { hello, tempDir } from './support/harness.js';
+import { scoped } from './support/scoped.js';
 import { runChild, startChild, type Child } from './support/child.js';
 import { startFakeOllama } from './support/fake-ollama.js';
 import { sleep } from './support/util.js';
 
-const cleanups: (() => Promise<void> | void)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-
-async function harness(over: Parameters<typeof startHarness>[0]): Promise<Harness> {
-  const h = await startHarness(over);
-  cleanups.push(() => h.stop());
-  return h;
-}
-
-async function receiver(): Promise<Receiver> {
-  const r = await startReceiver();
-  cleanups.push(() => r.close());
-  return r;
-}
+const { cleanups, harness, receiver } = scoped();
 
 describe('TTL shorter than the sweep interval', () => {
   it('a finished job answers 404, artifacts included, within a couple of seconds of its expiry', async () => {
