@@ -91,7 +91,15 @@ describe('GET /metrics', () => {
     const histBefore = await Promise.all(hists.map((n) => count(n, { model: 'llama3.2' })));
     const ids = [await h.submit(hello('m1', { state_webhook_url: rcv.url })), await h.submit(hello('m2', { state_webhook_url: rcv.url })), await h.submit(hello('m3', { state_webhook_url: rcv.url }))];
     const jobs = await Promise.all(ids.map((id) => settled(h, id)));
-    const after = await scrape();
+    // A record is visible to GET once committed; its effects (and so the counters) follow once it
+    // is on disk, a moment later. Wait for the last one, then check every figure exactly.
+    const delivered = (f: Families) => value(f, 'foreman_webhook_deliveries_total', { outcome: 'delivered' });
+    const base = delivered(before);
+    let after = await scrape();
+    for (const end = Date.now() + 5_000; delivered(after) - base < 12 && Date.now() < end; ) {
+      await new Promise((r) => setTimeout(r, 20));
+      after = await scrape();
+    }
     const done = { model: 'llama3.2', state: 'done', code: '' };
     expect(value(after, 'foreman_jobs_finished_total', done) - value(before, 'foreman_jobs_finished_total', done)).toBe(3);
     expect(value(after, 'foreman_jobs_submitted_total', { model: 'llama3.2' }) - value(before, 'foreman_jobs_submitted_total', { model: 'llama3.2' })).toBe(3);
@@ -119,7 +127,12 @@ describe('GET /metrics', () => {
     const c = await h.submit(hello('waits'));
     await h.waitForState(a, ['working']);
     await h.waitForState(b, ['working']);
-    const f = await scrape();
+    const failedCount = (x: Families) => value(x, 'foreman_jobs_finished_total', { model: 'llama9', state: 'failed', code: 'model_not_found' });
+    let f = await scrape();
+    for (const end = Date.now() + 5_000; failedCount(f) - failedCount(before) < 1 && Date.now() < end; ) {
+      await new Promise((r) => setTimeout(r, 20));
+      f = await scrape();
+    }
     expect(
       value(f, 'foreman_jobs_finished_total', { model: 'llama9', state: 'failed', code: 'model_not_found' }) -
         value(before, 'foreman_jobs_finished_total', { model: 'llama9', state: 'failed', code: 'model_not_found' }),
