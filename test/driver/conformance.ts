@@ -4,7 +4,7 @@
  * through `driverConformance(name, factory)`; nothing in this file knows which database is behind.
  */
 import { createHash } from 'node:crypto';
-import { afterEach, beforeEach, describe, expect, it as vitestIt } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { JobState } from '../../src/domain.js';
 import { uuidv7 } from '../../src/ids.js';
 import type {
@@ -20,15 +20,6 @@ import type {
 } from '../../src/queue/driver.js';
 
 export type DriverFactory = () => Promise<{ driver: QueueDriver; cleanup: () => Promise<void> }>;
-
-export interface ConformanceOptions {
-  /**
-   * Titles of tests this driver is known to fail (a reported driver bug): they run as `it.fails`,
-   * so they turn red the day the bug is fixed and the entry must go. Every other driver runs them
-   * as ordinary tests.
-   */
-  knownFailures?: readonly string[];
-}
 
 /** All times are offsets from here (ms). */
 const T0 = 1_700_000_000_000;
@@ -74,15 +65,7 @@ export function newJob(over: Partial<NewJob> = {}): NewJob {
   };
 }
 
-export function driverConformance(name: string, factory: DriverFactory, options: ConformanceOptions = {}): void {
-  const known = new Set(options.knownFailures ?? []);
-  const declared = new Set<string>();
-  const it = (title: string, fn: () => Promise<void>): void => {
-    declared.add(title);
-    if (known.has(title)) vitestIt.fails(title, fn);
-    else vitestIt(title, fn);
-  };
-
+export function driverConformance(name: string, factory: DriverFactory): void {
   describe(name, () => {
     let d: QueueDriver;
     let cleanup: () => Promise<void>;
@@ -1468,10 +1451,6 @@ export function driverConformance(name: string, factory: DriverFactory, options:
         expect(await d.deliveriesNextDueAt({ perOriginLimit: 1 })).toBeNull();
         expect(await claimDeliveries(at(1))).toEqual([]);
       });
-    });
-
-    vitestIt('every known failure listed by the driver names a test of this suite', () => {
-      expect([...known].filter((t) => !declared.has(t))).toEqual([]);
     });
   });
 }
