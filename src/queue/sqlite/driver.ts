@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import type { Statement } from 'better-sqlite3';
-import { STATE_SEQUENCE, type ErrorInfo, type JobState } from '../../domain.js';
+import { isTerminal, STATE_SEQUENCE, type ErrorInfo, type JobState } from '../../domain.js';
 import type {
   Artifact,
   ArtifactMeta,
@@ -74,6 +74,12 @@ interface JobRow extends TransitionRow {
   result: string | null;
 }
 
+/** The job columns a run summary is made of. */
+type RunRow = Pick<
+  TransitionRow,
+  'created_at' | 'started_at' | 'finished_at' | 'attempt' | 'model' | 'conversation_id' | 'load_ms' | 'prompt_tokens' | 'completion_tokens'
+>;
+
 interface DueRow extends RunRow {
   id: number;
   jobSeq: number;
@@ -89,24 +95,12 @@ interface DueRow extends RunRow {
   errorMessage: string | null;
 }
 
-interface RunRow {
-  createdAt: number;
-  startedAt: number | null;
-  finishedAt: number | null;
-  attempt: number;
-  model: string;
-  conversationId: string;
-  loadMs: number | null;
-  promptTokens: number | null;
-  completionTokens: number | null;
-}
-
 /** run_at of a turn waiting for its predecessor: never claimable until released. */
 const NEVER = 253402300799000; // 9999-12-31
 /** How long the ids of expired jobs are remembered (a continuation of one answers 410). */
 const EXPIRED_IDS_KEPT_MS = 30 * 86_400_000;
 
-const runOf = (r: TransitionRow): RunSummary => ({
+const runOf = (r: RunRow): RunSummary => ({
   createdAt: r.created_at,
   startedAt: r.started_at,
   finishedAt: r.finished_at,
@@ -230,7 +224,7 @@ export class SqliteDriver implements QueueDriver {
     const n = s.insertTransition.get({ seq: row.seq, state, at: now, attempt: row.attempt }) as number;
     const ev: TransitionEvent = { jobId: row.id, state, model: row.model, n, at: now, attempt: row.attempt };
     if (state === 'failed') ev.error = { code: row.error_code ?? 'unknown', message: row.error_message ?? '' };
-    if (state === 'done' || state === 'failed' || state === 'canceled') ev.run = runOf(row);
+    if (isTerminal(state)) ev.run = runOf(row);
     fx.transitions.push(ev);
     if (state === 'queued') fx.jobReady = true;
     // Turns waiting for this one: released when it is done, failed when it is not (ADR-0016).
@@ -315,7 +309,7 @@ export class SqliteDriver implements QueueDriver {
         // A continuation: decided here, in the transaction, against the earlier job's state now.
         let waits = 0;
         if (j.previous) {
-          const prevState = s.stateBySeq.get(j.previous.seq) as JobState | undefined;
+          const prevState = (s.idStateBySeq.get(j.previous.seq) as { state: JobState } | undefined)?.state;
           const running = prevState === 'queued' || prevState === 'loading' || prevState === 'working';
           if (prevState !== 'done' && !(running && j.previous.wait)) {
             out.push({ ok: false, code: 'previous_not_ready', state: prevState ?? 'canceled' });
@@ -577,7 +571,7 @@ export class SqliteDriver implements QueueDriver {
         const state = t.state as JobState;
         const e: TransitionEvent = { jobId: p.id, state, model: t.j_model as string, n: t.n as number, at: t.at as number, attempt: t.attempt as number };
         if (state === 'failed') e.error = { code: (t.error_code as string | null) ?? 'unknown', message: (t.error_message as string | null) ?? '' };
-        if (state === 'done' || state === 'failed' || state === 'canceled') {
+        if (isTerminal(state)) {
           // The job row, as a transition statement returns it (columns prefixed j_).
           const row = Object.fromEntries(Object.entries(t).filter(([k]) => k.startsWith('j_')).map(([k, v]) => [k.slice(2), v])) as unknown as TransitionRow;
           e.run = runOf(row);
@@ -799,20 +793,7 @@ export class SqliteDriver implements QueueDriver {
       metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
       error: r.state === 'failed' ? { code: r.errorCode ?? 'unknown', message: r.errorMessage ?? '' } : null,
       artifacts: r.state === 'done' ? (this.s.artifactsForEvent.all(inlineMax, r.jobSeq) as (ArtifactMeta & { body: Buffer | null })[]) : [],
-      run:
-        r.state === 'done' || r.state === 'failed' || r.state === 'canceled'
-          ? {
-              createdAt: r.createdAt,
-              startedAt: r.startedAt,
-              finishedAt: r.finishedAt,
-              attempt: r.attempt,
-              model: r.model,
-              loadMs: r.loadMs,
-              promptTokens: r.promptTokens,
-              completionTokens: r.completionTokens,
-              conversationId: r.conversationId,
-            }
-          : null,
+      run: isTerminal(r.state) ? runOf(r) : null,
     };
   }
 

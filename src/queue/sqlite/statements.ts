@@ -4,6 +4,9 @@ import type { DB } from './db.js';
 export const TRANSITION_COLS = `seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message, model,
   created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens`;
 
+/** The job columns a terminal event's run summary is made of (`runOf` in the driver). */
+const RUN_COLS = 'j.created_at, j.started_at, j.finished_at, j.attempt, j.model, j.conversation_id, j.load_ms, j.prompt_tokens, j.completion_tokens';
+
 /** The claim order, also used for queue positions: effective priority, then FIFO (index jobs_claim). */
 const EFFECTIVE = '(priority + age_boost)';
 
@@ -20,7 +23,6 @@ export function prepareStatements(db: DB) {
         @max_attempts, @priority, @deadline_at, @run_at, @now, @now, @conversation_id, @prev_seq, @waits)
       RETURNING ${TRANSITION_COLS}`),
     // --- conversations ---
-    stateBySeq: p(`SELECT state FROM jobs WHERE seq = ?`).pluck(),
     conversationUpsert: p(`INSERT INTO conversations (id, last_seq, created_at) VALUES (@id, @seq, @now)
       ON CONFLICT (id) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)`),
     // The earlier turns of a continuation, one step back at a time (chains are short).
@@ -178,11 +180,11 @@ export function prepareStatements(db: DB) {
     dueInOrigin: p(`SELECT id FROM webhook_deliveries INDEXED BY webhook_deliveries_origin_due
       WHERE origin = @origin AND due_at IS NOT NULL AND due_at <= @until ORDER BY due_at, id LIMIT @n`).pluck(),
     deliveryForSend: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
-        d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, j.created_at AS createdAt, j.started_at AS startedAt, j.finished_at AS finishedAt, j.attempt, j.model, j.conversation_id AS conversationId, j.load_ms AS loadMs, j.prompt_tokens AS promptTokens, j.completion_tokens AS completionTokens
+        d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}
       FROM webhook_deliveries d JOIN jobs j ON j.seq = d.job_seq WHERE d.id = ?`),
     // The job's next pending event after a delivered one (sent without waiting for the record).
     nextOfJob: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
-        d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, j.created_at AS createdAt, j.started_at AS startedAt, j.finished_at AS finishedAt, j.attempt, j.model, j.conversation_id AS conversationId, j.load_ms AS loadMs, j.prompt_tokens AS promptTokens, j.completion_tokens AS completionTokens
+        d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}
       FROM (SELECT job_seq, sequence FROM webhook_deliveries WHERE id = @id) cur
         JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.sequence > cur.sequence
         JOIN jobs j ON j.seq = d.job_seq
