@@ -76,6 +76,12 @@ export const ConfigSchema = Type.Object({
   webhookAllowNets: Type.Array(Type.String({ minLength: 1 }), meta('FOREMAN_WEBHOOK_ALLOW_NETS', '', 'list')),
   allowedHosts: Type.Array(Type.String({ minLength: 1 }), meta('FOREMAN_ALLOWED_HOSTS', '', 'list')),
   auth: oneOf('FOREMAN_AUTH', 'auto', ['auto', 'off'] as const),
+  // Set: authentication is on (ADR-0013). Unset: Foreman runs open.
+  adminToken: Type.Optional(str('FOREMAN_ADMIN_TOKEN', undefined, 16)),
+  // Unset: one is generated on first start and stored in the database (shared by every instance).
+  urlSigningSecret: Type.Optional(str('FOREMAN_URL_SIGNING_SECRET', undefined, 32)),
+  artifactUrlTtlMs: ms('FOREMAN_ARTIFACT_URL_TTL', '7d', 1000),
+  metricsOpen: bool('FOREMAN_METRICS_OPEN', 'false'),
   maxConnections: int('FOREMAN_MAX_CONNECTIONS', '1024', 1, 1_000_000),
   maxWatchersPerJob: int('FOREMAN_MAX_WATCHERS_PER_JOB', '64', 1, 100_000),
   redeliverPerMinute: int('FOREMAN_REDELIVER_PER_MINUTE', '5', 1, 10_000),
@@ -183,11 +189,15 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   } catch (err) {
     throw new ConfigError('FOREMAN_WEBHOOK_ALLOW_NETS', (err as Error).message);
   }
-  if (!isLoopbackHost(String(out.host)) && out.auth !== 'off') {
+  if (out.auth === 'off' && out.adminToken !== undefined) {
+    throw new ConfigError('FOREMAN_AUTH', 'is off, but FOREMAN_ADMIN_TOKEN is set (which turns authentication on): unset one of them');
+  }
+  if (!isLoopbackHost(String(out.host)) && out.auth !== 'off' && out.adminToken === undefined) {
     throw new ConfigError(
       'FOREMAN_HOST',
       `"${String(out.host)}" is not a loopback address, and Foreman has no authentication configured: anyone who can reach it ` +
-        'could submit, read and cancel every job. Listen on 127.0.0.1, or set FOREMAN_AUTH=off to run open on purpose',
+        'could submit, read and cancel every job. Set FOREMAN_ADMIN_TOKEN to turn API keys on, listen on 127.0.0.1, or set ' +
+        'FOREMAN_AUTH=off to run open on purpose',
     );
   }
   if ((out.webhookBackoffMaxMs as number) < (out.webhookBackoffBaseMs as number)) {

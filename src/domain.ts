@@ -1,5 +1,8 @@
-/** The job lifecycle: a closed union. `done`, `failed` and `canceled` are terminal. */
-export const JOB_STATES = ['queued', 'loading', 'working', 'done', 'failed', 'canceled'] as const;
+/**
+ * The job lifecycle: a closed union. `done`, `failed` and `canceled` are terminal. `scheduled`
+ * comes first only for a job over its API key's daily limit (ADR-0013).
+ */
+export const JOB_STATES = ['scheduled', 'queued', 'loading', 'working', 'done', 'failed', 'canceled'] as const;
 export type JobState = (typeof JOB_STATES)[number];
 export type TerminalState = 'done' | 'failed' | 'canceled';
 
@@ -9,6 +12,7 @@ export function isTerminal(s: JobState): s is TerminalState {
 
 /** A state's place in the lifecycle order; the webhook event's `sequence`. */
 export const STATE_SEQUENCE: Record<JobState, number> = {
+  scheduled: 0,
   queued: 1,
   loading: 2,
   working: 3,

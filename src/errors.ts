@@ -3,7 +3,7 @@
  * `code` and a human `message`; `http/errors.ts` is the one place that maps them to status codes.
  */
 export abstract class DomainError extends Error {
-  abstract readonly kind: 'not_found' | 'conflict' | 'validation' | 'quota' | 'unavailable' | 'gone';
+  abstract readonly kind: 'not_found' | 'conflict' | 'validation' | 'quota' | 'unavailable' | 'gone' | 'unauthorized' | 'forbidden';
   constructor(
     readonly code: string,
     message: string,
@@ -35,6 +35,19 @@ export class Validation extends DomainError {
 /** It existed, and is gone for good (410). */
 export class Gone extends DomainError {
   readonly kind = 'gone';
+}
+
+/** No credentials, or ones that are unknown or revoked (401). */
+export class Unauthorized extends DomainError {
+  readonly kind = 'unauthorized';
+  constructor(message = 'send Authorization: Bearer <API key or admin token>') {
+    super('unauthorized', message);
+  }
+}
+
+/** Valid credentials that may not do this (403): a key on an admin route, a bad signed URL. */
+export class Forbidden extends DomainError {
+  readonly kind = 'forbidden';
 }
 
 export class QuotaExceeded extends DomainError {

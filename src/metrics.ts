@@ -126,7 +126,7 @@ export class Metrics {
   /** A committed state change (from the driver's notifier). */
   transition = (e: TransitionEvent): void => {
     const model = e.model ?? '';
-    if (e.state === 'queued' && e.n === 1) this.submitted.inc({ model });
+    if (e.n === 1) this.submitted.inc({ model });
     const r = e.run;
     if (!r) return;
     this.finished.inc({ model, state: e.state, code: e.state === 'failed' ? (e.error?.code ?? 'unknown') : '' });

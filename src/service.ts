@@ -1,3 +1,7 @@
+import { randomBytes } from 'node:crypto';
+import { ArtifactUrls } from './artifact-urls.js';
+import { Keys } from './jobs/keys.js';
+import { ScheduledJobs } from './maintenance/scheduled.js';
 import type { AddressInfo } from 'node:net';
 import { pino, type Logger } from 'pino';
 import { isLoopbackHost, type Config } from './config.js';
@@ -43,6 +47,8 @@ export class Service {
   readonly clock: Clock;
   readonly driver: QueueDriver;
   readonly jobs: Jobs;
+  readonly keys: Keys;
+  readonly artifactUrls: ArtifactUrls;
   readonly events: JobEvents;
   readonly engine: ChatEngine;
   private readonly passthroughEngine: ChatEngine;
@@ -79,6 +85,8 @@ export class Service {
       }));
     this.events = new JobEvents();
     this.unsubscribe = driver.notifier.on('stateChanged', this.events.transition);
+    this.keys = new Keys(driver, clock, config.adminToken);
+    this.artifactUrls = new ArtifactUrls(() => this.publicUrl, clock);
     this.jobs = new Jobs(driver, clock, {
       maxQueued: config.maxQueued,
       maxQueuedBytes: config.maxQueuedBytes,
@@ -145,7 +153,7 @@ export class Service {
         secrets: config.webhookSecrets,
         userAgent: `foreman/${VERSION}`,
         pollIntervalMs: config.pollIntervalMs,
-        publicUrl: () => this.publicUrl,
+        artifactUrl: (jobId, name, at) => this.artifactUrls.url(jobId, name, at),
       },
       ...random,
       onOutcome: this.metrics.delivery,
@@ -155,6 +163,7 @@ export class Service {
     this.maintainer = new Maintainer([
       new Rescuer(m, config.jobLeaseMs),
       new Deadlines(m, config.pollIntervalMs),
+      new ScheduledJobs(m, config.pollIntervalMs),
       new Aging(m, config.priorityAgingMs),
       this.ttlCleaner,
       new OutagePolicy(m, this.engine, health, {
@@ -165,6 +174,8 @@ export class Service {
     ]);
     this.app = buildApp({
       jobs: this.jobs,
+      keys: this.keys,
+      artifactUrls: this.artifactUrls,
       engine: this.passthroughEngine,
       events: this.events,
       storageReady: () => driver.ping(),
@@ -184,6 +195,13 @@ export class Service {
   async start(): Promise<string> {
     const t0 = performance.now();
     const { requeued } = await this.driver.recover({ now: this.clock.now() });
+    if (this.keys.enabled) {
+      // Signed artifact URLs (ADR-0013): the configured secret, or one generated once and kept
+      // in the database, so it survives restarts and every instance signs alike.
+      const secret =
+        this.config.urlSigningSecret ?? (await this.driver.secretEnsure({ name: 'artifact_url_signing', value: randomBytes(32).toString('base64url') }));
+      this.artifactUrls.useSecret(secret, this.config.artifactUrlTtlMs);
+    }
     for (const id of requeued) this.logger.warn({ job_id: id, state: 'queued' }, 'job was running when the last process stopped; re-queued');
     await this.app.listen({ host: this.config.host, port: this.config.port });
     const addr = this.app.server.address() as AddressInfo;

@@ -568,6 +568,7 @@ describe('GET /jobs listing', () => {
     const item = first.body.jobs[0];
     expect(item).toEqual({
       job_id: ids[29],
+      key_id: null,
       state: 'queued',
       model: 'llama3.2',
       priority: 0,

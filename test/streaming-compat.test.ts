@@ -720,6 +720,10 @@ describe('OpenAPI document and docs page', () => {
     '/healthz': ['get'],
     '/readyz': ['get'],
     '/metrics': ['get'],
+    '/keys': ['get', 'post'],
+    '/keys/{id}': ['delete', 'get', 'patch'],
+    '/usage': ['get'],
+    '/audit': ['get'],
   };
   const METHODS = ['get', 'put', 'post', 'delete', 'options', 'head', 'patch', 'trace'];
   const documented = () =>

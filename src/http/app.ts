@@ -8,6 +8,8 @@ import type { EngineStatus } from '../engine/engine.js';
 import { isLoopbackHost } from '../config.js';
 import { ApiError, errorHandler } from './errors.js';
 import { jobRoutes } from './routes.js';
+import { keyRoutes } from './key-routes.js';
+import { registerAuth } from './auth.js';
 import { sseRoutes } from './sse.js';
 import { ollamaRoutes } from './ollama-api.js';
 import type { AppDeps } from './deps.js';
@@ -150,8 +152,11 @@ export function buildApp(deps: AppDeps) {
     done();
   });
 
+  // Who is asking: after the Host and body checks, before any route (ADR-0013).
+  registerAuth(app as unknown as FastifyInstance, deps.keys, { metricsOpen: deps.config.metricsOpen });
+
   // First, so its onRoute hook sees every route.
-  registerOpenApi(app as unknown as FastifyInstance);
+  registerOpenApi(app as unknown as FastifyInstance, deps.keys.enabled);
   app.setErrorHandler(errorHandler);
   app.setNotFoundHandler((req, reply) => {
     void reply.code(404).send({ code: 'route_not_found', message: `no route for ${req.method} ${req.url.split('?')[0]?.slice(0, 200)}` });
@@ -174,7 +179,8 @@ export function buildApp(deps: AppDeps) {
   void app.register(async (a) => {
     a.get('/healthz', { schema: { summary: 'The process is up' } }, async () => ({ status: 'ok' }));
 
-    a.get('/metrics', { schema: { summary: 'Prometheus metrics (text exposition format)' } }, async (_req, reply) => {
+    a.get('/metrics', { schema: { summary: 'Prometheus metrics (text exposition format); the admin token, unless FOREMAN_METRICS_OPEN' } }, async (req, reply) => {
+      if (!deps.config.metricsOpen) deps.keys.requireAdmin(req.principal);
       if (!deps.metrics) return reply.code(404).send({ code: 'route_not_found', message: 'metrics are off' });
       const m = await deps.metrics.text();
       return reply.type(m.contentType).send(m.body);
@@ -200,6 +206,7 @@ export function buildApp(deps: AppDeps) {
   });
 
   void app.register(jobRoutes, deps);
+  void app.register(keyRoutes, deps);
   void app.register(sseRoutes, deps);
   void app.register(ollamaRoutes, deps);
   return app;

@@ -4,10 +4,15 @@ import type { Clock } from '../domain.js';
 import type { ChatEngine } from '../engine/engine.js';
 import type { JobEvents } from '../events.js';
 import type { Jobs } from '../jobs/jobs.js';
+import type { Keys } from '../jobs/keys.js';
+import type { ArtifactUrls } from '../artifact-urls.js';
 
 /** What the HTTP layer is given. It reaches stored jobs only through `jobs` (the application layer). */
 export interface AppDeps {
   jobs: Jobs;
+  /** API keys: authentication, key management, usage and audit (ADR-0013). */
+  keys: Keys;
+  artifactUrls: ArtifactUrls;
   engine: Pick<ChatEngine, 'status' | 'passthrough' | 'load'>;
   events: JobEvents;
   /** Prometheus metrics: the exposition, and one observation per request. */

@@ -36,11 +36,14 @@ const STATUS_OF: Record<DomainError['kind'], number> = {
   gone: 410,
   quota: 429,
   unavailable: 503,
+  unauthorized: 401,
+  forbidden: 403,
 };
 
 /** The one mapping from domain errors to HTTP. */
 function fromDomain(e: DomainError): ApiError {
   const headers: Record<string, string> = e.retryAfterS !== undefined ? { 'retry-after': String(e.retryAfterS) } : {};
+  if (e.kind === 'unauthorized') headers['www-authenticate'] = 'Bearer realm="foreman"';
   if (e.code === 'storage_unavailable') {
     // Never the database's own words.
     return new ApiError(503, e.code, 'the database cannot take writes right now; try again shortly', undefined, headers);

@@ -5,6 +5,7 @@ import { isTerminal } from '../domain.js';
 import { EngineError, type ChatResponse } from '../engine/engine.js';
 import type { JobEvent } from '../events.js';
 import { uuidv7 } from '../ids.js';
+import { QuotaExceeded } from '../errors.js';
 import { ApiError } from './errors.js';
 import { SECURITY_HEADERS } from './headers.js';
 import { SSE_BUFFER_MAX } from './sse.js';
@@ -136,7 +137,7 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
       reply.raw.on('close', cancelIfGone);
       try {
         const continueFrom = req.headers['x-foreman-continue-from'];
-        await jobs.submit({
+        const submitted = await jobs.submit({
           id,
           body,
           // Conversations through the queue (ADR-0016): the header names the job this continues.
@@ -147,7 +148,14 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
           priority: body.priority ?? 0,
           deadline: undefined,
           idempotencyKey: undefined,
-        });
+        }, req.principal);
+        if (submitted.state === 'scheduled') {
+          // A caller waiting on its answer cannot wait for tomorrow: past the key's daily_limit
+          // the synchronous surface refuses instead of scheduling (POST /jobs schedules).
+          await jobs.cancelQuietly(id);
+          const wait = Math.max(1, Math.ceil(((submitted.scheduledFor ?? 0) - deps.clock.now()) / 1000));
+          throw new QuotaExceeded('quota_exceeded', "this API key reached its daily_limit; /api/chat can't wait for the next UTC day (POST /jobs schedules it instead)", undefined, wait);
+        }
       } catch (err) {
         finished = true;
         unsubscribe();
@@ -200,7 +208,7 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
           }
           if (!isTerminal(s)) continue;
           finished = true;
-          const job = (await jobs.find(id))!;
+          const job = (await jobs.find(id, req.principal))!;
           if (s === 'done') {
             const result = job.result as ChatResponse;
             if (stream) {

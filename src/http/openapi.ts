@@ -9,7 +9,7 @@ import { ErrorBody, WebhookEventSchema } from './schemas.js';
  * /openapi.json, with a docs page at /docs. Webhook event bodies are in `webhooks`.
  * Register before the routes so every route is collected.
  */
-export function registerOpenApi(app: FastifyInstance): void {
+export function registerOpenApi(app: FastifyInstance, auth: boolean): void {
   void app.register(swagger, {
     openapi: {
       openapi: '3.1.0',
@@ -19,7 +19,17 @@ export function registerOpenApi(app: FastifyInstance): void {
         description:
           'Async job service for Ollama chat work. Errors are JSON {code, message, field?}; the codes are listed in the Error schema.',
       },
-      components: { schemas: { Error: ErrorBody as unknown as Record<string, never> } },
+      components: {
+        schemas: { Error: ErrorBody as unknown as Record<string, never> },
+        securitySchemes: {
+          bearer: {
+            type: 'http',
+            scheme: 'bearer',
+            description: 'An API key (fm_…) or the admin token. Required when FOREMAN_ADMIN_TOKEN is set (ADR-0013); /healthz, /readyz, /openapi.json and /docs are open.',
+          },
+        },
+      },
+      ...(auth ? { security: [{ bearer: [] }] } : {}),
       webhooks: {
         jobStateChanged: {
           post: {

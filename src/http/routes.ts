@@ -3,7 +3,9 @@ import { eventId, iso, JOB_STATES, type JobState } from '../domain.js';
 import type { JobView } from '../queue/driver.js';
 import type { QueueEstimate } from '../jobs/jobs.js';
 import { checkWebhookUrl } from '../jobs/rules.js';
-import { artifactUrl } from '../webhooks/payload.js';
+import { Forbidden } from '../errors.js';
+import type { Principal } from '../jobs/principal.js';
+import { usageView } from './key-routes.js';
 import { ApiError } from './errors.js';
 import {
   ArtifactParams,
@@ -24,14 +26,15 @@ import {
   SubmitReply,
 } from './schemas.js';
 import type { AppDeps } from './deps.js';
-const errorReplies = { 400: ErrorBody, 404: ErrorBody, 409: ErrorBody, 410: ErrorBody, 413: ErrorBody, 415: ErrorBody, 429: ErrorBody, 503: ErrorBody };
+const errorReplies = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 404: ErrorBody, 409: ErrorBody, 410: ErrorBody, 413: ErrorBody, 415: ErrorBody, 429: ErrorBody, 503: ErrorBody };
 
 export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) => {
-  const { jobs } = deps;
+  const { jobs, keys } = deps;
   const publicUrl = () => deps.publicUrl();
+  /** The caller's usage: carried by answers only when authentication is on (there are no limits otherwise). */
+  const callerUsage = async (who: Principal) => (keys.enabled ? { usage: usageView(await keys.usage(who)) } : {});
 
   function jobView(j: JobView & { queue: QueueEstimate | null }) {
-    const base = publicUrl();
     const q = j.queue;
     return {
       job_id: j.id,
@@ -56,7 +59,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         content_type: a.contentType,
         size: a.size,
         sha256: a.sha256,
-        url: artifactUrl(base, j.id, a.name),
+        url: deps.artifactUrls.url(j.id, a.name),
       })),
       webhook:
         j.webhookUrl === null
@@ -80,6 +83,8 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       waiting_for_previous: j.waiting,
       load_ms: j.loadMs,
       usage: { prompt_tokens: j.usage.promptTokens, completion_tokens: j.usage.completionTokens },
+      key_id: j.keyId,
+      scheduled_for: iso(j.scheduledFor),
     };
   }
 
@@ -95,6 +100,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     },
     async (req, reply) => {
       const body = req.body;
+      const who = req.principal;
       const outcome = await jobs.submit({
         body,
         ...(body.continue_from !== undefined ? { continueFrom: body.continue_from } : {}),
@@ -105,15 +111,26 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         priority: body.priority ?? 0,
         deadline: body.deadline,
         idempotencyKey: req.headers['idempotency-key'],
-      });
+      }, who);
       const id = outcome.jobId;
       reply.header('location', `/jobs/${id}`);
-      const reply_ = { job_id: id, state: outcome.state, status_url: `${publicUrl()}/jobs/${id}` };
+      const notes: string[] = [];
+      if (outcome.scheduledFor !== null) notes.push(`this API key reached its daily_limit: the job is scheduled for ${iso(outcome.scheduledFor)} (the next UTC day)`);
+      if (outcome.clampedFrom !== null) notes.push(`priority ${outcome.clampedFrom} is above this API key's priority_max: clamped to ${outcome.priority}`);
+      const reply_ = {
+        job_id: id,
+        state: outcome.state,
+        status_url: `${publicUrl()}/jobs/${id}`,
+        ...(outcome.scheduledFor !== null ? { scheduled_for: iso(outcome.scheduledFor) as string } : {}),
+        ...(outcome.clampedFrom !== null ? { priority: outcome.priority } : {}),
+        ...(notes.length ? { message: notes.join('; ') } : {}),
+        ...(await callerUsage(who)),
+      };
       if (outcome.replayed) {
         req.log.info({ job_id: id }, 'idempotent replay');
         return reply.code(200).header('idempotent-replayed', 'true').send(reply_);
       }
-      req.log.info({ job_id: id, state: 'queued', model: body.model, continue_from: body.continue_from }, 'job queued');
+      req.log.info({ job_id: id, state: outcome.state, model: body.model, continue_from: body.continue_from, key_id: who.kind === 'key' ? who.key.id : undefined }, `job ${outcome.state}`);
       return reply.code(202).send(reply_);
     },
   );
@@ -135,6 +152,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       const page = await jobs.list({
         limit: q.limit === undefined ? 20 : Number(q.limit),
         ...(q.state ? { state: q.state as JobState } : {}),
+        ...(q.key_id ? { keyId: q.key_id } : {}),
         ...(q.model ? { model: q.model } : {}),
         ...(q.conversation_id ? { conversationId: q.conversation_id } : {}),
         ...(createdAfter !== undefined ? { createdAfter } : {}),
@@ -143,11 +161,12 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
           .filter(([k, v]) => k.startsWith('metadata.') && v !== undefined)
           .map(([k, v]) => [k.slice('metadata.'.length), v as string] as [string, string]),
         ...(q.cursor !== undefined ? { cursor: q.cursor } : {}),
-      });
+      }, req.principal);
       const base = publicUrl();
       return {
         jobs: page.jobs.map((r) => ({
           job_id: r.id,
+          key_id: r.keyId,
           state: r.state,
           model: r.model,
           priority: r.priority,
@@ -166,18 +185,29 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     '/jobs/:id/cancel',
     { schema: { summary: 'Cancel a job', params: JobParams, response: { 200: CancelReply, ...errorReplies } } },
     async (req) => {
-      const r = await jobs.cancel(req.params.id);
+      const r = await jobs.cancel(req.params.id, req.principal);
       req.log.info({ job_id: req.params.id, state: 'canceled', was_running: r.wasRunning }, 'job canceled');
       return { job_id: req.params.id, state: 'canceled' as const };
     },
   );
 
   app.get('/jobs/:id', { schema: { summary: 'A job', params: JobParams, response: { 200: JobReply, ...errorReplies } } }, async (req) => {
-    return jobView(await jobs.get(req.params.id));
+    const j = await jobs.get(req.params.id, req.principal);
+    const u = await callerUsage(req.principal);
+    return { ...jobView(j), ...('usage' in u ? { caller_usage: u.usage } : {}) };
   });
 
   app.get('/jobs/:id/artifacts/:name', { schema: { params: ArtifactParams } }, async (req, reply) => {
-    const a = await jobs.artifact(req.params.id, req.params.name);
+    // A signed URL (authentication on) is its own credential, for exactly this artifact.
+    const q = req.query as { expires?: string; sig?: string };
+    let who: Principal | null = req.principal;
+    if (deps.artifactUrls.signed && q.sig !== undefined) {
+      const v = deps.artifactUrls.verify(req.params.id, req.params.name, q.expires, q.sig);
+      if (v === 'expired') throw new Forbidden('url_expired', 'this signed artifact URL has expired: fetch the job again for a fresh one');
+      if (v === 'invalid') throw new Forbidden('invalid_signature', 'the signature of this artifact URL does not match');
+      who = null;
+    }
+    const a = await jobs.artifact(req.params.id, req.params.name, who);
     const etag = `"${a.sha256}"`;
     reply.header('etag', etag).header('cache-control', 'private, max-age=31536000, immutable');
     if (etagMatches(req.headers['if-none-match'], etag)) return reply.code(304).send();
@@ -189,7 +219,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     { schema: { params: JobParams, querystring: RedeliverQuery, response: { 202: RedeliverReply, ...errorReplies } } },
     async (req, reply) => {
       const id = req.params.id;
-      const states = await jobs.redeliver(id, (req.query.state as JobState | undefined) ?? null);
+      const states = await jobs.redeliver(id, (req.query.state as JobState | undefined) ?? null, req.principal);
       req.log.info({ job_id: id, requeued: states }, 'webhook redelivery requested');
       return reply.code(202).send({ job_id: id, requeued: states.map((s) => eventId(id, s)) });
     },
@@ -199,7 +229,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     '/conversations/:id',
     { schema: { summary: 'A conversation: its turns in order, and its status', params: ConversationParams, response: { 200: ConversationReply, ...errorReplies } } },
     async (req) => {
-      const c = await jobs.conversation(req.params.id);
+      const c = await jobs.conversation(req.params.id, req.principal);
       return {
         conversation_id: c.id,
         status: c.status,
@@ -222,7 +252,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     { schema: { summary: 'Conversations, newest activity first', querystring: ConversationsQuery, response: { 200: ConversationsReply, ...errorReplies } } },
     async (req) => {
       const q = req.query;
-      const page = await jobs.conversations({ limit: q.limit === undefined ? 20 : Number(q.limit), ...(q.cursor !== undefined ? { cursor: q.cursor } : {}) });
+      const page = await jobs.conversations({ limit: q.limit === undefined ? 20 : Number(q.limit), ...(q.cursor !== undefined ? { cursor: q.cursor } : {}) }, req.principal);
       return {
         conversations: page.conversations.map((c) => ({
           conversation_id: c.id,

@@ -38,6 +38,12 @@ export const API_ERROR_CODES = [
   'conversation_not_ready',
   'conversation_expired',
   'conversation_not_found',
+  'unauthorized',
+  'forbidden',
+  'key_not_found',
+  'quota_exceeded',
+  'invalid_signature',
+  'url_expired',
 ] as const;
 
 /** Every `error.code` a failed job can carry (ADR-0003, ADR-0007). */
@@ -113,7 +119,7 @@ export const SubmitBody = Type.Object(
     messages: Type.Array(Message, { minItems: 1, maxItems: 10_000 }),
     stream: Type.Optional(Type.Boolean()),
     state_webhook_url: Type.Optional(Type.String({ minLength: 1, maxLength: 2048 })),
-    webhook_events: Type.Optional(Type.Array(JobStateSchema, { minItems: 1, maxItems: 5, uniqueItems: true })),
+    webhook_events: Type.Optional(Type.Array(JobStateSchema, { minItems: 1, maxItems: JOB_STATES.length, uniqueItems: true })),
     metadata: Type.Optional(
       Type.Record(Type.String(), Type.String({ maxLength: 1024 }), {
         maxProperties: 64,
@@ -135,10 +141,73 @@ export const SubmitBody = Type.Object(
 );
 export type SubmitBody = Static<typeof SubmitBody>;
 
+const NullableInt = (min: number, max: number, description: string) => Type.Union([Type.Integer({ minimum: min, maximum: max }), Type.Null()], { description });
+
+/** The caller's usage, on every submit, job read and GET /usage (ADR-0013). Limits are null where none applies. */
+export const UsageSchema = Type.Object(
+  {
+    jobs_today: Type.Integer({ description: 'jobs submitted this UTC day' }),
+    daily_limit: Type.Union([Type.Integer(), Type.Null()]),
+    running: Type.Integer(),
+    concurrency: Type.Union([Type.Integer(), Type.Null()]),
+    queued: Type.Integer({ description: 'queued or scheduled' }),
+    max_queued: Type.Union([Type.Integer(), Type.Null()]),
+    tokens_today: Type.Integer({ description: 'prompt + generated tokens of jobs finished this UTC day' }),
+  },
+  { description: "the caller's usage and limits" },
+);
+
 export const SubmitReply = Type.Object({
   job_id: Type.String(),
   state: JobStateSchema,
   status_url: Type.String(),
+  scheduled_for: Type.Optional(Type.String({ description: "with state scheduled: when it becomes queued (the next UTC midnight: the key's daily_limit was reached)" })),
+  priority: Type.Optional(Type.Integer({ description: "the priority given, when the one asked for was above the key's priority_max" })),
+  message: Type.Optional(Type.String()),
+  usage: Type.Optional(UsageSchema),
+});
+
+const KeyLimits = {
+  concurrency: Type.Optional(NullableInt(1, 100_000, 'jobs of this key running at once; null: no limit')),
+  max_queued: Type.Optional(NullableInt(1, 1_000_000_000, 'queued or scheduled jobs of this key; beyond it a submit gets 429')),
+  daily_limit: Type.Optional(NullableInt(1, 1_000_000_000, 'jobs per UTC day; beyond it a submit is scheduled for the next day')),
+  priority_max: Type.Optional(NullableInt(-1000, 1000, 'higher priorities are clamped to this')),
+};
+export const KeyCreateBody = Type.Object({ name: Type.String({ minLength: 1, maxLength: 100 }), ...KeyLimits }, { additionalProperties: false });
+export const KeyPatchBody = Type.Object({ name: Type.Optional(Type.String({ minLength: 1, maxLength: 100 })), ...KeyLimits }, { additionalProperties: false, minProperties: 1 });
+const KeyFields = {
+  id: Type.String(),
+  name: Type.String(),
+  concurrency: Type.Union([Type.Integer(), Type.Null()]),
+  max_queued: Type.Union([Type.Integer(), Type.Null()]),
+  daily_limit: Type.Union([Type.Integer(), Type.Null()]),
+  priority_max: Type.Union([Type.Integer(), Type.Null()]),
+  created_at: Type.String(),
+  revoked_at: Type.Union([Type.String(), Type.Null()]),
+};
+export const KeyCreatedReply = Type.Object({ ...KeyFields, key: Type.String({ description: 'the secret: shown once, never again' }) });
+export const KeyReply = Type.Object({ ...KeyFields, usage: Type.Optional(UsageSchema) });
+export const KeysReply = Type.Object({ keys: Type.Array(KeyReply) });
+export const KeyParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 64 }) });
+export const AuditQuery = Type.Object(
+  {
+    limit: Type.Optional(Type.String({ pattern: '^[0-9]{1,3}$' })),
+    cursor: Type.Optional(Type.String({ minLength: 1, maxLength: 64 })),
+  },
+  { additionalProperties: false },
+);
+export const AuditReply = Type.Object({
+  entries: Type.Array(
+    Type.Object({
+      id: Type.Integer(),
+      at: Type.String(),
+      actor: Type.String({ description: 'admin, open, or the key id' }),
+      action: Type.String(),
+      target: Type.String(),
+      detail: Type.Union([Type.Record(Type.String(), Type.Unknown()), Type.Null()]),
+    }),
+  ),
+  next_cursor: Type.Union([Type.String(), Type.Null()]),
 });
 
 export const JobParams = Type.Object({ id: Type.String() });
@@ -157,6 +226,7 @@ export const ListQuery = Type.Object(
     limit: Type.Optional(Type.String({ pattern: '^[0-9]{1,3}$', description: '1 to 100, default 20' })),
     cursor: Type.Optional(Type.String({ minLength: 1, maxLength: 128, description: 'next_cursor of the previous page' })),
     conversation_id: Type.Optional(Type.String({ minLength: 1, maxLength: 64 })),
+    key_id: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: 'admin only: one API key\'s jobs' })),
   },
   {
     // metadata.<key>=<value> filters
@@ -166,6 +236,7 @@ export const ListQuery = Type.Object(
 );
 export const ListItem = Type.Object({
   job_id: Type.String(),
+  key_id: Type.Union([Type.String(), Type.Null()]),
   state: JobStateSchema,
   model: Type.String(),
   priority: Type.Integer(),
@@ -234,6 +305,9 @@ export const JobReply = Type.Object({
   waiting_for_previous: Type.Boolean(),
   load_ms: Nullable(Type.Number()),
   usage: Type.Object({ prompt_tokens: Nullable(Type.Integer()), completion_tokens: Nullable(Type.Integer()) }),
+  key_id: Nullable(Type.String({ description: 'the API key that submitted it (null: none)' })),
+  scheduled_for: Nullable(Type.String({ description: 'a scheduled job becomes queued at this time' })),
+  caller_usage: Type.Optional(UsageSchema),
 });
 
 export const ConversationParams = Type.Object({ id: Type.String({ minLength: 1, maxLength: 64 }) });

@@ -40,7 +40,7 @@ export const sseRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       },
     },
     async (req, reply) => {
-      const job = await jobs.find(req.params.id);
+      const job = await jobs.find(req.params.id, req.principal);
       if (!job) throw new NotFound('job_not_found', `no job with id ${JSON.stringify(req.params.id.slice(0, 80))}`);
       if (events.watchers(job.id) >= config.maxWatchersPerJob) {
         throw new Unavailable('too_many_watchers', `this job already has FOREMAN_MAX_WATCHERS_PER_JOB (${config.maxWatchersPerJob}) watchers; try again later`, undefined, 5);

@@ -1,8 +1,10 @@
 import { iso, type Clock, type JobState } from '../domain.js';
-import { Conflict, Gone, NotFound, QuotaExceeded, Unavailable, Validation } from '../errors.js';
+import { Conflict, Forbidden, Gone, NotFound, QuotaExceeded, Unavailable, Validation } from '../errors.js';
 import { uuidv7 } from '../ids.js';
 import type { Artifact, CancelOutcome, JobView, ListedJob, QueueDriver, TransitionEvent } from '../queue/driver.js';
 import { ARTIFACT_NAME_RE } from '../domain.js';
+import { actorOf, keyIdOf, scopeOf, type Principal } from './principal.js';
+import { DAY_MS } from './keys.js';
 import { bodyHash, decodeCursor, encodeCursor, ENGINE_FIELDS, MAX_JSON_DEPTH, parseDeadline, tooDeep } from './rules.js';
 
 export interface JobsSettings {
@@ -34,6 +36,8 @@ export interface SubmitInput {
 
 export interface ListQuery {
   limit: number;
+  /** Admin only: one key's jobs. */
+  keyId?: string;
   conversationId?: string;
   state?: JobState;
   model?: string;
@@ -68,8 +72,15 @@ export class Jobs {
     private readonly settings: JobsSettings,
   ) {}
 
-  /** Validates, then commits the job; resolves once it is durable. */
-  async submit(input: SubmitInput): Promise<{ jobId: string; replayed: boolean; state: JobState }> {
+  /**
+   * Validates, then commits the job; resolves once it is durable. Under an API key: the key's
+   * `priority_max` clamps the priority, `max_queued` refuses with 429, and past `daily_limit` the
+   * job is accepted `scheduled` for the next UTC midnight (ADR-0013).
+   */
+  async submit(
+    input: SubmitInput,
+    who: Principal,
+  ): Promise<{ jobId: string; replayed: boolean; state: JobState; scheduledFor: number | null; priority: number; clampedFrom: number | null }> {
     const { settings, clock } = this;
     // A continuation: the earlier job must exist (410 once the TTL removed it); the model
     // defaults to its model. Whether it is done is decided again in the insert's transaction.
@@ -80,7 +91,7 @@ export class Jobs {
       throw new Validation('wait_for_previous needs continue_from', 'wait_for_previous');
     }
     if (input.continueFrom !== undefined) {
-      const prev = await this.driver.jobGet({ id: input.continueFrom });
+      const prev = this.visible(await this.driver.jobGet({ id: input.continueFrom }), who);
       if (!prev) {
         if (await this.driver.jobExpired({ id: input.continueFrom })) {
           throw new Gone('conversation_expired', `job ${input.continueFrom} has been removed by FOREMAN_JOB_TTL: its conversation can no longer be continued`, 'continue_from');
@@ -102,6 +113,14 @@ export class Jobs {
     }
     const now = clock.now();
     const deadlineAt = input.deadline === undefined ? null : parseDeadline(input.deadline, now);
+    const key = who.kind === 'key' ? who.key : null;
+    let priority = input.priority;
+    let clampedFrom: number | null = null;
+    if (key?.priorityMax != null && priority > key.priorityMax) {
+      clampedFrom = priority;
+      priority = key.priorityMax;
+    }
+    const day = Math.floor(now / DAY_MS);
     const [outcome] = await this.driver.jobsInsert({
       now,
       maxQueued: settings.maxQueued,
@@ -117,16 +136,23 @@ export class Jobs {
           webhookUrl: input.webhookUrl,
           webhookEvents: input.webhookEvents,
           maxAttempts: settings.jobMaxAttempts,
-          priority: input.priority,
+          priority,
           deadlineAt,
+          // Idempotency keys are scoped per API key: two tenants' equal keys are two jobs.
           idempotency:
             input.idempotencyKey === undefined
               ? null
-              : { key: input.idempotencyKey, bodyHash: bodyHash(input.body), expiresAt: now + settings.idempotencyTtlMs },
+              : { key: key ? `${key.id}\n${input.idempotencyKey}` : input.idempotencyKey, bodyHash: bodyHash(input.body), expiresAt: now + settings.idempotencyTtlMs },
+          keyId: keyIdOf(who),
+          ...(key ? { quota: { maxQueued: key.maxQueued, dailyLimit: key.dailyLimit, day, nextDayAt: (day + 1) * DAY_MS } } : {}),
+          ...(clampedFrom !== null ? { clampedFrom: { priority: clampedFrom, actor: actorOf(who) } } : {}),
         },
       ],
     });
-    if (outcome!.ok) return outcome!;
+    if (outcome!.ok) return { ...outcome!, priority, clampedFrom: outcome!.replayed ? null : clampedFrom };
+    if (outcome!.code === 'key_queue_full') {
+      throw new QuotaExceeded('quota_exceeded', `this API key has max_queued (${key?.maxQueued}) jobs queued or scheduled; try again once some have started`, undefined, 5);
+    }
     if (outcome!.code === 'idempotency_key_reused') {
       throw new Conflict('idempotency_key_reused', 'this Idempotency-Key was already used with a different body', 'Idempotency-Key');
     }
@@ -147,8 +173,9 @@ export class Jobs {
    * Cancels a queued or running job. The transition commits first; the driver then announces a
    * running job's cancel, and whoever runs it closes the engine request (which stops Ollama).
    */
-  async cancel(id: string): Promise<CancelOutcome> {
-    const r = await this.driver.jobCancel({ id, now: this.clock.now() });
+  async cancel(id: string, who: Principal): Promise<CancelOutcome> {
+    const scope = scopeOf(who);
+    const r = await this.driver.jobCancel({ id, now: this.clock.now(), actor: actorOf(who), ...(scope !== undefined ? { keyId: scope } : {}) });
     if (r === null) throw notFound(id);
     if (!r.canceled) throw new Conflict('job_finished', `the job is already ${r.state}`);
     return r;
@@ -160,19 +187,28 @@ export class Jobs {
     return r?.canceled ?? false;
   }
 
-  async get(id: string): Promise<JobView & { queue: QueueEstimate | null }> {
-    const j = await this.driver.jobGet({ id });
+  async get(id: string, who: Principal): Promise<JobView & { queue: QueueEstimate | null }> {
+    const j = this.visible(await this.driver.jobGet({ id }), who);
     if (!j) throw notFound(id);
     return { ...j, queue: j.state === 'queued' ? await this.estimate(j) : null };
   }
 
-  /** Null when the job does not exist (no estimate needed: SSE, /api/chat). */
-  find(id: string): Promise<JobView | null> {
-    return this.driver.jobGet({ id });
+  /** Null when the job does not exist, or is another key's (no estimate needed: SSE, /api/chat). */
+  async find(id: string, who: Principal): Promise<JobView | null> {
+    return this.visible(await this.driver.jobGet({ id }), who);
   }
 
-  async list(q: ListQuery): Promise<{ jobs: ListedJob[]; nextCursor: string | null }> {
+  /** A key sees only its own jobs; another key's job is, to it, a job that does not exist (404, never 403). */
+  private visible<T extends { keyId: string | null }>(j: T | null, who: Principal): T | null {
+    if (j === null) return null;
+    const scope = scopeOf(who);
+    return scope === undefined || (j.keyId ?? '') === scope ? j : null;
+  }
+
+  async list(q: ListQuery, who: Principal): Promise<{ jobs: ListedJob[]; nextCursor: string | null }> {
     if (!(q.limit >= 1 && q.limit <= 100)) throw new Validation('limit must be 1 to 100', 'limit');
+    if (q.keyId !== undefined && who.kind === 'key') throw new Forbidden('forbidden', 'key_id filters need the admin token', 'key_id');
+    const keyId = scopeOf(who) ?? q.keyId;
     if (q.metadata.length > MAX_METADATA_FILTERS) {
       throw new Validation(`at most ${MAX_METADATA_FILTERS} metadata.* filters may be combined`, `metadata.${q.metadata[MAX_METADATA_FILTERS]![0]}`);
     }
@@ -181,6 +217,7 @@ export class Jobs {
     const rows = await this.driver.jobsList({
       limit: q.limit + 1,
       ...(q.state ? { state: q.state } : {}),
+      ...(keyId !== undefined ? { keyId } : {}),
       ...(q.model ? { model: q.model } : {}),
       ...(q.conversationId ? { conversationId: q.conversationId } : {}),
       ...(q.createdAfter !== undefined ? { createdAfter: q.createdAfter } : {}),
@@ -193,7 +230,9 @@ export class Jobs {
     return { jobs: rows, nextCursor: more ? encodeCursor(rows[rows.length - 1]!.seq) : null };
   }
 
-  async artifact(jobId: string, name: string): Promise<Artifact> {
+  /** `who` null: the caller presented a valid signed URL for exactly this artifact. */
+  async artifact(jobId: string, name: string, who: Principal | null): Promise<Artifact> {
+    if (who !== null && scopeOf(who) !== undefined && this.visible(await this.driver.jobGet({ id: jobId }), who) === null) throw notFound(jobId);
     // The name is a lookup key, never a path; anything outside the allowed alphabet cannot exist.
     const a = ARTIFACT_NAME_RE.test(name) ? await this.driver.artifactGet({ jobId, name }) : null;
     if (a) return a;
@@ -202,8 +241,8 @@ export class Jobs {
   }
 
   /** Makes the job's failed deliveries (or the one for `state`) pending again. */
-  async redeliver(id: string, state: JobState | null): Promise<JobState[]> {
-    const j = await this.driver.jobGet({ id });
+  async redeliver(id: string, state: JobState | null, who: Principal): Promise<JobState[]> {
+    const j = this.visible(await this.driver.jobGet({ id }), who);
     if (!j) throw notFound(id);
     if (j.webhookUrl === null) throw new Conflict('no_webhook', 'this job has no state_webhook_url');
     if (state !== null && !j.deliveries.some((d) => d.state === state)) {
@@ -224,26 +263,28 @@ export class Jobs {
     if (this.redeliveries.size > 10_000) {
       for (const [k, ts] of this.redeliveries) if (ts[ts.length - 1]! <= now - 60_000) this.redeliveries.delete(k);
     }
-    return this.driver.deliveriesRedeliver({ jobId: id, now, state });
+    return this.driver.deliveriesRedeliver({ jobId: id, now, state, actor: actorOf(who) });
   }
 
   /**
    * A conversation: its turns in order, and its status: `active` while a turn is queued or
    * running, `failed` if the last turn failed, `idle` otherwise.
    */
-  async conversation(id: string) {
-    const c = await this.driver.conversationGet({ id });
+  async conversation(id: string, who: Principal) {
+    const c = this.visible(await this.driver.conversationGet({ id }), who);
     if (!c || c.turns.length === 0) throw new NotFound('conversation_not_found', `no conversation with id ${JSON.stringify(id.slice(0, 80))}`);
     const last = c.turns[c.turns.length - 1]!;
-    const active = c.turns.some((t) => t.state === 'queued' || t.state === 'loading' || t.state === 'working');
+    const active = c.turns.some((t) => t.state === 'scheduled' || t.state === 'queued' || t.state === 'loading' || t.state === 'working');
     return { ...c, status: active ? ('active' as const) : last.state === 'failed' ? ('failed' as const) : ('idle' as const) };
   }
 
   /** Newest activity first, with the same opaque cursors as the job listing. */
-  async conversations(q: { limit: number; cursor?: string }) {
+  async conversations(q: { limit: number; cursor?: string }, who: Principal) {
     if (!(q.limit >= 1 && q.limit <= 100)) throw new Validation('limit must be 1 to 100', 'limit');
+    const scope = scopeOf(who);
     const rows = await this.driver.conversationsList({
       limit: q.limit + 1,
+      ...(scope !== undefined ? { keyId: scope } : {}),
       ...(q.cursor !== undefined ? { beforeSeq: decodeCursor(q.cursor) } : {}),
     });
     const more = rows.length > q.limit;

@@ -28,7 +28,11 @@ export interface QueueDriver {
   // --- jobs: submit and claim ---
   /** `maxQueuedBytes`: the queued jobs' stored requests may not exceed this many bytes together. */
   jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<InsertOutcome[]>;
-  /** Up to `limit` claimable jobs in claim order, each moved to `loading` with a lease of its own. */
+  /**
+   * Up to `limit` claimable jobs, each moved to `loading` with a lease of its own. The order:
+   * effective priority; among equals, the API key served least recently (the fair share), then
+   * FIFO within the key. A key at its `concurrency` is skipped (ADR-0013).
+   */
   jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number }): Promise<ClaimedJob[]>;
   jobLeaseRenew(p: { seq: number; lease: string; until: number }): Promise<boolean>;
 
@@ -49,8 +53,11 @@ export interface QueueDriver {
   /** Gives the attempt back (shutdown, storage trouble, engine unreachable): it does not count. */
   jobRelease(p: { seq: number; lease: string; now: number }): Promise<boolean>;
 
-  /** Cancels a queued or running job; a running one is announced as `cancelRequested`. Null: no such job. */
-  jobCancel(p: { id: string; now: number }): Promise<CancelOutcome | null>;
+  /**
+   * Cancels a scheduled, queued or running job; a running one is announced as `cancelRequested`.
+   * Null: no such job, or (with `keyId`) not that key's. `actor` is recorded in the audit log.
+   */
+  jobCancel(p: { id: string; now: number; keyId?: string; actor?: string }): Promise<CancelOutcome | null>;
 
   // --- jobs: maintenance ---
   /** Re-queues running jobs whose lease has expired (their attempt does not count). */
@@ -68,6 +75,10 @@ export interface QueueDriver {
   /** When the next delayed (retrying) queued job becomes claimable (after `now`), or null. */
   jobsNextRunAt(p: { now: number }): Promise<number | null>;
   jobsNextDeadlineAt(): Promise<number | null>;
+  /** Moves scheduled jobs whose time has come to `queued`. */
+  jobsPromoteScheduled(p: { now: number }): Promise<string[]>;
+  /** The earliest `scheduledFor` of a scheduled job, or null. */
+  jobsNextScheduledAt(): Promise<number | null>;
   /** The oldest finish time of a terminal job, or null (the TTL cleaner's next wake-up). */
   jobsOldestFinishedAt(): Promise<number | null>;
 
@@ -87,8 +98,8 @@ export interface QueueDriver {
 
   // --- conversations (ADR-0016) ---
   conversationGet(p: { id: string }): Promise<ConversationView | null>;
-  /** Newest activity first; `beforeSeq` is the cursor (the last page's last `lastSeq`). */
-  conversationsList(p: { limit: number; beforeSeq?: number }): Promise<ConversationListed[]>;
+  /** Newest activity first; `beforeSeq` is the cursor (the last page's last `lastSeq`). `keyId`: only that key's. */
+  conversationsList(p: { limit: number; beforeSeq?: number; keyId?: string }): Promise<ConversationListed[]>;
 
   // --- webhook outbox ---
   /**
@@ -111,7 +122,64 @@ export interface QueueDriver {
   /** Un-claims a delivery without recording an attempt (shutdown): it stays due. */
   deliveryRelease(p: { id: number }): Promise<void>;
   /** Makes a job's failed deliveries (or the one for `state`) pending again; returns their states. */
-  deliveriesRedeliver(p: { jobId: string; now: number; state: JobState | null }): Promise<JobState[]>;
+  deliveriesRedeliver(p: { jobId: string; now: number; state: JobState | null; actor?: string }): Promise<JobState[]>;
+
+  // --- API keys, usage and audit (ADR-0013) ---
+  /** Stores a new key; only the hash of its secret is given, and kept. */
+  keyInsert(p: { key: ApiKeyRecord; hash: string; actor: string }): Promise<void>;
+  keyByHash(p: { hash: string }): Promise<ApiKeyRecord | null>;
+  keyGet(p: { id: string }): Promise<ApiKeyRecord | null>;
+  keysList(): Promise<ApiKeyRecord[]>;
+  /** Changes limits (a null removes one) or the name; null when there is no such key. */
+  keyUpdate(p: { id: string; changes: Partial<ApiKeyLimits> & { name?: string }; now: number; actor: string }): Promise<ApiKeyRecord | null>;
+  /** Revokes a key (its queued jobs stay); null when there is no such key. */
+  keyRevoke(p: { id: string; now: number; actor: string }): Promise<ApiKeyRecord | null>;
+  /** A key's usage on UTC day `day` (days since the epoch); `keyId` '' is the keyless bucket. */
+  keyUsage(p: { keyId: string; day: number }): Promise<KeyUsage>;
+  /** Newest first; `beforeId` is the cursor. */
+  auditList(p: { limit: number; beforeId?: number }): Promise<AuditEntry[]>;
+  /** The stored secret of this name; stores `value` first if there is none (every instance gets the same). */
+  secretEnsure(p: { name: string; value: string }): Promise<string>;
+}
+
+export interface ApiKeyLimits {
+  /** Jobs of the key running at once. */
+  concurrency: number | null;
+  /** Jobs of the key queued (or scheduled) at once; beyond it a submit gets 429. */
+  maxQueued: number | null;
+  /** Jobs submitted per UTC day; beyond it a submit is scheduled for the next day. */
+  dailyLimit: number | null;
+  /** Submitted priorities above it are clamped to it. */
+  priorityMax: number | null;
+}
+
+export interface ApiKeyRecord extends ApiKeyLimits {
+  id: string;
+  name: string;
+  createdAt: number;
+  updatedAt: number;
+  revokedAt: number | null;
+}
+
+export interface KeyUsage {
+  jobsToday: number;
+  tokensToday: number;
+  running: number;
+  queued: number;
+  scheduled: number;
+}
+
+export type AuditAction = 'key.created' | 'key.updated' | 'key.revoked' | 'job.canceled' | 'job.redelivered' | 'job.priority_clamped';
+
+export interface AuditEntry {
+  id: number;
+  at: number;
+  /** 'admin', 'open', or the key id. */
+  actor: string;
+  action: AuditAction;
+  /** A key id or a job id. */
+  target: string;
+  detail: Record<string, unknown> | null;
 }
 
 export interface NewJob {
@@ -130,11 +198,23 @@ export interface NewJob {
   conversationId?: string;
   /** A continuation: the job it continues, and whether to wait for it to be done. */
   previous?: { seq: number; wait: boolean } | null;
+  /** The API key submitting it ('' or absent: none). */
+  keyId?: string;
+  /**
+   * The key's limits, applied in the insert's transaction: beyond `maxQueued` queued or scheduled
+   * jobs the insert is refused; beyond `dailyLimit` submissions on UTC day `day` the job is
+   * inserted `scheduled` for `nextDayAt`.
+   */
+  quota?: { maxQueued: number | null; dailyLimit: number | null; day: number; nextDayAt: number };
+  /** The priority asked for, when it was clamped to the key's `priority_max` (audited). */
+  clampedFrom?: { priority: number; actor: string };
 }
 
 export type InsertOutcome =
-  | { ok: true; jobId: string; replayed: boolean; state: JobState }
+  | { ok: true; jobId: string; replayed: boolean; state: JobState; scheduledFor: number | null }
   | { ok: false; code: 'queue_full' }
+  /** The key's `maxQueued`. */
+  | { ok: false; code: 'key_queue_full' }
   | { ok: false; code: 'queue_bytes_full' }
   | { ok: false; code: 'idempotency_key_reused' }
   /** The continued job is not done (and the caller would not wait), or it failed or was canceled. */
@@ -183,6 +263,8 @@ export interface ConversationTurn {
 
 export interface ConversationView {
   id: string;
+  /** The key of its first turn, or null. */
+  keyId: string | null;
   createdAt: number;
   turns: ConversationTurn[];
 }
@@ -261,6 +343,10 @@ export interface JobView {
   waiting: boolean;
   loadMs: number | null;
   usage: { promptTokens: number | null; completionTokens: number | null };
+  /** The API key that submitted it, or null. */
+  keyId: string | null;
+  /** A scheduled job becomes queued at this time. */
+  scheduledFor: number | null;
 }
 
 /** A claimed webhook delivery, with what the dispatcher needs to build the event body. */
@@ -306,6 +392,8 @@ export interface TransitionEvent {
 
 export interface ListFilter {
   state?: JobState;
+  /** Only this key's jobs ('' = the keyless ones). */
+  keyId?: string;
   conversationId?: string;
   model?: string;
   createdAfter?: number;
@@ -319,6 +407,7 @@ export interface ListFilter {
 
 export interface ListedJob {
   seq: number;
+  keyId: string | null;
   id: string;
   state: JobState;
   model: string;

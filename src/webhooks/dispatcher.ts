@@ -6,7 +6,7 @@ import type { ClaimedDelivery, DeliveryOutcome, QueueDriver } from '../queue/dri
 import { backoffDelay, Loop } from '../loop.js';
 import { retryStorage } from '../retry-storage.js';
 import { discardBody } from '../body.js';
-import { buildEvent } from './payload.js';
+import { buildEvent, type ArtifactUrlOf } from './payload.js';
 import { Signer } from './signing.js';
 import { guardedConnector } from './ssrf.js';
 
@@ -29,8 +29,8 @@ export interface DispatcherOptions {
   secrets: string[];
   userAgent: string;
   pollIntervalMs: number;
-  /** Read at send time: the public URL may only be known once the server listens. */
-  publicUrl: () => string;
+  /** Artifact URLs for `done` events (read at send time: the public URL is known once the server listens). */
+  artifactUrl: ArtifactUrlOf;
 }
 
 export interface DispatcherDeps {
@@ -140,7 +140,7 @@ export class Dispatcher {
   /** One attempt; its outcome's record runs on in `recorded`. */
   private async deliverOne(d: ClaimedDelivery): Promise<{ next: ClaimedDelivery | null; recorded: Promise<void> }> {
     const { driver, clock, logger, options } = this.deps;
-    const event = buildEvent(d, options.publicUrl(), options.inlineArtifactMaxBytes);
+    const event = buildEvent(d, options.artifactUrl, options.inlineArtifactMaxBytes);
     const body = Buffer.from(JSON.stringify(event), 'utf8');
     const attempt = await this.attempt(event.event_id, body, d.url);
     if (this.stopCtl.signal.aborted && attempt.kind === 'retry') {

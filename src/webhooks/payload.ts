@@ -54,19 +54,19 @@ export interface EventArtifact {
   content_base64?: string;
 }
 
-export function artifactUrl(publicUrl: string, jobId: string, name: string): string {
-  return `${publicUrl}/jobs/${encodeURIComponent(jobId)}/artifacts/${encodeURIComponent(name)}`;
-}
 
 const TEXTUAL = /^(text\/|application\/(json|x-ndjson|xml)\b)/;
 
-export function eventArtifact(a: ArtifactMeta & { body?: Buffer | null }, publicUrl: string, jobId: string, inlineMax: number): EventArtifact {
+/** An artifact URL: plain, or signed with an expiry when authentication is on (ArtifactUrls). */
+export type ArtifactUrlOf = (jobId: string, name: string, issuedAt?: number) => string;
+
+export function eventArtifact(a: ArtifactMeta & { body?: Buffer | null }, urlOf: ArtifactUrlOf, jobId: string, inlineMax: number, issuedAt?: number): EventArtifact {
   const out: EventArtifact = {
     name: a.name,
     content_type: a.contentType,
     size: a.size,
     sha256: a.sha256,
-    url: artifactUrl(publicUrl, jobId, a.name),
+    url: urlOf(jobId, a.name, issuedAt),
     inline: false,
   };
   if (a.body && a.size <= inlineMax) {
@@ -77,7 +77,8 @@ export function eventArtifact(a: ArtifactMeta & { body?: Buffer | null }, public
   return out;
 }
 
-export function buildEvent(d: ClaimedDelivery, publicUrl: string, inlineMax: number): WebhookEvent & Partial<RunFields> {
+/** The event body; artifact URLs are issued at the event's own time, so every retry sends the same body. */
+export function buildEvent(d: ClaimedDelivery, urlOf: ArtifactUrlOf, inlineMax: number): WebhookEvent & Partial<RunFields> {
   const ev: WebhookEvent & Partial<RunFields> = {
     event_id: eventId(d.jobId, d.state),
     type: 'job.state_changed',
@@ -88,7 +89,7 @@ export function buildEvent(d: ClaimedDelivery, publicUrl: string, inlineMax: num
     metadata: d.metadata ?? {},
   };
   if (d.state === 'failed') ev.error = d.error ?? { code: 'unknown', message: '' };
-  if (d.state === 'done') ev.artifacts = d.artifacts.map((a) => eventArtifact(a, publicUrl, d.jobId, inlineMax));
+  if (d.state === 'done') ev.artifacts = d.artifacts.map((a) => eventArtifact(a, urlOf, d.jobId, inlineMax, d.occurredAt));
   if (d.run) Object.assign(ev, runFields(d.run));
   return ev;
 }

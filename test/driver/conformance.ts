@@ -85,7 +85,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
     /** Inserts jobs that must all be accepted; returns their ids. */
     async function insert(now: number, ...jobs: NewJob[]): Promise<string[]> {
       const out = await d.jobsInsert({ jobs, now, maxQueued: BIG_QUEUE });
-      expect(out).toEqual(jobs.map((j) => ({ ok: true, jobId: j.id, replayed: false, state: 'queued' })));
+      expect(out).toEqual(jobs.map((j) => ({ ok: true, jobId: j.id, replayed: false, state: 'queued', scheduledFor: null })));
       return jobs.map((j) => j.id);
     }
 
@@ -167,8 +167,8 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         const b = newJob({ model: 'm2', webhookUrl: HOOK, webhookEvents: ['done', 'failed'], request: { messages: [], options: { seed: 1 } } });
         const out = await d.jobsInsert({ jobs: [a, b], now: at(1000), maxQueued: 10 });
         expect(out).toEqual([
-          { ok: true, jobId: a.id, replayed: false, state: 'queued' },
-          { ok: true, jobId: b.id, replayed: false, state: 'queued' },
+          { ok: true, jobId: a.id, replayed: false, state: 'queued', scheduledFor: null },
+          { ok: true, jobId: b.id, replayed: false, state: 'queued', scheduledFor: null },
         ]);
         const va = await view(a.id);
         expect(va).toEqual({
@@ -197,6 +197,8 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           waiting: false,
           loadMs: null,
           usage: { promptTokens: null, completionTokens: null },
+          keyId: null,
+          scheduledFor: null,
         });
         const vb = await view(b.id);
         expect(vb.seq).toBeGreaterThan(va.seq);
@@ -216,10 +218,10 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         const first = newJob({ idempotency: idem });
         await insert(at(1000), first);
         const again = await d.jobsInsert({ jobs: [newJob({ idempotency: idem })], now: at(2000), maxQueued: 10 });
-        expect(again).toEqual([{ ok: true, jobId: first.id, replayed: true, state: 'queued' }]);
+        expect(again).toEqual([{ ok: true, jobId: first.id, replayed: true, state: 'queued', scheduledFor: null }]);
         expect(await d.jobCancel({ id: first.id, now: at(3000) })).toEqual({ canceled: true, wasRunning: false, state: 'canceled' });
         const third = await d.jobsInsert({ jobs: [newJob({ idempotency: idem })], now: at(9_999), maxQueued: 10 });
-        expect(third).toEqual([{ ok: true, jobId: first.id, replayed: true, state: 'canceled' }]);
+        expect(third).toEqual([{ ok: true, jobId: first.id, replayed: true, state: 'canceled', scheduledFor: null }]);
         expect((await d.jobsList({ limit: 10 })).map((j) => j.id)).toEqual([first.id]);
       });
 
@@ -228,8 +230,8 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         const a = newJob({ idempotency: idem });
         const out = await d.jobsInsert({ jobs: [a, newJob({ idempotency: idem }), newJob({ idempotency: { ...idem, bodyHash: 'other' } })], now: at(0), maxQueued: 10 });
         expect(out).toEqual([
-          { ok: true, jobId: a.id, replayed: false, state: 'queued' },
-          { ok: true, jobId: a.id, replayed: true, state: 'queued' },
+          { ok: true, jobId: a.id, replayed: false, state: 'queued', scheduledFor: null },
+          { ok: true, jobId: a.id, replayed: true, state: 'queued', scheduledFor: null },
           { ok: false, code: 'idempotency_key_reused' },
         ]);
         expect(await d.jobsList({ limit: 10 })).toHaveLength(1);
@@ -248,13 +250,13 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         await insert(at(1000), first);
         // One ms before expiry it still replays.
         expect(await d.jobsInsert({ jobs: [newJob({ idempotency: { key: 'k', bodyHash: 'h1', expiresAt: at(9000) } })], now: at(4999), maxQueued: 10 })).toEqual([
-          { ok: true, jobId: first.id, replayed: true, state: 'queued' },
+          { ok: true, jobId: first.id, replayed: true, state: 'queued', scheduledFor: null },
         ]);
         // At expiry, even a different body makes a new job.
         const second = newJob({ idempotency: { key: 'k', bodyHash: 'h2', expiresAt: at(9000) } });
-        expect(await d.jobsInsert({ jobs: [second], now: at(5000), maxQueued: 10 })).toEqual([{ ok: true, jobId: second.id, replayed: false, state: 'queued' }]);
+        expect(await d.jobsInsert({ jobs: [second], now: at(5000), maxQueued: 10 })).toEqual([{ ok: true, jobId: second.id, replayed: false, state: 'queued', scheduledFor: null }]);
         expect(await d.jobsInsert({ jobs: [newJob({ idempotency: { key: 'k', bodyHash: 'h2', expiresAt: at(9000) } })], now: at(6000), maxQueued: 10 })).toEqual([
-          { ok: true, jobId: second.id, replayed: true, state: 'queued' },
+          { ok: true, jobId: second.id, replayed: true, state: 'queued', scheduledFor: null },
         ]);
         expect(await d.jobsInsert({ jobs: [newJob({ idempotency: { key: 'k', bodyHash: 'h1', expiresAt: at(9000) } })], now: at(6000), maxQueued: 10 })).toEqual([
           { ok: false, code: 'idempotency_key_reused' },
@@ -265,8 +267,8 @@ export function driverConformance(name: string, factory: DriverFactory): void {
       it('answers queue_full once maxQueued jobs are queued, counting queued jobs only', async () => {
         const [a, b, c] = [newJob(), newJob(), newJob()];
         expect(await d.jobsInsert({ jobs: [a, b, c], now: at(0), maxQueued: 2 })).toEqual([
-          { ok: true, jobId: a.id, replayed: false, state: 'queued' },
-          { ok: true, jobId: b.id, replayed: false, state: 'queued' },
+          { ok: true, jobId: a.id, replayed: false, state: 'queued', scheduledFor: null },
+          { ok: true, jobId: b.id, replayed: false, state: 'queued', scheduledFor: null },
           { ok: false, code: 'queue_full' },
         ]);
         expect(await d.jobGet({ id: c.id })).toBeNull();
@@ -274,12 +276,12 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         // A running job does not count...
         await claimOne(at(2));
         const e = newJob();
-        expect(await d.jobsInsert({ jobs: [e], now: at(3), maxQueued: 2 })).toEqual([{ ok: true, jobId: e.id, replayed: false, state: 'queued' }]);
+        expect(await d.jobsInsert({ jobs: [e], now: at(3), maxQueued: 2 })).toEqual([{ ok: true, jobId: e.id, replayed: false, state: 'queued', scheduledFor: null }]);
         expect(await d.jobsInsert({ jobs: [newJob()], now: at(4), maxQueued: 2 })).toEqual([{ ok: false, code: 'queue_full' }]);
         // ...nor does a finished one.
         expect(await d.jobCancel({ id: e.id, now: at(5) })).toEqual({ canceled: true, wasRunning: false, state: 'canceled' });
         const f = newJob();
-        expect(await d.jobsInsert({ jobs: [f], now: at(6), maxQueued: 2 })).toEqual([{ ok: true, jobId: f.id, replayed: false, state: 'queued' }]);
+        expect(await d.jobsInsert({ jobs: [f], now: at(6), maxQueued: 2 })).toEqual([{ ok: true, jobId: f.id, replayed: false, state: 'queued', scheduledFor: null }]);
         expect(await d.jobsList({ limit: 10 })).toHaveLength(4);
       });
 
@@ -288,7 +290,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         const a = newJob({ idempotency: idem });
         await insert(at(0), a);
         expect(await d.jobsInsert({ jobs: [newJob({ idempotency: idem })], now: at(1), maxQueued: 1 })).toEqual([
-          { ok: true, jobId: a.id, replayed: true, state: 'queued' },
+          { ok: true, jobId: a.id, replayed: true, state: 'queued', scheduledFor: null },
         ]);
       });
 
@@ -309,7 +311,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(changes).toEqual([]);
         expect(ready).toBe(0);
         expect(deliveryReady).toBe(0);
-        expect(await p).toEqual([{ ok: true, jobId: j.id, replayed: false, state: 'queued' }]);
+        expect(await p).toEqual([{ ok: true, jobId: j.id, replayed: false, state: 'queued', scheduledFor: null }]);
         expect(changes).toEqual([{ jobId: j.id, state: 'queued', model: 'm1', n: 1, at: at(1000), attempt: 0 }]);
         expect(ready).toBe(1);
         expect(deliveryReady).toBe(1);
@@ -836,7 +838,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect((await d.jobsList({ limit: 10 })).map((j) => j.id)).toEqual([queued, late]);
         // The deleted job's idempotency key went with it.
         const fresh = newJob({ idempotency: { key: 'k-plain', bodyHash: 'other', expiresAt: at(2_000_000) } });
-        expect(await d.jobsInsert({ jobs: [fresh], now: at(7000), maxQueued: 10 })).toEqual([{ ok: true, jobId: fresh.id, replayed: false, state: 'queued' }]);
+        expect(await d.jobsInsert({ jobs: [fresh], now: at(7000), maxQueued: 10 })).toEqual([{ ok: true, jobId: fresh.id, replayed: false, state: 'queued', scheduledFor: null }]);
       });
     });
 
@@ -970,6 +972,8 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           waiting: false,
           loadMs: null,
           usage: { promptTokens: null, completionTokens: null },
+          keyId: null,
+          scheduledFor: null,
         });
         expect(await d.jobGet({ id: uuidv7() })).toBeNull();
       });
@@ -990,8 +994,8 @@ export function driverConformance(name: string, factory: DriverFactory): void {
 
         const all = await d.jobsList({ limit: 10 });
         expect(ids(all)).toEqual([f, e, c, b, a]);
-        expect(all[4]).toEqual({ seq: await seqOf(a), id: a, state: 'done', model: 'm1', priority: 0, attempt: 1, metadata: { batch: 'b1', user: 'u1' }, createdAt: at(1000), finishedAt: at(6002) });
-        expect(all[3]).toEqual({ seq: await seqOf(b), id: b, state: 'loading', model: 'm2', priority: 4, attempt: 1, metadata: { batch: 'b1', user: 'u2' }, createdAt: at(2000), finishedAt: null });
+        expect(all[4]).toEqual({ seq: await seqOf(a), id: a, state: 'done', model: 'm1', priority: 0, attempt: 1, metadata: { batch: 'b1', user: 'u1' }, createdAt: at(1000), finishedAt: at(6002), keyId: null });
+        expect(all[3]).toEqual({ seq: await seqOf(b), id: b, state: 'loading', model: 'm2', priority: 4, attempt: 1, metadata: { batch: 'b1', user: 'u2' }, createdAt: at(2000), finishedAt: null, keyId: null });
         expect(all[1]!.metadata).toBeNull();
 
         expect(ids(await d.jobsList({ state: 'queued', limit: 10 }))).toEqual([f, e, c]);

@@ -51,7 +51,7 @@ describe('sqlite driver only', () => {
     dirs.push(dir);
     const first = openDriver(dir);
     const j = job();
-    expect(await first.jobsInsert({ jobs: [j], now: T0, maxQueued: 10 })).toEqual([{ ok: true, jobId: j.id, replayed: false, state: 'queued' }]);
+    expect(await first.jobsInsert({ jobs: [j], now: T0, maxQueued: 10 })).toEqual([{ ok: true, jobId: j.id, replayed: false, state: 'queued', scheduledFor: null }]);
     expect(() => new SqliteDriver({ dataDir: dir })).toThrow(DataDirLocked);
     // The refused attempt left the first driver working.
     expect(await first.ping()).toBe(true);

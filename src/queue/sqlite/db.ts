@@ -54,10 +54,23 @@ export function migrate(db: DB, dir: string = defaultMigrationsDir()): number[] 
     const version = Number(f.slice(0, 4));
     if (applied.has(version)) continue;
     const sql = fs.readFileSync(path.join(dir, f), 'utf8');
-    db.transaction(() => {
-      db.exec(sql);
-      record.run(version, f, Date.now());
-    })();
+    // A migration that rebuilds a table others reference asks for foreign keys to be off while it
+    // runs (SQLite's documented procedure: a DROP would otherwise cascade); they are checked before
+    // it commits. The pragma has no effect inside a transaction, so it is set around it.
+    const fkOff = sql.startsWith('-- foreman:foreign-keys-off');
+    if (fkOff) db.pragma('foreign_keys = OFF');
+    try {
+      db.transaction(() => {
+        db.exec(sql);
+        if (fkOff) {
+          const bad = db.pragma('foreign_key_check') as unknown[];
+          if (bad.length > 0) throw new Error(`migration ${f} left ${bad.length} broken foreign keys`);
+        }
+        record.run(version, f, Date.now());
+      })();
+    } finally {
+      if (fkOff) db.pragma('foreign_keys = ON');
+    }
     ran.push(version);
   }
   return ran;

@@ -22,6 +22,11 @@ import type {
   TransitionEvent,
   ConversationView,
   ConversationListed,
+  ApiKeyLimits,
+  ApiKeyRecord,
+  AuditAction,
+  AuditEntry,
+  KeyUsage,
 } from '../driver.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
 import { Validation } from '../../errors.js';
@@ -56,9 +61,11 @@ interface TransitionRow {
   load_ms: number | null;
   prompt_tokens: number | null;
   completion_tokens: number | null;
+  key_id: string;
 }
 
 interface JobRow extends TransitionRow {
+  scheduled_for: number | null;
   state: JobState;
   waits: number;
   prev_id: string | null;
@@ -290,8 +297,12 @@ export class SqliteDriver implements QueueDriver {
         if (j.idempotency) {
           const prior = s.idemGet.get(j.idempotency.key) as { bodyHash: string; jobSeq: number; expiresAt: number } | undefined;
           if (prior && prior.expiresAt > now) {
-            const job = s.idStateBySeq.get(prior.jobSeq) as { id: string; state: JobState };
-            out.push(prior.bodyHash === j.idempotency.bodyHash ? { ok: true, jobId: job.id, replayed: true, state: job.state } : { ok: false, code: 'idempotency_key_reused' });
+            const job = s.idStateBySeq.get(prior.jobSeq) as { id: string; state: JobState; scheduledFor: number | null };
+            out.push(
+              prior.bodyHash === j.idempotency.bodyHash
+                ? { ok: true, jobId: job.id, replayed: true, state: job.state, scheduledFor: job.scheduledFor }
+                : { ok: false, code: 'idempotency_key_reused' },
+            );
             continue;
           }
           if (prior) s.idemDelete.run(j.idempotency.key);
@@ -299,6 +310,18 @@ export class SqliteDriver implements QueueDriver {
         if (queued >= p.maxQueued) {
           out.push({ ok: false, code: 'queue_full' });
           continue;
+        }
+        const keyId = j.keyId ?? '';
+        let scheduledFor: number | null = null;
+        if (j.quota) {
+          if (j.quota.maxQueued !== null && ((s.keyQueued.get(keyId) as number | undefined) ?? 0) >= j.quota.maxQueued) {
+            out.push({ ok: false, code: 'key_queue_full' });
+            continue;
+          }
+          // Days are counted by submission: today's count includes the jobs it scheduled.
+          if (j.quota.dailyLimit !== null && ((s.keyDayJobs.get(keyId, j.quota.day) as number | undefined) ?? 0) >= j.quota.dailyLimit) {
+            scheduledFor = j.quota.nextDayAt;
+          }
         }
         const request = JSON.stringify(j.request);
         const size = Buffer.byteLength(request, 'utf8');
@@ -328,18 +351,26 @@ export class SqliteDriver implements QueueDriver {
           priority: j.priority,
           deadline_at: j.deadlineAt,
           now,
-          run_at: waits ? NEVER : now,
+          state: scheduledFor === null ? 'queued' : 'scheduled',
+          run_at: waits ? NEVER : (scheduledFor ?? now),
           conversation_id: j.conversationId ?? j.id,
           prev_seq: j.previous?.seq ?? null,
           waits,
+          key_id: keyId,
+          scheduled_for: scheduledFor,
         }) as TransitionRow;
+        if (keyId !== '' && j.quota) s.keyDayAddJob.run(keyId, j.quota.day);
+        if (j.clampedFrom) {
+          this.audit(now, j.clampedFrom.actor, 'job.priority_clamped', j.id, { asked: j.clampedFrom.priority, given: j.priority });
+        }
         s.conversationUpsert.run({ id: row.conversation_id, seq: row.seq, now });
         if (j.metadata) for (const [k, v] of Object.entries(j.metadata)) s.insertMetadata.run(k, v, row.seq);
         if (j.idempotency) s.idemInsert.run(j.idempotency.key, j.idempotency.bodyHash, row.seq, j.idempotency.expiresAt);
-        this.record(fx, row, 'queued', now);
+        const state = scheduledFor === null ? 'queued' : 'scheduled';
+        this.record(fx, row, state, now);
         queued++;
         bytes += size;
-        out.push({ ok: true, jobId: j.id, replayed: false, state: 'queued' });
+        out.push({ ok: true, jobId: j.id, replayed: false, state, scheduledFor });
       }
       return out;
     });
@@ -349,18 +380,19 @@ export class SqliteDriver implements QueueDriver {
     // Each claim call gets its own token prefix: an attempt given back (its number reused) and
     // claimed again by the same owner still gets a lease of its own.
     const owner = `${p.owner}.${++this.claims}`;
+    const s = this.s;
     return this.write((fx) => {
-      const rows = this.s.claim.all({ owner, n: p.limit, now: p.now, lease: p.now + p.leaseMs }) as (TransitionRow & {
-        model: string;
-        request: string;
-        max_attempts: number;
-        lease_owner: string;
-        prev_seq: number | null;
-        eff: number;
-      })[];
-      // RETURNING does not keep the subquery's order: put them back in claim order.
-      rows.sort((a, b) => b.eff - a.eff || a.seq - b.seq);
-      for (const r of rows) this.record(fx, r, 'loading', p.now);
+      type Row = TransitionRow & { request: string; max_attempts: number; lease_owner: string; prev_seq: number | null };
+      const rows: Row[] = [];
+      // One at a time: each claim moves its key to the back of the round (ADR-0013).
+      while (rows.length < p.limit) {
+        const pick = s.claimPick.get({ now: p.now }) as { seq: number; keyId: string } | undefined;
+        if (!pick) break;
+        const r = s.claimOne.get({ seq: pick.seq, owner, now: p.now, lease: p.now + p.leaseMs }) as Row;
+        s.keyServed.run(pick.keyId);
+        this.record(fx, r, 'loading', p.now);
+        rows.push(r);
+      }
       return rows.map((r) => ({
         seq: r.seq,
         id: r.id,
@@ -438,6 +470,8 @@ export class SqliteDriver implements QueueDriver {
         s.insertArtifact.run(p.seq, a.name, a.contentType, a.body.length, sha, a.body, p.now);
       }
       s.modelStat.run({ model: row.model, ms: p.runMs });
+      const tokens = (p.usage?.promptTokens ?? 0) + (p.usage?.completionTokens ?? 0);
+      if (row.key_id !== '' && tokens > 0) s.keyDayAddTokens.run({ key: row.key_id, day: Math.floor(p.now / 86_400_000), tokens });
       return true;
     });
   }
@@ -458,14 +492,15 @@ export class SqliteDriver implements QueueDriver {
     return this.write((fx) => this.move(fx, this.s.toQueuedRelease, p, 'queued', p.now) !== undefined);
   }
 
-  jobCancel(p: { id: string; now: number }): Promise<CancelOutcome | null> {
+  jobCancel(p: { id: string; now: number; keyId?: string; actor?: string }): Promise<CancelOutcome | null> {
     const s = this.s;
     return this.write((fx) => {
-      const before = s.seqStateById.get(p.id) as { seq: number; state: JobState } | undefined;
-      if (!before) return null;
+      const before = s.seqStateById.get(p.id) as { seq: number; state: JobState; keyId: string } | undefined;
+      if (!before || (p.keyId !== undefined && before.keyId !== p.keyId)) return null;
       const canceled = this.move(fx, s.toCanceled, { seq: before.seq, now: p.now }, 'canceled', p.now) !== undefined;
       const wasRunning = canceled && (before.state === 'loading' || before.state === 'working');
       if (wasRunning) fx.canceled.push(p.id);
+      if (canceled && p.actor !== undefined) this.audit(p.now, p.actor, 'job.canceled', p.id, { was: before.state });
       return { canceled, wasRunning, state: canceled ? 'canceled' : before.state };
     });
   }
@@ -517,6 +552,14 @@ export class SqliteDriver implements QueueDriver {
     return this.read(() => (this.s.nextDeadline.get() as number | undefined) ?? null);
   }
 
+  jobsPromoteScheduled(p: { now: number }): Promise<string[]> {
+    return this.write((fx) => this.moveAll(fx, this.s.promoteScheduled, p, 'queued', p.now));
+  }
+
+  jobsNextScheduledAt(): Promise<number | null> {
+    return this.read(() => (this.s.nextScheduled.get() as number | undefined) ?? null);
+  }
+
   jobsOldestFinishedAt(): Promise<number | null> {
     return this.read(() => (this.s.oldestFinished.get() as number | undefined) ?? null);
   }
@@ -554,6 +597,8 @@ export class SqliteDriver implements QueueDriver {
         waiting: r.waits === 1,
         loadMs: r.load_ms,
         usage: { promptTokens: r.prompt_tokens, completionTokens: r.completion_tokens },
+        keyId: r.key_id === '' ? null : r.key_id,
+        scheduledFor: r.scheduled_for,
       };
     });
   }
@@ -607,7 +652,7 @@ export class SqliteDriver implements QueueDriver {
   conversationGet(p: { id: string }): Promise<ConversationView | null> {
     const s = this.s;
     return this.read(() => {
-      const c = s.conversationById.get(p.id) as { id: string; createdAt: number } | undefined;
+      const c = s.conversationById.get(p.id) as { id: string; createdAt: number; keyId: string | null } | undefined;
       if (!c) return null;
       const turns = (
         s.conversationTurns.all(p.id) as {
@@ -630,12 +675,14 @@ export class SqliteDriver implements QueueDriver {
         createdAt: t.createdAt,
         finishedAt: t.finishedAt,
       }));
-      return { id: c.id, createdAt: c.createdAt, turns };
+      return { id: c.id, createdAt: c.createdAt, keyId: c.keyId === '' ? null : c.keyId, turns };
     });
   }
 
-  conversationsList(p: { limit: number; beforeSeq?: number }): Promise<ConversationListed[]> {
-    return this.read(() => this.s.conversationsPage.all({ before: p.beforeSeq ?? Number.MAX_SAFE_INTEGER, limit: p.limit }) as ConversationListed[]);
+  conversationsList(p: { limit: number; beforeSeq?: number; keyId?: string }): Promise<ConversationListed[]> {
+    return this.read(
+      () => this.s.conversationsPage.all({ before: p.beforeSeq ?? Number.MAX_SAFE_INTEGER, limit: p.limit, key: p.keyId ?? null }) as ConversationListed[],
+    );
   }
 
   artifactGet(p: { jobId: string; name: string }): Promise<Artifact | null> {
@@ -707,8 +754,12 @@ export class SqliteDriver implements QueueDriver {
       where.push('j.conversation_id = @conversation');
       params.conversation = f.conversationId;
     }
+    if (f.keyId !== undefined) {
+      where.push('j.key_id = @key');
+      params.key = f.keyId;
+    }
     const sql = `SELECT j.seq, j.id, j.state, j.model, j.priority, j.attempt, j.metadata, j.created_at AS createdAt,
-        j.finished_at AS finishedAt
+        j.finished_at AS finishedAt, nullif(j.key_id, '') AS keyId
       FROM ${from} ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
       ORDER BY ${seqCol} DESC LIMIT @limit`;
     // A handful of shapes, each prepared once; the cache is bounded (least recently used out).
@@ -883,7 +934,7 @@ export class SqliteDriver implements QueueDriver {
     this.unclaim(p.id);
   }
 
-  deliveriesRedeliver(p: { jobId: string; now: number; state: JobState | null }): Promise<JobState[]> {
+  deliveriesRedeliver(p: { jobId: string; now: number; state: JobState | null; actor?: string }): Promise<JobState[]> {
     const s = this.s;
     return this.write((fx) => {
       const job = s.seqStateById.get(p.jobId) as { seq: number } | undefined;
@@ -894,7 +945,97 @@ export class SqliteDriver implements QueueDriver {
       s.lineRefresh.run({ seq: job.seq });
       for (const origin of new Set(rows.map((r) => r.origin))) s.originRefresh.run({ origin });
       fx.deliveryReady = true;
+      if (p.actor !== undefined) this.audit(p.now, p.actor, 'job.redelivered', p.jobId, { states: rows.map((r) => r.state) });
       return rows.map((r) => r.state);
     });
   }
+
+  // --- API keys, usage and audit (ADR-0013) ---
+
+  /** Appends an audit record; called inside the transaction of what it records. */
+  private audit(at: number, actor: string, action: AuditAction, target: string, detail: Record<string, unknown> | null): void {
+    this.s.auditInsert.run(at, actor, action, target, detail === null ? null : JSON.stringify(detail));
+  }
+
+  keyInsert(p: { key: ApiKeyRecord; hash: string; actor: string }): Promise<void> {
+    const k = p.key;
+    return this.write(() => {
+      this.s.keyInsert.run({ ...k, hash: p.hash });
+      this.audit(k.createdAt, p.actor, 'key.created', k.id, { name: k.name, ...limitsOf(k) });
+    });
+  }
+
+  keyByHash(p: { hash: string }): Promise<ApiKeyRecord | null> {
+    return this.read(() => (this.s.keyByHash.get(p.hash) as ApiKeyRecord | undefined) ?? null);
+  }
+
+  keyGet(p: { id: string }): Promise<ApiKeyRecord | null> {
+    return this.read(() => (this.s.keyById.get(p.id) as ApiKeyRecord | undefined) ?? null);
+  }
+
+  keysList(): Promise<ApiKeyRecord[]> {
+    return this.read(() => this.s.keysAll.all() as ApiKeyRecord[]);
+  }
+
+  keyUpdate(p: { id: string; changes: Partial<ApiKeyLimits> & { name?: string }; now: number; actor: string }): Promise<ApiKeyRecord | null> {
+    const c = p.changes;
+    const has = (k: keyof ApiKeyLimits) => (k in c ? 1 : 0);
+    return this.write(() => {
+      const r = this.s.keyUpdate.get({
+        id: p.id,
+        now: p.now,
+        name: c.name ?? null,
+        set_concurrency: has('concurrency'),
+        concurrency: c.concurrency ?? null,
+        set_max_queued: has('maxQueued'),
+        max_queued: c.maxQueued ?? null,
+        set_daily_limit: has('dailyLimit'),
+        daily_limit: c.dailyLimit ?? null,
+        set_priority_max: has('priorityMax'),
+        priority_max: c.priorityMax ?? null,
+      }) as ApiKeyRecord | undefined;
+      if (!r) return null;
+      this.audit(p.now, p.actor, 'key.updated', p.id, { ...c });
+      // A raised concurrency may make queued jobs claimable.
+      return r;
+    }).then((r) => {
+      if (r) this.notifier.emit('jobReady');
+      return r;
+    });
+  }
+
+  keyRevoke(p: { id: string; now: number; actor: string }): Promise<ApiKeyRecord | null> {
+    return this.write(() => {
+      const r = this.s.keyRevoke.get({ id: p.id, now: p.now }) as ApiKeyRecord | undefined;
+      if (!r) return null;
+      this.audit(p.now, p.actor, 'key.revoked', p.id, null);
+      return r;
+    });
+  }
+
+  keyUsage(p: { keyId: string; day: number }): Promise<KeyUsage> {
+    return this.read(() => this.s.keyUsage.get({ key: p.keyId, day: p.day }) as KeyUsage);
+  }
+
+  auditList(p: { limit: number; beforeId?: number }): Promise<AuditEntry[]> {
+    return this.read(() =>
+      (this.s.auditPage.all({ before: p.beforeId ?? Number.MAX_SAFE_INTEGER, limit: p.limit }) as (Omit<AuditEntry, 'detail'> & { detail: string | null })[]).map(
+        (r) => ({ ...r, detail: r.detail === null ? null : (JSON.parse(r.detail) as Record<string, unknown>) }),
+      ),
+    );
+  }
+
+  secretEnsure(p: { name: string; value: string }): Promise<string> {
+    return this.write(() => {
+      this.s.secretInsert.run(p.name, p.value);
+      return this.s.secretGet.get(p.name) as string;
+    });
+  }
 }
+
+const limitsOf = (k: ApiKeyLimits): ApiKeyLimits => ({
+  concurrency: k.concurrency,
+  maxQueued: k.maxQueued,
+  dailyLimit: k.dailyLimit,
+  priorityMax: k.priorityMax,
+});

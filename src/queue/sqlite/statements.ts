@@ -2,13 +2,16 @@ import type { DB } from './db.js';
 
 /** The columns a transition needs to log itself and decide whether to write an outbox row. */
 export const TRANSITION_COLS = `seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message, model,
-  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens`;
+  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id`;
 
 /** The job columns a terminal event's run summary is made of (`runOf` in the driver). */
 const RUN_COLS = 'j.created_at, j.started_at, j.finished_at, j.attempt, j.model, j.conversation_id, j.load_ms, j.prompt_tokens, j.completion_tokens';
 
 /** The claim order, also used for queue positions: effective priority, then FIFO (index jobs_claim). */
 const EFFECTIVE = '(priority + age_boost)';
+
+const KEY_COLS = `id, name, concurrency, max_queued AS maxQueued, daily_limit AS dailyLimit, priority_max AS priorityMax,
+  created_at AS createdAt, updated_at AS updatedAt, revoked_at AS revokedAt`;
 
 /** Every fixed statement of the SQLite driver, prepared once. */
 export function prepareStatements(db: DB) {
@@ -18,10 +21,39 @@ export function prepareStatements(db: DB) {
     countQueued: p(`SELECT n, bytes FROM job_counts WHERE state = 'queued'`),
     artifactBody: p(`SELECT body FROM artifacts WHERE job_seq = ? AND name = ?`).pluck(),
     insertJob: p(`INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
-        max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits)
-      VALUES (@id, 'queued', @model, @request, @metadata, @webhook_url, @webhook_events,
-        @max_attempts, @priority, @deadline_at, @run_at, @now, @now, @conversation_id, @prev_seq, @waits)
+        max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for)
+      VALUES (@id, @state, @model, @request, @metadata, @webhook_url, @webhook_events,
+        @max_attempts, @priority, @deadline_at, @run_at, @now, @now, @conversation_id, @prev_seq, @waits, @key_id, @scheduled_for)
       RETURNING ${TRANSITION_COLS}`),
+    // --- API keys (ADR-0013) ---
+    keyQueued: p(`SELECT queued + scheduled FROM key_counts WHERE key_id = ?`).pluck(),
+    keyDayJobs: p(`SELECT jobs FROM key_days WHERE key_id = ? AND day = ?`).pluck(),
+    keyDayAddJob: p(`INSERT INTO key_days (key_id, day, jobs) VALUES (?, ?, 1)
+      ON CONFLICT (key_id, day) DO UPDATE SET jobs = jobs + 1`),
+    keyDayAddTokens: p(`INSERT INTO key_days (key_id, day, tokens) VALUES (@key, @day, @tokens)
+      ON CONFLICT (key_id, day) DO UPDATE SET tokens = tokens + @tokens`),
+    keyInsert: p(`INSERT INTO api_keys (id, name, key_hash, concurrency, max_queued, daily_limit, priority_max, created_at, updated_at)
+      VALUES (@id, @name, @hash, @concurrency, @maxQueued, @dailyLimit, @priorityMax, @createdAt, @createdAt)`),
+    keyByHash: p(`SELECT ${KEY_COLS} FROM api_keys WHERE key_hash = ?`),
+    keyById: p(`SELECT ${KEY_COLS} FROM api_keys WHERE id = ?`),
+    keysAll: p(`SELECT ${KEY_COLS} FROM api_keys ORDER BY created_at, id`),
+    // Each limit changes only when its set_ flag is 1 (a null value removes the limit).
+    keyUpdate: p(`UPDATE api_keys SET name = coalesce(@name, name),
+        concurrency = CASE WHEN @set_concurrency THEN @concurrency ELSE concurrency END,
+        max_queued = CASE WHEN @set_max_queued THEN @max_queued ELSE max_queued END,
+        daily_limit = CASE WHEN @set_daily_limit THEN @daily_limit ELSE daily_limit END,
+        priority_max = CASE WHEN @set_priority_max THEN @priority_max ELSE priority_max END,
+        updated_at = @now
+      WHERE id = @id RETURNING ${KEY_COLS}`),
+    keyRevoke: p(`UPDATE api_keys SET revoked_at = coalesce(revoked_at, @now), updated_at = @now WHERE id = @id RETURNING ${KEY_COLS}`),
+    keyUsage: p(`SELECT coalesce(c.queued, 0) AS queued, coalesce(c.running, 0) AS running, coalesce(c.scheduled, 0) AS scheduled,
+        coalesce(d.jobs, 0) AS jobsToday, coalesce(d.tokens, 0) AS tokensToday
+      FROM (SELECT @key AS key_id) x LEFT JOIN key_counts c ON c.key_id = x.key_id
+        LEFT JOIN key_days d ON d.key_id = x.key_id AND d.day = @day`),
+    auditInsert: p(`INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)`),
+    auditPage: p(`SELECT id, at, actor, action, target, detail FROM audit_log WHERE id < @before ORDER BY id DESC LIMIT @limit`),
+    secretInsert: p(`INSERT INTO server_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING`),
+    secretGet: p(`SELECT value FROM server_secrets WHERE name = ?`).pluck(),
     // --- conversations ---
     conversationUpsert: p(`INSERT INTO conversations (id, last_seq, created_at) VALUES (@id, @seq, @now)
       ON CONFLICT (id) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)`),
@@ -35,11 +67,13 @@ export function prepareStatements(db: DB) {
     conversationTurns: p(`SELECT seq, id, state, request, result, error_code AS errorCode, error_message AS errorMessage,
         created_at AS createdAt, finished_at AS finishedAt
       FROM jobs INDEXED BY jobs_conversation WHERE conversation_id = ? ORDER BY seq`),
-    conversationById: p(`SELECT id, created_at AS createdAt FROM conversations WHERE id = ?`),
+    conversationById: p(`SELECT c.id, c.created_at AS createdAt,
+        (SELECT key_id FROM jobs INDEXED BY jobs_conversation WHERE conversation_id = c.id ORDER BY seq LIMIT 1) AS keyId
+      FROM conversations c WHERE c.id = ?`),
     conversationsPage: p(`SELECT c.id, c.created_at AS createdAt, c.last_seq AS lastSeq, j.id AS lastJobId, j.state AS lastState,
         (SELECT count(*) FROM jobs k WHERE k.conversation_id = c.id) AS turns
       FROM conversations c INDEXED BY conversations_recent JOIN jobs j ON j.seq = c.last_seq
-      WHERE c.last_seq < @before ORDER BY c.last_seq DESC LIMIT @limit`),
+      WHERE c.last_seq < @before AND (@key IS NULL OR j.key_id = @key) ORDER BY c.last_seq DESC LIMIT @limit`),
     expiredById: p(`SELECT 1 FROM expired_jobs WHERE id = ?`).pluck(),
     expiredInsert: p(`INSERT OR IGNORE INTO expired_jobs (id, at) VALUES (?, ?)`),
     expiredSweep: p(`DELETE FROM expired_jobs WHERE id IN (SELECT id FROM expired_jobs INDEXED BY expired_jobs_at WHERE at < ? LIMIT ?)`),
@@ -50,19 +84,28 @@ export function prepareStatements(db: DB) {
     idemDelete: p(`DELETE FROM idempotency_keys WHERE key = ?`),
     idemInsert: p(`INSERT INTO idempotency_keys (key, body_hash, job_seq, expires_at) VALUES (?, ?, ?, ?)`),
     idemSweep: p(`DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys WHERE expires_at <= ? LIMIT ?)`),
-    idStateBySeq: p(`SELECT id, state FROM jobs WHERE seq = ?`),
+    idStateBySeq: p(`SELECT id, state, scheduled_for AS scheduledFor FROM jobs WHERE seq = ?`),
     insertTransition: p(`INSERT INTO job_transitions (job_seq, n, state, at, attempt)
       VALUES (@seq, (SELECT coalesce(max(n), 0) + 1 FROM job_transitions WHERE job_seq = @seq), @state, @at, @attempt)
       RETURNING n`).pluck(),
 
     // --- claim and one attempt (every write after the claim is guarded by the attempt's lease) ---
-    claim: p(`UPDATE jobs SET state = 'loading', attempt = attempt + 1,
+    // The fair-share claim (ADR-0013): each key with queued work and a free slot offers its next
+    // job (one probe of jobs_key_claim); the best effective priority wins, and among equals the
+    // key served least recently. Cost: the number of keys with queued work, not the backlog.
+    claimPick: p(`SELECT j.seq, k.key_id AS keyId FROM key_counts k
+        LEFT JOIN api_keys a ON a.id = k.key_id
+        JOIN jobs j ON j.seq = (SELECT q.seq FROM jobs q INDEXED BY jobs_key_claim
+          WHERE q.key_id = k.key_id AND q.state = 'queued' AND q.run_at <= @now AND (q.deadline_at IS NULL OR q.deadline_at > @now)
+          ORDER BY q.priority + q.age_boost DESC, q.seq LIMIT 1)
+      WHERE k.queued > 0 AND (a.concurrency IS NULL OR k.running < a.concurrency)
+      ORDER BY j.priority + j.age_boost DESC, k.last_served, j.seq LIMIT 1`),
+    claimOne: p(`UPDATE jobs SET state = 'loading', attempt = attempt + 1,
         lease_owner = @owner || ':' || seq || ':' || (attempt + 1),
         lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now
-      WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_claim WHERE state = 'queued' AND run_at <= @now
-          AND (deadline_at IS NULL OR deadline_at > @now)
-        ORDER BY ${EFFECTIVE} DESC, seq LIMIT @n)
-      RETURNING ${TRANSITION_COLS}, request, max_attempts, lease_owner, prev_seq, ${EFFECTIVE} AS eff`),
+      WHERE seq = @seq AND state = 'queued'
+      RETURNING ${TRANSITION_COLS}, request, max_attempts, lease_owner, prev_seq`),
+    keyServed: p(`UPDATE key_counts SET last_served = (SELECT coalesce(max(last_served), 0) + 1 FROM key_counts) WHERE key_id = ?`),
     heartbeat: p(`UPDATE jobs SET lease_expires_at = @until WHERE seq = @seq AND lease_owner = @lease
         AND state IN ('loading', 'working')`),
     toWorking: p(`UPDATE jobs SET state = 'working', lease_expires_at = @lease_until, updated_at = @now
@@ -83,10 +126,10 @@ export function prepareStatements(db: DB) {
     toQueuedRelease: p(`UPDATE jobs SET state = 'queued', run_at = @now, updated_at = @now,
         attempt = max(attempt - 1, 0), lease_owner = NULL, lease_expires_at = NULL
       WHERE seq = @seq AND state IN ('loading', 'working') AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`),
-    seqStateById: p(`SELECT seq, state FROM jobs WHERE id = ?`),
+    seqStateById: p(`SELECT seq, state, key_id AS keyId FROM jobs WHERE id = ?`),
     toCanceled: p(`UPDATE jobs SET state = 'canceled', finished_at = @now, updated_at = @now,
         lease_owner = NULL, lease_expires_at = NULL
-      WHERE seq = @seq AND state IN ('queued', 'loading', 'working') RETURNING ${TRANSITION_COLS}`),
+      WHERE seq = @seq AND state IN ('scheduled', 'queued', 'loading', 'working') RETURNING ${TRANSITION_COLS}`),
     insertArtifact: p(`INSERT INTO artifacts (job_seq, name, content_type, size, sha256, body, created_at)
       VALUES (?, ?, ?, ?, ?, ?, ?)`),
 
@@ -106,8 +149,14 @@ export function prepareStatements(db: DB) {
       WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_deadline WHERE state = 'queued' AND deadline_at IS NOT NULL
         AND deadline_at <= @now) RETURNING ${TRANSITION_COLS}`),
     // Aging: whole intervals waited (CAST: Date.now() is bound as a REAL).
-    age: p(`UPDATE jobs SET age_boost = max(0, CAST((@now - created_at) / @aging AS INTEGER))
-      WHERE state = 'queued' AND age_boost <> max(0, CAST((@now - created_at) / @aging AS INTEGER))`),
+    // A scheduled job ages from its scheduled time, not from when it was submitted.
+    age: p(`UPDATE jobs SET age_boost = max(0, CAST((@now - max(created_at, coalesce(scheduled_for, 0))) / @aging AS INTEGER))
+      WHERE state = 'queued' AND age_boost <> max(0, CAST((@now - max(created_at, coalesce(scheduled_for, 0))) / @aging AS INTEGER))`),
+    promoteScheduled: p(`UPDATE jobs SET state = 'queued', run_at = @now, updated_at = @now
+      WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_scheduled WHERE state = 'scheduled' AND scheduled_for <= @now
+        ORDER BY scheduled_for, seq LIMIT 500) RETURNING ${TRANSITION_COLS}`),
+    nextScheduled: p(`SELECT scheduled_for FROM jobs INDEXED BY jobs_scheduled WHERE state = 'scheduled'
+      ORDER BY scheduled_for LIMIT 1`).pluck(),
     // Only a later run_at: a job claimable now but not claimed (past its deadline) is not a reason to wake.
     nextRunAt: p(`SELECT run_at FROM jobs INDEXED BY jobs_run_at WHERE state = 'queued' AND run_at > ? ORDER BY run_at LIMIT 1`).pluck(),
     nextDeadline: p(`SELECT deadline_at FROM jobs INDEXED BY jobs_deadline
@@ -128,7 +177,7 @@ export function prepareStatements(db: DB) {
     // --- reads ---
     jobById: p(`SELECT seq, id, state, model, priority, deadline_at, request, metadata, webhook_url, webhook_events,
         webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message,
-        conversation_id, waits, load_ms, prompt_tokens, completion_tokens,
+        conversation_id, waits, load_ms, prompt_tokens, completion_tokens, key_id, scheduled_for,
         (SELECT p.id FROM jobs p WHERE p.seq = jobs.prev_seq) AS prev_id
       FROM jobs WHERE id = ?`),
     transitions: p(`SELECT state, at, attempt FROM job_transitions WHERE job_seq = ? ORDER BY n`),
@@ -152,7 +201,7 @@ export function prepareStatements(db: DB) {
     seqCreatedAtOrAfter: p(`SELECT seq FROM jobs WHERE created_at >= ? ORDER BY created_at, seq LIMIT 1`).pluck(),
     ping: p(`SELECT 1`).pluck(),
     activeByStateModel: p(`SELECT state, model, count(*) AS n FROM jobs INDEXED BY jobs_state_model_seq
-      WHERE state IN ('queued', 'loading', 'working') GROUP BY state, model`),
+      WHERE state IN ('scheduled', 'queued', 'loading', 'working') GROUP BY state, model`),
     pendingStats: p(`SELECT count(*) AS count, min(occurred_at) AS oldestOccurredAt FROM webhook_deliveries
       INDEXED BY webhook_deliveries_pending_job WHERE status = 'pending'`),
 
