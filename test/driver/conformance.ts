@@ -17,6 +17,7 @@ import type {
   NewJob,
   QueueDriver,
   TransitionEvent,
+  ApiKeyRecord,
 } from '../../src/queue/driver.js';
 
 export type DriverFactory = () => Promise<{ driver: QueueDriver; cleanup: () => Promise<void> }>;
@@ -1454,6 +1455,220 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         await insertOne(at(0));
         expect(await d.deliveriesNextDueAt({ perOriginLimit: 1 })).toBeNull();
         expect(await claimDeliveries(at(1))).toEqual([]);
+      });
+    });
+    // =========================================================================================
+    describe('API keys, fair share, quotas and usage (ADR-0013)', () => {
+      const DAY = 86_400_000;
+      const key = (over: Partial<ApiKeyRecord> = {}): ApiKeyRecord => ({
+        id: uuidv7(),
+        name: 'tenant',
+        concurrency: null,
+        maxQueued: null,
+        dailyLimit: null,
+        priorityMax: null,
+        createdAt: at(0),
+        updatedAt: at(0),
+        revokedAt: null,
+        ...over,
+      });
+      const hashOf = (s: string) => createHash('sha256').update(s).digest('hex');
+      const quota = (o: { maxQueued?: number | null; dailyLimit?: number | null; now: number }) => ({
+        maxQueued: o.maxQueued ?? null,
+        dailyLimit: o.dailyLimit ?? null,
+        day: Math.floor(o.now / DAY),
+        nextDayAt: (Math.floor(o.now / DAY) + 1) * DAY,
+      });
+
+      it('stores keys by hash only; looks them up, lists, updates limits (null removes one) and revokes', async () => {
+        const k = key({ name: 'app', concurrency: 2, dailyLimit: 100 });
+        await d.keyInsert({ key: k, hash: hashOf('fm_secret'), actor: 'admin' });
+        expect(await d.keyByHash({ hash: hashOf('fm_secret') })).toEqual(k);
+        expect(await d.keyByHash({ hash: hashOf('fm_other') })).toBeNull();
+        expect(await d.keyGet({ id: k.id })).toEqual(k);
+        expect(await d.keysList()).toEqual([k]);
+        const changed = await d.keyUpdate({ id: k.id, changes: { concurrency: null, maxQueued: 5, name: 'app2' }, now: at(10), actor: 'admin' });
+        expect(changed).toEqual({ ...k, name: 'app2', concurrency: null, maxQueued: 5, updatedAt: at(10) });
+        expect(await d.keyUpdate({ id: uuidv7(), changes: { maxQueued: 1 }, now: at(11), actor: 'admin' })).toBeNull();
+        const revoked = await d.keyRevoke({ id: k.id, now: at(20), actor: 'admin' });
+        expect(revoked).toEqual({ ...changed, revokedAt: at(20), updatedAt: at(20) });
+        expect((await d.keyByHash({ hash: hashOf('fm_secret') }))!.revokedAt).toBe(at(20));
+        expect(await d.keyRevoke({ id: uuidv7(), now: at(21), actor: 'admin' })).toBeNull();
+      });
+
+      it('the audit log records key changes, cancels, redeliveries and clamps, newest first, paginated', async () => {
+        const k = key();
+        await d.keyInsert({ key: k, hash: hashOf('a'), actor: 'admin' });
+        await d.keyUpdate({ id: k.id, changes: { dailyLimit: 3 }, now: at(1), actor: 'admin' });
+        const [id] = await insert(at(2), newJob({ keyId: k.id, priority: 5, clampedFrom: { priority: 9, actor: k.id } }));
+        expect(await d.jobCancel({ id: id!, now: at(3), actor: k.id })).toMatchObject({ canceled: true });
+        await d.keyRevoke({ id: k.id, now: at(4), actor: 'admin' });
+        const all = await d.auditList({ limit: 10 });
+        expect(all.map((e) => [e.action, e.actor, e.target, e.at])).toEqual([
+          ['key.revoked', 'admin', k.id, at(4)],
+          ['job.canceled', k.id, id, at(3)],
+          ['job.priority_clamped', k.id, id, at(2)],
+          ['key.updated', 'admin', k.id, at(1)],
+          ['key.created', 'admin', k.id, at(0)],
+        ]);
+        expect(all[2]!.detail).toEqual({ asked: 9, given: 5 });
+        expect(all[1]!.detail).toEqual({ was: 'queued' });
+        const page1 = await d.auditList({ limit: 2 });
+        const page2 = await d.auditList({ limit: 2, beforeId: page1[1]!.id });
+        expect([...page1, ...page2].map((e) => e.id)).toEqual(all.slice(0, 4).map((e) => e.id));
+      });
+
+      it("jobs carry their key; lists filter by it; jobCancel with another key's id finds nothing", async () => {
+        const a = uuidv7();
+        const b = uuidv7();
+        const [ja] = await insert(at(1), newJob({ keyId: a }));
+        const [jb] = await insert(at(2), newJob({ keyId: b }));
+        const [jn] = await insert(at(3), newJob());
+        expect((await view(ja!)).keyId).toBe(a);
+        expect((await view(jn!)).keyId).toBeNull();
+        expect((await d.jobsList({ keyId: a, limit: 10 })).map((j) => [j.id, j.keyId])).toEqual([[ja, a]]);
+        expect((await d.jobsList({ keyId: '', limit: 10 })).map((j) => j.id)).toEqual([jn]);
+        expect((await d.jobsList({ limit: 10 })).map((j) => j.id)).toEqual([jn, jb, ja]);
+        expect(await d.jobCancel({ id: ja!, now: at(4), keyId: b })).toBeNull();
+        expect(await stateOf(ja!)).toBe('queued');
+        expect(await d.jobCancel({ id: ja!, now: at(5), keyId: a })).toMatchObject({ canceled: true });
+      });
+
+      it('fair share: among equal priorities keys take turns, FIFO within a key; priority still wins', async () => {
+        const a = uuidv7();
+        const b = uuidv7();
+        const as = await insert(at(1), ...Array.from({ length: 5 }, () => newJob({ keyId: a })));
+        const bs = await insert(at(2), ...Array.from({ length: 2 }, () => newJob({ keyId: b })));
+        const [urgent] = await insert(at(3), newJob({ keyId: a, priority: 10 }));
+        const order = (await d.jobsClaim({ owner: 'w', limit: 10, now: at(10), leaseMs: 1000 })).map((c) => c.id);
+        expect(order).toEqual([urgent, bs[0], as[0], bs[1], as[1], as[2], as[3], as[4]]);
+      });
+
+      it('fair share is not undone by one claim at a time', async () => {
+        const a = uuidv7();
+        const b = uuidv7();
+        const as = await insert(at(1), ...Array.from({ length: 3 }, () => newJob({ keyId: a })));
+        const bs = await insert(at(2), ...Array.from({ length: 3 }, () => newJob({ keyId: b })));
+        const got: string[] = [];
+        for (let i = 0; i < 6; i++) got.push((await claimOne(at(10 + i))).id);
+        expect(got).toEqual([as[0], bs[0], as[1], bs[1], as[2], bs[2]]);
+      });
+
+      it("a key at its concurrency is skipped until one of its jobs ends; others' jobs run meanwhile", async () => {
+        const k = key({ concurrency: 1 });
+        await d.keyInsert({ key: k, hash: hashOf('c'), actor: 'admin' });
+        const ks = await insert(at(1), newJob({ keyId: k.id }), newJob({ keyId: k.id }));
+        const [other] = await insert(at(2), newJob());
+        const first = await d.jobsClaim({ owner: 'w', limit: 10, now: at(3), leaseMs: 1000 });
+        expect(first.map((c) => c.id)).toEqual([ks[0], other]);
+        expect(await d.jobsClaim({ owner: 'w', limit: 10, now: at(4), leaseMs: 1000 })).toEqual([]);
+        const c = first[0]!;
+        expect(await d.jobSetWorking({ seq: c.seq, lease: c.lease, now: at(5), leaseMs: 1000 })).toBe(true);
+        expect(await d.jobComplete({ seq: c.seq, lease: c.lease, now: at(6), result: 1, artifacts: [], runMs: 1 })).toBe(true);
+        expect((await d.jobsClaim({ owner: 'w', limit: 10, now: at(7), leaseMs: 1000 })).map((x) => x.id)).toEqual([ks[1]]);
+        // Raising the limit makes the key claimable again, and announces it.
+        await d.keyUpdate({ id: k.id, changes: { concurrency: 5 }, now: at(8), actor: 'admin' });
+      });
+
+      it('maxQueued refuses (key_queue_full) counting queued and scheduled jobs; nothing is written', async () => {
+        const k = uuidv7();
+        await insert(at(1), newJob({ keyId: k, quota: quota({ maxQueued: 2, now: at(1) }) }), newJob({ keyId: k, quota: quota({ maxQueued: 2, now: at(1) }) }));
+        const refused = newJob({ keyId: k, quota: quota({ maxQueued: 2, now: at(2) }) });
+        expect(await d.jobsInsert({ jobs: [refused], now: at(2), maxQueued: BIG_QUEUE })).toEqual([{ ok: false, code: 'key_queue_full' }]);
+        expect(await d.jobGet({ id: refused.id })).toBeNull();
+        // Another key is not affected.
+        await insert(at(3), newJob({ keyId: uuidv7(), quota: quota({ maxQueued: 2, now: at(3) }) }));
+        // Once one starts, there is room again.
+        await claimOne(at(4));
+        await insert(at(5), newJob({ keyId: k, quota: quota({ maxQueued: 2, now: at(5) }) }));
+      });
+
+      it('past dailyLimit a job is inserted scheduled for the next UTC day, then promoted, aged from then', async () => {
+        const k = uuidv7();
+        const now = Math.floor(at(0) / DAY) * DAY + DAY - 10_000; // 10 s before a UTC midnight
+        const midnight = Math.floor(now / DAY) * DAY + DAY;
+        const q = () => quota({ dailyLimit: 2, now });
+        const out = await d.jobsInsert({ jobs: [newJob({ keyId: k, quota: q() }), newJob({ keyId: k, quota: q() }), newJob({ keyId: k, quota: q() })], now, maxQueued: BIG_QUEUE });
+        expect(out.map((o) => (o.ok ? [o.state, o.scheduledFor] : o.code))).toEqual([
+          ['queued', null],
+          ['queued', null],
+          ['scheduled', midnight],
+        ]);
+        const late = (out[2] as { jobId: string }).jobId;
+        expect(await view(late)).toMatchObject({ state: 'scheduled', scheduledFor: midnight, transitions: [{ state: 'scheduled', at: now, attempt: 0 }] });
+        expect(await d.keyUsage({ keyId: k, day: Math.floor(now / DAY) })).toEqual({ jobsToday: 3, tokensToday: 0, running: 0, queued: 2, scheduled: 1 });
+        // Not claimable, and not promoted, before its time.
+        await d.jobsClaim({ owner: 'w', limit: 10, now: now + 1, leaseMs: 100_000 });
+        expect(await d.jobsClaim({ owner: 'w', limit: 10, now: now + 2, leaseMs: 100_000 })).toEqual([]);
+        expect(await d.jobsNextScheduledAt()).toBe(midnight);
+        expect(await d.jobsPromoteScheduled({ now: midnight - 1 })).toEqual([]);
+        const changes: TransitionEvent[] = [];
+        const off = d.notifier.on('stateChanged', (e) => changes.push(e));
+        expect(await d.jobsPromoteScheduled({ now: midnight })).toEqual([late]);
+        off();
+        expect(changes.map((e) => [e.jobId, e.state, e.n])).toEqual([[late, 'queued', 2]]);
+        expect(await d.jobsNextScheduledAt()).toBeNull();
+        // Aging counts from the scheduled time, not from submission: 5 intervals, not 105, so a
+        // later job of the key at priority 50 still goes first.
+        await d.jobsAge({ now: midnight + 500, agingMs: 100 });
+        const [fresh] = await insert(midnight + 600, newJob({ keyId: k, priority: 50 }));
+        expect((await claimOne(midnight + 700)).id).toBe(fresh);
+        expect((await claimOne(midnight + 800)).id).toBe(late);
+        // The new day has its own count.
+        expect((await d.keyUsage({ keyId: k, day: Math.floor(midnight / DAY) })).jobsToday).toBe(0);
+      });
+
+      it('a scheduled job can be canceled', async () => {
+        const k = uuidv7();
+        await insert(at(1), newJob({ keyId: k, quota: quota({ dailyLimit: 1, now: at(1) }) }));
+        const [o] = await d.jobsInsert({ jobs: [newJob({ keyId: k, quota: quota({ dailyLimit: 1, now: at(2) }) })], now: at(2), maxQueued: BIG_QUEUE });
+        expect(o).toMatchObject({ ok: true, state: 'scheduled' });
+        const id = (o as { jobId: string }).jobId;
+        expect(await d.jobCancel({ id, now: at(3) })).toEqual({ canceled: true, wasRunning: false, state: 'canceled' });
+        expect(await d.jobsNextScheduledAt()).toBeNull();
+        expect((await d.keyUsage({ keyId: k, day: Math.floor(at(3) / DAY) })).scheduled).toBe(0);
+      });
+
+      it('usage: running and queued counts follow transitions; tokens of finished jobs add to their finish day', async () => {
+        const k = uuidv7();
+        const day = Math.floor(at(0) / DAY);
+        await insert(at(1), newJob({ keyId: k, quota: quota({ now: at(1) }) }), newJob({ keyId: k, quota: quota({ now: at(1) }) }));
+        const c = await claimOne(at(2));
+        expect(await d.keyUsage({ keyId: k, day })).toEqual({ jobsToday: 2, tokensToday: 0, running: 1, queued: 1, scheduled: 0 });
+        expect(await d.jobSetWorking({ seq: c.seq, lease: c.lease, now: at(3), leaseMs: 1000 })).toBe(true);
+        expect(await d.jobComplete({ seq: c.seq, lease: c.lease, now: at(4), result: 1, artifacts: [], runMs: 1, usage: { promptTokens: 7, completionTokens: 5 } })).toBe(true);
+        expect(await d.keyUsage({ keyId: k, day })).toEqual({ jobsToday: 2, tokensToday: 12, running: 0, queued: 1, scheduled: 0 });
+        expect(await d.keyUsage({ keyId: uuidv7(), day })).toEqual({ jobsToday: 0, tokensToday: 0, running: 0, queued: 0, scheduled: 0 });
+      });
+
+      it('idempotency keys are whatever the caller scopes them to: equal keys under different prefixes are two jobs', async () => {
+        const idem = (k: string) => ({ key: k, bodyHash: 'h', expiresAt: at(10_000) });
+        const a = newJob({ keyId: 'ka', idempotency: idem('ka\nsame') });
+        const b = newJob({ keyId: 'kb', idempotency: idem('kb\nsame') });
+        await insert(at(1), a, b);
+        const again = await d.jobsInsert({ jobs: [newJob({ keyId: 'ka', idempotency: idem('ka\nsame') })], now: at(2), maxQueued: BIG_QUEUE });
+        expect(again).toEqual([{ ok: true, jobId: a.id, replayed: true, state: 'queued', scheduledFor: null }]);
+      });
+
+      it('queue position follows the fair-share order', async () => {
+        const a = uuidv7();
+        const b = uuidv7();
+        const as = await insert(at(1), ...Array.from({ length: 4 }, () => newJob({ keyId: a })));
+        const [b0] = await insert(at(2), newJob({ keyId: b }));
+        const posOf = async (id: string) => (await d.jobQueueSnapshot({ seq: (await view(id)).seq })).ahead.reduce((n, r) => n + r.n, 0);
+        // Claim order would be a0 b0 a1 a2 a3 (neither key served yet: a's earlier job first).
+        expect(await posOf(b0!)).toBe(1);
+        expect(await posOf(as[3]!)).toBe(4);
+        expect(await posOf(as[1]!)).toBe(2);
+        await claimOne(at(3)); // a0: b is now due first
+        expect(await posOf(b0!)).toBe(0);
+        expect(await posOf(as[1]!)).toBe(1);
+      });
+
+      it('secretEnsure keeps the first value it was given', async () => {
+        expect(await d.secretEnsure({ name: 's', value: 'one' })).toBe('one');
+        expect(await d.secretEnsure({ name: 's', value: 'two' })).toBe('one');
+        expect(await d.secretEnsure({ name: 't', value: 'three' })).toBe('three');
       });
     });
   });

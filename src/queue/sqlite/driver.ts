@@ -637,8 +637,15 @@ export class SqliteDriver implements QueueDriver {
   jobQueueSnapshot(p: { seq: number }): Promise<QueueSnapshot> {
     const s = this.s;
     return this.read(() => {
-      const eff = s.effectiveOf.get(p.seq) as number;
-      const ahead = s.queueAhead.all({ eff, seq: p.seq }) as { model: string; n: number }[];
+      const me = s.queueOf.get(p.seq) as { eff: number; key: string; served: number };
+      const byModel = new Map<string, number>();
+      const add = (rows: { model: string; n: number }[]) => rows.forEach((r) => byModel.set(r.model, (byModel.get(r.model) ?? 0) + r.n));
+      add(s.queueAheadHigher.all({ eff: me.eff }) as { model: string; n: number }[]);
+      const mine = s.queueAheadMine.all({ key: me.key, eff: me.eff, seq: p.seq }) as { model: string; n: number }[];
+      add(mine);
+      const head = s.queueHeadOf.get({ key: me.key, eff: me.eff }) as number;
+      add(s.queueAheadOthers.all({ eff: me.eff, key: me.key, served: me.served, head, mine: mine.reduce((a, r) => a + r.n, 0) }) as { model: string; n: number }[]);
+      const ahead = [...byModel].map(([model, n]) => ({ model, n }));
       const running = s.running.all() as { model: string; startedAt: number }[];
       const stats = new Map((s.modelStats.all() as { model: string; avgMs: number }[]).map((r) => [r.model, r.avgMs]));
       return { ahead, running, stats };

@@ -189,11 +189,22 @@ export function prepareStatements(db: DB) {
     deliveries: p(`SELECT id, state, sequence, status, attempts, last_status_code AS lastStatusCode, last_error AS lastError,
         next_attempt_at AS nextAttemptAt, delivered_at AS deliveredAt, occurred_at AS occurredAt
       FROM webhook_deliveries WHERE job_seq = ? ORDER BY sequence, id`),
-    // Queue position: queued jobs that the claim would pick before this one.
-    queueAhead: p(`SELECT model, count(*) AS n FROM jobs INDEXED BY jobs_claim
-      WHERE state = 'queued' AND (${EFFECTIVE} > @eff OR (${EFFECTIVE} = @eff AND seq < @seq))
-      GROUP BY model`),
-    effectiveOf: p(`SELECT priority + age_boost FROM jobs WHERE seq = ?`).pluck(),
+    // Queue position: queued jobs that the claim would pick before this one (ADR-0013): every job
+    // of a higher effective priority; at the same one, this key's earlier jobs, and from each other
+    // key as many as the round-robin serves first (one more if that key is due before this one).
+    queueAheadHigher: p(`SELECT model, count(*) AS n FROM jobs INDEXED BY jobs_claim
+      WHERE state = 'queued' AND ${EFFECTIVE} > @eff GROUP BY model`),
+    queueAheadMine: p(`SELECT model, count(*) AS n FROM jobs INDEXED BY jobs_key_claim
+      WHERE key_id = @key AND state = 'queued' AND ${EFFECTIVE} = @eff AND seq < @seq GROUP BY model`),
+    // A key is due before this one if served less recently, or as recently with an older head job.
+    queueAheadOthers: p(`SELECT x.model, count(*) AS n FROM (
+        SELECT model, key_id, row_number() OVER (PARTITION BY key_id ORDER BY seq) AS rn, min(seq) OVER (PARTITION BY key_id) AS head
+        FROM jobs INDEXED BY jobs_claim WHERE state = 'queued' AND ${EFFECTIVE} = @eff AND key_id <> @key) x
+      JOIN key_counts k ON k.key_id = x.key_id
+      WHERE x.rn <= @mine + (k.last_served < @served OR (k.last_served = @served AND x.head < @head)) GROUP BY x.model`),
+    queueHeadOf: p(`SELECT min(seq) FROM jobs INDEXED BY jobs_key_claim WHERE key_id = @key AND state = 'queued' AND ${EFFECTIVE} = @eff`).pluck(),
+    queueOf: p(`SELECT j.priority + j.age_boost AS eff, j.key_id AS key, coalesce(k.last_served, 0) AS served
+      FROM jobs j LEFT JOIN key_counts k ON k.key_id = j.key_id WHERE j.seq = ?`),
     running: p(`SELECT model, started_at AS startedAt FROM jobs INDEXED BY jobs_running WHERE state IN ('loading', 'working')`),
     modelStats: p(`SELECT model, avg_ms AS avgMs FROM model_stats`),
     // Listing: created_at bounds become seq bounds through the created_at index (one probe each).
