@@ -158,3 +158,42 @@ describe('foreman CLI', () => {
     expect(jobCount(h)).toBe(before);
   });
 });
+
+describe('foreman keys (authentication on)', () => {
+  it('create prints the key once; the key submits; list shows it without the secret; revoke makes it 401 (exit 2)', async () => {
+    const admin = 'cli-admin-token-0123456789';
+    const ha = await startHarness({ adminToken: admin });
+    try {
+      const adminEnv = { FOREMAN_URL: ha.url, FOREMAN_API_KEY: admin };
+      const c = await cli(['keys', 'create', 'tenant-a', '--concurrency', '2', '--daily-limit', '10'], adminEnv);
+      expect(c.code).toBe(0);
+      const key = c.stdout.trim();
+      expect(key).toMatch(/^fm_[A-Za-z0-9_-]{43}$/);
+      expect(c.stderr).toMatch(/concurrency 2 · max_queued - · daily_limit 10 · priority_max -/);
+
+      const keyEnv = { FOREMAN_URL: ha.url, FOREMAN_API_KEY: key };
+      const s = await cli(['submit', '-m', 'llama3.2', '--wait', '--json', 'hi'], keyEnv);
+      expect(s.code).toBe(0);
+      expect(JSON.parse(s.stdout)).toMatchObject({ state: 'done', key_id: expect.any(String) });
+
+      const l = await cli(['keys', 'list', '--json'], adminEnv);
+      expect(l.code).toBe(0);
+      const listed = JSON.parse(l.stdout).keys;
+      expect(listed).toHaveLength(1);
+      expect(listed[0]).toMatchObject({ name: 'tenant-a', concurrency: 2, daily_limit: 10, revoked_at: null, usage: { jobs_today: 1 } });
+      expect(l.stdout).not.toContain(key);
+      // A key may not manage keys.
+      const forbidden = await cli(['keys', 'list'], keyEnv);
+      expect(forbidden.code).toBe(2);
+      expect(forbidden.stderr).toMatch(/forbidden/);
+
+      const r = await cli(['keys', 'revoke', listed[0].id], adminEnv);
+      expect(r.code).toBe(0);
+      const after = await cli(['submit', '-m', 'llama3.2', 'hi'], keyEnv);
+      expect(after.code).toBe(2);
+      expect(after.stderr).toMatch(/unauthorized/);
+    } finally {
+      await ha.stop();
+    }
+  });
+});

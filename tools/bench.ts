@@ -36,10 +36,12 @@ const f = (n: number, d = 2) => n.toFixed(d);
 
 type Row = [string, string];
 
-async function run(synchronous: 'FULL' | 'NORMAL'): Promise<Row[]> {
+/** `auth`: with FOREMAN_ADMIN_TOKEN set, every request made with an API key (ADR-0013). */
+async function run(synchronous: 'FULL' | 'NORMAL', auth = false): Promise<Row[]> {
   const fake = await startFakeOllama();
   const receiver = await startReceiver();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'foreman-bench-'));
+  const adminToken = 'bench-admin-token-0123456789';
   const child = await startChild({
     FOREMAN_DATA_DIR: dir,
     FOREMAN_OLLAMA_URL: fake.url,
@@ -47,19 +49,30 @@ async function run(synchronous: 'FULL' | 'NORMAL'): Promise<Row[]> {
     FOREMAN_CONCURRENCY: process.env.BENCH_CONCURRENCY ?? '4',
     FOREMAN_MAX_QUEUED: '1000000',
     FOREMAN_SQLITE_SYNCHRONOUS: synchronous,
+    ...(auth ? { FOREMAN_ADMIN_TOKEN: adminToken } : {}),
   });
   const pool = new Pool(child.url, { connections: CLIENTS, pipelining: 1 });
+  const authHeader: Record<string, string> = {};
+  if (auth) {
+    const res = await pool.request({
+      path: '/keys',
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${adminToken}` },
+      body: JSON.stringify({ name: 'bench' }),
+    });
+    authHeader.authorization = `Bearer ${((await res.body.json()) as { key: string }).key}`;
+  }
   const body = (i: number, extra: Record<string, unknown> = {}) =>
     JSON.stringify({ model: 'llama3.2', messages: [{ role: 'user', content: `prompt ${i}` }], ...extra });
   const post = async (b: string) => {
     const t0 = performance.now();
-    const res = await pool.request({ path: '/jobs', method: 'POST', headers: { 'content-type': 'application/json' }, body: b });
+    const res = await pool.request({ path: '/jobs', method: 'POST', headers: { 'content-type': 'application/json', ...authHeader }, body: b });
     const j = (await res.body.json()) as { job_id: string };
     if (res.statusCode !== 202) throw new Error(`POST /jobs answered ${res.statusCode}`);
     return { ms: performance.now() - t0, id: j.job_id };
   };
   const getJob = async (id: string) => {
-    const res = await pool.request({ path: `/jobs/${id}`, method: 'GET' });
+    const res = await pool.request({ path: `/jobs/${id}`, method: 'GET', headers: authHeader });
     return (await res.body.json()) as any;
   };
   async function runClients(n: number, fn: (i: number) => Promise<void>) {
@@ -253,11 +266,12 @@ async function runLarge(): Promise<Row[]> {
 async function main() {
   console.log(`foreman bench: node ${process.version}, ${os.cpus().length} cpus, ${CLIENTS} client connections`);
   const full = await run('FULL');
+  const keyed = process.env.BENCH_SKIP_AUTH ? null : await run('FULL', true);
   const normal = process.env.BENCH_SKIP_NORMAL ? null : await run('NORMAL');
   console.log('');
-  console.log(`| measure | synchronous=FULL (default) |${normal ? ' synchronous=NORMAL |' : ''}`);
-  console.log(`| --- | --- |${normal ? ' --- |' : ''}`);
-  full.forEach(([k, v], i) => console.log(`| ${k} | ${v} |${normal ? ` ${normal[i]![1]} |` : ''}`));
+  console.log(`| measure | synchronous=FULL (default) |${keyed ? ' FULL, auth on (API key) |' : ''}${normal ? ' synchronous=NORMAL |' : ''}`);
+  console.log(`| --- | --- |${keyed ? ' --- |' : ''}${normal ? ' --- |' : ''}`);
+  full.forEach(([k, v], i) => console.log(`| ${k} | ${v} |${keyed ? ` ${keyed[i]![1]} |` : ''}${normal ? ` ${normal[i]![1]} |` : ''}`));
   if (!process.env.BENCH_SKIP_DEAD) {
     const dead = await runDead();
     console.log('');

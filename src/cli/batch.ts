@@ -88,7 +88,7 @@ export async function runBatch(client: Client, o: BatchOptions, signal: AbortSig
               failed++;
             }
             out.write(`${JSON.stringify(resultLine(p.line.customId, j))}\n`);
-          } else if (j.state === 'queued') counts.queued++;
+          } else if (j.state === 'queued' || j.state === 'scheduled') counts.queued++;
           else counts.running++;
         }
       }),

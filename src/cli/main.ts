@@ -5,7 +5,8 @@
  * 3 server unreachable.
  */
 import fs from 'node:fs';
-import { Command, CommanderError, Option } from 'commander';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { JOB_STATES } from '../domain.js';
 import { VERSION } from '../version.js';
 import { runBatch } from './batch.js';
 import { CliError, Client, EXIT, exitFor, type Job } from './client.js';
@@ -146,7 +147,7 @@ program
 program
   .command('jobs')
   .description('list jobs, newest first')
-  .addOption(new Option('--state <state>').choices(['queued', 'loading', 'working', 'done', 'failed', 'canceled']))
+  .addOption(new Option('--state <state>').choices([...JOB_STATES]))
   .option('--model <model>')
   .option('--limit <n>', '1 to 100', '20')
   .option('--json', 'JSON output')
@@ -170,6 +171,76 @@ program
     const stop = new AbortController();
     process.once('SIGINT', () => stop.abort());
     return runBatch(client, { model: o.model, input, output: o.output, concurrency: Math.max(1, Number(o.concurrency) || 32), json: o.json === true, progress: process.stderr.isTTY === true }, stop.signal);
+  }));
+
+// API keys (ADR-0013): FOREMAN_API_KEY must be the admin token.
+const keys = program.command('keys').description('manage API keys (needs the admin token as FOREMAN_API_KEY)');
+const limitOpt = (flag: string, what: string) => new Option(`${flag} <n>`, what).argParser((v: string) => {
+  if (!/^-?\d+$/.test(v)) throw new InvalidArgumentError('must be a whole number');
+  return Number(v);
+});
+interface KeyRow {
+  id: string;
+  name: string;
+  key?: string;
+  concurrency: number | null;
+  max_queued: number | null;
+  daily_limit: number | null;
+  priority_max: number | null;
+  revoked_at: string | null;
+  usage?: { jobs_today: number; running: number; queued: number; tokens_today: number };
+}
+const limitsText = (k: KeyRow) =>
+  `concurrency ${k.concurrency ?? '-'} · max_queued ${k.max_queued ?? '-'} · daily_limit ${k.daily_limit ?? '-'} · priority_max ${k.priority_max ?? '-'}`;
+keys
+  .command('create')
+  .description('create a key; prints the secret once')
+  .argument('<name>')
+  .addOption(limitOpt('--concurrency', 'jobs of the key running at once'))
+  .addOption(limitOpt('--max-queued', 'queued jobs beyond which a submit gets 429'))
+  .addOption(limitOpt('--daily-limit', 'jobs per UTC day; beyond it jobs are scheduled for the next day'))
+  .addOption(limitOpt('--priority-max', 'higher priorities are clamped to this'))
+  .option('--json', 'JSON output')
+  .action(act(async (name: string, o: { concurrency?: number; maxQueued?: number; dailyLimit?: number; priorityMax?: number; json?: boolean }) => {
+    const body = {
+      name,
+      ...(o.concurrency !== undefined ? { concurrency: o.concurrency } : {}),
+      ...(o.maxQueued !== undefined ? { max_queued: o.maxQueued } : {}),
+      ...(o.dailyLimit !== undefined ? { daily_limit: o.dailyLimit } : {}),
+      ...(o.priorityMax !== undefined ? { priority_max: o.priorityMax } : {}),
+    };
+    const r = await client.request<KeyRow>('POST', '/keys', body);
+    if (o.json) json(r.body);
+    else {
+      print(r.body.key!);
+      process.stderr.write(`key ${r.body.id} (${r.body.name}): ${limitsText(r.body)}. The key above is shown only this once.\n`);
+    }
+    return EXIT.ok;
+  }));
+keys
+  .command('list')
+  .description('keys (without secrets) with their usage today')
+  .option('--json', 'JSON output')
+  .action(act(async (o: { json?: boolean }) => {
+    const r = await client.request<{ keys: KeyRow[] }>('GET', '/keys');
+    if (o.json) json(r.body);
+    else
+      for (const k of r.body.keys) {
+        const u = k.usage;
+        print(`${k.id}  ${k.name.padEnd(16)}  ${k.revoked_at ? 'revoked ' : 'active  '}  ${limitsText(k)}${u ? `  · today ${u.jobs_today} jobs, ${u.tokens_today} tokens · running ${u.running} · queued ${u.queued}` : ''}`);
+      }
+    return EXIT.ok;
+  }));
+keys
+  .command('revoke')
+  .description("revoke a key: its next request gets 401 (its queued jobs stay)")
+  .argument('<id>')
+  .option('--json', 'JSON output')
+  .action(act(async (id: string, o: { json?: boolean }) => {
+    const r = await client.request<KeyRow>('DELETE', `/keys/${encodeURIComponent(id)}`);
+    if (o.json) json(r.body);
+    else print(`${r.body.id}  revoked ${r.body.revoked_at}`);
+    return EXIT.ok;
   }));
 
 try {
