@@ -48,6 +48,10 @@ export const ConfigSchema = Type.Object({
   dataDir: str('FOREMAN_DATA_DIR', './data', 1),
   publicUrl: url('FOREMAN_PUBLIC_URL', undefined),
   ollamaUrl: url('FOREMAN_OLLAMA_URL', 'http://127.0.0.1:11434'),
+  // The pool of Ollama hosts (ADR-0012); empty: the one host FOREMAN_OLLAMA_URL.
+  engines: Type.Array(Type.String({ minLength: 1 }), meta('FOREMAN_ENGINES', '', 'list')),
+  affinityMaxWaitMs: ms('FOREMAN_AFFINITY_MAX_WAIT', '30s', 0),
+  engineHealthIntervalMs: ms('FOREMAN_ENGINE_HEALTH_INTERVAL', '5s', 10),
   concurrency: int('FOREMAN_CONCURRENCY', '1', 1, 1024),
   jobMaxAttempts: int('FOREMAN_JOB_MAX_ATTEMPTS', '3', 1, 1000),
   jobRetryBaseMs: ms('FOREMAN_JOB_RETRY_BASE', '1s', 0),
@@ -189,6 +193,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   } catch (err) {
     throw new ConfigError('FOREMAN_WEBHOOK_ALLOW_NETS', (err as Error).message);
   }
+  if ((env.FOREMAN_ENGINES ?? '').trim() !== '' && (env.FOREMAN_OLLAMA_URL ?? '').trim() !== '') {
+    throw new ConfigError('FOREMAN_ENGINES', 'and FOREMAN_OLLAMA_URL are both set: FOREMAN_OLLAMA_URL is the one-host shorthand; list every host in FOREMAN_ENGINES');
+  }
+  engineHostsOf(out as Config);
   if (out.auth === 'off' && out.adminToken !== undefined) {
     throw new ConfigError('FOREMAN_AUTH', 'is off, but FOREMAN_ADMIN_TOKEN is set (which turns authentication on): unset one of them');
   }
@@ -210,6 +218,52 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     throw new ConfigError(spec?.env ?? key, first?.message ?? 'invalid');
   }
   return out as Config;
+}
+
+/** One Ollama host of the pool (ADR-0012). */
+export interface EngineSpec {
+  /** `?name=`, default host:port. */
+  name: string;
+  /** The base URL, without the query. */
+  url: string;
+  /** Jobs at once on this host: `?slots=`, default FOREMAN_CONCURRENCY. */
+  slots: number;
+}
+
+/**
+ * The engine hosts: FOREMAN_ENGINES (`http://gpu1:11434?slots=2&name=gpu1,http://gpu2:11434`), or
+ * the one host FOREMAN_OLLAMA_URL. A bad URL, a duplicate name or `slots` < 1 is a ConfigError
+ * naming the entry.
+ */
+export function engineHostsOf(config: Pick<Config, 'engines' | 'ollamaUrl' | 'concurrency'>): EngineSpec[] {
+  const entries = config.engines.length > 0 ? config.engines : [config.ollamaUrl];
+  const out: EngineSpec[] = [];
+  const names = new Set<string>();
+  for (const entry of entries) {
+    const bad = (why: string) => new ConfigError(config.engines.length > 0 ? 'FOREMAN_ENGINES' : 'FOREMAN_OLLAMA_URL', `entry "${entry.replace(/\/\/[^@/]*@/, '//…@')}": ${why}`);
+    let u: URL;
+    try {
+      u = new URL(entry);
+    } catch {
+      throw bad('is not an absolute URL');
+    }
+    if (u.protocol !== 'http:' && u.protocol !== 'https:') throw bad('must be an http or https URL');
+    let slots = config.concurrency;
+    let name = u.host;
+    for (const [k, v] of u.searchParams) {
+      if (k === 'slots') {
+        if (!/^\d+$/.test(v) || Number(v) < 1 || Number(v) > 1024) throw bad('slots must be a whole number from 1 to 1024');
+        slots = Number(v);
+      } else if (k === 'name') {
+        if (!/^[A-Za-z0-9._-]{1,64}$/.test(v)) throw bad('name must be 1 to 64 letters, digits, dots, dashes or underscores');
+        name = v;
+      } else throw bad(`unknown option "${k}" (use slots and name)`);
+    }
+    if (names.has(name)) throw bad(`the name "${name}" is used twice`);
+    names.add(name);
+    out.push({ name, url: `${u.origin}${u.pathname}`.replace(/\/+$/, ''), slots });
+  }
+  return out;
 }
 
 /** localhost, 127.0.0.0/8 or ::1 (with or without brackets). */

@@ -569,6 +569,7 @@ describe('GET /jobs listing', () => {
     expect(item).toEqual({
       job_id: ids[29],
       key_id: null,
+      engine: null,
       state: 'queued',
       model: 'llama3.2',
       priority: 0,

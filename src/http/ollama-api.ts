@@ -5,7 +5,6 @@ import { isTerminal } from '../domain.js';
 import { EngineError, type ChatResponse } from '../engine/engine.js';
 import type { JobEvent } from '../events.js';
 import { uuidv7 } from '../ids.js';
-import { QuotaExceeded } from '../errors.js';
 import { ApiError } from './errors.js';
 import { SECURITY_HEADERS } from './headers.js';
 import { SSE_BUFFER_MAX } from './sse.js';
@@ -137,8 +136,9 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
       reply.raw.on('close', cancelIfGone);
       try {
         const continueFrom = req.headers['x-foreman-continue-from'];
-        const submitted = await jobs.submit({
+        await jobs.submit({
           id,
+          refuseOverDaily: true,
           body,
           // Conversations through the queue (ADR-0016): the header names the job this continues.
           ...(typeof continueFrom === 'string' && continueFrom !== '' ? { continueFrom } : {}),
@@ -149,13 +149,6 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
           deadline: undefined,
           idempotencyKey: undefined,
         }, req.principal);
-        if (submitted.state === 'scheduled') {
-          // A caller waiting on its answer cannot wait for tomorrow: past the key's daily_limit
-          // the synchronous surface refuses instead of scheduling (POST /jobs schedules).
-          await jobs.cancelQuietly(id);
-          const wait = Math.max(1, Math.ceil(((submitted.scheduledFor ?? 0) - deps.clock.now()) / 1000));
-          throw new QuotaExceeded('quota_exceeded', "this API key reached its daily_limit; /api/chat can't wait for the next UTC day (POST /jobs schedules it instead)", undefined, wait);
-        }
       } catch (err) {
         finished = true;
         unsubscribe();

@@ -84,6 +84,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       load_ms: j.loadMs,
       usage: { prompt_tokens: j.usage.promptTokens, completion_tokens: j.usage.completionTokens },
       key_id: j.keyId,
+      engine: j.engine,
       scheduled_for: iso(j.scheduledFor),
     };
   }
@@ -153,6 +154,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         limit: q.limit === undefined ? 20 : Number(q.limit),
         ...(q.state ? { state: q.state as JobState } : {}),
         ...(q.key_id ? { keyId: q.key_id } : {}),
+        ...(q.engine ? { engine: q.engine } : {}),
         ...(q.model ? { model: q.model } : {}),
         ...(q.conversation_id ? { conversationId: q.conversation_id } : {}),
         ...(createdAfter !== undefined ? { createdAfter } : {}),
@@ -167,6 +169,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
         jobs: page.jobs.map((r) => ({
           job_id: r.id,
           key_id: r.keyId,
+          engine: r.engine,
           state: r.state,
           model: r.model,
           priority: r.priority,

@@ -227,6 +227,7 @@ export const ListQuery = Type.Object(
     cursor: Type.Optional(Type.String({ minLength: 1, maxLength: 128, description: 'next_cursor of the previous page' })),
     conversation_id: Type.Optional(Type.String({ minLength: 1, maxLength: 64 })),
     key_id: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: 'admin only: one API key\'s jobs' })),
+    engine: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: 'jobs run on this engine host (GET /engines)' })),
   },
   {
     // metadata.<key>=<value> filters
@@ -237,6 +238,7 @@ export const ListQuery = Type.Object(
 export const ListItem = Type.Object({
   job_id: Type.String(),
   key_id: Type.Union([Type.String(), Type.Null()]),
+  engine: Type.Union([Type.String(), Type.Null()], { description: 'the engine host that ran it' }),
   state: JobStateSchema,
   model: Type.String(),
   priority: Type.Integer(),
@@ -306,6 +308,7 @@ export const JobReply = Type.Object({
   load_ms: Nullable(Type.Number()),
   usage: Type.Object({ prompt_tokens: Nullable(Type.Integer()), completion_tokens: Nullable(Type.Integer()) }),
   key_id: Nullable(Type.String({ description: 'the API key that submitted it (null: none)' })),
+  engine: Nullable(Type.String({ description: 'the engine host that ran (or is running) it' })),
   scheduled_for: Nullable(Type.String({ description: 'a scheduled job becomes queued at this time' })),
   caller_usage: Type.Optional(UsageSchema),
 });

@@ -32,12 +32,15 @@ export interface SubmitInput {
   idempotencyKey: string | undefined;
   /** Pre-chosen id, so a caller can subscribe to the job's events before it exists. */
   id?: string;
+  /** Past the key's daily_limit, refuse (429) instead of scheduling: the caller waits for the answer (/api/chat). */
+  refuseOverDaily?: boolean;
 }
 
 export interface ListQuery {
   limit: number;
   /** Admin only: one key's jobs. */
   keyId?: string;
+  engine?: string;
   conversationId?: string;
   state?: JobState;
   model?: string;
@@ -144,12 +147,18 @@ export class Jobs {
               ? null
               : { key: key ? `${key.id}\n${input.idempotencyKey}` : input.idempotencyKey, bodyHash: bodyHash(input.body), expiresAt: now + settings.idempotencyTtlMs },
           keyId: keyIdOf(who),
-          ...(key ? { quota: { maxQueued: key.maxQueued, dailyLimit: key.dailyLimit, day, nextDayAt: (day + 1) * DAY_MS } } : {}),
+          ...(key
+            ? { quota: { maxQueued: key.maxQueued, dailyLimit: key.dailyLimit, day, nextDayAt: (day + 1) * DAY_MS, refuseOverDaily: input.refuseOverDaily === true } }
+            : {}),
           ...(clampedFrom !== null ? { clampedFrom: { priority: clampedFrom, actor: actorOf(who) } } : {}),
         },
       ],
     });
     if (outcome!.ok) return { ...outcome!, priority, clampedFrom: outcome!.replayed ? null : clampedFrom };
+    if (outcome!.code === 'key_daily_limit') {
+      const wait = Math.max(1, Math.ceil((outcome!.nextDayAt - now) / 1000));
+      throw new QuotaExceeded('quota_exceeded', `this API key reached its daily_limit (${key?.dailyLimit}); a waiting call can't be scheduled for the next UTC day (POST /jobs schedules it)`, undefined, wait);
+    }
     if (outcome!.code === 'key_queue_full') {
       throw new QuotaExceeded('quota_exceeded', `this API key has max_queued (${key?.maxQueued}) jobs queued or scheduled; try again once some have started`, undefined, 5);
     }
@@ -218,6 +227,7 @@ export class Jobs {
       limit: q.limit + 1,
       ...(q.state ? { state: q.state } : {}),
       ...(keyId !== undefined ? { keyId } : {}),
+      ...(q.engine !== undefined ? { engine: q.engine } : {}),
       ...(q.model ? { model: q.model } : {}),
       ...(q.conversationId ? { conversationId: q.conversationId } : {}),
       ...(q.createdAfter !== undefined ? { createdAfter: q.createdAfter } : {}),

@@ -31,9 +31,11 @@ export interface QueueDriver {
   /**
    * Up to `limit` claimable jobs, each moved to `loading` with a lease of its own. The order:
    * effective priority; among equals, the API key served least recently (the fair share), then
-   * FIFO within the key. A key at its `concurrency` is skipped (ADR-0013).
+   * FIFO within the key. A key at its `concurrency` is skipped (ADR-0013). With `engine`, only
+   * jobs of models installed on that host, chosen by the model-aware policy of ADR-0012, and each
+   * records the host.
    */
-  jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number }): Promise<ClaimedJob[]>;
+  jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number; engine?: ClaimHost }): Promise<ClaimedJob[]>;
   jobLeaseRenew(p: { seq: number; lease: string; until: number }): Promise<boolean>;
 
   // --- jobs: one attempt's transitions (guarded by the lease) ---
@@ -75,6 +77,10 @@ export interface QueueDriver {
   /** When the next delayed (retrying) queued job becomes claimable (after `now`), or null. */
   jobsNextRunAt(p: { now: number }): Promise<number | null>;
   jobsNextDeadlineAt(): Promise<number | null>;
+  /** Models with queued jobs (routing: the model_not_found check, ADR-0012). */
+  jobsQueuedModels(): Promise<string[]>;
+  /** Fails the queued jobs of a model no host has (a turn waiting for its previous one is left alone). */
+  jobsFailQueuedModel(p: { model: string; now: number; error: ErrorInfo }): Promise<string[]>;
   /** Moves scheduled jobs whose time has come to `queued`. */
   jobsPromoteScheduled(p: { now: number }): Promise<string[]>;
   /** The earliest `scheduledFor` of a scheduled job, or null. */
@@ -182,6 +188,19 @@ export interface AuditEntry {
   detail: Record<string, unknown> | null;
 }
 
+/** The host a claim is for, and what the scheduler knows of it (ADR-0012). */
+export interface ClaimHost {
+  name: string;
+  /** Models installed on the host, under every name a job may use for them. */
+  models: string[];
+  /** Models resident (loaded) on the host now. */
+  resident: string[];
+  /** Measured load time per model on this host (ms); absent: unknown. */
+  loadMs: Record<string, number>;
+  /** How long a job may be passed over to save a model swap; 0 turns affinity off (FIFO). */
+  affinityMaxWaitMs: number;
+}
+
 export interface NewJob {
   id: string;
   model: string;
@@ -205,7 +224,7 @@ export interface NewJob {
    * jobs the insert is refused; beyond `dailyLimit` submissions on UTC day `day` the job is
    * inserted `scheduled` for `nextDayAt`.
    */
-  quota?: { maxQueued: number | null; dailyLimit: number | null; day: number; nextDayAt: number };
+  quota?: { maxQueued: number | null; dailyLimit: number | null; day: number; nextDayAt: number; refuseOverDaily?: boolean };
   /** The priority asked for, when it was clamped to the key's `priority_max` (audited). */
   clampedFrom?: { priority: number; actor: string };
 }
@@ -215,6 +234,8 @@ export type InsertOutcome =
   | { ok: false; code: 'queue_full' }
   /** The key's `maxQueued`. */
   | { ok: false; code: 'key_queue_full' }
+  /** Over the key's `dailyLimit`, with `refuseOverDaily`: nothing written. */
+  | { ok: false; code: 'key_daily_limit'; nextDayAt: number }
   | { ok: false; code: 'queue_bytes_full' }
   | { ok: false; code: 'idempotency_key_reused' }
   /** The continued job is not done (and the caller would not wait), or it failed or was canceled. */
@@ -347,6 +368,8 @@ export interface JobView {
   keyId: string | null;
   /** A scheduled job becomes queued at this time. */
   scheduledFor: number | null;
+  /** The engine host that ran (or is running) it. */
+  engine: string | null;
 }
 
 /** A claimed webhook delivery, with what the dispatcher needs to build the event body. */
@@ -394,6 +417,8 @@ export interface ListFilter {
   state?: JobState;
   /** Only this key's jobs ('' = the keyless ones). */
   keyId?: string;
+  /** Only jobs run on this engine host. */
+  engine?: string;
   conversationId?: string;
   model?: string;
   createdAfter?: number;
@@ -408,6 +433,7 @@ export interface ListFilter {
 export interface ListedJob {
   seq: number;
   keyId: string | null;
+  engine: string | null;
   id: string;
   state: JobState;
   model: string;

@@ -200,6 +200,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           usage: { promptTokens: null, completionTokens: null },
           keyId: null,
           scheduledFor: null,
+          engine: null,
         });
         const vb = await view(b.id);
         expect(vb.seq).toBeGreaterThan(va.seq);
@@ -975,6 +976,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           usage: { promptTokens: null, completionTokens: null },
           keyId: null,
           scheduledFor: null,
+          engine: null,
         });
         expect(await d.jobGet({ id: uuidv7() })).toBeNull();
       });
@@ -995,8 +997,8 @@ export function driverConformance(name: string, factory: DriverFactory): void {
 
         const all = await d.jobsList({ limit: 10 });
         expect(ids(all)).toEqual([f, e, c, b, a]);
-        expect(all[4]).toEqual({ seq: await seqOf(a), id: a, state: 'done', model: 'm1', priority: 0, attempt: 1, metadata: { batch: 'b1', user: 'u1' }, createdAt: at(1000), finishedAt: at(6002), keyId: null });
-        expect(all[3]).toEqual({ seq: await seqOf(b), id: b, state: 'loading', model: 'm2', priority: 4, attempt: 1, metadata: { batch: 'b1', user: 'u2' }, createdAt: at(2000), finishedAt: null, keyId: null });
+        expect(all[4]).toEqual({ seq: await seqOf(a), id: a, state: 'done', model: 'm1', priority: 0, attempt: 1, metadata: { batch: 'b1', user: 'u1' }, createdAt: at(1000), finishedAt: at(6002), keyId: null, engine: null });
+        expect(all[3]).toEqual({ seq: await seqOf(b), id: b, state: 'loading', model: 'm2', priority: 4, attempt: 1, metadata: { batch: 'b1', user: 'u2' }, createdAt: at(2000), finishedAt: null, keyId: null, engine: null });
         expect(all[1]!.metadata).toBeNull();
 
         expect(ids(await d.jobsList({ state: 'queued', limit: 10 }))).toEqual([f, e, c]);

@@ -24,6 +24,7 @@ import type {
   ConversationListed,
   ApiKeyLimits,
   ApiKeyRecord,
+  ClaimHost,
   AuditAction,
   AuditEntry,
   KeyUsage,
@@ -66,6 +67,7 @@ interface TransitionRow {
 
 interface JobRow extends TransitionRow {
   scheduled_for: number | null;
+  engine: string | null;
   state: JobState;
   waits: number;
   prev_id: string | null;
@@ -320,6 +322,10 @@ export class SqliteDriver implements QueueDriver {
           }
           // Days are counted by submission: today's count includes the jobs it scheduled.
           if (j.quota.dailyLimit !== null && ((s.keyDayJobs.get(keyId, j.quota.day) as number | undefined) ?? 0) >= j.quota.dailyLimit) {
+            if (j.quota.refuseOverDaily) {
+              out.push({ ok: false, code: 'key_daily_limit', nextDayAt: j.quota.nextDayAt });
+              continue;
+            }
             scheduledFor = j.quota.nextDayAt;
           }
         }
@@ -376,7 +382,7 @@ export class SqliteDriver implements QueueDriver {
     });
   }
 
-  jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number }): Promise<ClaimedJob[]> {
+  jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number; engine?: ClaimHost }): Promise<ClaimedJob[]> {
     // Each claim call gets its own token prefix: an attempt given back (its number reused) and
     // claimed again by the same owner still gets a lease of its own.
     const owner = `${p.owner}.${++this.claims}`;
@@ -384,12 +390,21 @@ export class SqliteDriver implements QueueDriver {
     return this.write((fx) => {
       type Row = TransitionRow & { request: string; max_attempts: number; lease_owner: string; prev_seq: number | null };
       const rows: Row[] = [];
+      const host = p.engine;
+      const models = host ? JSON.stringify(host.models) : null;
+      const resident = host ? new Set(host.resident) : null;
       // One at a time: each claim moves its key to the back of the round (ADR-0013).
       while (rows.length < p.limit) {
-        const pick = s.claimPick.get({ now: p.now }) as { seq: number; keyId: string } | undefined;
+        const pick = host
+          ? this.pickForHost(host, models!, resident!, p.now)
+          : (s.claimPick.get({ now: p.now }) as { seq: number; keyId: string } | undefined);
         if (!pick) break;
         const r = s.claimOne.get({ seq: pick.seq, owner, now: p.now, lease: p.now + p.leaseMs }) as Row;
         s.keyServed.run(pick.keyId);
+        if (host) {
+          s.setEngine.run(host.name, r.seq);
+          resident!.add(r.model); // the host is about to load it
+        }
         this.record(fx, r, 'loading', p.now);
         rows.push(r);
       }
@@ -404,6 +419,48 @@ export class SqliteDriver implements QueueDriver {
         history: r.prev_seq === null ? [] : this.historyBefore(r.prev_seq),
       }));
     });
+  }
+
+  /**
+   * The model-aware pick for one host (ADR-0012), among each key's next job of each model the
+   * host has installed: the best effective priority first; among equals, a job that has waited
+   * longer than `affinityMaxWaitMs` (no starvation), else a job whose model is resident (no
+   * swap), else the model with the most queued work per second of its load time; the fair share
+   * (key served least recently, then FIFO) decides what is left.
+   */
+  private pickForHost(host: ClaimHost, models: string, resident: Set<string>, now: number): { seq: number; keyId: string } | undefined {
+    type Cand = { seq: number; keyId: string; model: string; eff: number; served: number; since: number };
+    const all = this.s.claimCandidates.all({ models, now }) as Cand[];
+    if (all.length === 0) return undefined;
+    const top = Math.max(...all.map((c) => c.eff));
+    const fair = (cs: Cand[]) => cs.reduce((a, b) => (b.served < a.served || (b.served === a.served && b.seq < a.seq) ? b : a));
+    const atTop = all.filter((c) => c.eff === top);
+    const overdue = atTop.filter((c) => now - c.since >= host.affinityMaxWaitMs);
+    if (overdue.length > 0) return fair(overdue);
+    const warm = atTop.filter((c) => resident.has(c.model));
+    if (warm.length > 0) return fair(warm);
+    // A swap is needed: the model whose queued work best pays for its load.
+    const known = Object.values(host.loadMs);
+    const defaultLoad = known.length ? known.reduce((a, b) => a + b, 0) / known.length : 1000;
+    const score = new Map<string, number>();
+    for (const c of atTop) {
+      if (score.has(c.model)) continue;
+      const queued = (this.s.modelQueued.get(c.model) as number | undefined) ?? 1;
+      const run = (this.s.modelAvg.get(c.model) as number | undefined) ?? 1000;
+      score.set(c.model, (queued * run) / Math.max(1, host.loadMs[c.model] ?? defaultLoad));
+    }
+    const best = Math.max(...score.values());
+    return fair(atTop.filter((c) => score.get(c.model) === best));
+  }
+
+  jobsQueuedModels(): Promise<string[]> {
+    return this.read(() => this.s.queuedModels.all() as string[]);
+  }
+
+  jobsFailQueuedModel(p: { model: string; now: number; error: ErrorInfo }): Promise<string[]> {
+    return this.write((fx) =>
+      this.moveAll(fx, this.s.failQueuedModel, { model: p.model, now: p.now, code: p.error.code, message: p.error.message }, 'failed', p.now),
+    );
   }
 
   /**
@@ -599,6 +656,7 @@ export class SqliteDriver implements QueueDriver {
         usage: { promptTokens: r.prompt_tokens, completionTokens: r.completion_tokens },
         keyId: r.key_id === '' ? null : r.key_id,
         scheduledFor: r.scheduled_for,
+        engine: r.engine,
       };
     });
   }
@@ -765,8 +823,12 @@ export class SqliteDriver implements QueueDriver {
       where.push('j.key_id = @key');
       params.key = f.keyId;
     }
+    if (f.engine !== undefined) {
+      where.push('j.engine = @engine');
+      params.engine = f.engine;
+    }
     const sql = `SELECT j.seq, j.id, j.state, j.model, j.priority, j.attempt, j.metadata, j.created_at AS createdAt,
-        j.finished_at AS finishedAt, nullif(j.key_id, '') AS keyId
+        j.finished_at AS finishedAt, nullif(j.key_id, '') AS keyId, j.engine
       FROM ${from} ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
       ORDER BY ${seqCol} DESC LIMIT @limit`;
     // A handful of shapes, each prepared once; the cache is bounded (least recently used out).
@@ -1013,8 +1075,10 @@ export class SqliteDriver implements QueueDriver {
 
   keyRevoke(p: { id: string; now: number; actor: string }): Promise<ApiKeyRecord | null> {
     return this.write(() => {
-      const r = this.s.keyRevoke.get({ id: p.id, now: p.now }) as ApiKeyRecord | undefined;
-      if (!r) return null;
+      const before = this.s.keyById.get(p.id) as ApiKeyRecord | undefined;
+      if (!before) return null;
+      if (before.revokedAt !== null) return before; // revoking again changes nothing
+      const r = this.s.keyRevoke.get({ id: p.id, now: p.now }) as ApiKeyRecord;
       this.audit(p.now, p.actor, 'key.revoked', p.id, null);
       return r;
     });

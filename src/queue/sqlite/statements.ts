@@ -100,6 +100,25 @@ export function prepareStatements(db: DB) {
           ORDER BY q.priority + q.age_boost DESC, q.seq LIMIT 1)
       WHERE k.queued > 0 AND (a.concurrency IS NULL OR k.running < a.concurrency)
       ORDER BY j.priority + j.age_boost DESC, k.last_served, j.seq LIMIT 1`),
+    // The model-aware claim for one host (ADR-0012): each key's next job of each model that has
+    // queued work and is installed on the host; the policy then picks among these few in code.
+    claimCandidates: p(`SELECT j.seq, j.key_id AS keyId, j.model, j.priority + j.age_boost AS eff, k.last_served AS served,
+        max(j.created_at, coalesce(j.scheduled_for, 0)) AS since
+      FROM key_counts k
+        LEFT JOIN api_keys a ON a.id = k.key_id
+        JOIN model_queue mq ON mq.queued > 0 AND mq.model IN (SELECT value FROM json_each(@models))
+        JOIN jobs j ON j.seq = (SELECT q.seq FROM jobs q INDEXED BY jobs_key_model_claim
+          WHERE q.key_id = k.key_id AND q.model = mq.model AND q.state = 'queued' AND q.run_at <= @now
+            AND (q.deadline_at IS NULL OR q.deadline_at > @now)
+          ORDER BY q.priority + q.age_boost DESC, q.seq LIMIT 1)
+      WHERE k.queued > 0 AND (a.concurrency IS NULL OR k.running < a.concurrency)`),
+    modelQueued: p(`SELECT queued FROM model_queue WHERE model = ?`).pluck(),
+    queuedModels: p(`SELECT model FROM model_queue WHERE queued > 0`).pluck(),
+    failQueuedModel: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
+      WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_state_model_seq WHERE state = 'queued' AND model = @model AND waits = 0)
+      RETURNING ${TRANSITION_COLS}`),
+    setEngine: p(`UPDATE jobs SET engine = ? WHERE seq = ?`),
+    modelAvg: p(`SELECT avg_ms FROM model_stats WHERE model = ?`).pluck(),
     claimOne: p(`UPDATE jobs SET state = 'loading', attempt = attempt + 1,
         lease_owner = @owner || ':' || seq || ':' || (attempt + 1),
         lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now
@@ -177,7 +196,7 @@ export function prepareStatements(db: DB) {
     // --- reads ---
     jobById: p(`SELECT seq, id, state, model, priority, deadline_at, request, metadata, webhook_url, webhook_events,
         webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message,
-        conversation_id, waits, load_ms, prompt_tokens, completion_tokens, key_id, scheduled_for,
+        conversation_id, waits, load_ms, prompt_tokens, completion_tokens, key_id, scheduled_for, engine,
         (SELECT p.id FROM jobs p WHERE p.seq = jobs.prev_seq) AS prev_id
       FROM jobs WHERE id = ?`),
     transitions: p(`SELECT state, at, attempt FROM job_transitions WHERE job_seq = ? ORDER BY n`),
