@@ -4,10 +4,12 @@ import { Keys } from './jobs/keys.js';
 import { ScheduledJobs } from './maintenance/scheduled.js';
 import type { AddressInfo } from 'node:net';
 import { pino, type Logger } from 'pino';
-import { isLoopbackHost, type Config } from './config.js';
+import { engineHostsOf, isLoopbackHost, type Config } from './config.js';
 import { blockListOf } from './webhooks/ssrf.js';
 import { systemClock, type Clock } from './domain.js';
 import type { ChatEngine } from './engine/engine.js';
+import { EnginePool } from './engine/pool.js';
+import { UnroutableModels } from './maintenance/unroutable.js';
 import { EngineHealth } from './engine/health.js';
 import { OllamaEngine } from './engine/ollama.js';
 import { JobEvents } from './events.js';
@@ -50,8 +52,8 @@ export class Service {
   readonly keys: Keys;
   readonly artifactUrls: ArtifactUrls;
   readonly events: JobEvents;
-  readonly engine: ChatEngine;
-  private readonly passthroughEngine: ChatEngine;
+  /** The engine hosts (ADR-0012). */
+  readonly pool: EnginePool;
   readonly worker: Worker;
   readonly dispatcher: Dispatcher;
   readonly maintainer: Maintainer;
@@ -93,38 +95,35 @@ export class Service {
       redeliverPerMinute: config.redeliverPerMinute,
       jobMaxAttempts: config.jobMaxAttempts,
       idempotencyTtlMs: config.idempotencyTtlMs,
-      concurrency: config.concurrency,
+      // Jobs run at once (the ETA): every host's slots.
+      concurrency: engineHostsOf(config).reduce((n, h) => n + h.slots, 0),
     });
-    this.engine =
-      opts.engine ??
-      new OllamaEngine({
-        url: config.ollamaUrl,
-        idleTimeoutMs: config.engineIdleTimeoutMs,
-        connections: config.concurrency * 2 + 2,
-        maxResponseBytes: config.engineMaxResponseBytes,
-      });
-    // Pass-through reads and direct loads from /api/* get a client (and connections) of their
-    // own, so they can never starve the worker's (hardening finding 8).
-    this.passthroughEngine =
-      opts.engine ??
-      new OllamaEngine({
-        url: config.ollamaUrl,
-        idleTimeoutMs: config.engineIdleTimeoutMs,
-        connections: 4,
-        maxResponseBytes: config.engineMaxResponseBytes,
-      });
+    // Each host gets a client for the worker (its slots' connections) and one of its own for
+    // probes and pass-through reads, so those can never starve the worker's (hardening finding 8).
+    const client = (url: string, connections: number) =>
+      new OllamaEngine({ url, idleTimeoutMs: config.engineIdleTimeoutMs, connections, maxResponseBytes: config.engineMaxResponseBytes });
     const health = new EngineHealth();
+    this.pool = new EnginePool(
+      engineHostsOf(config).map((spec) => ({
+        spec,
+        engine: opts.engine ?? client(spec.url, spec.slots * 2 + 2),
+        reader: opts.engine ?? client(spec.url, 4),
+      })),
+      health,
+      clock,
+      logger,
+      { healthIntervalMs: config.engineHealthIntervalMs, affinityMaxWaitMs: config.affinityMaxWaitMs },
+    );
     this.metrics = new Metrics(driver, health, clock);
     this.unsubscribeMetrics = driver.notifier.on('stateChanged', this.metrics.transition);
     const random = opts.random ? { random: opts.random } : {};
     this.worker = new Worker({
       driver,
-      engine: this.engine,
+      pool: this.pool,
       health,
       clock,
       logger,
       options: {
-        concurrency: config.concurrency,
         leaseMs: config.jobLeaseMs,
         pollIntervalMs: config.pollIntervalMs,
         retryBaseMs: config.jobRetryBaseMs,
@@ -166,7 +165,8 @@ export class Service {
       new ScheduledJobs(m, config.pollIntervalMs),
       new Aging(m, config.priorityAgingMs),
       this.ttlCleaner,
-      new OutagePolicy(m, this.engine, health, {
+      new UnroutableModels(m, this.pool, config.engineHealthIntervalMs),
+      new OutagePolicy(m, this.pool, health, {
         outageTimeoutMs: config.engineOutageTimeoutMs,
         probeEveryMs: Math.min(1000, config.pollIntervalMs),
         idleMs: config.pollIntervalMs,
@@ -176,7 +176,7 @@ export class Service {
       jobs: this.jobs,
       keys: this.keys,
       artifactUrls: this.artifactUrls,
-      engine: this.passthroughEngine,
+      pool: this.pool,
       events: this.events,
       storageReady: () => driver.ping(),
       metrics: this.metrics,
@@ -209,6 +209,7 @@ export class Service {
     const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
     this.url = `http://${host === '0.0.0.0' || host === '[::]' ? '127.0.0.1' : host}:${addr.port}`;
     if (this.publicUrl === '') this.publicUrl = this.url;
+    await this.pool.start();
     this.worker.start();
     this.dispatcher.start();
     this.maintainer.start();
@@ -239,8 +240,7 @@ export class Service {
       await this.maintainer.stop();
       await this.worker.stop(this.config.shutdownGraceMs);
       await this.dispatcher.stop(Math.min(2000, this.config.shutdownGraceMs));
-      await this.engine.close();
-      if (this.passthroughEngine !== this.engine) await this.passthroughEngine.close();
+      await this.pool.stop();
       this.unsubscribe();
       this.unsubscribeMetrics();
       await this.driver.close();

@@ -175,18 +175,19 @@ describe('job lifecycle and engine pass-through', () => {
     for (const k of ['state_webhook_url', 'metadata', 'webhook_events', 'do-not-forward']) expect(raw).not.toContain(k);
   });
 
-  it('fails at once with model_not_found for an unknown model, after one load', async () => {
+  it('fails at once with model_not_found for a model no engine host has, without reaching the engine (ADR-0012)', async () => {
     const before = h.fake.requests.length;
     const id = await h.submit({ model: 'llama9', messages: [{ role: 'user', content: 'hi' }] });
     const job = await h.waitForState(id, terminal);
     expect(job.state).toBe('failed');
-    expect(job.attempt).toBe(1);
+    expect(job.attempt).toBe(0);
     expect(job.error).toEqual({ code: 'model_not_found', message: "model 'llama9' not found" });
     expect(job.result).toBeNull();
     expect(job.artifacts).toEqual([]);
-    expect(job.transitions.map((t: any) => t.state)).toEqual(['queued', 'loading', 'failed']);
+    expect(job.engine).toBeNull();
+    expect(job.transitions.map((t: any) => t.state)).toEqual(['queued', 'failed']);
     const mine = h.fake.requests.slice(before).filter((r) => r.body?.model === 'llama9');
-    expect(mine.map((r) => r.kind)).toEqual(['load']);
+    expect(mine).toEqual([]);
   });
 
   it('fails permanently with engine_bad_request and the engine text on a 400', async () => {
@@ -620,16 +621,27 @@ describe('health, readiness and response headers', () => {
   it('GET /readyz reports the database and the engine version', async () => {
     const r = await h.api('/readyz');
     expect(r.status).toBe(200);
-    expect(r.body).toEqual({ status: 'ready', database: 'ok', engine: { status: 'up', version: '0.33.0' } });
+    expect(r.body).toEqual({
+      status: 'ready',
+      database: 'ok',
+      engine: { status: 'up', version: '0.33.0' },
+      engines: [{ name: new URL(h.fake.url).host, url: h.fake.url, health: 'up', circuit: 'closed', version: '0.33.0' }],
+    });
   });
 
-  it('GET /readyz stays 200 with engine down when Ollama is unreachable', async () => {
+  it('GET /readyz is 503 with every engine host down (ADR-0012)', async () => {
     const h2 = await startHarness();
     try {
       await h2.fake.stop();
-      const r = await h2.api('/readyz');
-      expect(r.status).toBe(200);
-      expect(r.body.status).toBe('ready');
+      // Two failed probes open the host's circuit; readiness probes at most once a second.
+      let r = await h2.api('/readyz');
+      for (let i = 0; i < 60 && r.status !== 503; i++) {
+        await new Promise((res) => setTimeout(res, 100));
+        r = await h2.api('/readyz');
+      }
+      expect(r.status).toBe(503);
+      expect(r.body.status).toBe('unavailable');
+      expect(r.body.engines).toEqual([expect.objectContaining({ health: 'down', circuit: 'open' })]);
       expect(r.body.database).toBe('ok');
       expect(r.body.engine.status).toBe('down');
       expect(typeof r.body.engine.error).toBe('string');

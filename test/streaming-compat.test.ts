@@ -4,6 +4,7 @@
  * and the OpenAPI document.
  */
 import http from 'node:http';
+import { VERSION } from '../src/version.js';
 import { Validator } from '@seriousme/openapi-schema-validator';
 import { Ollama } from 'ollama';
 import { request } from 'undici';
@@ -349,9 +350,10 @@ describe('SSE: GET /jobs/:id/events', () => {
     const c = await sse(id);
     await c.ends(5_000);
     const states = c.states();
-    expect(states.map((f) => f.data.state)).toEqual(['queued', 'loading', 'failed']);
-    const failed = states[2]!;
-    expect(failed.id).toBe('3');
+    // No engine host has the model: it fails from the queue, without a load (ADR-0012).
+    expect(states.map((f) => f.data.state)).toEqual(['queued', 'failed']);
+    const failed = states[1]!;
+    expect(failed.id).toBe('2');
     expect(failed.data.error.code).toBe('model_not_found');
     expect(failed.data.error.message).toContain("model 'llama9' not found");
   });
@@ -538,15 +540,16 @@ describe('Ollama-compatible /api/* with the official ollama client', () => {
     for (const j of r.body.jobs) expect(j.model).toBe('llama9');
   });
 
-  it('list(), ps() and version() pass through', async () => {
+  it('list(), ps() and version() answer for the pool of engine hosts (ADR-0012)', async () => {
     const tags = await ollama.list();
     expect(tags.models.map((m) => m.name).sort()).toEqual(['llama3.2:latest', 'qwen3:latest']);
     const direct = await (await fetch(`${h.fake.url}/api/tags`)).json();
     expect(JSON.parse(JSON.stringify(tags))).toEqual(direct);
+    await h.service.pool.probeAll(); // /api/ps is the pool's view, refreshed by its probes
     const ps = await ollama.ps();
-    expect(ps.models.map((m) => m.name)).toEqual(['llama3.2:latest']);
+    expect(ps.models.map((m) => [m.name, (m as unknown as { engine: string }).engine])).toEqual([['llama3.2:latest', new URL(h.fake.url).host]]);
     const v = await ollama.version();
-    expect(v).toEqual({ version: '0.33.0' });
+    expect(v).toEqual({ version: VERSION, engines: [{ name: new URL(h.fake.url).host, version: '0.33.0', health: 'up' }] });
   });
 
   it('cancels the job when the streaming client disconnects', async () => {
@@ -721,6 +724,7 @@ describe('OpenAPI document and docs page', () => {
     '/readyz': ['get'],
     '/metrics': ['get'],
     '/keys': ['get', 'post'],
+    '/engines': ['get'],
     '/keys/{id}': ['delete', 'get', 'patch'],
     '/usage': ['get'],
     '/audit': ['get'],

@@ -142,8 +142,11 @@ describe('webhooks with default settings', () => {
 
   it('a failed job gives queued, loading, failed with the error', async () => {
     const rcv = await receiver();
-    const id = await h.submit({ ...hello(), model: 'llama9', state_webhook_url: rcv.url });
+    // The engine refuses the load (a model it lists but cannot load): the job fails from loading.
+    h.fake.setLoadBehaviour({ kind: 'http_error', status: 404, error: "model 'llama3.2' not found" });
+    const id = await h.submit({ ...hello(), state_webhook_url: rcv.url });
     const job = await settled(h, id);
+    h.fake.setLoadBehaviour(null);
     expect(job.state).toBe('failed');
     const got = forJob(rcv.received, id);
     expect(statesOf(got)).toEqual(['queued', 'loading', 'failed']);
@@ -155,7 +158,7 @@ describe('webhooks with default settings', () => {
       sequence: 4,
       occurred_at: transitionAt(job, 'failed'),
       metadata: {},
-      error: { code: 'model_not_found', message: "model 'llama9' not found" },
+      error: { code: 'model_not_found', message: "model 'llama3.2' not found" },
       ...runOf(job),
     });
     expect(got.map((r) => r.event.sequence)).toEqual([1, 2, 4]);

@@ -3,7 +3,7 @@ import type { EngineSpec } from '../config.js';
 import type { Clock } from '../domain.js';
 import { Loop } from '../loop.js';
 import type { ClaimHost } from '../queue/driver.js';
-import type { ChatEngine, EngineStatus } from './engine.js';
+import { EngineError, type ChatEngine, type EngineStatus } from './engine.js';
 import type { EngineHealth } from './health.js';
 
 /** Consecutive failed probes or unreachable requests that open a host's circuit. */
@@ -124,9 +124,20 @@ export class EnginePool {
     return Math.max(10, next);
   }
 
+  private probedAt = 0;
+  private probing: Promise<void> | null = null;
+
+  /** Probes now unless the last round is younger than `ms` (readiness: fresh, but not per request). */
+  async refreshIfOlder(ms: number): Promise<void> {
+    if (this.clock.now() - this.probedAt < ms) return;
+    this.probing ??= this.probeAll().finally(() => (this.probing = null));
+    await this.probing;
+  }
+
   /** Probes every host that may be probed now (closed, or open with its backoff over). */
   async probeAll(): Promise<void> {
     const now = this.clock.now();
+    this.probedAt = now;
     await Promise.all(this.hosts.filter((h) => h.circuit !== 'open' || h.retryAt <= now).map((h) => this.probe(h)));
     this.updateHealth();
   }
@@ -242,6 +253,53 @@ export class EnginePool {
     this.updateHealth();
     const up = this.hosts.find((h) => h.usable);
     return up ? { up: true, version: up.version ?? undefined } : { up: false, error: this.hosts.map((h) => `${h.name}: ${h.lastError ?? 'down'}`).join('; ') };
+  }
+
+  /**
+   * A direct load (`/api/chat` with no messages): on a usable host that has the model, one where
+   * it is resident first. No host has it (all up): model_not_found; none usable: unreachable.
+   */
+  async load(model: string, opts: { keepAlive?: unknown; signal: AbortSignal }): Promise<void> {
+    const hosts = this.hosts.filter((h) => h.usable && modelNames(model).some((n) => h.installed.has(n)));
+    const h = hosts.find((x) => x.isResident(model)) ?? hosts.sort((a, b) => b.free - a.free)[0];
+    if (!h) {
+      if (this.hosts.some((x) => x.usable)) throw new EngineError('permanent', 'model_not_found', `model '${model}' not found`, 404);
+      throw new EngineError('transient', 'engine_unavailable', 'no engine host is reachable', undefined, true);
+    }
+    const t0 = performance.now();
+    await h.reader.load(model, opts);
+    this.loaded(h, model, performance.now() - t0);
+  }
+
+  /** `/api/tags` of every usable host, merged and deduplicated by name. */
+  tags(): { models: ModelEntry[] } {
+    const seen = new Map<string, ModelEntry>();
+    for (const h of this.hosts.filter((x) => x.usable)) for (const m of h.tags) if (!seen.has(String(m.name))) seen.set(String(m.name), m);
+    return { models: [...seen.values()] };
+  }
+
+  /** `/api/ps` of every usable host: each resident model with its host. */
+  ps(): { models: (ModelEntry & { engine: string })[] } {
+    return { models: this.hosts.filter((x) => x.usable).flatMap((h) => h.ps.map((m) => ({ ...m, engine: h.name }))) };
+  }
+
+  /** The state of every host (GET /engines, /readyz). */
+  describe() {
+    return this.hosts.map((h) => ({
+      name: h.name,
+      url: h.spec.url,
+      health: h.up === null ? ('unknown' as const) : h.up ? ('up' as const) : ('down' as const),
+      circuit: h.circuit,
+      version: h.version,
+      last_error: h.lastError,
+      slots: h.spec.slots,
+      slots_in_use: h.inUse,
+      installed_models: [...new Set(h.tags.map((m) => String(m.name)))],
+      resident_models: [...new Set(h.ps.map((m) => String(m.name)))],
+      load_ms: Object.fromEntries([...h.loadMs].map(([m, ms]) => [m, Math.round(ms * 10) / 10])),
+      jobs_run: h.jobsRun,
+      loads: h.loads,
+    }));
   }
 
   byName(name: string): EngineHost | undefined {

@@ -4,7 +4,6 @@ import Fastify, { LogController, type FastifyInstance, type FastifyReply } from 
 import { registerOpenApi } from './openapi.js';
 import { SECURITY_HEADERS } from './headers.js';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
-import type { EngineStatus } from '../engine/engine.js';
 import { isLoopbackHost } from '../config.js';
 import { ApiError, errorHandler } from './errors.js';
 import { jobRoutes } from './routes.js';
@@ -186,23 +185,30 @@ export function buildApp(deps: AppDeps) {
       return reply.type(m.contentType).send(m.body);
     });
 
-    let engineCache: { at: number; status: EngineStatus } | null = null;
-    a.get('/readyz', { schema: { summary: 'The database answers; the engine status' } }, async (_req, reply) => {
+    // Ready while the database answers and at least one engine host is healthy (ADR-0012); the
+    // host states are the pool's, refreshed by its health probes, not probed per request.
+    a.get('/readyz', { schema: { summary: 'The database answers and at least one engine host is healthy; every host listed' } }, async (_req, reply) => {
       let dbOk = false;
       try {
         dbOk = await deps.storageReady();
       } catch (err) {
         deps.logger.error({ err }, 'readiness: database ping failed');
       }
-      const now = deps.clock.now();
-      if (!engineCache || now - engineCache.at > 1000) engineCache = { at: now, status: await deps.engine.status() };
-      const e = engineCache.status;
-      return reply.code(dbOk ? 200 : 503).send({
-        status: dbOk ? 'ready' : 'unavailable',
+      await deps.pool.refreshIfOlder(1000);
+      const hosts = deps.pool.describe();
+      const up = deps.pool.hosts.find((h) => h.usable);
+      const ready = dbOk && up !== undefined;
+      return reply.code(ready ? 200 : 503).send({
+        status: ready ? 'ready' : 'unavailable',
         database: dbOk ? 'ok' : 'error',
-        engine: e.up ? { status: 'up', version: e.version ?? null } : { status: 'down', error: e.error ?? null },
+        engine: up ? { status: 'up', version: up.version } : { status: 'down', error: hosts.map((h) => `${h.name}: ${h.last_error ?? h.health}`).join('; ') },
+        engines: hosts.map((h) => ({ name: h.name, url: h.url, health: h.health, circuit: h.circuit, version: h.version })),
       });
     });
+
+    a.get('/engines', { schema: { summary: 'The engine hosts: health, circuit, slots, installed and resident models, load times, jobs run and loads' } }, async () => ({
+      engines: deps.pool.describe(),
+    }));
   });
 
   void app.register(jobRoutes, deps);

@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import type { Config } from '../config.js';
 import type { Clock } from '../domain.js';
-import type { ChatEngine } from '../engine/engine.js';
+import type { EnginePool } from '../engine/pool.js';
 import type { JobEvents } from '../events.js';
 import type { Jobs } from '../jobs/jobs.js';
 import type { Keys } from '../jobs/keys.js';
@@ -13,7 +13,8 @@ export interface AppDeps {
   /** API keys: authentication, key management, usage and audit (ADR-0013). */
   keys: Keys;
   artifactUrls: ArtifactUrls;
-  engine: Pick<ChatEngine, 'status' | 'passthrough' | 'load'>;
+  /** The engine hosts: status, merged pass-through reads, direct loads (ADR-0012). */
+  pool: EnginePool;
   events: JobEvents;
   /** Prometheus metrics: the exposition, and one observation per request. */
   metrics?: {

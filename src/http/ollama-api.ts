@@ -5,6 +5,7 @@ import { isTerminal } from '../domain.js';
 import { EngineError, type ChatResponse } from '../engine/engine.js';
 import type { JobEvent } from '../events.js';
 import { uuidv7 } from '../ids.js';
+import { VERSION } from '../version.js';
 import { ApiError } from './errors.js';
 import { SECURITY_HEADERS } from './headers.js';
 import { SSE_BUFFER_MAX } from './sse.js';
@@ -108,7 +109,7 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
           throw new ApiError(503, 'engine_busy', `${LOADS_AT_ONCE} model loads are already running; try again shortly`, undefined, { 'retry-after': '5' });
         }
         try {
-          await deps.engine.load(body.model, { keepAlive: body.keep_alive, signal: AbortSignal.timeout(deps.config.engineIdleTimeoutMs) });
+          await deps.pool.load(body.model, { keepAlive: body.keep_alive, signal: AbortSignal.timeout(deps.config.engineIdleTimeoutMs) });
         } catch (err) {
           if (err instanceof EngineError) return (reply as FastifyReply).code(statusFor(err.code)).send({ error: err.message, code: err.code, message: err.message });
           throw err;
@@ -225,17 +226,18 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
     },
   );
 
-  for (const path of ['/api/tags', '/api/ps', '/api/version'] as const) {
-    app.get(path, { schema: { summary: `Passed through to the engine (${path})` } }, async (_req, reply) => {
-      try {
-        const r = await deps.engine.passthrough(path);
-        return reply.code(r.status).type(r.contentType).send(r.body);
-      } catch (err) {
-        if (err instanceof EngineError) {
-          throw new ApiError(502, 'engine_unavailable', `the engine did not answer: ${err.message}`);
-        }
-        throw err;
-      }
-    });
-  }
+  // The pool's view (ADR-0012): every healthy host's models, merged.
+  const noHost = () => new ApiError(502, 'engine_unavailable', 'no engine host answers right now');
+  app.get('/api/tags', { schema: { summary: 'Installed models of every healthy engine host, deduplicated by name' } }, async () => {
+    if (!deps.pool.hosts.some((h) => h.usable)) throw noHost();
+    return deps.pool.tags();
+  });
+  app.get('/api/ps', { schema: { summary: 'Resident models of every healthy engine host, each with its host (`engine`)' } }, async () => {
+    if (!deps.pool.hosts.some((h) => h.usable)) throw noHost();
+    return deps.pool.ps();
+  });
+  app.get('/api/version', { schema: { summary: "Foreman's version, and each engine host's" } }, async () => ({
+    version: VERSION,
+    engines: deps.pool.hosts.map((h) => ({ name: h.name, version: h.version, health: h.usable ? 'up' : 'down' })),
+  }));
 };

@@ -1,15 +1,15 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { Clock } from '../domain.js';
-import { EngineError, type ChatChunk, type ChatEngine } from '../engine/engine.js';
+import { EngineError, type ChatChunk } from '../engine/engine.js';
 import type { EngineHealth } from '../engine/health.js';
+import type { EngineHost, EnginePool } from '../engine/pool.js';
 import { isStorageUnavailable } from '../errors.js';
 import { backoffDelay, Loop } from '../loop.js';
 import type { ClaimedJob, QueueDriver } from '../queue/driver.js';
 import { retryStorage } from '../retry-storage.js';
 
 export interface WorkerOptions {
-  concurrency: number;
   leaseMs: number;
   pollIntervalMs: number;
   retryBaseMs: number;
@@ -18,7 +18,8 @@ export interface WorkerOptions {
 
 export interface WorkerDeps {
   driver: QueueDriver;
-  engine: ChatEngine;
+  /** The engine hosts: each has its slots; the claim for a host picks its jobs (ADR-0012). */
+  pool: EnginePool;
   health: EngineHealth;
   clock: Clock;
   logger: Logger;
@@ -34,6 +35,7 @@ export interface WorkerDeps {
 
 interface Running {
   job: ClaimedJob;
+  host: EngineHost;
   abort: AbortController;
   done: Promise<void>;
 }
@@ -68,14 +70,21 @@ export class Worker {
   }
 
   private async tick(): Promise<number> {
-    const { driver, clock, options, health } = this.deps;
-    if (health.downSince !== null) return options.pollIntervalMs; // woken when the engine is back
-    const free = options.concurrency - this.running.size;
-    if (free <= 0) return options.pollIntervalMs; // woken when a job finishes
+    const { driver, clock, options, health, pool } = this.deps;
+    if (health.downSince !== null) return options.pollIntervalMs; // woken when an engine host is back
+    const hosts = pool.withFreeSlots();
+    if (hosts.length === 0) return options.pollIntervalMs; // woken when a job finishes or a host comes back
     const now = clock.now();
-    const claimed = await driver.jobsClaim({ owner: this.owner, limit: free, now, leaseMs: options.leaseMs });
-    for (const job of claimed) this.launch(job);
-    if (claimed.length === free) return 0;
+    let filled = true;
+    // Each host with free slots claims for itself: only models it has, by the policy of ADR-0012.
+    for (const host of hosts) {
+      const free = host.free;
+      if (free <= 0) continue;
+      const claimed = await driver.jobsClaim({ owner: this.owner, limit: free, now, leaseMs: options.leaseMs, engine: pool.claimContext(host) });
+      for (const job of claimed) this.launch(job, host);
+      if (claimed.length < free) filled = false;
+    }
+    if (filled) return 0;
     // Delayed retries become claimable at their run_at: sleep until the first of them (after the
     // claim's own `now`, so one that came due since is claimed at once, not a poll later).
     const next = await driver.jobsNextRunAt({ now });
@@ -93,21 +102,25 @@ export class Worker {
     return false;
   }
 
-  private launch(job: ClaimedJob): void {
+  private launch(job: ClaimedJob, host: EngineHost): void {
     const abort = new AbortController();
-    const entry: Running = { job, abort, done: Promise.resolve() };
+    const entry: Running = { job, host, abort, done: Promise.resolve() };
     this.running.set(job.seq, entry);
-    entry.done = this.runJob(job, abort.signal).finally(() => {
+    host.inUse++;
+    entry.done = this.runJob(job, host, abort.signal).finally(() => {
+      host.inUse--;
+      host.jobsRun++;
       // Only our own entry: a later attempt of the same job may have replaced it.
       if (this.running.get(job.seq) === entry) this.running.delete(job.seq);
       this.loop.wake.notify();
     });
   }
 
-  private async runJob(job: ClaimedJob, signal: AbortSignal): Promise<void> {
-    const { driver, engine, clock, options } = this.deps;
+  private async runJob(job: ClaimedJob, host: EngineHost, signal: AbortSignal): Promise<void> {
+    const { driver, clock, options, pool } = this.deps;
+    const engine = host.engine;
     const { seq, lease } = job;
-    const log = this.deps.logger.child({ job_id: job.id, attempt: job.attempt });
+    const log = this.deps.logger.child({ job_id: job.id, attempt: job.attempt, engine: host.name });
     log.debug({ state: 'loading', model: job.model }, 'job loading');
     const heartbeat = setInterval(() => {
       driver.jobLeaseRenew({ seq, lease, until: clock.now() + options.leaseMs }).catch((err: unknown) => log.error({ err }, 'lease heartbeat failed'));
@@ -116,6 +129,7 @@ export class Worker {
       const t0 = performance.now();
       await engine.load(job.model, { keepAlive: job.request.keep_alive, signal });
       const loadMs = Math.round((performance.now() - t0) * 1000) / 1000;
+      pool.loaded(host, job.model, loadMs);
       if (!(await driver.jobSetWorking({ seq, lease, now: clock.now(), leaseMs: options.leaseMs }))) {
         log.warn('lost the job lease before working; leaving it to its new owner');
         return;
@@ -158,14 +172,14 @@ export class Worker {
       if (moved) log.info({ state: 'done', model: job.model, load_ms: loadMs, run_ms: Math.round(runMs), bytes: body.length }, 'job done');
       else log.warn('lost the job lease before done; result discarded');
     } catch (err) {
-      await this.handleFailure(job, err, signal, log);
+      await this.handleFailure(job, host, err, signal, log);
     } finally {
       clearInterval(heartbeat);
     }
   }
 
-  private async handleFailure(job: ClaimedJob, err: unknown, signal: AbortSignal, log: Logger): Promise<void> {
-    const { driver, clock, options, health } = this.deps;
+  private async handleFailure(job: ClaimedJob, host: EngineHost, err: unknown, signal: AbortSignal, log: Logger): Promise<void> {
+    const { driver, clock, options, health, pool } = this.deps;
     const { seq, lease } = job;
     try {
       if (signal.aborted && signal.reason === CANCELED) {
@@ -183,11 +197,21 @@ export class Worker {
         log.error({ err, state: 'queued' }, 'storage error while running job; re-queued');
         return;
       }
-      if (err instanceof EngineError && err.unreachable) {
-        // The engine is down: the job keeps its place and its attempt; claiming pauses until the
-        // outage policy finds the engine answering again.
+      if (err instanceof EngineError && (err.unreachable || (err.code === 'engine_unavailable' && pool.hosts.length > 1))) {
+        // The host is down (or died mid-job): the job keeps its attempt and goes back to the queue,
+        // for another host that has its model; this host takes no job until a probe succeeds.
+        // With every host down, claiming pauses until the outage policy finds one answering.
         await driver.jobRelease({ seq, lease, now: clock.now() });
-        if (health.markDown(clock.now())) log.warn({ err, state: 'queued' }, 'engine unreachable; job re-queued and claims paused until it answers');
+        pool.unreachable(host, err.message);
+        if (health.downSince !== null) log.warn({ err, state: 'queued' }, 'engine unreachable; job re-queued and claims paused until a host answers');
+        else log.warn({ err, state: 'queued' }, 'engine host unreachable; job re-queued for another host');
+        return;
+      }
+      if (err instanceof EngineError && err.code === 'model_not_found' && !(await this.stillInstalled(host, job.model))) {
+        // The host's list of models was stale: give the job back for a host that has it (or for
+        // the model_not_found check, if none does).
+        await driver.jobRelease({ seq, lease, now: clock.now() });
+        log.warn({ state: 'queued', model: job.model }, 'model no longer on this engine host; job re-queued');
         return;
       }
       const e =
@@ -206,6 +230,12 @@ export class Worker {
       // The lease will expire and the rescuer will re-queue the job; nothing is lost.
       log.error({ err: storeErr }, 'could not record the job outcome; the lease will expire and the job will run again');
     }
+  }
+
+  /** Refreshes the host's installed models (after a model_not_found): does it still list `model`? */
+  private async stillInstalled(host: EngineHost, model: string): Promise<boolean> {
+    await this.deps.pool.probe(host);
+    return host.installed.has(model);
   }
 
   /**

@@ -1,0 +1,37 @@
+import type { EnginePool } from '../engine/pool.js';
+import { MaintenanceService, type MaintenanceDeps } from './maintainer.js';
+
+/**
+ * Routing's dead end (ADR-0012): while every engine host answers, a queued job whose model none
+ * of them has installed can never run, so it fails at once with `model_not_found` and Ollama's
+ * message. While some host is down the job waits instead (that host may have it). Woken by every
+ * submit; otherwise it looks again each health interval (a host may have lost a model).
+ */
+export class UnroutableModels extends MaintenanceService {
+  readonly name = 'unroutable models';
+
+  constructor(
+    deps: MaintenanceDeps,
+    private readonly pool: EnginePool,
+    private readonly idleMs: number,
+  ) {
+    super(deps);
+  }
+
+  protected override subscribe() {
+    return [this.deps.driver.notifier.on('jobReady', this.wake)];
+  }
+
+  protected async tick(): Promise<number> {
+    const { driver, clock, logger } = this.deps;
+    if (!this.pool.allUp) return this.idleMs;
+    const models = await driver.jobsQueuedModels();
+    for (const model of models) {
+      // Checked again after every await: a host that went down meanwhile may have the model.
+      if (!this.pool.allUp || this.pool.installedAnywhere(model)) continue;
+      const ids = await driver.jobsFailQueuedModel({ model, now: clock.now(), error: { code: 'model_not_found', message: `model '${model}' not found` } });
+      for (const id of ids) logger.info({ job_id: id, state: 'failed', code: 'model_not_found', model }, 'no engine host has this model');
+    }
+    return this.idleMs;
+  }
+}
