@@ -10,6 +10,7 @@ import { ApiError, errorHandler } from './errors.js';
 import { jobRoutes } from './routes.js';
 import { sseRoutes } from './sse.js';
 import { ollamaRoutes } from './ollama-api.js';
+import { uiRoutes } from './ui.js';
 import type { AppDeps } from './deps.js';
 
 const MAX_PARAM_LENGTH = 256;
@@ -202,6 +203,7 @@ export function buildApp(deps: AppDeps) {
   void app.register(jobRoutes, deps);
   void app.register(sseRoutes, deps);
   void app.register(ollamaRoutes, deps);
+  void app.register(uiRoutes, deps); // the dashboard at /ui (ADR-0014)
   return app;
 }
 
