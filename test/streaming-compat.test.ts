@@ -759,6 +759,7 @@ describe('OpenAPI document and docs page', () => {
       if (!m[3]) continue;
       const p = stack.join('').replace(/:([A-Za-z_]+)/g, '{$1}');
       if (p === '/openapi.json' || p === '/docs' || p.startsWith('/docs/')) continue; // the docs themselves
+      if (p === '/ui' || p.startsWith('/ui/')) continue; // the dashboard (ADR-0014), not part of the API
       const methods = m[3]
         .split(',')
         .map((s) => s.trim().toLowerCase())

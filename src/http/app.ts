@@ -11,6 +11,7 @@ import { keyRoutes } from './key-routes.js';
 import { registerAuth } from './auth.js';
 import { sseRoutes } from './sse.js';
 import { ollamaRoutes } from './ollama-api.js';
+import { uiRoutes } from './ui.js';
 import type { AppDeps } from './deps.js';
 
 const MAX_PARAM_LENGTH = 256;
@@ -215,6 +216,7 @@ export function buildApp(deps: AppDeps) {
   void app.register(keyRoutes, deps);
   void app.register(sseRoutes, deps);
   void app.register(ollamaRoutes, deps);
+  void app.register(uiRoutes, deps); // the dashboard at /ui (ADR-0014)
   return app;
 }
 
