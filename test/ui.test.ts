@@ -3,14 +3,12 @@
  * playwright-core) against a real server on loopback with the fake Ollama and real receivers.
  * Every check reads what the page shows and compares it with exact values; actions taken in the
  * page are checked through the API or at the receiver.
- *
- * Not here yet: the API-key prompt (api.ts) needs the server's keys, which land separately.
  */
 import type { Browser, Locator, Page } from 'playwright-core';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { launchChromium } from './support/browser.js';
 import { hello, startHarness, type Harness } from './support/harness.js';
-import type { FakeOllamaOptions } from './support/fake-ollama.js';
+import { startFakeOllama, type FakeOllamaOptions } from './support/fake-ollama.js';
 import { startReceiver, type Receiver } from './support/receiver.js';
 import { pollJob, sleep } from './support/util.js';
 
@@ -286,5 +284,64 @@ describe('engines and receivers', () => {
     expect(cells.slice(0, 6)).toEqual([`${bad.url}/hook`, '2', '2', '0', '0', '500']);
     expect(cells[6]).toMatch(/500/);
     expect(problems).toEqual([]);
+  });
+});
+
+describe('engine pool and API keys', () => {
+  it('shows every engine host of the pool, each with its slots and models (GET /engines)', async () => {
+    const f1 = await startFakeOllama();
+    const f2 = await startFakeOllama({ models: ['mistral'] });
+    cleanups.push(() => f1.close(), () => f2.close());
+    const h2 = await startHarness({ engines: [`${f1.url}?name=gpu1&slots=2`, `${f2.url}?name=gpu2&slots=1`] }, {}, f1);
+    cleanups.push(() => h2.stop());
+    await h2.waitForState(await h2.submit(hello('warm')), ['done']);
+    await h2.waitForState(await h2.submit({ ...hello('other'), model: 'mistral' }), ['done']);
+    const { page, problems } = await open(h2, '#/engines');
+    const hosts = page.locator('[data-testid="engine-host"]');
+    await textWhere(hosts.first(), (t) => t.includes('gpu1'), 'first host card');
+    expect(await hosts.count()).toBe(2);
+    await text(hosts.nth(0).locator('[data-testid="engine-slots"]'), '0 / 2');
+    await text(hosts.nth(1).locator('[data-testid="engine-slots"]'), '0 / 1');
+    await text(hosts.nth(1).locator('[data-testid="resident-model"] td').first(), 'mistral:latest');
+    expect(problems).toEqual([]);
+  });
+
+  it('with authentication on, asks for a key once and shows only that key\'s jobs', async () => {
+    const admin = 'ui-admin-token-0123456789';
+    const h = await harness({ adminToken: admin });
+    const mk = async (name: string) =>
+      (await h.api('/keys', { method: 'POST', headers: { authorization: `Bearer ${admin}` }, json: { name } })).body.key as string;
+    const [ka, kb] = [await mk('a'), await mk('b')];
+    const submitAs = async (key: string, text: string) =>
+      (await h.api('/jobs', { method: 'POST', headers: { authorization: `Bearer ${key}` }, json: hello(text) })).body.job_id as string;
+    const mine = [await submitAs(ka, 'a1'), await submitAs(ka, 'a2')];
+    const theirs = [await submitAs(kb, 'b1'), await submitAs(kb, 'b2'), await submitAs(kb, 'b3')];
+    for (const id of mine) {
+      const until = Date.now() + 10_000;
+      while ((await h.api(`/jobs/${id}`, { headers: { authorization: `Bearer ${ka}` } })).body.state !== 'done' && Date.now() < until) await sleep(20);
+    }
+
+    const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+    cleanups.push(() => context.close());
+    const page = await context.newPage();
+    const unauthorized: string[] = [];
+    page.on('response', (r) => r.status() === 401 && unauthorized.push(new URL(r.url()).pathname));
+    expect((await page.goto(`${h.url}/ui#/jobs`))?.status()).toBe(200);
+    const prompt = page.locator('[data-testid="key-prompt"]');
+    await prompt.waitFor({ state: 'visible', timeout: 10_000 });
+    await page.locator('[data-testid="key-input"]').fill(ka);
+    await prompt.locator('button[type="submit"]').click();
+    const rows = page.locator('[data-testid="job-row"]');
+    const end = Date.now() + 10_000;
+    while (Date.now() < end && (await rows.count()) !== 2) await sleep(50);
+    const shown = await rows.evaluateAll((els) => els.map((e) => e.getAttribute('data-job')));
+    expect(shown.sort()).toEqual([...mine].sort());
+    for (const id of theirs) expect(shown).not.toContain(id);
+    expect(await prompt.count()).toBe(0);
+    // The key is kept for the tab: a reload asks for nothing.
+    await page.reload();
+    while (Date.now() < end + 5_000 && (await rows.count()) !== 2) await sleep(50);
+    expect(await rows.count()).toBe(2);
+    expect(await prompt.count()).toBe(0);
   });
 });

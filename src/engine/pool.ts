@@ -48,6 +48,8 @@ export class EngineHost {
   resident = new Map<string, number>();
   /** Measured load time per model (moving average, ms). */
   loadMs = new Map<string, number>();
+  /** Loads per model. */
+  loadCount = new Map<string, number>();
 
   constructor(
     readonly spec: EngineSpec,
@@ -236,6 +238,7 @@ export class EnginePool {
     for (const n of modelNames(model)) h.resident.set(n, now);
     if (wasResident) return;
     h.loads++;
+    h.loadCount.set(model, (h.loadCount.get(model) ?? 0) + 1);
     const prev = h.loadMs.get(model);
     h.loadMs.set(model, prev === undefined ? ms : prev + 0.3 * (ms - prev));
     // The host may have evicted another model to make room: learn which from /api/ps.
@@ -297,6 +300,7 @@ export class EnginePool {
       installed_models: [...new Set(h.tags.map((m) => String(m.name)))],
       resident_models: [...new Set(h.ps.map((m) => String(m.name)))],
       load_ms: Object.fromEntries([...h.loadMs].map(([m, ms]) => [m, Math.round(ms * 10) / 10])),
+      load_counts: Object.fromEntries(h.loadCount),
       jobs_run: h.jobsRun,
       loads: h.loads,
     }));

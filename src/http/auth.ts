@@ -11,8 +11,8 @@ declare module 'fastify' {
 }
 
 const ANONYMOUS: Principal = { kind: 'anonymous' };
-/** Routes anyone may call: health, the API description and the dashboard's static page. */
-const OPEN_PATHS = /^\/(healthz|readyz|openapi\.json)$|^\/(docs|ui)(\/|$)/;
+/** Routes anyone may call: health, the API description and the dashboard's static page (its data needs a key). */
+const OPEN_PATHS = /^\/(healthz|readyz|openapi\.json)$|^\/docs(\/|$)|^\/ui\/?$|^\/ui\/assets\//;
 /** An artifact URL that carries a signature authenticates by it (webhook receivers hold no key). */
 const SIGNED_ARTIFACT = /^\/jobs\/[^/]+\/artifacts\/[^/]+$/;
 

@@ -1,13 +1,11 @@
 /**
- * The engines panel renders a list of hosts. Today Foreman has one engine, so the list has one
- * entry, assembled from what exists: GET /readyz (up or down, version), GET /api/ps (resident
- * models), GET /api/tags (installed models), GET /ui/api/info (slots = FOREMAN_CONCURRENCY) and
- * /metrics (busy slots, mean load time per model). A multi-host GET /engines can replace
- * `loadHosts` without touching the panel.
+ * The engines panel renders a list of hosts: GET /engines (health, circuit, slots, installed and
+ * resident models, load times and counts per host), with sizes from the merged /api/tags and
+ * /api/ps (each resident model carries its host).
  */
 import { getJson } from './api';
 import type { Metrics } from './prom';
-import type { PsReply, Readyz, TagsReply, UiInfo } from './types';
+import type { PsReply, TagsReply } from './types';
 
 export interface EngineHost {
   id: string;
@@ -31,40 +29,47 @@ async function settled<T>(p: Promise<T>): Promise<T | Error> {
   }
 }
 
-export async function loadHosts(metrics: Metrics | null, signal: AbortSignal): Promise<EngineHost[]> {
-  const [ready, ps, tags, info] = await Promise.all([
-    settled(getJson<Readyz>('/readyz', signal)),
+interface EngineRow {
+  name: string;
+  url: string;
+  health: 'up' | 'down' | 'unknown';
+  circuit: string;
+  version: string | null;
+  last_error: string | null;
+  slots: number;
+  slots_in_use: number;
+  installed_models: string[];
+  resident_models: string[];
+  load_ms: Record<string, number>;
+  load_counts: Record<string, number>;
+  jobs_run: number;
+  loads: number;
+}
+
+/** Every engine host, from GET /engines (ADR-0012); sizes and details from the merged /api/tags and /api/ps. */
+export async function loadHosts(_metrics: Metrics | null, signal: AbortSignal): Promise<EngineHost[]> {
+  const [engines, ps, tags] = await Promise.all([
+    getJson<{ engines: EngineRow[] }>('/engines', signal),
     settled(getJson<PsReply>('/api/ps', signal)),
     settled(getJson<TagsReply>('/api/tags', signal)),
-    settled(getJson<UiInfo>('/ui/api/info', signal)),
   ]);
-  const busy = metrics ? metrics.sum('foreman_jobs', { state: 'loading' }) + metrics.sum('foreman_jobs', { state: 'working' }) : 0;
-  const loads: EngineHost['loads'] = [];
-  if (metrics) {
-    const sums = metrics.sumBy('foreman_job_load_seconds_sum', 'model');
-    for (const [model, n] of metrics.sumBy('foreman_job_load_seconds_count', 'model')) {
-      if (n > 0) loads.push({ model, count: n, meanMs: ((sums.get(model) ?? 0) / n) * 1000 });
-    }
-    loads.sort((a, b) => a.model.localeCompare(b.model));
-  }
-  const engine = ready instanceof Error ? null : ready.engine;
-  return [
-    {
-      id: 'default',
-      address: info instanceof Error ? 'engine' : info.engine.host,
-      status: engine === null ? 'unknown' : engine.status,
-      version: engine?.status === 'up' ? engine.version : null,
-      error: engine?.status === 'down' ? engine.error : ready instanceof Error ? ready.message : null,
-      slots: { busy, total: info instanceof Error ? null : info.concurrency },
-      resident:
-        ps instanceof Error
-          ? []
-          : ps.models.map((m) => ({ name: m.name, size: m.size ?? null, vram: m.size_vram ?? null, context: m.context_length ?? null, expiresAt: m.expires_at ?? null })),
-      installed:
-        tags instanceof Error
-          ? []
-          : tags.models.map((m) => ({ name: m.name, size: m.size ?? null, parameters: m.details?.parameter_size ?? null, quantization: m.details?.quantization_level ?? null })),
-      loads,
-    },
-  ];
+  const tagOf = new Map((tags instanceof Error ? [] : tags.models).map((m) => [m.name, m]));
+  return engines.engines.map((e) => ({
+    id: e.name,
+    address: `${e.name} · ${e.url}`,
+    status: e.health,
+    version: e.version,
+    error: e.health === 'up' ? null : (e.last_error ?? `circuit ${e.circuit}`),
+    slots: { busy: e.slots_in_use, total: e.slots },
+    resident: (ps instanceof Error ? [] : ps.models)
+      .filter((m) => (m as { engine?: string }).engine === e.name)
+      .map((m) => ({ name: m.name, size: m.size ?? null, vram: m.size_vram ?? null, context: m.context_length ?? null, expiresAt: m.expires_at ?? null })),
+    installed: e.installed_models.map((name) => {
+      const m = tagOf.get(name);
+      return { name, size: m?.size ?? null, parameters: m?.details?.parameter_size ?? null, quantization: m?.details?.quantization_level ?? null };
+    }),
+    loads: Object.entries(e.load_ms)
+      .map(([model, meanMs]) => ({ model, meanMs, count: e.load_counts[model] ?? 0 }))
+      .sort((a, b) => a.model.localeCompare(b.model)),
+  }));
 }
