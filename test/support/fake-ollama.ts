@@ -49,6 +49,24 @@ export interface FakeOllamaOptions {
   loadDelayMs?: number;
   /** Default delay between streamed lines; default 0. */
   defaultChunkDelayMs?: number;
+  /**
+   * Residency, as a GPU host has it: at most this many models loaded at once (default: no limit).
+   * A request for a model that is not loaded first takes `swapMs` and evicts the least recently
+   * used one; a loaded model answers a load at once.
+   */
+  maxResident?: number;
+  /** With `maxResident`: how long loading a model that is not resident takes. */
+  swapMs?: number;
+}
+
+/** What the fake saw of its own load: swaps, and requests in flight at once. */
+export interface FakeStats {
+  /** Loads of a model that was not resident (with `maxResident`). */
+  swaps: number;
+  /** Chat requests (loads and generations) in flight at once, at most. */
+  maxConcurrent: number;
+  /** Generations with the same last user text in flight at once (a job run twice at the same time). */
+  overlapping: number;
 }
 
 export interface FakeOllama {
@@ -66,6 +84,9 @@ export interface FakeOllama {
   start(): Promise<void>;
   /** Close everything, destroy open sockets. */
   close(): Promise<void>;
+  stats: FakeStats;
+  /** Loaded models, least recently used first. */
+  resident(): string[];
   /** Resolves when `n` requests matching pred (default: any) have been recorded. */
   waitForRequests(n: number, pred?: (r: RecordedRequest) => boolean, timeoutMs?: number): Promise<RecordedRequest[]>;
 }
@@ -296,8 +317,28 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
   };
 
   const markLoaded = (model: string): void => {
-    loaded.set(normalizeModel(model), Date.now());
+    const m = normalizeModel(model);
+    loaded.delete(m); // re-inserted: the Map's order is least recently used first
+    loaded.set(m, Date.now());
   };
+  const stats: FakeStats = { swaps: 0, maxConcurrent: 0, overlapping: 0 };
+  let inFlight = 0;
+  /** Same last-user-text generations in flight (a job run twice at once would show here). */
+  const generating = new Map<string, number>();
+
+  /** With maxResident: a model that is not loaded is loaded first (swapMs), evicting the LRU one. */
+  async function ensureResident(model: string, st: ReqState): Promise<void> {
+    if (opts.maxResident === undefined) return;
+    const m = normalizeModel(model);
+    if (loaded.has(m)) {
+      markLoaded(m);
+      return;
+    }
+    stats.swaps++;
+    await sleep(opts.swapMs ?? 0, st);
+    while (loaded.size >= opts.maxResident) loaded.delete(loaded.keys().next().value as string);
+    markLoaded(m);
+  }
 
   // ---- /api/chat
 
@@ -430,9 +471,26 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
     }
     const isLoad = body.messages === undefined || (Array.isArray(body.messages) && body.messages.length === 0);
     const stream = body.stream !== false;
+    inFlight++;
+    stats.maxConcurrent = Math.max(stats.maxConcurrent, inFlight);
+    void st.closedPromise.then(() => inFlight--);
+    const unloading = body.keep_alive === 0 || body.keep_alive === '0' || body.keep_alive === '0s';
+    if (!unloading) await ensureResident(model, st);
+    if (st.closed) return;
+    if (!isLoad) {
+      const key = lastUserText(body);
+      const n = (generating.get(key) ?? 0) + 1;
+      generating.set(key, n);
+      if (n > 1) stats.overlapping++;
+      void st.closedPromise.then(() => {
+        const left = (generating.get(key) ?? 1) - 1;
+        if (left <= 0) generating.delete(key);
+        else generating.set(key, left);
+      });
+    }
 
     if (isLoad) {
-      const unload = body.keep_alive === 0 || body.keep_alive === '0' || body.keep_alive === '0s';
+      const unload = unloading;
       await sleep(loadDelayMs, st);
       if (st.closed) return;
       const answer = (): void => {
@@ -634,6 +692,8 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
     url: `http://127.0.0.1:${port}`,
     port,
     requests,
+    stats,
+    resident: () => [...loaded.keys()],
     enqueue(...b: FakeBehaviour[]): void {
       queue.push(...b);
     },
