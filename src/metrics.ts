@@ -1,6 +1,7 @@
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { Clock } from './domain.js';
 import type { EngineHealth } from './engine/health.js';
+import type { EnginePool } from './engine/pool.js';
 import type { QueueDriver, TransitionEvent } from './queue/driver.js';
 
 /** Seconds buckets from 5 ms to about 10 minutes: queue waits, loads and generations all fit. */
@@ -30,7 +31,10 @@ export class Metrics {
   private readonly commitSize: Histogram;
   private readonly commitDuration: Histogram;
 
-  constructor(driver: QueueDriver, health: EngineHealth, clock: Clock) {
+  private readonly engineLoads: Counter<'engine' | 'model'>;
+  private readonly engineLoadSeconds: Counter<'engine' | 'model'>;
+
+  constructor(driver: QueueDriver, health: EngineHealth, clock: Clock, pool?: EnginePool) {
     const registers = [this.registry];
     collectDefaultMetrics({ register: this.registry });
     this.submitted = new Counter({ name: 'foreman_jobs_submitted_total', help: 'Jobs accepted, by model', labelNames: ['model'], registers });
@@ -95,11 +99,71 @@ export class Metrics {
     });
     new Gauge({
       name: 'foreman_engine_up',
-      help: 'Whether the engine is believed reachable (1) or in an outage (0)',
+      help: 'Whether some engine host is believed reachable (1) or every one is in an outage (0)',
       registers,
       collect() {
         this.set(health.downSince === null ? 1 : 0);
       },
+    });
+    // Per engine host (ADR-0012): the label set is the configured hosts (and their models).
+    const hosts = () => pool?.hosts ?? [];
+    new Gauge({
+      name: 'foreman_engine_host_up',
+      help: 'Whether the engine host answered its last probe and takes jobs (1) or not (0)',
+      labelNames: ['engine'],
+      registers,
+      collect() {
+        for (const h of hosts()) this.set({ engine: h.name }, h.usable ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: 'foreman_engine_circuit_state',
+      help: "The engine host's circuit: 1 for its current state (closed, open, half_open), 0 for the others",
+      labelNames: ['engine', 'state'],
+      registers,
+      collect() {
+        for (const h of hosts()) for (const s of ['closed', 'open', 'half_open']) this.set({ engine: h.name, state: s }, h.circuit === s ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: 'foreman_engine_slots',
+      help: 'Jobs the engine host may run at once',
+      labelNames: ['engine'],
+      registers,
+      collect() {
+        for (const h of hosts()) this.set({ engine: h.name }, h.spec.slots);
+      },
+    });
+    new Gauge({
+      name: 'foreman_engine_slots_in_use',
+      help: 'Jobs running on the engine host',
+      labelNames: ['engine'],
+      registers,
+      collect() {
+        for (const h of hosts()) this.set({ engine: h.name }, h.inUse);
+      },
+    });
+    new Gauge({
+      name: 'foreman_engine_resident_models',
+      help: 'Models loaded on the engine host (1 per resident model)',
+      labelNames: ['engine', 'model'],
+      registers,
+      collect() {
+        this.reset();
+        for (const h of hosts()) for (const m of h.ps) this.set({ engine: h.name, model: String(m.name ?? m.model ?? '') }, 1);
+      },
+    });
+    this.engineLoads = new Counter({
+      name: 'foreman_engine_loads_total',
+      help: 'Loads of a model that was not resident on the engine host (the thrash figure)',
+      labelNames: ['engine', 'model'],
+      registers,
+    });
+    this.engineLoadSeconds = new Counter({
+      name: 'foreman_engine_load_seconds_total',
+      help: 'Time spent loading models that were not resident, per engine host',
+      labelNames: ['engine', 'model'],
+      registers,
     });
     this.http = new Counter({ name: 'foreman_http_requests_total', help: 'HTTP requests by method, route pattern and status', labelNames: ['method', 'route', 'status'], registers });
     this.httpDuration = new Histogram({
@@ -139,6 +203,12 @@ export class Metrics {
     }
     if (r.completionTokens !== null) this.tokens.inc({ model }, r.completionTokens);
     if (r.promptTokens !== null) this.promptTokens.inc({ model }, r.promptTokens);
+  };
+
+  /** A model that was not resident was loaded on an engine host. */
+  engineLoad = (engine: string, model: string, seconds: number): void => {
+    this.engineLoads.inc({ engine, model });
+    this.engineLoadSeconds.inc({ engine, model }, seconds);
   };
 
   firstTokenAfter = (model: string, seconds: number): void => {

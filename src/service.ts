@@ -113,8 +113,9 @@ export class Service {
       clock,
       logger,
       { healthIntervalMs: config.engineHealthIntervalMs, affinityMaxWaitMs: config.affinityMaxWaitMs },
+      { onLoad: (engine, model, seconds) => this.metrics?.engineLoad(engine, model, seconds) },
     );
-    this.metrics = new Metrics(driver, health, clock);
+    this.metrics = new Metrics(driver, health, clock, this.pool);
     this.unsubscribeMetrics = driver.notifier.on('stateChanged', this.metrics.transition);
     const random = opts.random ? { random: opts.random } : {};
     this.worker = new Worker({

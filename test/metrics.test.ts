@@ -73,6 +73,13 @@ describe('GET /metrics', () => {
       ['foreman_webhook_deliveries_pending', 'GAUGE'],
       ['foreman_webhook_oldest_pending_age_seconds', 'GAUGE'],
       ['foreman_engine_up', 'GAUGE'],
+      ['foreman_engine_host_up', 'GAUGE'],
+      ['foreman_engine_circuit_state', 'GAUGE'],
+      ['foreman_engine_slots', 'GAUGE'],
+      ['foreman_engine_slots_in_use', 'GAUGE'],
+      ['foreman_engine_resident_models', 'GAUGE'],
+      ['foreman_engine_loads_total', 'COUNTER'],
+      ['foreman_engine_load_seconds_total', 'COUNTER'],
       ['foreman_http_requests_total', 'COUNTER'],
       ['foreman_http_request_duration_seconds', 'HISTOGRAM'],
       ['foreman_store_commit_batch_size', 'HISTOGRAM'],
@@ -83,6 +90,22 @@ describe('GET /metrics', () => {
       expect(family(f, name).type, name).toBe(type);
     }
     expect(value(f, 'foreman_engine_up')).toBe(1);
+    const engine = h.service.pool.hosts[0]!.name;
+    expect(value(f, 'foreman_engine_host_up', { engine })).toBe(1);
+    expect(value(f, 'foreman_engine_circuit_state', { engine, state: 'closed' })).toBe(1);
+    expect(value(f, 'foreman_engine_circuit_state', { engine, state: 'open' })).toBe(0);
+    expect(value(f, 'foreman_engine_slots', { engine })).toBe(h.config.concurrency);
+  });
+
+  it('counts a load of a model that was not resident, per engine host and model, once', async () => {
+    const engine = h.service.pool.hosts[0]!.name;
+    const before = await scrape();
+    const loads = (f: Families) => value(f, 'foreman_engine_loads_total', { engine, model: 'qwen3' });
+    await h.waitForState(await h.submit(hello('q1', { model: 'qwen3' })), ['done']);
+    await h.waitForState(await h.submit(hello('q2', { model: 'qwen3' })), ['done']);
+    const after = await scrape();
+    expect(loads(after) - loads(before)).toBe(1);
+    expect(value(after, 'foreman_engine_load_seconds_total', { engine, model: 'qwen3' })).toBeGreaterThan(0);
   });
 
   it('finishing 3 jobs adds exactly 3 to the finished total, their tokens to the token totals, and 12 delivered events', async () => {

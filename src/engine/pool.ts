@@ -82,6 +82,11 @@ export interface PoolOptions {
   affinityMaxWaitMs: number;
 }
 
+export interface PoolHooks {
+  /** A model that was not resident was loaded (metrics). */
+  onLoad?: (engine: string, model: string, seconds: number) => void;
+}
+
 /**
  * The engine pool (ADR-0012): every host's health (a probe each interval, a circuit that opens
  * after consecutive connection failures and half-opens after a backoff), installed models
@@ -99,6 +104,7 @@ export class EnginePool {
     private readonly clock: Clock,
     private readonly logger: Logger,
     readonly options: PoolOptions,
+    readonly hooks: PoolHooks = {},
   ) {
     this.hosts = hosts.map((h) => new EngineHost(h.spec, h.engine, h.reader));
     this.loop = new Loop('engine health', () => this.tick(), logger, options.healthIntervalMs);
@@ -238,6 +244,7 @@ export class EnginePool {
     for (const n of modelNames(model)) h.resident.set(n, now);
     if (wasResident) return;
     h.loads++;
+    this.hooks.onLoad?.(h.name, model, ms / 1000);
     h.loadCount.set(model, (h.loadCount.get(model) ?? 0) + 1);
     const prev = h.loadMs.get(model);
     h.loadMs.set(model, prev === undefined ? ms : prev + 0.3 * (ms - prev));
