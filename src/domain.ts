@@ -43,3 +43,11 @@ export function iso(ms: number | null | undefined): string | null {
 export function eventId(jobId: string, state: JobState): string {
   return `${jobId}:${state}`;
 }
+
+/**
+ * What Ollama loads a model as (ADR-0012): the model, and the context size when the job asks for
+ * one (`options.num_ctx`; Ollama reloads the model for another). Affinity compares load keys.
+ */
+export function loadKey(model: string, numCtx: unknown): string {
+  return typeof numCtx === 'number' ? `${model}#num_ctx=${numCtx}` : model;
+}

@@ -198,6 +198,20 @@ describe('model-aware scheduling', () => {
     expect(before).toBeLessThan(12);
   });
 
+  it('another options.num_ctx is another load: affinity prefers the job that matches what is loaded', async () => {
+    const f = await fake({ models: ['m1', 'm2'], maxResident: 1, swapMs: 50, defaultChunkDelayMs: 5 });
+    const h = await pool([{ f, name: 'gpu1' }], { affinityMaxWaitMs: 30_000 });
+    f.enqueue({ kind: 'ok', chunkDelayMs: 100 });
+    const blocker = await h.submit(job('blocker', 'm1'));
+    await until('the blocker to run', async () => (await h.api(`/jobs/${blocker}`)).body.state === 'working');
+    const bigCtx = await h.submit(job('big context', 'm1', { options: { num_ctx: 8192 } }));
+    const same = await h.submit(job('same load', 'm1'));
+    const [b, s] = await Promise.all([h.waitForState(bigCtx, ['done']), h.waitForState(same, ['done'])]);
+    expect(startedAt(s)).toBeLessThan(startedAt(b));
+    // What the user sent is passed on unchanged.
+    expect(f.requests.find((r) => r.kind === 'chat' && r.body.messages.at(-1).content === 'big context')!.body.options).toEqual({ num_ctx: 8192 });
+  });
+
   it('priority beats affinity', async () => {
     const f = await fake({ models: ['m1', 'm2'], maxResident: 1, swapMs: 50, defaultChunkDelayMs: 5 });
     const h = await pool([{ f, name: 'gpu1' }], { affinityMaxWaitMs: 30_000 });

@@ -11,6 +11,7 @@ import path from 'node:path';
 import type { Page } from 'playwright-core';
 import { launchChromium } from '../test/support/browser.js';
 import { hello, startHarness } from '../test/support/harness.js';
+import { startFakeOllama } from '../test/support/fake-ollama.js';
 import { startReceiver } from '../test/support/receiver.js';
 
 const OUT = path.resolve('docs/screenshots');
@@ -19,9 +20,19 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 const good = await startReceiver(() => 200);
 const bad = await startReceiver(() => 503);
+// Two engine hosts (ADR-0012): gpu1 has every model, gpu2 two of them and one resident at a time.
+const gpu1 = await startFakeOllama({ models: ['llama3.2', 'qwen3', 'mistral'], defaultChunkDelayMs: 25, loadDelayMs: 300 });
+const gpu2 = await startFakeOllama({ models: ['llama3.2', 'mistral'], defaultChunkDelayMs: 25, maxResident: 1, swapMs: 400 });
 const h = await startHarness(
-  { concurrency: 2, webhookMaxAttempts: 3, webhookBackoffBaseMs: 500, webhookBackoffMaxMs: 5_000, engineIdleTimeoutMs: 60_000 },
-  { models: ['llama3.2', 'qwen3', 'mistral'], defaultChunkDelayMs: 25, loadDelayMs: 300 },
+  {
+    engines: [`${gpu1.url}?name=gpu1&slots=2`, `${gpu2.url}?name=gpu2&slots=1`],
+    webhookMaxAttempts: 3,
+    webhookBackoffBaseMs: 500,
+    webhookBackoffMaxMs: 5_000,
+    engineIdleTimeoutMs: 60_000,
+  },
+  {},
+  gpu1,
 );
 const browser = await launchChromium();
 
@@ -89,6 +100,8 @@ try {
 } finally {
   await browser.close();
   await h.stop();
+  await gpu1.close();
+  await gpu2.close();
   await good.close();
   await bad.close();
 }

@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import type { EngineSpec } from '../config.js';
-import type { Clock } from '../domain.js';
+import { loadKey, type Clock } from '../domain.js';
 import { Loop } from '../loop.js';
 import type { ClaimHost } from '../queue/driver.js';
 import { EngineError, type ChatEngine, type EngineStatus } from './engine.js';
@@ -46,6 +46,8 @@ export class EngineHost {
   ps: ModelEntry[] = [];
   /** Resident model → when last used (ms). */
   resident = new Map<string, number>();
+  /** Resident model → the `num_ctx` it was last loaded with by a job here (null: the default). */
+  ctxOf = new Map<string, number | null>();
   /** Measured load time per model (moving average, ms). */
   loadMs = new Map<string, number>();
   /** Loads per model. */
@@ -178,6 +180,7 @@ export class EnginePool {
     const next = new Map<string, number>();
     for (const m of models) for (const n of modelNames(String(m.name ?? m.model ?? ''))) next.set(n, h.resident.get(n) ?? now);
     h.resident = next;
+    for (const n of [...h.ctxOf.keys()]) if (!next.has(n)) h.ctxOf.delete(n);
     h.ps = models;
   }
 
@@ -231,17 +234,22 @@ export class EnginePool {
     return {
       name: h.name,
       models: [...h.installed],
-      resident: [...h.resident.keys()],
+      resident: [...h.resident.keys()].map((n) => loadKey(n, h.ctxOf.get(n) ?? null)),
       loadMs,
       affinityMaxWaitMs: this.options.affinityMaxWaitMs,
     };
   }
 
   /** The worker ran a job's loading step on `h`: was it a swap, and how long did it take. */
-  loaded(h: EngineHost, model: string, ms: number): void {
-    const wasResident = h.isResident(model);
+  loaded(h: EngineHost, model: string, ms: number, numCtx: unknown = null): void {
+    const ctx = typeof numCtx === 'number' ? numCtx : null;
+    // Another context size is another load to Ollama (ADR-0012).
+    const wasResident = h.isResident(model) && (h.ctxOf.get(model) ?? null) === ctx;
     const now = this.clock.now();
-    for (const n of modelNames(model)) h.resident.set(n, now);
+    for (const n of modelNames(model)) {
+      h.resident.set(n, now);
+      h.ctxOf.set(n, ctx);
+    }
     if (wasResident) return;
     h.loads++;
     this.hooks.onLoad?.(h.name, model, ms / 1000);

@@ -129,7 +129,7 @@ export class Worker {
       const t0 = performance.now();
       await engine.load(job.model, { keepAlive: job.request.keep_alive, signal });
       const loadMs = Math.round((performance.now() - t0) * 1000) / 1000;
-      pool.loaded(host, job.model, loadMs);
+      pool.loaded(host, job.model, loadMs, (job.request.options as { num_ctx?: unknown } | undefined)?.num_ctx);
       if (!(await driver.jobSetWorking({ seq, lease, now: clock.now(), leaseMs: options.leaseMs }))) {
         log.warn('lost the job lease before working; leaving it to its new owner');
         return;

@@ -18,6 +18,7 @@ import type {
   QueueDriver,
   TransitionEvent,
   ApiKeyRecord,
+  ClaimHost,
 } from '../../src/queue/driver.js';
 
 export type DriverFactory = () => Promise<{ driver: QueueDriver; cleanup: () => Promise<void> }>;
@@ -1671,6 +1672,70 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(await d.secretEnsure({ name: 's', value: 'one' })).toBe('one');
         expect(await d.secretEnsure({ name: 's', value: 'two' })).toBe('one');
         expect(await d.secretEnsure({ name: 't', value: 'three' })).toBe('three');
+      });
+    });
+    // =========================================================================================
+    describe('model-aware claims for one engine host (ADR-0012)', () => {
+      const host = (over: Partial<ClaimHost> = {}): ClaimHost => ({
+        name: 'gpu1',
+        models: ['m1', 'm2', 'm3'],
+        resident: [],
+        loadMs: {},
+        affinityMaxWaitMs: 60_000,
+        ...over,
+      });
+      const claimFor = async (now: number, h: ClaimHost, limit = 1) =>
+        (await d.jobsClaim({ owner: 'w', limit, now, leaseMs: 1000, engine: h })).map((c) => c.id);
+
+      it('claims only models the host has, and records the host on the job', async () => {
+        const [a, b] = await insert(at(1), newJob({ model: 'other' }), newJob({ model: 'm2' }));
+        expect(await claimFor(at(2), host(), 5)).toEqual([b]);
+        expect((await view(b!)).engine).toBe('gpu1');
+        expect((await view(a!)).engine).toBeNull();
+        expect(await d.jobsClaim({ owner: 'w', limit: 5, now: at(3), leaseMs: 1000, engine: host({ models: ['other'] }) })).toHaveLength(1);
+      });
+
+      it('prefers a resident model within a priority; priority still wins; an overdue job goes first', async () => {
+        const [m1a, m2a, m1b] = await insert(at(1), newJob({ model: 'm1' }), newJob({ model: 'm2' }), newJob({ model: 'm1' }));
+        // m2 is resident: its job jumps the m1 ones.
+        expect(await claimFor(at(2), host({ resident: ['m2'] }))).toEqual([m2a]);
+        const [urgent] = await insert(at(3), newJob({ model: 'm3', priority: 5 }));
+        expect(await claimFor(at(4), host({ resident: ['m1'] }))).toEqual([urgent]);
+        // With m3 resident, m1a has waited longer than the max wait: it goes before nothing else matters.
+        expect(await claimFor(at(61_000), host({ resident: ['m3'] }))).toEqual([m1a]);
+        expect(await claimFor(at(61_001), host({ resident: ['m3'], affinityMaxWaitMs: 0 }))).toEqual([m1b]);
+      });
+
+      it('when a load is needed: the model with the most queued work per second of load time', async () => {
+        await insert(at(1), newJob({ model: 'm1' }), newJob({ model: 'm2' }), newJob({ model: 'm2' }), newJob({ model: 'm2' }));
+        const h = host({ loadMs: { m1: 1000, m2: 1000 } });
+        const [first] = await d.jobsClaim({ owner: 'w', limit: 1, now: at(2), leaseMs: 1000, engine: h });
+        expect(first!.model).toBe('m2'); // three queued against one, same load time
+        const slowM2 = host({ loadMs: { m1: 100, m2: 100_000 } });
+        const [next] = await d.jobsClaim({ owner: 'w', limit: 1, now: at(3), leaseMs: 1000, engine: slowM2 });
+        expect(next!.model).toBe('m1'); // m2's load costs far more than its work pays for
+      });
+
+      it('a claim of several for one host counts the first as resident for the rest', async () => {
+        const ids = await insert(at(1), newJob({ model: 'm1' }), newJob({ model: 'm2' }), newJob({ model: 'm1' }), newJob({ model: 'm2' }));
+        const got = await d.jobsClaim({ owner: 'w', limit: 4, now: at(2), leaseMs: 1000, engine: host() });
+        expect(got.map((c) => c.id)).toEqual([ids[0], ids[2], ids[1], ids[3]]);
+      });
+
+      it('jobsQueuedModels and jobsFailQueuedModel: only queued jobs, waiting turns left alone', async () => {
+        const [a, b] = await insert(at(1), newJob({ model: 'gone' }), newJob({ model: 'gone' }));
+        const [c] = await insert(at(2), newJob({ model: 'm1' }));
+        expect(sorted(await d.jobsQueuedModels())).toEqual(['gone', 'm1']);
+        const changes: TransitionEvent[] = [];
+        const off = d.notifier.on('stateChanged', (e) => changes.push(e));
+        expect(sorted(await d.jobsFailQueuedModel({ model: 'gone', now: at(3), error: { code: 'model_not_found', message: "model 'gone' not found" } }))).toEqual(sorted([a!, b!]));
+        off();
+        expect(changes.map((e) => [e.state, e.error?.code])).toEqual([
+          ['failed', 'model_not_found'],
+          ['failed', 'model_not_found'],
+        ]);
+        expect(await d.jobsQueuedModels()).toEqual(['m1']);
+        expect(await stateOf(c!)).toBe('queued');
       });
     });
   });

@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import type { Statement } from 'better-sqlite3';
-import { isTerminal, STATE_SEQUENCE, type ErrorInfo, type JobState } from '../../domain.js';
+import { isTerminal, loadKey, STATE_SEQUENCE, type ErrorInfo, type JobState } from '../../domain.js';
 import type {
   Artifact,
   ArtifactMeta,
@@ -397,13 +397,13 @@ export class SqliteDriver implements QueueDriver {
       while (rows.length < p.limit) {
         const pick = host
           ? this.pickForHost(host, models!, resident!, p.now)
-          : (s.claimPick.get({ now: p.now }) as { seq: number; keyId: string } | undefined);
+          : (s.claimPick.get({ now: p.now }) as { seq: number; keyId: string; numCtx?: unknown } | undefined);
         if (!pick) break;
         const r = s.claimOne.get({ seq: pick.seq, owner, now: p.now, lease: p.now + p.leaseMs }) as Row;
         s.keyServed.run(pick.keyId);
         if (host) {
           s.setEngine.run(host.name, r.seq);
-          resident!.add(r.model); // the host is about to load it
+          resident!.add(loadKey(r.model, pick.numCtx)); // the host is about to load it
         }
         this.record(fx, r, 'loading', p.now);
         rows.push(r);
@@ -428,8 +428,8 @@ export class SqliteDriver implements QueueDriver {
    * swap), else the model with the most queued work per second of its load time; the fair share
    * (key served least recently, then FIFO) decides what is left.
    */
-  private pickForHost(host: ClaimHost, models: string, resident: Set<string>, now: number): { seq: number; keyId: string } | undefined {
-    type Cand = { seq: number; keyId: string; model: string; eff: number; served: number; since: number };
+  private pickForHost(host: ClaimHost, models: string, resident: Set<string>, now: number): { seq: number; keyId: string; numCtx: unknown } | undefined {
+    type Cand = { seq: number; keyId: string; model: string; eff: number; served: number; since: number; numCtx: unknown };
     const all = this.s.claimCandidates.all({ models, now }) as Cand[];
     if (all.length === 0) return undefined;
     const top = Math.max(...all.map((c) => c.eff));
@@ -437,8 +437,21 @@ export class SqliteDriver implements QueueDriver {
     const atTop = all.filter((c) => c.eff === top);
     const overdue = atTop.filter((c) => now - c.since >= host.affinityMaxWaitMs);
     if (overdue.length > 0) return fair(overdue);
-    const warm = atTop.filter((c) => resident.has(c.model));
+    const warm = atTop.filter((c) => resident.has(loadKey(c.model, c.numCtx)));
     if (warm.length > 0) return fair(warm);
+    // A key's next job of a resident model may ask for another context size than the one loaded
+    // (another load, to Ollama): a later job of the same key and model that matches is warm.
+    const sameLoad: Cand[] = [];
+    for (const c of atTop) {
+      for (const k of resident) {
+        const m = /^(.*)#num_ctx=(\d+)$/.exec(k);
+        const [model, ctx] = m ? [m[1]!, Number(m[2])] : [k, null];
+        if (model !== c.model || ctx === (typeof c.numCtx === 'number' ? c.numCtx : null)) continue;
+        const seq = this.s.claimSameLoad.get({ key: c.keyId, model, now, eff: c.eff, ctx }) as number | undefined;
+        if (seq !== undefined) sameLoad.push({ ...c, seq, numCtx: ctx });
+      }
+    }
+    if (sameLoad.length > 0) return fair(sameLoad);
     // A swap is needed: the model whose queued work best pays for its load.
     const known = Object.values(host.loadMs);
     const defaultLoad = known.length ? known.reduce((a, b) => a + b, 0) / known.length : 1000;

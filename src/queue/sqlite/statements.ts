@@ -103,6 +103,7 @@ export function prepareStatements(db: DB) {
     // The model-aware claim for one host (ADR-0012): each key's next job of each model that has
     // queued work and is installed on the host; the policy then picks among these few in code.
     claimCandidates: p(`SELECT j.seq, j.key_id AS keyId, j.model, j.priority + j.age_boost AS eff, k.last_served AS served,
+        json_extract(j.request, '$.options.num_ctx') AS numCtx,
         max(j.created_at, coalesce(j.scheduled_for, 0)) AS since
       FROM key_counts k
         LEFT JOIN api_keys a ON a.id = k.key_id
@@ -112,6 +113,13 @@ export function prepareStatements(db: DB) {
             AND (q.deadline_at IS NULL OR q.deadline_at > @now)
           ORDER BY q.priority + q.age_boost DESC, q.seq LIMIT 1)
       WHERE k.queued > 0 AND (a.concurrency IS NULL OR k.running < a.concurrency)`),
+    // A job of the key and model, at this effective priority, whose context size matches what the
+    // host has loaded; among the first 64 in claim order only (bounded, whatever the backlog).
+    claimSameLoad: p(`SELECT seq FROM (SELECT q.seq, q.request FROM jobs q INDEXED BY jobs_key_model_claim
+        WHERE q.key_id = @key AND q.model = @model AND q.state = 'queued' AND q.run_at <= @now
+          AND (q.deadline_at IS NULL OR q.deadline_at > @now) AND q.priority + q.age_boost = @eff
+        ORDER BY q.priority + q.age_boost DESC, q.seq LIMIT 64)
+      WHERE json_extract(request, '$.options.num_ctx') IS @ctx LIMIT 1`).pluck(),
     modelQueued: p(`SELECT queued FROM model_queue WHERE model = ?`).pluck(),
     queuedModels: p(`SELECT model FROM model_queue WHERE queued > 0`).pluck(),
     failQueuedModel: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
