@@ -6,5 +6,7 @@ export default defineConfig({
     testTimeout: 30_000,
     hookTimeout: 30_000,
     pool: 'forks',
+    // One private PostgreSQL cluster per run (test/support/postgres.ts); each test file makes its own database.
+    globalSetup: ['test/support/pg-global-setup.ts'],
   },
 });
