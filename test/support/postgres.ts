@@ -138,13 +138,13 @@ export function adminUrl(): string {
 }
 
 /** A fresh, empty database; `drop()` removes it (ends its connections first). */
-export async function createDatabase(prefix = 'foreman_test'): Promise<{ url: string; name: string; drop: () => Promise<void> }> {
+export async function createDatabase(prefix = 'foreman_test', template?: string): Promise<{ url: string; name: string; drop: () => Promise<void> }> {
   const admin = adminUrl();
   const name = `${prefix}_${randomBytes(6).toString('hex')}`;
   const c = new pg.Client({ connectionString: admin });
   await c.connect();
   try {
-    await c.query(`CREATE DATABASE ${name}`);
+    await c.query(`CREATE DATABASE ${name}${template ? ` TEMPLATE ${template}` : ''}`);
   } finally {
     await c.end();
   }

@@ -1,0 +1,1377 @@
+import { createHash } from 'node:crypto';
+import os from 'node:os';
+import pg from 'pg';
+import { isTerminal, loadKey, STATE_SEQUENCE, type ErrorInfo, type JobState } from '../../domain.js';
+import type {
+  ApiKeyLimits,
+  ApiKeyRecord,
+  Artifact,
+  ArtifactMeta,
+  AuditAction,
+  AuditEntry,
+  CancelOutcome,
+  ClaimedDelivery,
+  ClaimedJob,
+  ClaimHost,
+  ConversationListed,
+  ConversationView,
+  DeliveryOutcome,
+  DeliveryView,
+  InsertOutcome,
+  JobView,
+  KeyUsage,
+  ListedJob,
+  ListFilter,
+  NewJob,
+  QueueDriver,
+  QueueSnapshot,
+  RunSummary,
+  TransitionEvent,
+} from '../driver.js';
+import { LocalNotifier, type Notifier } from '../notifier.js';
+import { StorageUnavailable, Validation } from '../../errors.js';
+import { Conn, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, SqlCache } from './db.js';
+import { ClusterNotifier } from './notify.js';
+
+export interface PostgresDriverOptions {
+  url: string;
+  /** Connections in the pool (FOREMAN_DATABASE_POOL). */
+  poolSize?: number;
+  /** How long a request waits for a pooled connection before `StorageUnavailable`. */
+  connectTimeoutMs?: number;
+  /** This instance (FOREMAN_INSTANCE_ID): lease tokens and `jobs.instance` carry it. */
+  instanceId?: string;
+  /** How long a claimed webhook delivery stays claimed if its instance never records it. */
+  deliveryLeaseMs?: number;
+  /** Carries effects to the other instances (LISTEN/NOTIFY); off: in-process only. */
+  crossInstance?: boolean;
+  notifier?: Notifier;
+  /** Observes each write transaction (metrics). */
+  onCommit?: (size: number, ms: number) => void;
+}
+
+/** What one write did that somebody should hear about once it has committed. */
+export interface Effects {
+  jobReady: boolean;
+  deliveryReady: boolean;
+  transitions: TransitionEvent[];
+  canceled: string[];
+}
+const noEffects = (): Effects => ({ jobReady: false, deliveryReady: false, transitions: [], canceled: [] });
+
+interface TransitionRow {
+  seq: number;
+  id: string;
+  attempt: number;
+  webhook_url: string | null;
+  webhook_events: string | null;
+  webhook_gone: number;
+  error_code: string | null;
+  error_message: string | null;
+  model: string;
+  created_at: number;
+  started_at: number | null;
+  finished_at: number | null;
+  conversation_id: string;
+  load_ms: number | null;
+  prompt_tokens: number | null;
+  completion_tokens: number | null;
+  key_id: string;
+}
+
+interface JobRow extends TransitionRow {
+  scheduled_for: number | null;
+  engine: string | null;
+  instance: string | null;
+  state: JobState;
+  waits: number;
+  prev_id: string | null;
+  priority: number;
+  deadline_at: number | null;
+  request: string;
+  metadata: string | null;
+  max_attempts: number;
+  updated_at: number;
+  result: string | null;
+}
+
+type RunRow = Pick<
+  TransitionRow,
+  'created_at' | 'started_at' | 'finished_at' | 'attempt' | 'model' | 'conversation_id' | 'load_ms' | 'prompt_tokens' | 'completion_tokens'
+>;
+
+interface DueRow extends RunRow {
+  id: number;
+  jobSeq: number;
+  state: JobState;
+  sequence: number;
+  url: string;
+  origin: string;
+  occurredAt: number;
+  attempts: number;
+  jobId: string;
+  metadata: string | null;
+  errorCode: string | null;
+  errorMessage: string | null;
+}
+
+const NEVER = 253402300799000;
+const EXPIRED_IDS_KEPT_MS = 30 * 86_400_000;
+const RESULT_IN_ARTIFACT = '{"$foreman":"completion-artifact"}';
+export const LIST_SCAN_BUDGET = 20_000;
+
+const runOf = (r: RunRow): RunSummary => ({
+  createdAt: r.created_at,
+  startedAt: r.started_at,
+  finishedAt: r.finished_at,
+  attempt: r.attempt,
+  model: r.model,
+  loadMs: r.load_ms,
+  promptTokens: r.prompt_tokens,
+  completionTokens: r.completion_tokens,
+  conversationId: r.conversation_id,
+});
+
+const TRANSITION_COLS = `seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message, model,
+  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id`;
+const RUN_COLS = 'j.created_at, j.started_at, j.finished_at, j.attempt, j.model, j.conversation_id, j.load_ms, j.prompt_tokens, j.completion_tokens';
+const EFFECTIVE = '(priority + age_boost)';
+const KEY_COLS = `id, name, concurrency, max_queued AS maxQueued, daily_limit AS dailyLimit, priority_max AS priorityMax,
+  created_at AS createdAt, updated_at AS updatedAt, revoked_at AS revokedAt`;
+const DUE_COLS = `d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
+  d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}`;
+const NUM_CTX = `(j.request::jsonb #> '{options,num_ctx}')`;
+
+// The SQL of the driver, one constant per statement (named @parameters; see SqlCache).
+const Q = {
+  countQueued: `SELECT n, bytes FROM job_counts WHERE state = 'queued'`,
+  insertJob: `INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
+      max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for)
+    VALUES (@id, @state, @model, @request, @metadata, @webhook_url, @webhook_events,
+      @max_attempts, @priority, @deadline_at::bigint, @run_at, @now, @now, @conversation_id, @prev_seq::bigint, @waits, @key_id, @scheduled_for::bigint)
+    RETURNING ${TRANSITION_COLS}`,
+  keyQueued: `SELECT queued + scheduled AS n FROM key_counts WHERE key_id = @key`,
+  keyDayJobs: `SELECT jobs FROM key_days WHERE key_id = @key AND day = @day`,
+  keyDayAddJob: `INSERT INTO key_days AS d (key_id, day, jobs) VALUES (@key, @day, 1)
+    ON CONFLICT (key_id, day) DO UPDATE SET jobs = d.jobs + 1`,
+  keyDayAddTokens: `INSERT INTO key_days AS d (key_id, day, tokens) VALUES (@key, @day, @tokens)
+    ON CONFLICT (key_id, day) DO UPDATE SET tokens = d.tokens + excluded.tokens`,
+  keyInsert: `INSERT INTO api_keys (id, name, key_hash, concurrency, max_queued, daily_limit, priority_max, created_at, updated_at)
+    VALUES (@id, @name, @hash, @concurrency::integer, @maxQueued::integer, @dailyLimit::integer, @priorityMax::integer, @createdAt, @createdAt)`,
+  keyByHash: `SELECT ${KEY_COLS} FROM api_keys WHERE key_hash = @hash`,
+  keyById: `SELECT ${KEY_COLS} FROM api_keys WHERE id = @id`,
+  keysAll: `SELECT ${KEY_COLS} FROM api_keys ORDER BY created_at, id`,
+  keyUpdate: `UPDATE api_keys SET name = coalesce(@name::text, name),
+      concurrency = CASE WHEN @set_concurrency::boolean THEN @concurrency::integer ELSE concurrency END,
+      max_queued = CASE WHEN @set_max_queued::boolean THEN @max_queued::integer ELSE max_queued END,
+      daily_limit = CASE WHEN @set_daily_limit::boolean THEN @daily_limit::integer ELSE daily_limit END,
+      priority_max = CASE WHEN @set_priority_max::boolean THEN @priority_max::integer ELSE priority_max END,
+      updated_at = @now
+    WHERE id = @id RETURNING ${KEY_COLS}`,
+  keyRevoke: `UPDATE api_keys SET revoked_at = coalesce(revoked_at, @now), updated_at = @now WHERE id = @id RETURNING ${KEY_COLS}`,
+  keyUsage: `SELECT coalesce(c.queued, 0) AS queued, coalesce(c.running, 0) AS running, coalesce(c.scheduled, 0) AS scheduled,
+      coalesce(d.jobs, 0) AS jobsToday, coalesce(d.tokens, 0) AS tokensToday
+    FROM (SELECT @key::text AS key_id) x LEFT JOIN key_counts c ON c.key_id = x.key_id
+      LEFT JOIN key_days d ON d.key_id = x.key_id AND d.day = @day`,
+  auditInsert: `INSERT INTO audit_log (at, actor, action, target, detail) VALUES (@at, @actor, @action, @target, @detail::text)`,
+  auditPage: `SELECT id, at, actor, action, target, detail FROM audit_log WHERE id < @before ORDER BY id DESC LIMIT @limit`,
+  secretInsert: `INSERT INTO server_secrets (name, value) VALUES (@name, @value) ON CONFLICT (name) DO NOTHING`,
+  secretGet: `SELECT value FROM server_secrets WHERE name = @name`,
+  conversationUpsert: `INSERT INTO conversations AS c (id, last_seq, created_at) VALUES (@id, @seq, @now)
+    ON CONFLICT (id) DO UPDATE SET last_seq = greatest(c.last_seq, excluded.last_seq)`,
+  turnBySeq: `SELECT seq, prev_seq AS prevSeq, request, result FROM jobs WHERE seq = @seq`,
+  releaseWaiting: `UPDATE jobs SET waits = 0, run_at = @now, updated_at = @now WHERE prev_seq = @seq AND state = 'queued' AND waits = 1`,
+  failWaiting: `UPDATE jobs SET state = 'failed', waits = 0, error_code = 'previous_failed', error_message = @message,
+      finished_at = @now, updated_at = @now
+    WHERE prev_seq = @seq AND state = 'queued' AND waits = 1 RETURNING ${TRANSITION_COLS}`,
+  conversationTurns: `SELECT seq, id, state, request, result, error_code AS errorCode, error_message AS errorMessage,
+      created_at AS createdAt, finished_at AS finishedAt
+    FROM jobs WHERE conversation_id = @id ORDER BY seq`,
+  conversationById: `SELECT c.id, c.created_at AS createdAt,
+      (SELECT key_id FROM jobs WHERE conversation_id = c.id ORDER BY seq LIMIT 1) AS keyId
+    FROM conversations c WHERE c.id = @id`,
+  conversationsPage: `SELECT c.id, c.created_at AS createdAt, c.last_seq AS lastSeq, j.id AS lastJobId, j.state AS lastState,
+      (SELECT count(*) FROM jobs k WHERE k.conversation_id = c.id) AS turns
+    FROM conversations c JOIN jobs j ON j.seq = c.last_seq
+    WHERE c.last_seq < @before AND (@key::text IS NULL OR j.key_id = @key::text) ORDER BY c.last_seq DESC LIMIT @limit`,
+  expiredById: `SELECT 1 AS x FROM expired_jobs WHERE id = @id`,
+  expiredInsert: `INSERT INTO expired_jobs (id, at) VALUES (@id, @at) ON CONFLICT (id) DO NOTHING`,
+  expiredSweep: `DELETE FROM expired_jobs WHERE id IN (SELECT id FROM expired_jobs WHERE at < @before ORDER BY at LIMIT @limit)`,
+  conversationDropIfEmpty: `DELETE FROM conversations WHERE id = @id AND NOT EXISTS (SELECT 1 FROM jobs WHERE conversation_id = @id)`,
+  insertMetadata: `INSERT INTO job_metadata (key, value, job_seq) VALUES (@key, @value, @seq)`,
+  idemGet: `SELECT body_hash AS bodyHash, job_seq AS jobSeq, expires_at AS expiresAt FROM idempotency_keys WHERE key = @key`,
+  idemDelete: `DELETE FROM idempotency_keys WHERE key = @key`,
+  idemInsert: `INSERT INTO idempotency_keys (key, body_hash, job_seq, expires_at) VALUES (@key, @hash, @seq, @expires)`,
+  idemSweep: `DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys WHERE expires_at <= @now LIMIT @limit)`,
+  idStateBySeq: `SELECT id, state, scheduled_for AS scheduledFor FROM jobs WHERE seq = @seq`,
+  insertTransition: `INSERT INTO job_transitions (job_seq, n, state, at, attempt)
+    VALUES (@seq, (SELECT coalesce(max(n), 0) + 1 FROM job_transitions WHERE job_seq = @seq), @state, @at, @attempt)
+    RETURNING n`,
+
+  // --- claim (FOR UPDATE SKIP LOCKED: what another instance is claiming is passed over) ---
+  claimPick: `SELECT j.seq, k.key_id AS keyId FROM key_counts k
+      LEFT JOIN api_keys a ON a.id = k.key_id
+      CROSS JOIN LATERAL (SELECT q.seq, q.priority + q.age_boost AS eff FROM jobs q
+        WHERE q.key_id = k.key_id AND q.state = 'queued' AND q.run_at <= @now AND (q.deadline_at IS NULL OR q.deadline_at > @now)
+        ORDER BY q.priority + q.age_boost DESC, q.seq LIMIT 1 FOR UPDATE SKIP LOCKED) j
+    WHERE k.queued > 0 AND (a.concurrency IS NULL OR k.running < a.concurrency) AND NOT (k.key_id = ANY(@skip::text[]))
+    ORDER BY j.eff DESC, k.last_served, j.seq LIMIT 1`,
+  claimCandidates: `SELECT j.seq, k.key_id AS keyId, j.model, j.eff, k.last_served AS served, j.num_ctx AS numCtx, j.since
+    FROM key_counts k
+      LEFT JOIN api_keys a ON a.id = k.key_id
+      JOIN model_queue mq ON mq.queued > 0 AND mq.model = ANY(@models::text[])
+      CROSS JOIN LATERAL (SELECT j.seq, j.model, j.priority + j.age_boost AS eff, ${NUM_CTX} AS num_ctx,
+          greatest(j.created_at, coalesce(j.scheduled_for, 0)) AS since FROM jobs j
+        WHERE j.key_id = k.key_id AND j.model = mq.model AND j.state = 'queued' AND j.run_at <= @now
+          AND (j.deadline_at IS NULL OR j.deadline_at > @now)
+        ORDER BY j.priority + j.age_boost DESC, j.seq LIMIT 1 FOR UPDATE SKIP LOCKED) j
+    WHERE k.queued > 0 AND (a.concurrency IS NULL OR k.running < a.concurrency) AND NOT (k.key_id = ANY(@skip::text[]))`,
+  claimSameLoad: `SELECT seq FROM (SELECT j.seq, j.request FROM jobs j
+      WHERE j.key_id = @key AND j.model = @model AND j.state = 'queued' AND j.run_at <= @now
+        AND (j.deadline_at IS NULL OR j.deadline_at > @now) AND j.priority + j.age_boost = @eff
+      ORDER BY j.priority + j.age_boost DESC, j.seq LIMIT 64) x
+    WHERE (x.request::jsonb #> '{options,num_ctx}') IS NOT DISTINCT FROM to_jsonb(@ctx::numeric) LIMIT 1`,
+  lockQueued: `SELECT seq FROM jobs WHERE seq = @seq AND state = 'queued' FOR UPDATE SKIP LOCKED`,
+  // The key's slot, checked under its row lock: two instances never both take a key's last slot.
+  keyRoom: `SELECT k.running < coalesce(a.concurrency, 2147483647) AS room FROM key_counts k
+      LEFT JOIN api_keys a ON a.id = k.key_id WHERE k.key_id = @key FOR UPDATE OF k`,
+  modelQueued: `SELECT queued FROM model_queue WHERE model = @model`,
+  queuedModels: `SELECT model FROM model_queue WHERE queued > 0 ORDER BY model`,
+  failQueuedModel: `UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
+    WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND model = @model AND waits = 0 FOR UPDATE SKIP LOCKED)
+    RETURNING ${TRANSITION_COLS}`,
+  modelAvg: `SELECT avg_ms FROM model_stats WHERE model = @model`,
+  claimOne: `UPDATE jobs SET state = 'loading', attempt = attempt + 1,
+      lease_owner = @owner || ':' || seq || ':' || (attempt + 1),
+      lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now,
+      engine = coalesce(@engine::text, engine), instance = @instance
+    WHERE seq = @seq AND state = 'queued'
+    RETURNING ${TRANSITION_COLS}, request, max_attempts, lease_owner, prev_seq`,
+  keyServed: `UPDATE key_counts SET last_served = (SELECT coalesce(max(last_served), 0) + 1 FROM key_counts) WHERE key_id = @key`,
+  heartbeat: `UPDATE jobs SET lease_expires_at = @until WHERE seq = @seq AND lease_owner = @lease AND state IN ('loading', 'working')`,
+  toWorking: `UPDATE jobs SET state = 'working', lease_expires_at = @lease_until, updated_at = @now
+    WHERE seq = @seq AND state = 'loading' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`,
+  toDone: `UPDATE jobs SET state = 'done', result = @result, finished_at = @now, updated_at = @now,
+      lease_owner = NULL, lease_expires_at = NULL, load_ms = @load_ms::double precision, prompt_tokens = @prompt_tokens::integer,
+      completion_tokens = @completion_tokens::integer
+    WHERE seq = @seq AND state = 'working' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`,
+  modelStat: `INSERT INTO model_stats AS s (model, avg_ms, samples) VALUES (@model, @ms, 1)
+    ON CONFLICT (model) DO UPDATE SET avg_ms = s.avg_ms + 0.2 * (excluded.avg_ms - s.avg_ms), samples = s.samples + 1`,
+  toFailed: `UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message,
+      finished_at = @now, updated_at = @now, lease_owner = NULL, lease_expires_at = NULL
+    WHERE seq = @seq AND state IN ('loading', 'working') AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`,
+  toQueuedRetry: `UPDATE jobs SET state = 'queued', run_at = @run_at, updated_at = @now, lease_owner = NULL, lease_expires_at = NULL
+    WHERE seq = @seq AND state IN ('loading', 'working') AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`,
+  toQueuedRelease: `UPDATE jobs SET state = 'queued', run_at = @now, updated_at = @now,
+      attempt = greatest(attempt - 1, 0), lease_owner = NULL, lease_expires_at = NULL
+    WHERE seq = @seq AND state IN ('loading', 'working') AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`,
+  seqStateById: `SELECT seq, state, key_id AS keyId FROM jobs WHERE id = @id`,
+  seqStateByIdLocked: `SELECT seq, state, key_id AS keyId FROM jobs WHERE id = @id FOR UPDATE`,
+  toCanceled: `UPDATE jobs SET state = 'canceled', finished_at = @now, updated_at = @now, lease_owner = NULL, lease_expires_at = NULL
+    WHERE seq = @seq AND state IN ('scheduled', 'queued', 'loading', 'working') RETURNING ${TRANSITION_COLS}`,
+  insertArtifact: `INSERT INTO artifacts (job_seq, name, content_type, size, sha256, body, created_at)
+    VALUES (@seq, @name, @type, @size, @sha, @body, @now)`,
+  artifactBody: `SELECT body FROM artifacts WHERE job_seq = @seq AND name = @name`,
+
+  // --- maintenance ---
+  rescueMine: `UPDATE jobs SET state = 'queued', run_at = @now, updated_at = @now,
+      attempt = greatest(attempt - 1, 0), lease_owner = NULL, lease_expires_at = NULL
+    WHERE state IN ('loading', 'working') AND lease_owner LIKE @prefix RETURNING ${TRANSITION_COLS}`,
+  rescueExpired: `UPDATE jobs SET state = 'queued', run_at = @now, updated_at = @now,
+      attempt = greatest(attempt - 1, 0), lease_owner = NULL, lease_expires_at = NULL
+    WHERE seq IN (SELECT seq FROM jobs WHERE state IN ('loading', 'working') AND lease_expires_at < @now FOR UPDATE SKIP LOCKED)
+    RETURNING ${TRANSITION_COLS}`,
+  deliveriesUnclaimExpired: `UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until = NULL
+    WHERE claimed_by IS NOT NULL AND claimed_until < @now`,
+  staleQueued: `UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
+    WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND created_at < @cutoff FOR UPDATE SKIP LOCKED) RETURNING ${TRANSITION_COLS}`,
+  pastDeadline: `UPDATE jobs SET state = 'failed', error_code = 'deadline_exceeded',
+      error_message = 'the job was still queued at its deadline', finished_at = @now, updated_at = @now
+    WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND deadline_at IS NOT NULL AND deadline_at <= @now FOR UPDATE SKIP LOCKED)
+    RETURNING ${TRANSITION_COLS}`,
+  age: `UPDATE jobs SET age_boost = greatest(0, floor((@now - greatest(created_at, coalesce(scheduled_for, 0)))::numeric / @aging)::integer)
+    WHERE state = 'queued' AND age_boost <> greatest(0, floor((@now - greatest(created_at, coalesce(scheduled_for, 0)))::numeric / @aging)::integer)`,
+  promoteScheduled: `UPDATE jobs SET state = 'queued', run_at = @now, updated_at = @now
+    WHERE seq IN (SELECT seq FROM jobs WHERE state = 'scheduled' AND scheduled_for <= @now
+      ORDER BY scheduled_for, seq LIMIT 500 FOR UPDATE SKIP LOCKED) RETURNING ${TRANSITION_COLS}`,
+  nextScheduled: `SELECT scheduled_for FROM jobs WHERE state = 'scheduled' ORDER BY scheduled_for LIMIT 1`,
+  nextRunAt: `SELECT run_at FROM jobs WHERE state = 'queued' AND run_at > @now ORDER BY run_at LIMIT 1`,
+  nextDeadline: `SELECT deadline_at FROM jobs WHERE state = 'queued' AND deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1`,
+  oldestFinished: `SELECT finished_at FROM jobs WHERE state IN ('done', 'failed', 'canceled') ORDER BY finished_at LIMIT 1`,
+  sweepPick: `SELECT seq, id, conversation_id AS conversationId FROM jobs j
+    WHERE state IN ('done', 'failed', 'canceled')
+      AND finished_at < greatest(@cutoff::bigint, @failedCutoff::bigint)
+      AND (CASE WHEN state = 'failed' THEN finished_at < @failedCutoff::bigint ELSE finished_at < @cutoff::bigint END)
+      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_seq = j.seq AND d.status = 'pending')
+      AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.prev_seq = j.seq)
+    ORDER BY finished_at LIMIT @limit FOR UPDATE SKIP LOCKED`,
+  deleteJob: `DELETE FROM jobs WHERE seq = @seq`,
+
+  // --- reads ---
+  jobById: `SELECT seq, id, state, model, priority, deadline_at, request, metadata, webhook_url, webhook_events,
+      webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message,
+      conversation_id, waits, load_ms, prompt_tokens, completion_tokens, key_id, scheduled_for, engine, instance,
+      (SELECT p.id FROM jobs p WHERE p.seq = jobs.prev_seq) AS prev_id
+    FROM jobs WHERE id = @id`,
+  transitions: `SELECT state, at, attempt FROM job_transitions WHERE job_seq = @seq ORDER BY n`,
+  transitionsSince: `SELECT t.n, t.state, t.at, t.attempt, j.error_code, j.error_message, j.created_at, j.started_at, j.finished_at,
+      j.attempt AS run_attempt, j.model, j.conversation_id, j.load_ms, j.prompt_tokens, j.completion_tokens
+    FROM job_transitions t JOIN jobs j ON j.seq = t.job_seq WHERE j.id = @id AND t.n > @after ORDER BY t.n`,
+  artifactMetas: `SELECT name, content_type AS contentType, size, sha256 FROM artifacts WHERE job_seq = @seq ORDER BY name`,
+  artifact: `SELECT a.name, a.content_type AS contentType, a.size, a.sha256, a.body
+    FROM artifacts a JOIN jobs j ON j.seq = a.job_seq WHERE j.id = @id AND a.name = @name`,
+  deliveries: `SELECT id, state, sequence, status, attempts, last_status_code AS lastStatusCode, last_error AS lastError,
+      next_attempt_at AS nextAttemptAt, delivered_at AS deliveredAt, occurred_at AS occurredAt
+    FROM webhook_deliveries WHERE job_seq = @seq ORDER BY sequence, id`,
+  queueAheadHigher: `SELECT model, count(*) AS n FROM jobs WHERE state = 'queued' AND ${EFFECTIVE} > @eff GROUP BY model`,
+  queueAheadMine: `SELECT model, count(*) AS n FROM jobs
+    WHERE key_id = @key AND state = 'queued' AND ${EFFECTIVE} = @eff AND seq < @seq GROUP BY model`,
+  queueAheadOthers: `SELECT x.model, count(*) AS n FROM (
+      SELECT model, key_id, row_number() OVER (PARTITION BY key_id ORDER BY seq) AS rn, min(seq) OVER (PARTITION BY key_id) AS head
+      FROM jobs WHERE state = 'queued' AND ${EFFECTIVE} = @eff AND key_id <> @key) x
+    JOIN key_counts k ON k.key_id = x.key_id
+    WHERE x.rn <= @mine + (k.last_served < @served OR (k.last_served = @served AND x.head < @head))::int GROUP BY x.model`,
+  queueHeadOf: `SELECT min(seq) AS head FROM jobs WHERE key_id = @key AND state = 'queued' AND ${EFFECTIVE} = @eff`,
+  queueOf: `SELECT j.priority + j.age_boost AS eff, j.key_id AS key, coalesce(k.last_served, 0) AS served
+    FROM jobs j LEFT JOIN key_counts k ON k.key_id = j.key_id WHERE j.seq = @seq`,
+  running: `SELECT model, started_at AS startedAt FROM jobs WHERE state IN ('loading', 'working')`,
+  modelStats: `SELECT model, avg_ms AS avgMs FROM model_stats`,
+  seqCreatedBefore: `SELECT seq FROM jobs WHERE created_at < @at ORDER BY created_at DESC, seq DESC LIMIT 1`,
+  seqCreatedAtOrAfter: `SELECT seq FROM jobs WHERE created_at >= @at ORDER BY created_at, seq LIMIT 1`,
+  activeByStateModel: `SELECT state, model, count(*) AS n FROM jobs
+    WHERE state IN ('scheduled', 'queued', 'loading', 'working') GROUP BY state, model`,
+  pendingStats: `SELECT count(*) AS count, min(occurred_at) AS oldestOccurredAt FROM webhook_deliveries WHERE status = 'pending'`,
+
+  // --- webhook outbox: heads of each job's line are due; a claim is a lease in the row ---
+  insertDelivery: `INSERT INTO webhook_deliveries (job_seq, state, sequence, url, origin, occurred_at, next_attempt_at, due_at)
+    VALUES (@seq, @state, @sequence, @url, @origin, @now, @now,
+      CASE WHEN EXISTS (SELECT 1 FROM webhook_deliveries WHERE job_seq = @seq AND status = 'pending' AND sequence < @sequence)
+        THEN NULL ELSE @now::bigint END)
+    ON CONFLICT (job_seq, state) DO NOTHING RETURNING due_at AS dueAt`,
+  lineRefresh: `UPDATE webhook_deliveries SET due_at = CASE WHEN id = (SELECT id FROM webhook_deliveries
+        WHERE job_seq = @seq AND status = 'pending' ORDER BY sequence, id LIMIT 1) THEN next_attempt_at END
+    WHERE job_seq = @seq AND status = 'pending'`,
+  // Origins with an unclaimed due head, earliest first.
+  dueOrigins: `SELECT origin, min(due_at) AS dueAt FROM webhook_deliveries
+    WHERE due_at IS NOT NULL AND due_at <= @now AND (claimed_by IS NULL OR claimed_until <= @now)
+    GROUP BY origin ORDER BY min(due_at) LIMIT @n`,
+  activeClaims: `SELECT origin, count(*) AS n FROM webhook_deliveries
+    WHERE claimed_by IS NOT NULL AND claimed_until > @now GROUP BY origin`,
+  claimInOrigin: `UPDATE webhook_deliveries SET claimed_by = @by, claimed_until = @until
+    WHERE id IN (SELECT id FROM webhook_deliveries
+      WHERE origin = @origin AND due_at IS NOT NULL AND due_at <= @now AND (claimed_by IS NULL OR claimed_until <= @now)
+      ORDER BY due_at, id LIMIT @n FOR UPDATE SKIP LOCKED)
+    RETURNING id`,
+  deliveryForSend: `SELECT ${DUE_COLS} FROM webhook_deliveries d JOIN jobs j ON j.seq = d.job_seq WHERE d.id = ANY(@ids::bigint[])
+    ORDER BY d.due_at, d.id`,
+  nextOfJob: `SELECT d.id FROM (SELECT job_seq, sequence FROM webhook_deliveries WHERE id = @id) cur
+      JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.sequence > cur.sequence
+    WHERE d.status = 'pending' AND d.next_attempt_at <= @now
+    ORDER BY d.sequence, d.id LIMIT 1 FOR UPDATE OF d`,
+  claimOneDelivery: `UPDATE webhook_deliveries SET claimed_by = @by, claimed_until = @until
+    WHERE id = @id AND (claimed_by IS NULL OR claimed_until <= @now) RETURNING id`,
+  // When the next unclaimed head of an origin below its cap becomes due.
+  nextDue: `SELECT d.origin, min(d.due_at) AS dueAt FROM webhook_deliveries d
+    WHERE d.due_at IS NOT NULL AND d.claimed_by IS NULL
+      AND (SELECT count(*) FROM webhook_deliveries c WHERE c.origin = d.origin AND c.claimed_by IS NOT NULL) < @cap
+    GROUP BY d.origin ORDER BY min(d.due_at) LIMIT 1`,
+  artifactsForEvent: `SELECT name, content_type AS contentType, size, sha256, CASE WHEN size <= @inline THEN body END AS body
+    FROM artifacts WHERE job_seq = @seq ORDER BY name`,
+  deliveryDelivered: `UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = @now,
+      next_attempt_at = NULL, due_at = NULL, last_status_code = @code, last_error = NULL, claimed_by = NULL, claimed_until = NULL
+    WHERE id = @id AND status = 'pending' RETURNING job_seq AS jobSeq, origin`,
+  deliveryRetry: `UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = @next,
+      due_at = CASE WHEN due_at IS NULL THEN NULL ELSE @next::bigint END, last_status_code = @code::integer, last_error = @error,
+      claimed_by = NULL, claimed_until = NULL
+    WHERE id = @id AND status = 'pending' RETURNING job_seq AS jobSeq, origin`,
+  deliveryFailed: `UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, next_attempt_at = NULL,
+      due_at = NULL, last_status_code = @code::integer, last_error = @error, claimed_by = NULL, claimed_until = NULL
+    WHERE id = @id AND status = 'pending' RETURNING job_seq AS jobSeq, origin`,
+  deliveryUnclaim: `UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until = NULL WHERE id = @id AND claimed_by = @by`,
+  goneJob: `UPDATE jobs SET webhook_gone = 1 WHERE seq = @seq`,
+  goneRest: `UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, due_at = NULL, claimed_by = NULL, claimed_until = NULL,
+      last_error = 'not sent: the receiver answered 410 Gone for an earlier event'
+    WHERE job_seq = @seq AND status = 'pending'`,
+  redeliver: `UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = @now, delivered_at = NULL
+    WHERE job_seq = @seq AND status <> 'pending' AND ((@state::text IS NULL AND status = 'failed') OR state = @state::text)
+    RETURNING state, origin`,
+  ungone: `UPDATE jobs SET webhook_gone = 0 WHERE seq = @seq`,
+};
+
+export const originOf = (url: string): string => new URL(url).origin;
+
+/**
+ * The PostgreSQL driver (ADR-0011): any number of instances share one database. Every write is
+ * one transaction on a pooled connection; claims take rows with FOR UPDATE SKIP LOCKED; webhook
+ * claims are leases in the table. Effects are announced in process after COMMIT, and to the other
+ * instances by NOTIFY (sent in the same transaction, so delivered only if it commits).
+ */
+export class PostgresDriver implements QueueDriver {
+  readonly name = 'postgres';
+  readonly notifier: Notifier;
+  readonly instanceId: string;
+  readonly pool: pg.Pool;
+  /** Settles once the schema is migrated; rejects with a start-up error naming the variable. */
+  readonly ready: Promise<void>;
+  private readonly sql = new SqlCache();
+  private readonly conn: Conn;
+  private readonly cluster: ClusterNotifier | null;
+  private readonly local: LocalNotifier;
+  private readonly deliveryLeaseMs: number;
+  private closed = false;
+  private claims = 0;
+
+  constructor(private readonly opts: PostgresDriverOptions) {
+    this.instanceId = opts.instanceId ?? `${os.hostname()}-${process.pid}`;
+    this.deliveryLeaseMs = opts.deliveryLeaseMs ?? 60_000;
+    this.pool = new pg.Pool({
+      connectionString: opts.url,
+      max: opts.poolSize ?? 10,
+      connectionTimeoutMillis: opts.connectTimeoutMs ?? 5_000,
+      idleTimeoutMillis: 30_000,
+      types: pgTypes,
+      application_name: `foreman ${this.instanceId}`.slice(0, 63),
+    });
+    // An idle client's connection dropping (server restart) must not crash the process.
+    this.pool.on('error', () => {});
+    this.conn = new Conn(this.pool, this.sql);
+    this.local = opts.notifier instanceof LocalNotifier ? opts.notifier : new LocalNotifier();
+    this.cluster = opts.crossInstance === false ? null : new ClusterNotifier({ url: opts.url, instanceId: this.instanceId, local: this.local, types: pgTypes });
+    this.notifier = this.local;
+    this.ready = this.init();
+    this.ready.catch(() => {}); // observed by recover() and every call
+  }
+
+  private async init(): Promise<void> {
+    let client: pg.PoolClient;
+    try {
+      client = await this.pool.connect();
+    } catch (err) {
+      throw new StorageUnavailable(`FOREMAN_DATABASE_URL: cannot connect to ${redactUrl(this.opts.url)}: ${(err as Error).message}`, err);
+    }
+    try {
+      await migrate(client);
+    } finally {
+      client.release();
+    }
+    if (this.cluster) await this.cluster.start();
+  }
+
+  /** Whether the LISTEN connection is up (a lost one means wake-ups fall back to polling). */
+  get listening(): boolean {
+    return this.cluster?.connected ?? false;
+  }
+
+  private announce(fx: Effects): void {
+    const n = this.local;
+    if (fx.deliveryReady) n.emit('deliveryReady');
+    if (fx.jobReady) n.emit('jobReady');
+    for (const e of fx.transitions) n.emit('stateChanged', e);
+    for (const id of fx.canceled) n.emit('cancelRequested', id);
+  }
+
+  /**
+   * A write: one transaction on one pooled connection; deadlocks and serialization failures run
+   * it again (a few times). Effects go to the other instances by NOTIFY inside the transaction, and
+   * to this one's listeners after COMMIT.
+   */
+  private async tx<T>(op: (c: Conn, fx: Effects) => Promise<T>): Promise<T> {
+    await this.ready;
+    for (let attempt = 0; ; attempt++) {
+      const t0 = performance.now();
+      let client: pg.PoolClient;
+      try {
+        client = await this.pool.connect();
+      } catch (err) {
+        throw new StorageUnavailable(`storage unavailable: ${(err as Error).message}`, err);
+      }
+      const c = new Conn(client, this.sql);
+      const fx = noEffects();
+      let broken = false;
+      try {
+        await client.query('BEGIN');
+        const out = await op(c, fx);
+        if (this.cluster) await this.cluster.publish(client, fx);
+        await client.query('COMMIT');
+        client.release();
+        this.opts.onCommit?.(1, performance.now() - t0);
+        this.announce(fx);
+        return out;
+      } catch (err) {
+        broken = isConnectionError(err);
+        if (!broken) await client.query('ROLLBACK').catch(() => (broken = true));
+        client.release(broken ? (err as Error) : undefined);
+        const again = isRetryable(err) || isIdempotencyRace(err);
+        if (again && attempt < 5) continue;
+        throw domainError(err);
+      }
+    }
+  }
+
+  /** A read on any pooled connection, outside a transaction. */
+  private async read<T>(fn: (c: Conn) => Promise<T>): Promise<T> {
+    await this.ready;
+    try {
+      return await fn(this.conn);
+    } catch (err) {
+      throw domainError(err);
+    }
+  }
+
+  // --- transitions ---
+
+  private async record(c: Conn, fx: Effects, row: TransitionRow, state: JobState, now: number): Promise<void> {
+    const n = (await c.one<number>(Q.insertTransition, { seq: row.seq, state, at: now, attempt: row.attempt }))!;
+    const ev: TransitionEvent = { jobId: row.id, state, model: row.model, n, at: now, attempt: row.attempt };
+    if (state === 'failed') ev.error = { code: row.error_code ?? 'unknown', message: row.error_message ?? '' };
+    if (isTerminal(state)) ev.run = runOf(row);
+    fx.transitions.push(ev);
+    if (state === 'queued') fx.jobReady = true;
+    if (state === 'done') {
+      if ((await c.run(Q.releaseWaiting, { seq: row.seq, now })) > 0) fx.jobReady = true;
+    } else if (state === 'failed' || state === 'canceled') {
+      const message = `the job this one continues (${row.id}) ended ${state}`;
+      for (const w of await c.all<TransitionRow>(Q.failWaiting, { seq: row.seq, now, message })) await this.record(c, fx, w, 'failed', now);
+    }
+    if (row.webhook_url === null || row.webhook_gone === 1) return;
+    if (row.webhook_events !== null && !(JSON.parse(row.webhook_events) as string[]).includes(state)) return;
+    const origin = originOf(row.webhook_url);
+    const r = await c.get<{ dueAt: number | null }>(Q.insertDelivery, {
+      seq: row.seq,
+      state,
+      sequence: STATE_SEQUENCE[state],
+      url: row.webhook_url,
+      origin,
+      now,
+    });
+    if (r?.dueAt == null) return;
+    fx.deliveryReady = true;
+  }
+
+  private async move(c: Conn, fx: Effects, sql: string, params: Record<string, unknown>, state: JobState, now: number): Promise<TransitionRow | undefined> {
+    const row = await c.get<TransitionRow>(sql, params);
+    if (row) await this.record(c, fx, row, state, now);
+    return row;
+  }
+
+  private async moveAll(c: Conn, fx: Effects, sql: string, params: Record<string, unknown>, state: JobState, now: number): Promise<string[]> {
+    const rows = await c.all<TransitionRow>(sql, params);
+    for (const r of rows) await this.record(c, fx, r, state, now);
+    return rows.map((r) => r.id);
+  }
+
+  /**
+   * Shared database: other instances' running jobs are left to the rescuer (after their lease
+   * expires). Jobs whose lease carries this instance's id were this instance's before a restart
+   * (a fixed FOREMAN_INSTANCE_ID): those are re-queued at once.
+   */
+  async recover(p: { now: number }): Promise<{ requeued: string[] }> {
+    await this.ready;
+    const requeued = await this.tx((c, fx) => this.moveAll(c, fx, Q.rescueMine, { now: p.now, prefix: `${likeEscape(this.instanceId)}/%` }, 'queued', p.now));
+    return { requeued };
+  }
+
+  async ping(): Promise<boolean> {
+    return this.read(async (c) => (await c.one<number>('SELECT 1 AS one')) === 1);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.ready.catch(() => {});
+    await this.cluster?.stop();
+    await this.pool.end();
+  }
+
+  jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<InsertOutcome[]> {
+    return this.tx(async (c, fx) => {
+      const { now } = p;
+      const counts = (await c.get<{ n: number; bytes: number }>(Q.countQueued))!;
+      let queued = counts.n;
+      let bytes = counts.bytes;
+      const out: InsertOutcome[] = [];
+      for (const j of p.jobs) {
+        if (j.idempotency) {
+          const prior = await c.get<{ bodyHash: string; jobSeq: number; expiresAt: number }>(Q.idemGet, { key: j.idempotency.key });
+          if (prior && prior.expiresAt > now) {
+            const job = (await c.get<{ id: string; state: JobState; scheduledFor: number | null }>(Q.idStateBySeq, { seq: prior.jobSeq }))!;
+            out.push(
+              prior.bodyHash === j.idempotency.bodyHash
+                ? { ok: true, jobId: job.id, replayed: true, state: job.state, scheduledFor: job.scheduledFor }
+                : { ok: false, code: 'idempotency_key_reused' },
+            );
+            continue;
+          }
+          if (prior) await c.run(Q.idemDelete, { key: j.idempotency.key });
+        }
+        if (queued >= p.maxQueued) {
+          out.push({ ok: false, code: 'queue_full' });
+          continue;
+        }
+        const keyId = j.keyId ?? '';
+        let scheduledFor: number | null = null;
+        if (j.quota) {
+          if (j.quota.maxQueued !== null && ((await c.one<number>(Q.keyQueued, { key: keyId })) ?? 0) >= j.quota.maxQueued) {
+            out.push({ ok: false, code: 'key_queue_full' });
+            continue;
+          }
+          if (j.quota.dailyLimit !== null && ((await c.one<number>(Q.keyDayJobs, { key: keyId, day: j.quota.day })) ?? 0) >= j.quota.dailyLimit) {
+            if (j.quota.refuseOverDaily) {
+              out.push({ ok: false, code: 'key_daily_limit', nextDayAt: j.quota.nextDayAt });
+              continue;
+            }
+            scheduledFor = j.quota.nextDayAt;
+          }
+        }
+        const request = JSON.stringify(j.request);
+        const size = Buffer.byteLength(request, 'utf8');
+        if (p.maxQueuedBytes !== undefined && bytes + size > p.maxQueuedBytes) {
+          out.push({ ok: false, code: 'queue_bytes_full' });
+          continue;
+        }
+        let waits = 0;
+        if (j.previous) {
+          const prevState = (await c.get<{ state: JobState }>(Q.idStateBySeq, { seq: j.previous.seq }))?.state;
+          const running = prevState === 'queued' || prevState === 'loading' || prevState === 'working';
+          if (prevState !== 'done' && !(running && j.previous.wait)) {
+            out.push({ ok: false, code: 'previous_not_ready', state: prevState ?? 'canceled' });
+            continue;
+          }
+          if (running) waits = 1;
+        }
+        const state = scheduledFor === null ? 'queued' : 'scheduled';
+        const row = (await c.get<TransitionRow>(Q.insertJob, {
+          id: j.id,
+          model: j.model,
+          request,
+          metadata: j.metadata === null ? null : JSON.stringify(j.metadata),
+          webhook_url: j.webhookUrl,
+          webhook_events: j.webhookEvents === null ? null : JSON.stringify(j.webhookEvents),
+          max_attempts: j.maxAttempts,
+          priority: j.priority,
+          deadline_at: j.deadlineAt,
+          now,
+          state,
+          run_at: waits ? NEVER : (scheduledFor ?? now),
+          conversation_id: j.conversationId ?? j.id,
+          prev_seq: j.previous?.seq ?? null,
+          waits,
+          key_id: keyId,
+          scheduled_for: scheduledFor,
+        }))!;
+        if (keyId !== '' && j.quota) await c.run(Q.keyDayAddJob, { key: keyId, day: j.quota.day });
+        if (j.clampedFrom) {
+          await this.audit(c, now, j.clampedFrom.actor, 'job.priority_clamped', j.id, { asked: j.clampedFrom.priority, given: j.priority });
+        }
+        await c.run(Q.conversationUpsert, { id: row.conversation_id, seq: row.seq, now });
+        if (j.metadata) for (const [k, v] of Object.entries(j.metadata)) await c.run(Q.insertMetadata, { key: k, value: v, seq: row.seq });
+        if (j.idempotency) {
+          await c.run(Q.idemInsert, { key: j.idempotency.key, hash: j.idempotency.bodyHash, seq: row.seq, expires: j.idempotency.expiresAt });
+        }
+        await this.record(c, fx, row, state, now);
+        queued++;
+        bytes += size;
+        out.push({ ok: true, jobId: j.id, replayed: false, state, scheduledFor });
+      }
+      return out;
+    });
+  }
+
+  jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number; engine?: ClaimHost }): Promise<ClaimedJob[]> {
+    const owner = `${this.instanceId}/${p.owner}.${++this.claims}`;
+    return this.tx(async (c, fx) => {
+      type Row = TransitionRow & { request: string; max_attempts: number; lease_owner: string; prev_seq: number | null };
+      const rows: Row[] = [];
+      const host = p.engine;
+      const resident = host ? new Set(host.resident) : null;
+      // Keys found at their concurrency under lock (another instance took the last slot).
+      const skip: string[] = [];
+      for (let tries = 0; rows.length < p.limit && tries < p.limit * 3 + 10; tries++) {
+        const pick = host
+          ? await this.pickForHost(c, host, resident!, p.now, skip)
+          : await c.get<{ seq: number; keyId: string; numCtx?: unknown }>(Q.claimPick, { now: p.now, skip });
+        if (!pick) break;
+        const room = await c.one<boolean>(Q.keyRoom, { key: pick.keyId });
+        if (room === false) {
+          skip.push(pick.keyId);
+          continue;
+        }
+        const r = await c.get<Row>(Q.claimOne, {
+          seq: pick.seq,
+          owner,
+          now: p.now,
+          lease: p.now + p.leaseMs,
+          engine: host?.name ?? null,
+          instance: this.instanceId,
+        });
+        if (!r) continue;
+        await c.run(Q.keyServed, { key: pick.keyId });
+        if (host) resident!.add(loadKey(r.model, pick.numCtx));
+        await this.record(c, fx, r, 'loading', p.now);
+        rows.push(r);
+      }
+      const out: ClaimedJob[] = [];
+      for (const r of rows) {
+        out.push({
+          seq: r.seq,
+          id: r.id,
+          model: r.model,
+          request: JSON.parse(r.request) as Record<string, unknown>,
+          attempt: r.attempt,
+          maxAttempts: r.max_attempts,
+          lease: r.lease_owner,
+          history: r.prev_seq === null ? [] : await this.historyBefore(c, r.prev_seq),
+        });
+      }
+      return out;
+    });
+  }
+
+  /** The model-aware pick for one host (ADR-0012): the same policy as the SQLite driver's. */
+  private async pickForHost(
+    c: Conn,
+    host: ClaimHost,
+    resident: Set<string>,
+    now: number,
+    skip: string[],
+  ): Promise<{ seq: number; keyId: string; numCtx: unknown } | undefined> {
+    type Cand = { seq: number; keyId: string; model: string; eff: number; served: number; since: number; numCtx: unknown };
+    const all = await c.all<Cand>(Q.claimCandidates, { models: host.models, now, skip });
+    if (all.length === 0) return undefined;
+    const top = Math.max(...all.map((x) => x.eff));
+    const fair = (cs: Cand[]) => cs.reduce((a, b) => (b.served < a.served || (b.served === a.served && b.seq < a.seq) ? b : a));
+    const atTop = all.filter((x) => x.eff === top);
+    const overdue = atTop.filter((x) => now - x.since >= host.affinityMaxWaitMs);
+    if (overdue.length > 0) return fair(overdue);
+    const warm = atTop.filter((x) => resident.has(loadKey(x.model, x.numCtx)));
+    if (warm.length > 0) return fair(warm);
+    const sameLoad: Cand[] = [];
+    for (const x of atTop) {
+      for (const k of resident) {
+        const m = /^(.*)#num_ctx=(\d+)$/.exec(k);
+        const [model, ctx] = m ? [m[1]!, Number(m[2])] : [k, null];
+        if (model !== x.model || ctx === (typeof x.numCtx === 'number' ? x.numCtx : null)) continue;
+        const seq = await c.one<number>(Q.claimSameLoad, { key: x.keyId, model, now, eff: x.eff, ctx });
+        if (seq !== undefined && (await c.one<number>(Q.lockQueued, { seq })) !== undefined) sameLoad.push({ ...x, seq, numCtx: ctx });
+      }
+    }
+    if (sameLoad.length > 0) return fair(sameLoad);
+    const known = Object.values(host.loadMs);
+    const defaultLoad = known.length ? known.reduce((a, b) => a + b, 0) / known.length : 1000;
+    const score = new Map<string, number>();
+    for (const x of atTop) {
+      if (score.has(x.model)) continue;
+      const queued = (await c.one<number>(Q.modelQueued, { model: x.model })) ?? 1;
+      const run = (await c.one<number>(Q.modelAvg, { model: x.model })) ?? 1000;
+      score.set(x.model, (queued * run) / Math.max(1, host.loadMs[x.model] ?? defaultLoad));
+    }
+    const best = Math.max(...score.values());
+    return fair(atTop.filter((x) => score.get(x.model) === best));
+  }
+
+  jobsQueuedModels(): Promise<string[]> {
+    return this.read(async (c) => (await c.all<{ model: string }>(Q.queuedModels)).map((r) => r.model));
+  }
+
+  jobsFailQueuedModel(p: { model: string; now: number; error: ErrorInfo }): Promise<string[]> {
+    return this.tx((c, fx) => this.moveAll(c, fx, Q.failQueuedModel, { model: p.model, now: p.now, code: p.error.code, message: p.error.message }, 'failed', p.now));
+  }
+
+  private async historyBefore(c: Conn, prevSeq: number): Promise<Record<string, unknown>[]> {
+    const turns: Record<string, unknown>[][] = [];
+    for (let seq: number | null = prevSeq; seq !== null; ) {
+      const t: { prevSeq: number | null; request: string; result: string | null } | undefined = await c.get(Q.turnBySeq, { seq });
+      if (!t) break;
+      const req = JSON.parse(t.request) as { messages?: Record<string, unknown>[] };
+      const result = (await this.resultOf(c, seq, t.result)) as { message?: Record<string, unknown> } | null;
+      turns.push([...(req.messages ?? []), ...(result?.message ? [result.message] : [])]);
+      seq = t.prevSeq;
+    }
+    return turns.reverse().flat();
+  }
+
+  jobLeaseRenew(p: { seq: number; lease: string; until: number }): Promise<boolean> {
+    return this.tx(async (c) => (await c.run(Q.heartbeat, p)) > 0);
+  }
+
+  jobSetWorking(p: { seq: number; lease: string; now: number; leaseMs: number }): Promise<boolean> {
+    return this.tx(
+      async (c, fx) =>
+        (await this.move(c, fx, Q.toWorking, { seq: p.seq, lease: p.lease, now: p.now, lease_until: p.now + p.leaseMs }, 'working', p.now)) !== undefined,
+    );
+  }
+
+  jobComplete(p: {
+    seq: number;
+    lease: string;
+    now: number;
+    result: unknown;
+    artifacts: { name: string; contentType: string; body: Buffer }[];
+    runMs: number;
+    loadMs?: number;
+    usage?: { promptTokens: number | null; completionTokens: number | null };
+  }): Promise<boolean> {
+    return this.tx(async (c, fx) => {
+      const text = JSON.stringify(p.result);
+      const same = p.artifacts.some((a) => a.name === 'completion' && a.body.length === Buffer.byteLength(text) && a.body.equals(Buffer.from(text)));
+      const row = await this.move(
+        c,
+        fx,
+        Q.toDone,
+        {
+          seq: p.seq,
+          lease: p.lease,
+          now: p.now,
+          result: same ? RESULT_IN_ARTIFACT : text,
+          load_ms: p.loadMs ?? null,
+          prompt_tokens: p.usage?.promptTokens ?? null,
+          completion_tokens: p.usage?.completionTokens ?? null,
+        },
+        'done',
+        p.now,
+      );
+      if (!row) return false;
+      for (const a of p.artifacts) {
+        const sha = createHash('sha256').update(a.body).digest('hex');
+        await c.run(Q.insertArtifact, { seq: p.seq, name: a.name, type: a.contentType, size: a.body.length, sha, body: a.body, now: p.now });
+      }
+      await c.run(Q.modelStat, { model: row.model, ms: p.runMs });
+      const tokens = (p.usage?.promptTokens ?? 0) + (p.usage?.completionTokens ?? 0);
+      if (row.key_id !== '' && tokens > 0) await c.run(Q.keyDayAddTokens, { key: row.key_id, day: Math.floor(p.now / 86_400_000), tokens });
+      return true;
+    });
+  }
+
+  jobRetry(p: { seq: number; lease: string; now: number; runAt: number }): Promise<boolean> {
+    return this.tx(async (c, fx) => (await this.move(c, fx, Q.toQueuedRetry, { seq: p.seq, lease: p.lease, now: p.now, run_at: p.runAt }, 'queued', p.now)) !== undefined);
+  }
+
+  jobFail(p: { seq: number; lease: string; now: number; error: ErrorInfo }): Promise<boolean> {
+    return this.tx(
+      async (c, fx) =>
+        (await this.move(c, fx, Q.toFailed, { seq: p.seq, lease: p.lease, now: p.now, code: p.error.code, message: p.error.message }, 'failed', p.now)) !==
+        undefined,
+    );
+  }
+
+  jobRelease(p: { seq: number; lease: string; now: number }): Promise<boolean> {
+    return this.tx(async (c, fx) => (await this.move(c, fx, Q.toQueuedRelease, p, 'queued', p.now)) !== undefined);
+  }
+
+  jobCancel(p: { id: string; now: number; keyId?: string; actor?: string }): Promise<CancelOutcome | null> {
+    return this.tx(async (c, fx) => {
+      const before = await c.get<{ seq: number; state: JobState; keyId: string }>(Q.seqStateByIdLocked, { id: p.id });
+      if (!before || (p.keyId !== undefined && before.keyId !== p.keyId)) return null;
+      const canceled = (await this.move(c, fx, Q.toCanceled, { seq: before.seq, now: p.now }, 'canceled', p.now)) !== undefined;
+      const wasRunning = canceled && (before.state === 'loading' || before.state === 'working');
+      if (wasRunning) fx.canceled.push(p.id);
+      if (canceled && p.actor !== undefined) await this.audit(c, p.now, p.actor, 'job.canceled', p.id, { was: before.state });
+      return { canceled, wasRunning, state: canceled ? 'canceled' : before.state };
+    });
+  }
+
+  // --- maintenance ---
+
+  jobsRescue(p: { now: number }): Promise<string[]> {
+    return this.tx(async (c, fx) => {
+      const ids = await this.moveAll(c, fx, Q.rescueExpired, p, 'queued', p.now);
+      // A dead instance's webhook claims: their rows are claimable again.
+      if ((await c.run(Q.deliveriesUnclaimExpired, p)) > 0) fx.deliveryReady = true;
+      return ids;
+    });
+  }
+
+  jobsFailPastDeadline(p: { now: number }): Promise<string[]> {
+    return this.tx((c, fx) => this.moveAll(c, fx, Q.pastDeadline, p, 'failed', p.now));
+  }
+
+  jobsFailStale(p: { createdBefore: number; now: number; error: ErrorInfo }): Promise<string[]> {
+    return this.tx((c, fx) =>
+      this.moveAll(c, fx, Q.staleQueued, { cutoff: p.createdBefore, now: p.now, code: p.error.code, message: p.error.message }, 'failed', p.now),
+    );
+  }
+
+  jobsAge(p: { now: number; agingMs: number }): Promise<number> {
+    return this.tx((c) => c.run(Q.age, { now: p.now, aging: p.agingMs }));
+  }
+
+  jobsDeleteExpired(p: { finishedBefore: number; failedFinishedBefore?: number; limit: number; now: number }): Promise<number> {
+    return this.tx(async (c) => {
+      const picked = await c.all<{ seq: number; id: string; conversationId: string }>(Q.sweepPick, {
+        cutoff: p.finishedBefore,
+        failedCutoff: p.failedFinishedBefore ?? p.finishedBefore,
+        limit: p.limit,
+      });
+      for (const j of picked) {
+        await c.run(Q.deleteJob, { seq: j.seq });
+        await c.run(Q.expiredInsert, { id: j.id, at: p.now });
+        await c.run(Q.conversationDropIfEmpty, { id: j.conversationId });
+      }
+      await c.run(Q.idemSweep, { now: p.now, limit: p.limit });
+      await c.run(Q.expiredSweep, { before: p.now - EXPIRED_IDS_KEPT_MS, limit: p.limit });
+      return picked.length;
+    });
+  }
+
+  jobsNextRunAt(p: { now: number }): Promise<number | null> {
+    return this.read(async (c) => (await c.one<number>(Q.nextRunAt, { now: p.now })) ?? null);
+  }
+
+  jobsNextDeadlineAt(): Promise<number | null> {
+    return this.read(async (c) => (await c.one<number>(Q.nextDeadline)) ?? null);
+  }
+
+  jobsPromoteScheduled(p: { now: number }): Promise<string[]> {
+    return this.tx((c, fx) => this.moveAll(c, fx, Q.promoteScheduled, p, 'queued', p.now));
+  }
+
+  jobsNextScheduledAt(): Promise<number | null> {
+    return this.read(async (c) => (await c.one<number>(Q.nextScheduled)) ?? null);
+  }
+
+  jobsOldestFinishedAt(): Promise<number | null> {
+    return this.read(async (c) => (await c.one<number>(Q.oldestFinished)) ?? null);
+  }
+
+  // --- reads ---
+
+  jobGet(p: { id: string }): Promise<JobView | null> {
+    return this.read(async (c) => {
+      const r = await c.get<JobRow>(Q.jobById, { id: p.id });
+      if (!r) return null;
+      const [transitions, artifacts, deliveries, result] = await Promise.all([
+        c.all<JobView['transitions'][number]>(Q.transitions, { seq: r.seq }),
+        c.all<ArtifactMeta>(Q.artifactMetas, { seq: r.seq }),
+        c.all<DeliveryView>(Q.deliveries, { seq: r.seq }),
+        this.resultOf(c, r.seq, r.result),
+      ]);
+      const view: JobView = {
+        seq: r.seq,
+        id: r.id,
+        state: r.state,
+        model: r.model,
+        attempt: r.attempt,
+        maxAttempts: r.max_attempts,
+        priority: r.priority,
+        deadlineAt: r.deadline_at,
+        metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+        createdAt: r.created_at,
+        startedAt: r.started_at,
+        finishedAt: r.finished_at,
+        updatedAt: r.updated_at,
+        result,
+        error: r.error_code === null ? null : { code: r.error_code, message: r.error_message ?? '' },
+        webhookUrl: r.webhook_url,
+        webhookEvents: r.webhook_events === null ? null : (JSON.parse(r.webhook_events) as JobState[]),
+        transitions,
+        artifacts,
+        deliveries,
+        conversationId: r.conversation_id,
+        continueFrom: r.prev_id,
+        waiting: r.waits === 1,
+        loadMs: r.load_ms,
+        usage: { promptTokens: r.prompt_tokens, completionTokens: r.completion_tokens },
+        keyId: r.key_id === '' ? null : r.key_id,
+        scheduledFor: r.scheduled_for,
+        engine: r.engine,
+      };
+      return view;
+    });
+  }
+
+  private async resultOf(c: Conn, seq: number, stored: string | null): Promise<unknown> {
+    if (stored === null) return null;
+    if (stored !== RESULT_IN_ARTIFACT) return JSON.parse(stored) as unknown;
+    const body = await c.one<Buffer>(Q.artifactBody, { seq, name: 'completion' });
+    return body === undefined ? null : (JSON.parse(body.toString('utf8')) as unknown);
+  }
+
+  jobTransitionsSince(p: { id: string; after: number }): Promise<TransitionEvent[]> {
+    return this.read(async (c) =>
+      (await c.all<Record<string, unknown>>(Q.transitionsSince, { id: p.id, after: p.after })).map((t) => {
+        const state = t.state as JobState;
+        const e: TransitionEvent = { jobId: p.id, state, model: t.model as string, n: t.n as number, at: t.at as number, attempt: t.attempt as number };
+        if (state === 'failed') e.error = { code: (t.error_code as string | null) ?? 'unknown', message: (t.error_message as string | null) ?? '' };
+        if (isTerminal(state)) e.run = runOf({ ...(t as unknown as RunRow), attempt: t.run_attempt as number });
+        return e;
+      }),
+    );
+  }
+
+  jobsCountActive(): Promise<{ state: JobState; model: string; n: number }[]> {
+    return this.read((c) => c.all<{ state: JobState; model: string; n: number }>(Q.activeByStateModel));
+  }
+
+  deliveriesPendingStats(): Promise<{ count: number; oldestOccurredAt: number | null }> {
+    return this.read(async (c) => (await c.get<{ count: number; oldestOccurredAt: number | null }>(Q.pendingStats))!);
+  }
+
+  jobQueueSnapshot(p: { seq: number }): Promise<QueueSnapshot> {
+    return this.read(async (c) => {
+      const me = await c.get<{ eff: number; key: string; served: number }>(Q.queueOf, { seq: p.seq });
+      const byModel = new Map<string, number>();
+      const add = (rows: { model: string; n: number }[]) => rows.forEach((r) => byModel.set(r.model, (byModel.get(r.model) ?? 0) + r.n));
+      if (me) {
+        add(await c.all<{ model: string; n: number }>(Q.queueAheadHigher, { eff: me.eff }));
+        const mine = await c.all<{ model: string; n: number }>(Q.queueAheadMine, { key: me.key, eff: me.eff, seq: p.seq });
+        add(mine);
+        const head = (await c.one<number | null>(Q.queueHeadOf, { key: me.key, eff: me.eff })) ?? 0;
+        add(
+          await c.all<{ model: string; n: number }>(Q.queueAheadOthers, {
+            eff: me.eff,
+            key: me.key,
+            served: me.served,
+            head,
+            mine: mine.reduce((a, r) => a + r.n, 0),
+          }),
+        );
+      }
+      const ahead = [...byModel].map(([model, n]) => ({ model, n }));
+      const running = await c.all<{ model: string; startedAt: number }>(Q.running);
+      const stats = new Map((await c.all<{ model: string; avgMs: number }>(Q.modelStats)).map((r) => [r.model, r.avgMs]));
+      return { ahead, running, stats };
+    });
+  }
+
+  jobExpired(p: { id: string }): Promise<boolean> {
+    return this.read(async (c) => (await c.one<number>(Q.expiredById, { id: p.id })) === 1);
+  }
+
+  conversationGet(p: { id: string }): Promise<ConversationView | null> {
+    return this.read(async (c) => {
+      const conv = await c.get<{ id: string; createdAt: number; keyId: string | null }>(Q.conversationById, { id: p.id });
+      if (!conv) return null;
+      const rows = await c.all<{
+        seq: number;
+        id: string;
+        state: JobState;
+        request: string;
+        result: string | null;
+        errorCode: string | null;
+        errorMessage: string | null;
+        createdAt: number;
+        finishedAt: number | null;
+      }>(Q.conversationTurns, { id: p.id });
+      const turns = [];
+      for (const t of rows) {
+        turns.push({
+          jobId: t.id,
+          state: t.state,
+          messages: (JSON.parse(t.request) as { messages?: unknown[] }).messages ?? [],
+          reply: ((await this.resultOf(c, t.seq, t.result)) as { message?: unknown } | null)?.message ?? null,
+          error: t.errorCode === null ? null : { code: t.errorCode, message: t.errorMessage ?? '' },
+          createdAt: t.createdAt,
+          finishedAt: t.finishedAt,
+        });
+      }
+      return { id: conv.id, createdAt: conv.createdAt, keyId: conv.keyId === '' ? null : conv.keyId, turns };
+    });
+  }
+
+  conversationsList(p: { limit: number; beforeSeq?: number; keyId?: string }): Promise<ConversationListed[]> {
+    return this.read((c) => c.all<ConversationListed>(Q.conversationsPage, { before: p.beforeSeq ?? Number.MAX_SAFE_INTEGER, limit: p.limit, key: p.keyId ?? null }));
+  }
+
+  artifactGet(p: { jobId: string; name: string }): Promise<Artifact | null> {
+    return this.read(async (c) => (await c.get<Artifact>(Q.artifact, { id: p.jobId, name: p.name })) ?? null);
+  }
+
+  /** Newest first, keyset-paginated on seq (never OFFSET). */
+  jobsList(f: ListFilter): Promise<ListedJob[]> {
+    return this.read((c) => this.list(c, f));
+  }
+
+  private async list(c: Conn, f: ListFilter): Promise<ListedJob[]> {
+    let upper = f.beforeSeq ?? null;
+    let lower: number | null = null;
+    if (f.createdBefore !== undefined) {
+      const b = (await c.one<number>(Q.seqCreatedBefore, { at: f.createdBefore })) ?? null;
+      if (b === null) return [];
+      upper = upper === null ? b + 1 : Math.min(upper, b + 1);
+    }
+    if (f.createdAfter !== undefined) {
+      lower = (await c.one<number>(Q.seqCreatedAtOrAfter, { at: f.createdAfter })) ?? null;
+      if (lower === null) return [];
+    }
+    const where: string[] = [];
+    const params: Record<string, unknown> = { limit: f.limit };
+    let from = 'jobs j';
+    const meta = f.metadata ?? [];
+    const inner: string[] = ['key = @mk0', 'value = @mv0'];
+    if (upper !== null) {
+      inner.push('job_seq < @upper');
+      params.upper = upper;
+    }
+    if (lower !== null) {
+      inner.push('job_seq >= @lower');
+      params.lower = lower;
+    }
+    meta.forEach(([k, v], i) => {
+      params[`mk${i}`] = k;
+      params[`mv${i}`] = v;
+      if (i > 0) where.push(`EXISTS (SELECT 1 FROM job_metadata m${i} WHERE m${i}.key = @mk${i} AND m${i}.value = @mv${i} AND m${i}.job_seq = j.seq)`);
+    });
+    const innerSql = `SELECT job_seq FROM job_metadata WHERE ${inner.join(' AND ')} ORDER BY job_seq DESC LIMIT ${LIST_SCAN_BUDGET}`;
+    if (meta.length > 0) from = `(${innerSql}) m JOIN jobs j ON j.seq = m.job_seq`;
+    const seqCol = meta.length > 0 ? 'm.job_seq' : 'j.seq';
+    if (meta.length === 0 && upper !== null) where.push('j.seq < @upper');
+    if (meta.length === 0 && lower !== null) where.push('j.seq >= @lower');
+    if (f.createdBefore !== undefined) {
+      where.push('j.created_at < @cbefore');
+      params.cbefore = f.createdBefore;
+    }
+    if (f.createdAfter !== undefined) {
+      where.push('j.created_at >= @cafter');
+      params.cafter = f.createdAfter;
+    }
+    if (f.state) {
+      where.push('j.state = @state');
+      params.state = f.state;
+    }
+    if (f.model) {
+      where.push('j.model = @model');
+      params.model = f.model;
+    }
+    if (f.conversationId) {
+      where.push('j.conversation_id = @conversation');
+      params.conversation = f.conversationId;
+    }
+    if (f.keyId !== undefined) {
+      where.push('j.key_id = @key');
+      params.key = f.keyId;
+    }
+    if (f.engine !== undefined) {
+      where.push('j.engine = @engine');
+      params.engine = f.engine;
+    }
+    const sql = `SELECT j.seq, j.id, j.state, j.model, j.priority, j.attempt, j.metadata, j.created_at AS createdAt,
+        j.finished_at AS finishedAt, nullif(j.key_id, '') AS keyId, j.engine
+      FROM ${from} ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
+      ORDER BY ${seqCol} DESC LIMIT @limit`;
+    const rows = (await c.all<Omit<ListedJob, 'metadata'> & { metadata: string | null }>(sql, params)).map((r) => ({
+      ...r,
+      metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+    }));
+    if (meta.length > 0 && rows.length < f.limit) {
+      const innerParams = Object.fromEntries(Object.entries(params).filter(([k]) => ['mk0', 'mv0', 'upper', 'lower'].includes(k)));
+      const scanned = (await c.one<number>(`SELECT count(*) AS n FROM (${innerSql}) x`, innerParams)) ?? 0;
+      if (scanned >= LIST_SCAN_BUDGET && (f.metadata!.length > 1 || f.state || f.model || f.createdAfter !== undefined || f.createdBefore !== undefined)) {
+        throw new Validation(
+          `this filter combination would scan more than ${LIST_SCAN_BUDGET} jobs of metadata.${meta[0]![0]}=${JSON.stringify(meta[0]![1].slice(0, 40))}: narrow it (created_after/created_before, or a rarer metadata filter first)`,
+          `metadata.${meta[0]![0]}`,
+          'filter_too_broad',
+        );
+      }
+    }
+    return rows;
+  }
+
+  // --- webhook outbox (a claim is a lease in the row: claimed_by, claimed_until) ---
+
+  private async toClaimed(c: Conn, r: DueRow, inlineMax: number): Promise<ClaimedDelivery> {
+    return {
+      id: r.id,
+      jobId: r.jobId,
+      state: r.state,
+      sequence: r.sequence,
+      url: r.url,
+      origin: r.origin,
+      occurredAt: r.occurredAt,
+      attempts: r.attempts,
+      metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+      error: r.state === 'failed' ? { code: r.errorCode ?? 'unknown', message: r.errorMessage ?? '' } : null,
+      artifacts: r.state === 'done' ? await c.all<ArtifactMeta & { body: Buffer | null }>(Q.artifactsForEvent, { inline: inlineMax, seq: r.jobSeq }) : [],
+      run: isTerminal(r.state) ? runOf(r) : null,
+    };
+  }
+
+  deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]> {
+    if (p.limit <= 0) return Promise.resolve([]);
+    return this.tx(async (c) => {
+      const active = new Map((await c.all<{ origin: string; n: number }>(Q.activeClaims, { now: p.now })).map((r) => [r.origin, r.n]));
+      const origins = await c.all<{ origin: string }>(Q.dueOrigins, { now: p.now, n: p.limit + active.size });
+      const ids: number[] = [];
+      const until = p.now + this.deliveryLeaseMs;
+      for (const { origin } of origins) {
+        if (ids.length >= p.limit) break;
+        const room = Math.min(p.perOriginLimit - (active.get(origin) ?? 0), p.limit - ids.length);
+        if (room <= 0) continue;
+        for (const r of await c.all<{ id: number }>(Q.claimInOrigin, { by: this.instanceId, until, origin, now: p.now, n: room })) ids.push(r.id);
+      }
+      if (ids.length === 0) return [];
+      const rows = await c.all<DueRow>(Q.deliveryForSend, { ids });
+      const out: ClaimedDelivery[] = [];
+      for (const r of rows) out.push(await this.toClaimed(c, r, p.inlineMax));
+      return out;
+    });
+  }
+
+  deliveryClaimNext(p: { afterId: number; now: number; inlineMax: number }): Promise<ClaimedDelivery | null> {
+    return this.tx(async (c) => {
+      const next = await c.one<number>(Q.nextOfJob, { id: p.afterId, now: p.now });
+      if (next === undefined) return null;
+      const got = await c.one<number>(Q.claimOneDelivery, { id: next, by: this.instanceId, until: p.now + this.deliveryLeaseMs, now: p.now });
+      if (got === undefined) return null;
+      const [r] = await c.all<DueRow>(Q.deliveryForSend, { ids: [got] });
+      return this.toClaimed(c, r!, p.inlineMax);
+    });
+  }
+
+  deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null> {
+    return this.read(async (c) => (await c.get<{ dueAt: number }>(Q.nextDue, { cap: p.perOriginLimit }))?.dueAt ?? null);
+  }
+
+  async deliveryRecord(p: { id: number; now: number; outcome: DeliveryOutcome }): Promise<void> {
+    const o = p.outcome;
+    await this.tx(async (c, fx) => {
+      type Done = { jobSeq: number; origin: string } | undefined;
+      let row: Done;
+      switch (o.kind) {
+        case 'delivered':
+          row = await c.get(Q.deliveryDelivered, { id: p.id, now: p.now, code: o.status });
+          break;
+        case 'retry':
+          row = await c.get(Q.deliveryRetry, { id: p.id, next: o.at, code: o.status, error: o.error });
+          break;
+        case 'failed':
+        case 'gone':
+          row = await c.get(Q.deliveryFailed, { id: p.id, code: o.status, error: o.error });
+          if (row && o.kind === 'gone') {
+            await c.run(Q.goneJob, { seq: row.jobSeq });
+            await c.run(Q.goneRest, { seq: row.jobSeq });
+          }
+          break;
+      }
+      if (!row) return;
+      if (o.kind !== 'retry') {
+        await c.run(Q.lineRefresh, { seq: row.jobSeq });
+      }
+      // A slot of its origin is free (here or on another instance).
+      fx.deliveryReady = true;
+    });
+  }
+
+  async deliveryRelease(p: { id: number }): Promise<void> {
+    await this.tx(async (c, fx) => {
+      if ((await c.run(Q.deliveryUnclaim, { id: p.id, by: this.instanceId })) > 0) fx.deliveryReady = true;
+    });
+  }
+
+  deliveriesRedeliver(p: { jobId: string; now: number; state: JobState | null; actor?: string }): Promise<JobState[]> {
+    return this.tx(async (c, fx) => {
+      const job = await c.get<{ seq: number }>(Q.seqStateByIdLocked, { id: p.jobId });
+      if (!job) return [];
+      const rows = await c.all<{ state: JobState; origin: string }>(Q.redeliver, { seq: job.seq, now: p.now, state: p.state });
+      if (rows.length === 0) return [];
+      await c.run(Q.ungone, { seq: job.seq });
+      await c.run(Q.lineRefresh, { seq: job.seq });
+      fx.deliveryReady = true;
+      if (p.actor !== undefined) await this.audit(c, p.now, p.actor, 'job.redelivered', p.jobId, { states: rows.map((r) => r.state) });
+      return rows.map((r) => r.state);
+    });
+  }
+
+  // --- API keys, usage and audit (ADR-0013) ---
+
+  private async audit(c: Conn, at: number, actor: string, action: AuditAction, target: string, detail: Record<string, unknown> | null): Promise<void> {
+    await c.run(Q.auditInsert, { at, actor, action, target, detail: detail === null ? null : JSON.stringify(detail) });
+  }
+
+  keyInsert(p: { key: ApiKeyRecord; hash: string; actor: string }): Promise<void> {
+    const k = p.key;
+    return this.tx(async (c) => {
+      await c.run(Q.keyInsert, {
+        id: k.id,
+        name: k.name,
+        hash: p.hash,
+        concurrency: k.concurrency,
+        maxQueued: k.maxQueued,
+        dailyLimit: k.dailyLimit,
+        priorityMax: k.priorityMax,
+        createdAt: k.createdAt,
+      });
+      await this.audit(c, k.createdAt, p.actor, 'key.created', k.id, { name: k.name, ...limitsOf(k) });
+    });
+  }
+
+  keyByHash(p: { hash: string }): Promise<ApiKeyRecord | null> {
+    return this.read(async (c) => (await c.get<ApiKeyRecord>(Q.keyByHash, { hash: p.hash })) ?? null);
+  }
+
+  keyGet(p: { id: string }): Promise<ApiKeyRecord | null> {
+    return this.read(async (c) => (await c.get<ApiKeyRecord>(Q.keyById, { id: p.id })) ?? null);
+  }
+
+  keysList(): Promise<ApiKeyRecord[]> {
+    return this.read((c) => c.all<ApiKeyRecord>(Q.keysAll));
+  }
+
+  keyUpdate(p: { id: string; changes: Partial<ApiKeyLimits> & { name?: string }; now: number; actor: string }): Promise<ApiKeyRecord | null> {
+    const ch = p.changes;
+    const has = (k: keyof ApiKeyLimits) => k in ch;
+    return this.tx(async (c, fx) => {
+      const r = await c.get<ApiKeyRecord>(Q.keyUpdate, {
+        id: p.id,
+        now: p.now,
+        name: ch.name ?? null,
+        set_concurrency: has('concurrency'),
+        concurrency: ch.concurrency ?? null,
+        set_max_queued: has('maxQueued'),
+        max_queued: ch.maxQueued ?? null,
+        set_daily_limit: has('dailyLimit'),
+        daily_limit: ch.dailyLimit ?? null,
+        set_priority_max: has('priorityMax'),
+        priority_max: ch.priorityMax ?? null,
+      });
+      if (!r) return null;
+      await this.audit(c, p.now, p.actor, 'key.updated', p.id, { ...ch });
+      fx.jobReady = true; // a raised concurrency may make queued jobs claimable
+      return r;
+    });
+  }
+
+  keyRevoke(p: { id: string; now: number; actor: string }): Promise<ApiKeyRecord | null> {
+    return this.tx(async (c) => {
+      const before = await c.get<ApiKeyRecord>(`${Q.keyById} FOR UPDATE`, { id: p.id });
+      if (!before) return null;
+      if (before.revokedAt !== null) return before;
+      const r = (await c.get<ApiKeyRecord>(Q.keyRevoke, { id: p.id, now: p.now }))!;
+      await this.audit(c, p.now, p.actor, 'key.revoked', p.id, null);
+      return r;
+    });
+  }
+
+  keyUsage(p: { keyId: string; day: number }): Promise<KeyUsage> {
+    return this.read(async (c) => (await c.get<KeyUsage>(Q.keyUsage, { key: p.keyId, day: p.day }))!);
+  }
+
+  auditList(p: { limit: number; beforeId?: number }): Promise<AuditEntry[]> {
+    return this.read(async (c) =>
+      (await c.all<Omit<AuditEntry, 'detail'> & { detail: string | null }>(Q.auditPage, { before: p.beforeId ?? Number.MAX_SAFE_INTEGER, limit: p.limit })).map(
+        (r) => ({ ...r, detail: r.detail === null ? null : (JSON.parse(r.detail) as Record<string, unknown>) }),
+      ),
+    );
+  }
+
+  secretEnsure(p: { name: string; value: string }): Promise<string> {
+    return this.tx(async (c) => {
+      await c.run(Q.secretInsert, p);
+      return (await c.one<string>(Q.secretGet, { name: p.name }))!;
+    });
+  }
+}
+
+const limitsOf = (k: ApiKeyLimits): ApiKeyLimits => ({
+  concurrency: k.concurrency,
+  maxQueued: k.maxQueued,
+  dailyLimit: k.dailyLimit,
+  priorityMax: k.priorityMax,
+});
+
+const likeEscape = (s: string): string => s.replace(/[\\%_]/g, (ch) => `\\${ch}`);
+
+/** Two instances inserting one Idempotency-Key at once: the loser runs again and replays. */
+function isIdempotencyRace(err: unknown): boolean {
+  const e = err as { code?: unknown; constraint?: unknown } | null;
+  return e?.code === '23505' && e.constraint === 'idempotency_keys_pkey';
+}

@@ -1,0 +1,148 @@
+import pg from 'pg';
+import type { TransitionEvent } from '../driver.js';
+import type { LocalNotifier } from '../notifier.js';
+
+/** The channel every instance LISTENs on. */
+export const CHANNEL = 'foreman_events';
+/** NOTIFY refuses payloads of 8000 bytes or more; stay well below. */
+export const MAX_PAYLOAD = 7500;
+
+interface Fx {
+  jobReady: boolean;
+  deliveryReady: boolean;
+  transitions: TransitionEvent[];
+  canceled: string[];
+}
+
+/** One NOTIFY payload: who sent it, and what happened. */
+interface Message {
+  i: string;
+  r?: 1;
+  d?: 1;
+  c?: string[];
+  t?: TransitionEvent[];
+}
+
+/** Splits effects into payloads below MAX_PAYLOAD bytes (an event too big alone loses its error message's tail). */
+export function payloadsOf(instanceId: string, fx: Fx): string[] {
+  const out: string[] = [];
+  const base: Message = { i: instanceId };
+  if (fx.jobReady) base.r = 1;
+  if (fx.deliveryReady) base.d = 1;
+  if (fx.canceled.length) base.c = [...fx.canceled];
+  let cur: Message = base;
+  const size = (m: Message) => Buffer.byteLength(JSON.stringify(m));
+  for (let e of fx.transitions) {
+    if (Buffer.byteLength(JSON.stringify(e)) > MAX_PAYLOAD - 200 && e.error) {
+      e = { ...e, error: { code: e.error.code, message: e.error.message.slice(0, 2000) } };
+    }
+    const next = { ...cur, t: [...(cur.t ?? []), e] };
+    if (size(next) > MAX_PAYLOAD && (cur.t?.length ?? 0) > 0) {
+      out.push(JSON.stringify(cur));
+      cur = { i: instanceId, t: [e] };
+    } else cur = next;
+  }
+  if (cur.r || cur.d || cur.c || cur.t?.length) out.push(JSON.stringify(cur));
+  return out;
+}
+
+/**
+ * Carries a driver's effects to the other instances: NOTIFY inside the writing transaction (so
+ * only a commit sends it), LISTEN on a dedicated connection that reconnects by itself. While that
+ * connection is down, a slow poll stands in: `jobReady` and `deliveryReady` every `fallbackMs`.
+ */
+export class ClusterNotifier {
+  private client: pg.Client | null = null;
+  private stopped = false;
+  private retry: NodeJS.Timeout | null = null;
+  private poll: NodeJS.Timeout | null = null;
+  connected = false;
+
+  constructor(
+    private readonly o: { url: string; instanceId: string; local: LocalNotifier; types: pg.CustomTypesConfig; fallbackMs?: number },
+  ) {}
+
+  async start(): Promise<void> {
+    await this.connect();
+  }
+
+  private async connect(): Promise<void> {
+    if (this.stopped) return;
+    const client = new pg.Client({ connectionString: this.o.url, types: this.o.types, application_name: `foreman listen ${this.o.instanceId}`.slice(0, 63) });
+    client.on('error', () => this.lost(client));
+    client.on('end', () => this.lost(client));
+    client.on('notification', (m) => this.receive(m.payload));
+    try {
+      await client.connect();
+      await client.query(`LISTEN ${CHANNEL}`);
+    } catch {
+      await client.end().catch(() => {});
+      this.lost(null); // retried shortly; the slow poll stands in meanwhile
+      return;
+    }
+    if (this.stopped) {
+      await client.end().catch(() => {});
+      return;
+    }
+    this.client = client;
+    this.connected = true;
+    if (this.poll) clearInterval(this.poll);
+    this.poll = null;
+    // Whatever was announced while we were away: look again.
+    this.o.local.emit('jobReady');
+    this.o.local.emit('deliveryReady');
+  }
+
+  private lost(client: pg.Client | null): void {
+    if (client !== null && client !== this.client) return;
+    this.client = null;
+    this.connected = false;
+    if (this.stopped) return;
+    if (!this.poll) {
+      this.poll = setInterval(() => {
+        this.o.local.emit('jobReady');
+        this.o.local.emit('deliveryReady');
+      }, this.o.fallbackMs ?? 1000);
+      this.poll.unref();
+    }
+    if (!this.retry) {
+      this.retry = setTimeout(() => {
+        this.retry = null;
+        this.connect().catch(() => {});
+      }, 500);
+      this.retry.unref();
+    }
+  }
+
+  private receive(payload: string | undefined): void {
+    if (!payload) return;
+    let m: Message;
+    try {
+      m = JSON.parse(payload) as Message;
+    } catch {
+      return;
+    }
+    if (m.i === this.o.instanceId) return; // announced locally already, after our own commit
+    const n = this.o.local;
+    if (m.d) n.emit('deliveryReady');
+    if (m.r) n.emit('jobReady');
+    for (const e of m.t ?? []) n.emit('stateChanged', e);
+    for (const id of m.c ?? []) n.emit('cancelRequested', id);
+  }
+
+  /** Queues the NOTIFYs in the caller's transaction. */
+  async publish(client: pg.ClientBase, fx: Fx): Promise<void> {
+    for (const p of payloadsOf(this.o.instanceId, fx)) await client.query('SELECT pg_notify($1, $2)', [CHANNEL, p]);
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.retry) clearTimeout(this.retry);
+    if (this.poll) clearInterval(this.poll);
+    this.retry = this.poll = null;
+    const c = this.client;
+    this.client = null;
+    this.connected = false;
+    if (c) await c.end().catch(() => {});
+  }
+}
