@@ -17,7 +17,7 @@ export function parseDuration(text: string): number | undefined {
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
 /** How a setting's text is read. */
-type Kind = 'string' | 'url' | 'int' | 'duration' | 'bool' | 'enum' | 'list';
+type Kind = 'string' | 'url' | 'dburl' | 'int' | 'duration' | 'bool' | 'enum' | 'list';
 
 /** A setting's schema carries its variable, default and kind: the one table of settings. */
 interface SettingMeta {
@@ -46,6 +46,11 @@ export const ConfigSchema = Type.Object({
   host: str('FOREMAN_HOST', '127.0.0.1', 1),
   port: int('FOREMAN_PORT', '8080', 0, 65535),
   dataDir: str('FOREMAN_DATA_DIR', './data', 1),
+  // Set: the PostgreSQL driver, shared by every instance on that database (ADR-0011). Unset: SQLite in FOREMAN_DATA_DIR.
+  databaseUrl: Type.Optional(Type.String(meta('FOREMAN_DATABASE_URL', undefined, 'dburl'))),
+  databasePool: int('FOREMAN_DATABASE_POOL', '10', 1, 1000),
+  // Unset: hostname-pid.
+  instanceId: Type.Optional(str('FOREMAN_INSTANCE_ID', undefined, 1)),
   publicUrl: url('FOREMAN_PUBLIC_URL', undefined),
   ollamaUrl: url('FOREMAN_OLLAMA_URL', 'http://127.0.0.1:11434'),
   // The pool of Ollama hosts (ADR-0012); empty: the one host FOREMAN_OLLAMA_URL.
@@ -144,6 +149,20 @@ function parseOne(spec: Spec, raw: string): unknown {
         throw new ConfigError(spec.env, `"${raw}" must be an http or https URL`);
       }
       return raw.replace(/\/+$/, '');
+    }
+    case 'dburl': {
+      // Never echo the value: it may carry a password.
+      let u: URL;
+      try {
+        u = new URL(raw);
+      } catch {
+        throw new ConfigError(spec.env, 'is not a URL (expected postgres://user:password@host:port/database)');
+      }
+      if (u.protocol !== 'postgres:' && u.protocol !== 'postgresql:') {
+        throw new ConfigError(spec.env, `must be a postgres:// URL, not ${u.protocol}//…`);
+      }
+      if (u.hostname === '') throw new ConfigError(spec.env, 'names no host (expected postgres://user:password@host:port/database)');
+      return raw;
     }
     case 'int': {
       if (!/^\s*-?\d+\s*$/.test(raw)) throw new ConfigError(spec.env, `"${raw}" is not a whole number`);

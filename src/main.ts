@@ -2,6 +2,7 @@ import { pino } from 'pino';
 import { ConfigError, loadConfig, type Config } from './config.js';
 import { Service } from './service.js';
 import { DataDirLocked } from './queue/sqlite/db.js';
+import { StorageUnavailable } from './errors.js';
 
 let config: Config;
 try {
@@ -23,7 +24,10 @@ try {
   service = new Service({ config, logger });
   await service.start();
 } catch (err) {
-  if (err instanceof DataDirLocked) {
+  if (err instanceof StorageUnavailable && err.message.startsWith('FOREMAN_DATABASE_URL')) {
+    process.stderr.write(`foreman: refusing to start: ${err.message}\n`);
+    logger.fatal({ code: 'database_unreachable' }, err.message);
+  } else if (err instanceof DataDirLocked) {
     process.stderr.write(`foreman: refusing to start: ${err.message}\n`);
     logger.fatal({ code: 'data_dir_locked' }, err.message);
   } else logger.fatal({ err }, 'foreman could not start');

@@ -23,6 +23,8 @@ import { Rescuer } from './maintenance/rescuer.js';
 import { TtlCleaner } from './maintenance/ttl-cleaner.js';
 import type { QueueDriver } from './queue/driver.js';
 import { SqliteDriver } from './queue/sqlite/driver.js';
+import { PostgresDriver } from './queue/postgres/driver.js';
+import os from 'node:os';
 import { Dispatcher } from './webhooks/dispatcher.js';
 import { Worker } from './worker/worker.js';
 import { VERSION } from './version.js';
@@ -46,6 +48,12 @@ export interface ServiceOptions {
 export class Service {
   readonly config: Config;
   readonly logger: Logger;
+  /** FOREMAN_INSTANCE_ID, default hostname-pid. */
+  readonly instanceId: string;
+  /** Whether this instance runs the maintenance services now (always, with an exclusive driver). */
+  leader = false;
+  private stepDown: (() => Promise<void>) | null = null;
+  private leaderChange: Promise<void> = Promise.resolve();
   readonly clock: Clock;
   readonly driver: QueueDriver;
   readonly jobs: Jobs;
@@ -69,21 +77,35 @@ export class Service {
 
   constructor(opts: ServiceOptions) {
     const config = (this.config = opts.config);
-    const logger = (this.logger = opts.logger ?? pino({ level: config.logLevel }));
     const clock = (this.clock = opts.clock ?? systemClock);
     this.publicUrl = config.publicUrl;
+    const onCommit = (ops: number, ms: number) => {
+      this.commits.groups++;
+      this.commits.ops += ops;
+      this.commits.ms += ms;
+      this.metrics?.commit(ops, ms);
+    };
+    // Several instances share a PostgreSQL database (ADR-0011): each has an id, in its logs and on the jobs it runs.
+    this.instanceId = config.instanceId ?? `${os.hostname()}-${process.pid}`;
+    const baseLogger = opts.logger ?? pino({ level: config.logLevel });
+    const logger = (this.logger = config.databaseUrl !== undefined ? baseLogger.child({ instance: this.instanceId }) : baseLogger);
     const driver = (this.driver =
       opts.driver ??
+      (config.databaseUrl !== undefined
+        ? new PostgresDriver({
+            url: config.databaseUrl,
+            poolSize: config.databasePool,
+            instanceId: this.instanceId,
+            // Longer than any webhook attempt: a live instance's claim never expires under it.
+            deliveryLeaseMs: Math.max(60_000, 3 * config.webhookTimeoutMs),
+            onCommit,
+          })
+        : undefined) ??
       new SqliteDriver({
         dataDir: config.dataDir,
         busyTimeoutMs: config.sqliteBusyTimeoutMs,
         synchronous: config.sqliteSynchronous,
-        onCommit: (ops, ms) => {
-          this.commits.groups++;
-          this.commits.ops += ops;
-          this.commits.ms += ms;
-          this.metrics?.commit(ops, ms);
-        },
+        onCommit,
       }));
     this.events = new JobEvents();
     this.unsubscribe = driver.notifier.on('stateChanged', this.events.transition);
@@ -213,7 +235,24 @@ export class Service {
     await this.pool.start();
     this.worker.start();
     this.dispatcher.start();
-    this.maintainer.start();
+    if (this.driver.leadership) {
+      // A shared driver: maintenance runs on the elected leader only.
+      this.stepDown = this.driver.leadership((leader) => {
+        this.leader = leader;
+        this.leaderChange = this.leaderChange.then(async () => {
+          if (leader) {
+            this.logger.info({ leader: true }, 'this instance now leads maintenance');
+            this.maintainer.start();
+          } else {
+            this.logger.info({ leader: false }, 'this instance no longer leads maintenance');
+            await this.maintainer.stop();
+          }
+        });
+      });
+    } else {
+      this.leader = true;
+      this.maintainer.start();
+    }
     this.logger.info(
       { url: this.url, public_url: this.publicUrl, driver: this.driver.name, requeued: requeued.length, startup_ms: Math.round(performance.now() - t0) },
       `foreman listening on ${this.url}`,
@@ -238,6 +277,8 @@ export class Service {
       const force = setTimeout(() => this.app.server.closeAllConnections(), this.config.shutdownGraceMs);
       await closing;
       clearTimeout(force);
+      if (this.stepDown) await this.stepDown();
+      await this.leaderChange;
       await this.maintainer.stop();
       await this.worker.stop(this.config.shutdownGraceMs);
       await this.dispatcher.stop(Math.min(2000, this.config.shutdownGraceMs));

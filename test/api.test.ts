@@ -482,40 +482,40 @@ describe('request validation', () => {
 
   for (const [name, body, field] of cases) {
     it(`400 validation_failed: ${name}`, async () => {
-      const before = jobCount(h);
+      const before = (await jobCount(h));
       const r = await h.api('/jobs', { method: 'POST', json: body });
       expectErrorShape(r.body, 400, r.status);
       expect(r.body.code).toBe('validation_failed');
       if (typeof field === 'string') expect(r.body.field).toBe(field);
       else expect(r.body.field).toMatch(field);
-      expect(jobCount(h)).toBe(before);
+      expect((await jobCount(h))).toBe(before);
     });
   }
 
   for (const key of ['', 'k'.repeat(65)]) {
     it(`400 validation_failed: metadata key of length ${key.length} (keys must be 1..64 characters)`, async () => {
-      const before = jobCount(h);
+      const before = (await jobCount(h));
       const r = await h.api('/jobs', { method: 'POST', json: { model: 'llama3.2', messages: user, metadata: { [key]: 'v' } } });
       expect(r.status).toBe(400);
       expectErrorShape(r.body, 400, r.status);
       expect(r.body.code).toBe('validation_failed');
       expect(r.body.field).toMatch(/^metadata/);
-      expect(jobCount(h)).toBe(before);
+      expect((await jobCount(h))).toBe(before);
     });
   }
 
   it('400 invalid_json for a body that is not JSON, or empty', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     for (const body of ['{"model":', '{model: x}', '']) {
       const r = await h.api('/jobs', { method: 'POST', headers: { 'content-type': 'application/json' }, body });
       expectErrorShape(r.body, 400, r.status);
       expect(r.body.code).toBe('invalid_json');
     }
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
   });
 
   it('415 unsupported_media_type for text/plain', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const r = await h.api('/jobs', {
       method: 'POST',
       headers: { 'content-type': 'text/plain' },
@@ -523,39 +523,39 @@ describe('request validation', () => {
     });
     expectErrorShape(r.body, 415, r.status);
     expect(r.body.code).toBe('unsupported_media_type');
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
   });
 
   it('415 unsupported_media_type for application/xml', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const r = await h.api('/jobs', { method: 'POST', headers: { 'content-type': 'application/xml' }, body: '<job/>' });
     expectErrorShape(r.body, 415, r.status);
     expect(r.body.code).toBe('unsupported_media_type');
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
   });
 
   it('413 payload_too_large above FOREMAN_MAX_BODY_BYTES', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const r = await h.api('/jobs', { method: 'POST', json: hello('x'.repeat(10 * 1024)) });
     expectErrorShape(r.body, 413, r.status);
     expect(r.body.code).toBe('payload_too_large');
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
   });
 
   it('400 for a __proto__ key at the top level', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const body = '{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"__proto__":{"polluted":"yes"}}';
     const r = await h.api('/jobs', { method: 'POST', headers: { 'content-type': 'application/json' }, body });
     expectErrorShape(r.body, 400, r.status);
     expect(({} as any).polluted).toBeUndefined();
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
   });
 
   it('a valid body is accepted by the same harness (the cases above were the only cause)', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const r = await h.api('/jobs', { method: 'POST', json: hello('ok') });
     expect(r.status).toBe(202);
-    expect(jobCount(h)).toBe(before + 1);
+    expect((await jobCount(h))).toBe(before + 1);
     await h.waitForState(r.body.job_id, terminal);
   });
 });
@@ -597,7 +597,7 @@ describe('TTL sweep', () => {
     const queued = await h.api(`/jobs/${queuedId}`);
     expect(queued.status).toBe(200);
     expect(queued.body.state).toBe('queued');
-    expect(jobCount(h)).toBe(2);
+    expect((await jobCount(h))).toBe(2);
   });
 });
 

@@ -116,7 +116,7 @@ describe('foreman CLI', () => {
     const lines: string[] = [];
     for (let i = 0; i < 200; i++) lines.push(i % 2 === 0 ? JSON.stringify(`prompt ${i}`) : JSON.stringify({ custom_id: `c${i}`, prompt: `prompt ${i}` }));
     fs.writeFileSync(input, `${lines.join('\n')}\n`);
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     // Slow enough that the kill lands while jobs are still running.
     for (let i = 0; i < 200; i++) h.fake.enqueue({ kind: 'ok', chunkDelayMs: 5 });
     const first = await cli(['batch', input, '-m', 'llama3.2', '-o', output, '--concurrency', '16'], env, (kill) => {
@@ -145,17 +145,17 @@ describe('foreman CLI', () => {
       expect(r.content).toBe(`echo: prompt ${n}`);
     }
     // Exactly 200 jobs: the rerun replayed what the first run had submitted (Idempotency-Key).
-    expect(jobCount(h) - before).toBe(200);
+    expect((await jobCount(h)) - before).toBe(200);
   });
 
   it('batch: a malformed line is refused with its line number, and nothing is submitted', async () => {
     const input = path.join(dir, 'bad.jsonl');
     fs.writeFileSync(input, `"ok"\n{"custom_id": "x"}\n`);
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const r = await cli(['batch', input, '-m', 'llama3.2', '-o', path.join(dir, 'bad-out.jsonl')], env);
     expect(r.code).toBe(2);
     expect(r.stderr).toContain(`${input}:2`);
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
   });
 });
 

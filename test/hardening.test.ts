@@ -269,7 +269,7 @@ describe('finding 2: DNS rebinding (Host check)', () => {
     const h = await harness({ concurrency: 1, engineIdleTimeoutMs: 60_000 });
     const victim = await occupySlot(h);
     const port = portOf(h);
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     for (const host of [`evil.example:${port}`, 'evil.example', `127.0.0.1.evil.example:${port}`, `localhost.evil.example:${port}`, `10.0.0.1:${port}`]) {
       const list = await rawHttp(h, '/jobs', host);
       expectError(list, 421, 'host_not_allowed');
@@ -279,7 +279,7 @@ describe('finding 2: DNS rebinding (Host check)', () => {
       expectError(await rawHttp(h, '/jobs', host, { method: 'POST', body, headers: { 'content-type': 'application/json' } }), 421, 'host_not_allowed');
       expectError(await rawHttp(h, `/jobs/${victim}/cancel`, host, { method: 'POST' }), 421, 'host_not_allowed');
     }
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
     expect((await h.api(`/jobs/${victim}`)).body.state).toBe('working');
   });
 
@@ -620,13 +620,13 @@ describe('finding 7: SSE and connections', () => {
     const blocker = await occupySlot(h);
     h.fake.enqueue({ kind: 'huge', bytes: HUGE });
     const port = portOf(h);
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const body = JSON.stringify({ model: 'llama3.2', messages: [{ role: 'user', content: 'big ndjson' }] });
     const c = stuckClient(
       port,
       `POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
     );
-    await until('the /api/chat job to exist', async () => jobCount(h) === before + 1);
+    await until('the /api/chat job to exist', async () => (await jobCount(h)) === before + 1);
     const id = (sqlite(h).prepare('SELECT id FROM jobs ORDER BY seq DESC LIMIT 1').pluck().get() as string);
     expect((await h.api(`/jobs/${blocker}/cancel`, { method: 'POST' })).status).toBe(200);
     const end = await h.waitForState(id, ['done', 'failed', 'canceled'], 20_000);
@@ -853,12 +853,12 @@ describe('finding 12: byte quotas', () => {
     const big = (tag: string) => hello(`${tag} ${'x'.repeat(1_000)}`);
     const x = await h.submit(big('X'));
     await h.submit(big('Y'));
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const z = await h.api('/jobs', { method: 'POST', json: big('Z') });
     expectError(z, 503, 'queue_full');
     expect(z.body.message).toContain('FOREMAN_MAX_QUEUED_BYTES');
     expect(z.headers.get('retry-after')).not.toBeNull();
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
     // A small one still fits; once X leaves the queue, Z fits too.
     expect((await h.api('/jobs', { method: 'POST', json: hello('small') })).status).toBe(202);
     expect((await h.api(`/jobs/${x}/cancel`, { method: 'POST' })).status).toBe(200);
@@ -902,13 +902,13 @@ describe('finding 12: byte quotas', () => {
 describe('finding 13: a huge deadline', () => {
   it("'100000000d' → 400 validation_failed on deadline; a year and a day ahead → 400; '30d' → 202", async () => {
     const h = await harness();
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     expectError(await h.api('/jobs', { method: 'POST', json: hello('d', { deadline: '100000000d' }) }), 400, 'validation_failed', 'deadline');
     const yearAndADay = new Date(Date.now() + 366 * 86_400_000 + 3_600_000).toISOString();
     expectError(await h.api('/jobs', { method: 'POST', json: hello('d', { deadline: yearAndADay }) }), 400, 'validation_failed', 'deadline');
     expectError(await h.api('/jobs', { method: 'POST', json: hello('d', { deadline: '367d' }) }), 400, 'validation_failed', 'deadline');
     expectError(await h.api('/jobs', { method: 'POST', json: hello('d', { deadline: '9999-12-31T23:59:59Z' }) }), 400, 'validation_failed', 'deadline');
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
     const ok = await h.api('/jobs', { method: 'POST', json: hello('d', { deadline: '30d' }) });
     expect(ok.status, JSON.stringify(ok.body)).toBe(202);
     const j = await h.api(`/jobs/${ok.body.job_id}`);
@@ -1002,19 +1002,19 @@ describe('finding 17: encodings', () => {
   it('Content-Encoding gzip (and others) → 415 unsupported_media_type; charset=utf-16 → 415; charset=utf-8 → 202', async () => {
     const h = await harness();
     const json = JSON.stringify(hello('encoded'));
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const post = (body: Buffer | string, headers: Record<string, string>) => h.api('/jobs', { method: 'POST', body, headers });
     expectError(await post(zlib.gzipSync(json), { 'content-type': 'application/json', 'content-encoding': 'gzip' }), 415, 'unsupported_media_type');
     expectError(await post(zlib.deflateSync(json), { 'content-type': 'application/json', 'content-encoding': 'deflate' }), 415, 'unsupported_media_type');
     expectError(await post(zlib.brotliCompressSync(json), { 'content-type': 'application/json', 'content-encoding': 'br' }), 415, 'unsupported_media_type');
     expectError(await post(Buffer.from(json, 'utf16le'), { 'content-type': 'application/json; charset=utf-16' }), 415, 'unsupported_media_type');
     expectError(await post(json, { 'content-type': 'application/json; charset=utf-16' }), 415, 'unsupported_media_type');
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
     const ok = await post(json, { 'content-type': 'application/json; charset=utf-8' });
     expect(ok.status, JSON.stringify(ok.body)).toBe(202);
     const identity = await post(json, { 'content-type': 'application/json', 'content-encoding': 'identity' });
     expect(identity.status, JSON.stringify(identity.body)).toBe(202);
-    expect(jobCount(h)).toBe(before + 2);
+    expect((await jobCount(h))).toBe(before + 2);
   });
 });
 

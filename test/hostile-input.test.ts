@@ -943,7 +943,7 @@ describe(`hostile input fuzz (seed ${SEED})`, () => {
       expect(kinds, `${tag} answers seen`).toContain(k);
     }
 
-    expect(jobCount(h), `${tag} job rows written`).toBe(0);
+    expect((await jobCount(h)), `${tag} job rows written`).toBe(0);
     expect(({} as Record<string, unknown>).polluted, `${tag} Object.prototype polluted`).toBeUndefined();
     expect(crashes.map(String), `${tag} uncaught errors`).toEqual([]);
     expect(h.service.app.server.listening, `${tag} server still listening`).toBe(true);
@@ -960,7 +960,7 @@ describe(`hostile input fuzz (seed ${SEED})`, () => {
     // Control: the same service accepts a valid job, so the rejections above came from the defects.
     const ok = await h.api('/jobs', { method: 'POST', json: base() });
     expect(ok.status, `${tag} ${JSON.stringify(ok.body)}`).toBe(202);
-    expect(jobCount(h), tag).toBe(1);
+    expect((await jobCount(h)), tag).toBe(1);
   });
 });
 
@@ -989,11 +989,11 @@ describe('syntactically valid jobs nested 10,000 levels deep', () => {
 
   for (const [where, body] of deepJobs) {
     it(`in ${where}: a 4xx API error (or accepted and run), never a 5xx`, async () => {
-      const before = jobCount(h);
+      const before = (await jobCount(h));
       const r = await h.api('/jobs', { method: 'POST', headers: { 'content-type': JSON_CT }, body });
       expect(r.status, `${where}: ${JSON.stringify(r.body)}`).toBeLessThan(500);
       if (r.status === 202) {
-        expect(jobCount(h)).toBe(before + 1);
+        expect((await jobCount(h))).toBe(before + 1);
         const job = await h.waitForState(r.body.job_id, ['done', 'failed']);
         expect(['done', 'failed']).toContain(job.state);
       } else {
@@ -1002,7 +1002,7 @@ describe('syntactically valid jobs nested 10,000 levels deep', () => {
         expect(typeof r.body.message).toBe('string');
         expect(r.body.stack).toBeUndefined();
         expect(r.headers.get('x-content-type-options')).toBe('nosniff');
-        expect(jobCount(h)).toBe(before);
+        expect((await jobCount(h))).toBe(before);
       }
     });
   }
@@ -1013,7 +1013,7 @@ describe('syntactically valid jobs nested 10,000 levels deep', () => {
     const hurt: string[] = [];
     const deepStatuses: number[] = [];
     for (let round = 0; round < 5; round++) {
-      const before = jobCount(h);
+      const before = (await jobCount(h));
       const answers = await Promise.all(
         Array.from({ length: 40 }, (_, i) => h.api('/jobs', { method: 'POST', headers: { 'content-type': JSON_CT }, body: i === 20 ? deep : valid })),
       );
@@ -1021,7 +1021,7 @@ describe('syntactically valid jobs nested 10,000 levels deep', () => {
         if (i !== 20 && a.status !== 202) hurt.push(`round ${round} #${i}: ${a.status} ${JSON.stringify(a.body)}`);
       });
       deepStatuses.push(answers[20]!.status);
-      expect(jobCount(h)).toBe(before + answers.filter((a) => a.status === 202).length);
+      expect((await jobCount(h))).toBe(before + answers.filter((a) => a.status === 202).length);
     }
     expect(hurt, `valid jobs that failed next to the deep one (deep one got ${deepStatuses.join(',')})`).toEqual([]);
     expect(Math.max(...deepStatuses)).toBeLessThan(500);
@@ -1110,7 +1110,7 @@ describe('request bodies that never complete', () => {
     const part = '{"model":';
     const a = await rawRequest(h.url, head, `${part.length.toString(16)}\r\n${part}\r\n`, 5_000);
     expect408(a, 'chunked');
-    expect(jobCount(h)).toBe(0);
+    expect((await jobCount(h))).toBe(0);
   });
 
   it('a Content-Length larger than the bytes sent gets 408 body_timeout and the connection is closed', async () => {
@@ -1118,14 +1118,14 @@ describe('request bodies that never complete', () => {
     const head = `POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${part.length + 1000}\r\n\r\n`;
     const a = await rawRequest(h.url, head, part, 5_000);
     expect408(a, 'content-length');
-    expect(jobCount(h)).toBe(0);
+    expect((await jobCount(h))).toBe(0);
   });
 
   it('a chunked body with headers only (no chunk at all) gets 408 too', async () => {
     const head = 'POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n';
     const a = await rawRequest(h.url, head, undefined, 5_000);
     expect408(a, 'headers only');
-    expect(jobCount(h)).toBe(0);
+    expect((await jobCount(h))).toBe(0);
   });
 
   it('stays healthy after stalled bodies, and a complete body still works on a new connection', async () => {
@@ -1140,7 +1140,7 @@ describe('request bodies that never complete', () => {
       ),
     );
     for (const [i, a] of stalled.entries()) expect408(a, `stalled #${i}`);
-    expect(jobCount(h)).toBe(0);
+    expect((await jobCount(h))).toBe(0);
     const t0 = performance.now();
     const r = await h.api('/healthz');
     expect(r.status).toBe(200);
@@ -1212,7 +1212,7 @@ describe('requests the HTTP parser rejects', () => {
       const a = await rawRequest(h.url, request, undefined, 3_000);
       expectApiError(a, what);
       expect(a.status, what).toBe(status);
-      expect(jobCount(h)).toBe(0);
+      expect((await jobCount(h))).toBe(0);
     });
   }
 });

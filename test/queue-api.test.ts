@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hello, startHarness, type Harness } from './support/harness.js';
 import type { RecordedRequest } from './support/fake-ollama.js';
 import { startReceiver, type Receiver } from './support/receiver.js';
-import { jobCount, pollJob, sleep, sqlite, until } from './support/util.js';
+import { jobCount, modelAvgMs, pollJob, sleep, until } from './support/util.js';
 
 const ISO = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
 const BLOCKING = { concurrency: 1, engineIdleTimeoutMs: 60_000 } as const;
@@ -60,7 +60,7 @@ describe('Idempotency-Key', () => {
     h.api('/jobs', { method: 'POST', json: body, ...(key !== undefined ? { headers: { 'idempotency-key': key } } : {}) });
 
   it('same key + same body replays the original job (200, idempotent-replayed), one row', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const body = hello('idem one', { metadata: { a: '1' }, priority: 3 });
     const first = await post(body, 'key-1');
     expect(first.status).toBe(202);
@@ -73,7 +73,7 @@ describe('Idempotency-Key', () => {
     expect(second.headers.get('location')).toBe(`/jobs/${id}`);
     expect(second.body.job_id).toBe(id);
     expect(second.body.status_url).toBe(`${h.url}/jobs/${id}`);
-    expect(jobCount(h)).toBe(before + 1);
+    expect((await jobCount(h))).toBe(before + 1);
 
     // Same body with its keys (top level and nested) in another order: still a replay.
     const reordered = {
@@ -86,20 +86,20 @@ describe('Idempotency-Key', () => {
     expect(third.status).toBe(200);
     expect(third.headers.get('idempotent-replayed')).toBe('true');
     expect(third.body.job_id).toBe(id);
-    expect(jobCount(h)).toBe(before + 1);
+    expect((await jobCount(h))).toBe(before + 1);
 
     // A replay reports the job's current state.
     await h.waitForState(id, ['done']);
     const fourth = await post(body, 'key-1');
     expect(fourth.status).toBe(200);
     expect(fourth.body).toEqual({ job_id: id, state: 'done', status_url: `${h.url}/jobs/${id}` });
-    expect(jobCount(h)).toBe(before + 1);
+    expect((await jobCount(h))).toBe(before + 1);
   });
 
   it('same key + different body → 409 idempotency_key_reused on Idempotency-Key', async () => {
     const first = await post(hello('idem two'), 'key-2');
     expect(first.status).toBe(202);
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     for (const other of [hello('idem two!'), hello('idem two', { priority: 1 }), { ...hello('idem two'), model: 'qwen3' }]) {
       const res = await post(other, 'key-2');
       expectError(res, 409, 'idempotency_key_reused', 'Idempotency-Key');
@@ -107,7 +107,7 @@ describe('Idempotency-Key', () => {
       // Hardening finding 15: the conflict must not reveal the other request's job id.
       expect(res.body.message).not.toContain(first.body.job_id);
     }
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
     // The original body still replays after the conflicts.
     const again = await post(hello('idem two'), 'key-2');
     expect(again.status).toBe(200);
@@ -115,7 +115,7 @@ describe('Idempotency-Key', () => {
   });
 
   it('20 parallel requests with one key create exactly one job', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const body = hello('idem parallel');
     const answers = await Promise.all(Array.from({ length: 20 }, () => post(body, 'key-parallel')));
     const ids = new Set(answers.map((a) => a.body.job_id));
@@ -126,11 +126,11 @@ describe('Idempotency-Key', () => {
     for (const a of answers) {
       expect(a.headers.get('idempotent-replayed')).toBe(a.status === 200 ? 'true' : null);
     }
-    expect(jobCount(h)).toBe(before + 1);
+    expect((await jobCount(h))).toBe(before + 1);
   });
 
   it('different keys with the same body create different jobs; no key never replays', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     const body = hello('idem distinct');
     const a = await post(body, 'key-a');
     const b = await post(body, 'key-b');
@@ -138,22 +138,22 @@ describe('Idempotency-Key', () => {
     const d = await post(body);
     expect([a.status, b.status, c.status, d.status]).toEqual([202, 202, 202, 202]);
     expect(new Set([a.body.job_id, b.body.job_id, c.body.job_id, d.body.job_id]).size).toBe(4);
-    expect(jobCount(h)).toBe(before + 4);
+    expect((await jobCount(h))).toBe(before + 4);
   });
 
   it('rejects invalid keys with 400 and creates nothing', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     for (const key of ['has space', 'x'.repeat(300), 'tab\there', 'ünïcode']) {
       const res = await post(hello('idem bad key'), key).catch((e: unknown) => ({ status: -1, body: String(e), headers: new Headers() }));
       // fetch itself refuses a non-ByteString header value; either way nothing is created.
       if (res.status === -1) continue;
       expectError(res, 400, 'validation_failed', 'idempotency-key');
     }
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
     // The longest legal key (255 printable ASCII characters) is accepted.
     const ok = await post(hello('idem long key'), 'k'.repeat(255));
     expect(ok.status).toBe(202);
-    expect(jobCount(h)).toBe(before + 1);
+    expect((await jobCount(h))).toBe(before + 1);
   });
 });
 
@@ -175,7 +175,7 @@ describe('Idempotency-Key expiry', () => {
     expect(second.status).toBe(202);
     expect(second.headers.get('idempotent-replayed')).toBeNull();
     expect(second.body.job_id).not.toBe(first.body.job_id);
-    expect(jobCount(h)).toBe(2);
+    expect((await jobCount(h))).toBe(2);
     await sleep(150);
     // Expired: even a different body is fine (no 409).
     const third = await post(hello('ttl, different'));
@@ -183,7 +183,7 @@ describe('Idempotency-Key expiry', () => {
     const fourth = await post(hello('ttl, different'));
     expect(fourth.status).toBe(200);
     expect(fourth.body.job_id).toBe(third.body.job_id);
-    expect(jobCount(h)).toBe(3);
+    expect((await jobCount(h))).toBe(3);
   });
 });
 
@@ -232,11 +232,11 @@ describe('priority', () => {
   });
 
   it('validates priority: integers -1000..1000 only', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     for (const priority of [1001, -1001, 1.5, '5', null]) {
       expectError(await h.api('/jobs', { method: 'POST', json: hello('bad prio', { priority }) }), 400, 'validation_failed', 'priority');
     }
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
     for (const priority of [1000, -1000]) {
       const id = await h.submit(hello(`edge prio ${priority}`, { priority }));
       expect((await h.api(`/jobs/${id}`)).body.priority).toBe(priority);
@@ -328,11 +328,11 @@ describe('deadline', () => {
   });
 
   it('rejects a past, empty or malformed deadline with 400 on field deadline', async () => {
-    const before = jobCount(h);
+    const before = (await jobCount(h));
     for (const deadline of [new Date(Date.now() - 60_000).toISOString(), '0ms', 'garbage', 'soon', '-5m', '2020-01-01', '', '10 parsecs']) {
       expectError(await h.api('/jobs', { method: 'POST', json: hello('bad deadline', { deadline }) }), 400, 'validation_failed', 'deadline');
     }
-    expect(jobCount(h)).toBe(before);
+    expect((await jobCount(h))).toBe(before);
   });
 
   it('a job that starts before its deadline is unaffected', async () => {
@@ -481,7 +481,7 @@ describe('queue_position and estimated_start_at', () => {
     h.fake.enqueue({ kind: 'ok', chunkDelayMs: 40 });
     const slow = await h.submit(hello('eta-history'));
     expect((await h.waitForState(slow, finished)).state).toBe('done');
-    const avg = sqlite(h).prepare('SELECT avg_ms FROM model_stats WHERE model = ?').pluck().get('llama3.2') as number;
+    const avg = (await modelAvgMs(h, 'llama3.2')) as number;
     expect(avg).toBeGreaterThan(0);
 
     const blocker = await occupySlot(h, 'eta-blocker-2');

@@ -24,6 +24,12 @@ export interface QueueDriver {
   recover(p: { now: number }): Promise<{ requeued: string[] }>;
   ping(): Promise<boolean>;
   close(): Promise<void>;
+  /**
+   * Shared drivers only: elects one instance to run the maintenance services. `onChange(true)`
+   * when this instance becomes the leader, `onChange(false)` when it stops being it. Absent: the
+   * process is always the leader (an exclusive driver). Returns a function that steps down.
+   */
+  leadership?(onChange: (leader: boolean) => void): () => Promise<void>;
 
   // --- jobs: submit and claim ---
   /** `maxQueuedBytes`: the queued jobs' stored requests may not exceed this many bytes together. */

@@ -4,6 +4,7 @@ import path from 'node:path';
 import { pino } from 'pino';
 import { configWith, type Config } from '../../src/config.js';
 import { Service } from '../../src/service.js';
+import { createDatabase } from './postgres.js';
 import { startFakeOllama, type FakeOllama, type FakeOllamaOptions } from './fake-ollama.js';
 
 export function tempDir(prefix = 'foreman-test-'): string {
@@ -41,7 +42,9 @@ export interface Harness {
 
 export async function startHarness(over: Partial<Config> = {}, fakeOpts: FakeOllamaOptions = {}, fakeIn?: FakeOllama): Promise<Harness> {
   const fake = fakeIn ?? (await startFakeOllama(fakeOpts));
-  const config = testConfig({ ollamaUrl: fake.url, ...over });
+  // FOREMAN_TEST_DRIVER=postgres: the same suite against the PostgreSQL driver, a fresh database per service.
+  const db = process.env.FOREMAN_TEST_DRIVER === 'postgres' && over.databaseUrl === undefined ? await createDatabase() : null;
+  const config = testConfig({ ollamaUrl: fake.url, ...(db ? { databaseUrl: db.url } : {}), ...over });
   const service = new Service({ config, logger: pino({ level: config.logLevel }) });
   const url = await service.start();
   const api: Harness['api'] = async (p, init = {}) => {
@@ -83,6 +86,7 @@ export async function startHarness(over: Partial<Config> = {}, fakeOpts: FakeOll
     async stop() {
       await service.stop();
       if (!fakeIn) await fake.close();
+      await db?.drop();
       fs.rmSync(config.dataDir, { recursive: true, force: true });
     },
   };

@@ -1,6 +1,7 @@
 import type { Database } from 'better-sqlite3';
 import type { Harness } from './harness.js';
 import type { SqliteDriver } from '../../src/queue/sqlite/driver.js';
+import { PostgresDriver } from '../../src/queue/postgres/driver.js';
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
@@ -22,9 +23,18 @@ export function sqlite(h: Harness): Database {
   return (h.service.driver as SqliteDriver).db;
 }
 
-/** Rows in the jobs table, read straight from the service's database. */
-export function jobCount(h: Harness): number {
+/** Rows in the jobs table, read straight from the service's database (either driver). */
+export async function jobCount(h: Harness): Promise<number> {
+  const d = h.service.driver;
+  if (d instanceof PostgresDriver) return Number((await d.pool.query<{ n: string }>('select count(*) AS n from jobs')).rows[0]!.n);
   return (sqlite(h).prepare('select count(*) n from jobs').get() as { n: number }).n;
+}
+
+/** The stored moving average of a model's run time (either driver). */
+export async function modelAvgMs(h: Harness, model: string): Promise<number | undefined> {
+  const d = h.service.driver;
+  if (d instanceof PostgresDriver) return (await d.pool.query<{ avg_ms: number }>('SELECT avg_ms FROM model_stats WHERE model = $1', [model])).rows[0]?.avg_ms;
+  return sqlite(h).prepare('SELECT avg_ms FROM model_stats WHERE model = ?').pluck().get(model) as number | undefined;
 }
 
 /** A job's state and its deliveries' statuses, read synchronously (for polling predicates). */

@@ -32,6 +32,7 @@ import { LocalNotifier, type Notifier } from '../notifier.js';
 import { StorageUnavailable, Validation } from '../../errors.js';
 import { Conn, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, SqlCache } from './db.js';
 import { ClusterNotifier } from './notify.js';
+import { LeaderElection } from './leader.js';
 
 export interface PostgresDriverOptions {
   url: string;
@@ -144,7 +145,8 @@ const NUM_CTX = `(j.request::jsonb #> '{options,num_ctx}')`;
 
 // The SQL of the driver, one constant per statement (named @parameters; see SqlCache).
 const Q = {
-  countQueued: `SELECT n, bytes FROM job_counts WHERE state = 'queued'`,
+  // Locked: concurrent submits (from any instance) take turns at the cap (FOREMAN_MAX_QUEUED, _BYTES).
+  countQueued: `SELECT n, bytes FROM job_counts WHERE state = 'queued' FOR UPDATE`,
   insertJob: `INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
       max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for)
     VALUES (@id, @state, @model, @request, @metadata, @webhook_url, @webhook_events,
@@ -233,8 +235,10 @@ const Q = {
     WHERE (x.request::jsonb #> '{options,num_ctx}') IS NOT DISTINCT FROM to_jsonb(@ctx::numeric) LIMIT 1`,
   lockQueued: `SELECT seq FROM jobs WHERE seq = @seq AND state = 'queued' FOR UPDATE SKIP LOCKED`,
   // The key's slot, checked under its row lock: two instances never both take a key's last slot.
-  keyRoom: `SELECT k.running < coalesce(a.concurrency, 2147483647) AS room FROM key_counts k
-      LEFT JOIN api_keys a ON a.id = k.key_id WHERE k.key_id = @key FOR UPDATE OF k`,
+  // Read after the claim's own update of the key's counts (which holds that row's lock): over
+  // the key's concurrency means another instance took the last slot meanwhile.
+  keyOver: `SELECT k.running > coalesce(a.concurrency, 2147483647) AS over FROM key_counts k
+      LEFT JOIN api_keys a ON a.id = k.key_id WHERE k.key_id = @key`,
   modelQueued: `SELECT queued FROM model_queue WHERE model = @model`,
   queuedModels: `SELECT model FROM model_queue WHERE queued > 0 ORDER BY model`,
   failQueuedModel: `UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
@@ -396,6 +400,12 @@ const Q = {
     WHERE job_seq = @seq AND status <> 'pending' AND ((@state::text IS NULL AND status = 'failed') OR state = @state::text)
     RETURNING state, origin`,
   ungone: `UPDATE jobs SET webhook_gone = 0 WHERE seq = @seq`,
+  // A job's delivery line (which row is its head) changes under this transaction lock: a new event
+  // and the outcome of the one before it never commit past each other unseen (under READ
+  // COMMITTED each could miss the other and leave the new row never due). An advisory lock, not
+  // the job's row lock, so a claim's SKIP LOCKED never passes over a queued job because of it.
+  lineLock: `SELECT pg_advisory_xact_lock(-(@seq::bigint)) AS x`,
+  deliveryJob: `SELECT job_seq AS seq FROM webhook_deliveries WHERE id = @id`,
 };
 
 export const originOf = (url: string): string => new URL(url).origin;
@@ -536,6 +546,8 @@ export class PostgresDriver implements QueueDriver {
     if (row.webhook_url === null || row.webhook_gone === 1) return;
     if (row.webhook_events !== null && !(JSON.parse(row.webhook_events) as string[]).includes(state)) return;
     const origin = originOf(row.webhook_url);
+    // The job's line is changed by one transaction at a time (see lineLock).
+    await c.run(Q.lineLock, { seq: row.seq });
     const r = await c.get<{ dueAt: number | null }>(Q.insertDelivery, {
       seq: row.seq,
       state,
@@ -569,6 +581,12 @@ export class PostgresDriver implements QueueDriver {
     await this.ready;
     const requeued = await this.tx((c, fx) => this.moveAll(c, fx, Q.rescueMine, { now: p.now, prefix: `${likeEscape(this.instanceId)}/%` }, 'queued', p.now));
     return { requeued };
+  }
+
+  leadership(onChange: (leader: boolean) => void, intervalMs = 1000): () => Promise<void> {
+    const e = new LeaderElection({ url: this.opts.url, instanceId: this.instanceId, intervalMs, onChange });
+    e.start();
+    return () => e.stop();
   }
 
   async ping(): Promise<boolean> {
@@ -691,11 +709,10 @@ export class PostgresDriver implements QueueDriver {
           ? await this.pickForHost(c, host, resident!, p.now, skip)
           : await c.get<{ seq: number; keyId: string; numCtx?: unknown }>(Q.claimPick, { now: p.now, skip });
         if (!pick) break;
-        const room = await c.one<boolean>(Q.keyRoom, { key: pick.keyId });
-        if (room === false) {
-          skip.push(pick.keyId);
-          continue;
-        }
+        // The counts' rows are locked in one order by every transaction (job_counts, then
+        // key_counts, by the trigger): the key's slot is checked after the claim, and a claim over
+        // it is undone (savepoint).
+        await c.run('SAVEPOINT claim');
         const r = await c.get<Row>(Q.claimOne, {
           seq: pick.seq,
           owner,
@@ -704,7 +721,16 @@ export class PostgresDriver implements QueueDriver {
           engine: host?.name ?? null,
           instance: this.instanceId,
         });
-        if (!r) continue;
+        if (!r) {
+          await c.run('RELEASE SAVEPOINT claim');
+          continue;
+        }
+        if ((await c.one<boolean>(Q.keyOver, { key: pick.keyId })) === true) {
+          await c.run('ROLLBACK TO SAVEPOINT claim');
+          skip.push(pick.keyId);
+          continue;
+        }
+        await c.run('RELEASE SAVEPOINT claim');
         await c.run(Q.keyServed, { key: pick.keyId });
         if (host) resident!.add(loadKey(r.model, pick.numCtx));
         await this.record(c, fx, r, 'loading', p.now);
@@ -1224,6 +1250,9 @@ export class PostgresDriver implements QueueDriver {
   async deliveryRecord(p: { id: number; now: number; outcome: DeliveryOutcome }): Promise<void> {
     const o = p.outcome;
     await this.tx(async (c, fx) => {
+      const seq = await c.one<number>(Q.deliveryJob, { id: p.id });
+      if (seq === undefined) return;
+      await c.run(Q.lineLock, { seq });
       type Done = { jobSeq: number; origin: string } | undefined;
       let row: Done;
       switch (o.kind) {
@@ -1261,6 +1290,7 @@ export class PostgresDriver implements QueueDriver {
     return this.tx(async (c, fx) => {
       const job = await c.get<{ seq: number }>(Q.seqStateByIdLocked, { id: p.jobId });
       if (!job) return [];
+      await c.run(Q.lineLock, { seq: job.seq });
       const rows = await c.all<{ state: JobState; origin: string }>(Q.redeliver, { seq: job.seq, now: p.now, state: p.state });
       if (rows.length === 0) return [];
       await c.run(Q.ungone, { seq: job.seq });

@@ -1,0 +1,5 @@
+/**
+ * The engine-faults suite against the PostgreSQL driver (ADR-0011): the same tests, each service on a fresh database.
+ */
+process.env.FOREMAN_TEST_DRIVER = 'postgres';
+await import('./engine-faults.test.js');
