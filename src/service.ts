@@ -97,7 +97,7 @@ export class Service {
             poolSize: config.databasePool,
             instanceId: this.instanceId,
             // Longer than any webhook attempt: a live instance's claim never expires under it.
-            deliveryLeaseMs: Math.max(60_000, 3 * config.webhookTimeoutMs),
+            deliveryLeaseMs: Math.max(5_000, 3 * config.webhookTimeoutMs),
             onCommit,
           })
         : undefined) ??
