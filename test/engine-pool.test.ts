@@ -239,7 +239,11 @@ describe('the pool as Ollama sees it', () => {
     await h.service.pool.probeAll();
     const ps = (await h.api('/api/ps')).body.models.map((m: any) => [m.name, m.engine]);
     expect(ps).toEqual([['mistral:latest', 'gpu2']]);
-    const engines = (await h.api('/engines')).body.engines;
+    // The job's record is done a moment before the worker has given its slot back.
+    const engines = await until('gpu2 to have its slot back', async () => {
+      const e = (await h.api('/engines')).body.engines;
+      return e[1].slots_in_use === 0 ? e : null;
+    });
     expect(engines.map((e: any) => [e.name, e.health, e.circuit, e.slots, e.slots_in_use, e.jobs_run, e.loads])).toEqual([
       ['gpu1', 'up', 'closed', 2, 0, 0, 0],
       ['gpu2', 'up', 'closed', 1, 0, 1, 1],
