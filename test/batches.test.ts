@@ -2,7 +2,7 @@ import OpenAI, { toFile } from 'openai';
 import { Webhook } from 'standardwebhooks';
 import { describe, expect, it } from 'vitest';
 import type { Clock } from '../src/domain.js';
-import { startHarness, type Harness } from './support/harness.js';
+import { startHarness } from './support/harness.js';
 import { fakeEmbedding } from './support/fake-ollama.js';
 import { scoped } from './support/scoped.js';
 import { sqlite, until } from './support/util.js';
@@ -66,7 +66,7 @@ describe('the Batch API', () => {
       metadata: { run: 'one' },
       errors: null,
     });
-    expect(created.expires_at - created.created_at).toBe(24 * 3600);
+    expect(created.expires_at! - created.created_at).toBe(24 * 3600);
     const done = await waitStatus(client, created.id, ['completed', 'failed', 'expired', 'cancelled']);
     expect(done.status).toBe('completed');
     expect(done.request_counts).toEqual({ total: N, completed: N, failed: 0 });

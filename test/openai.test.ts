@@ -203,7 +203,7 @@ describe('POST /v1/chat/completions', () => {
       });
       if (stream) {
         const { data } = await res;
-        for await (const _ of data) break; // read one chunk, then go away
+        for await (const _ of data as AsyncIterable<unknown>) break; // read one chunk, then go away
       }
       ctl.abort();
       await res.catch(() => undefined);

@@ -200,6 +200,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           usage: { promptTokens: null, completionTokens: null },
           keyId: null,
           scheduledFor: null,
+          kind: 'chat',
         });
         const vb = await view(b.id);
         expect(vb.seq).toBeGreaterThan(va.seq);
@@ -359,6 +360,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           maxAttempts: 4,
           lease: expect.any(String),
           history: [],
+          kind: 'chat',
         });
         expect(v.state).toBe('loading');
         expect(v.attempt).toBe(1);
@@ -975,6 +977,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           usage: { promptTokens: null, completionTokens: null },
           keyId: null,
           scheduledFor: null,
+          kind: 'chat',
         });
         expect(await d.jobGet({ id: uuidv7() })).toBeNull();
       });

@@ -865,7 +865,7 @@ export class SqliteDriver implements QueueDriver {
     this.attempting.add(r.id);
     bump(this.heldPerOrigin, r.origin, 1);
     bump(this.inflightPerOrigin, r.origin, 1);
-    if (r.batchSeq !== null) {
+    if (r.batchSeq != null) {
       // A batch's terminal event (ADR-0015): the batch as it ended is the event's body.
       return {
         id: r.id,
