@@ -240,8 +240,8 @@ export const openAiRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
     data: (await installedModels(deps.engine)).map((m) => ({ id: m.id, object: 'model' as const, created: m.created, owned_by: m.ownedBy })),
   }));
 
-  app.get('/models/*', { schema: { summary: 'One installed model' } }, async (req) => {
-    const name = (req.params as { '*': string })['*'];
+  app.get('/models/:model', { schema: { summary: 'One installed model (a name with "/" is sent percent-encoded)', params: Type.Object({ model: Type.String({ minLength: 1, maxLength: 256 }) }) } }, async (req) => {
+    const name = req.params.model;
     const wanted = name.includes(':') ? [name] : [name, `${name}:latest`];
     const m = (await installedModels(deps.engine)).find((x) => wanted.includes(x.id));
     if (!m) throw new NotFound('model_not_found', `The model '${name.slice(0, 200)}' does not exist`, 'model');
