@@ -159,6 +159,18 @@ describe('the Batch API', () => {
     expect((await client.files.list()).data).toEqual([]);
   });
 
+  it('a file larger than FOREMAN_BATCH_MAX_BYTES is a 413 and nothing stays, though its lines were valid', async () => {
+    const { h, client } = await setup({ batchMaxBytes: 64 * 1024 });
+    const lines = Array.from({ length: 2000 }, (_, i) => chatLine(`big-${i}`, `a line that is valid ${i}`));
+    const err = await upload(client, lines).then(() => null, (e: unknown) => e);
+    expect(err).toBeInstanceOf(OpenAI.APIError);
+    expect((err as InstanceType<typeof OpenAI.APIError>).status, JSON.stringify((err as InstanceType<typeof OpenAI.APIError>).error)).toBe(413);
+    expect((err as InstanceType<typeof OpenAI.APIError>).error).toMatchObject({ code: 'file_too_large', param: 'file' });
+    const db = sqlite(h);
+    expect(db.prepare('SELECT count(*) FROM files').pluck().get()).toBe(0);
+    expect(db.prepare('SELECT count(*) FROM file_lines').pluck().get()).toBe(0);
+  });
+
   it('cancel mid-batch: queued requests are cancelled, the running one finishes, the output holds what finished; the webhook says so', async () => {
     const secret = 'whsec_' + Buffer.from('0123456789abcdef0123456789abcdef').toString('base64');
     const rcv = await s.receiver();

@@ -250,6 +250,14 @@ export const openAiRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
 
   // --- files ---
 
+  /** The file part's bytes; past FOREMAN_BATCH_MAX_BYTES the plugin truncates it: that is a 413, before the cut line is read. */
+  async function* capped(file: AsyncIterable<Buffer> & { truncated?: boolean }): AsyncGenerator<Buffer> {
+    for await (const chunk of file) yield chunk;
+    if (file.truncated) {
+      throw new ApiError(413, 'file_too_large', `the file is larger than FOREMAN_BATCH_MAX_BYTES (${deps.config.batchMaxBytes} bytes); nothing was stored`, 'file');
+    }
+  }
+
   app.post('/files', { schema: { summary: 'Upload a JSONL batch input file (multipart: file, purpose=batch)' } }, async (req) => {
     if (!req.isMultipart()) throw new ApiError(415, 'unsupported_media_type', 'send multipart/form-data with a file part and purpose=batch');
     let purpose: string | undefined;
@@ -263,7 +271,7 @@ export const openAiRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
         if (part.fieldname !== 'file') throw new Validation(`unexpected file part ${JSON.stringify(part.fieldname.slice(0, 40))}: send it as "file"`, part.fieldname.slice(0, 40));
         if (purpose !== undefined && purpose !== 'batch') throw new Validation('purpose must be "batch"', 'purpose', 'invalid_value');
         if (uploaded) throw new Validation('send one file per upload', 'file');
-        uploaded = await files.upload(part.file, part.filename || 'upload.jsonl', req.principal);
+        uploaded = await files.upload(capped(part.file), part.filename || 'upload.jsonl', req.principal);
       }
     } catch (err) {
       if (uploaded) await files.remove(uploaded.seq);

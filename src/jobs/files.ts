@@ -147,19 +147,25 @@ export class Files {
     return (await driver.fileGet({ id }))!;
   }
 
-  /** A file the caller may see (its own; every file for open and admin), or 404. */
+  /** A file the caller may see (its own; every file for open and admin), with its size, or 404. */
   async get(id: string, who: Principal): Promise<FileRecord> {
+    const f = await this.visible(id, who);
+    if (f.bytes === null) return { ...f, bytes: await this.outputBytes(f) };
+    return f;
+  }
+
+  /** The file, if the caller may see it (another key's is, to it, a file that does not exist). */
+  private async visible(id: string, who: Principal): Promise<FileRecord> {
     const f = await this.driver.fileGet({ id });
     const scope = scopeOf(who);
     if (!f || f.status !== 'processed' || (scope !== undefined && (f.keyId ?? '') !== scope)) throw notFound(id);
-    if (f.bytes === null) return { ...f, bytes: await this.outputBytes(f) };
     return f;
   }
 
   async list(q: { limit: number; after?: string; purpose?: string }, who: Principal): Promise<{ files: FileRecord[]; hasMore: boolean }> {
     if (!(q.limit >= 1 && q.limit <= 10_000)) throw new Validation('limit must be 1 to 10000', 'limit');
     const scope = scopeOf(who);
-    const before = q.after === undefined ? undefined : (await this.get(q.after, who)).seq;
+    const before = q.after === undefined ? undefined : (await this.visible(q.after, who)).seq;
     const rows = await this.driver.filesList({
       limit: q.limit + 1,
       ...(before !== undefined ? { beforeSeq: before } : {}),
@@ -173,7 +179,7 @@ export class Files {
 
   /** The file's content as it streams out (JSONL), page by page. */
   async content(id: string, who: Principal): Promise<AsyncGenerator<string>> {
-    const f = await this.get(id, who);
+    const f = await this.visible(id, who);
     return this.lines(f);
   }
 
@@ -217,7 +223,7 @@ export class Files {
   }
 
   async delete(id: string, who: Principal): Promise<void> {
-    const f = await this.get(id, who);
+    const f = await this.visible(id, who);
     await this.remove(f.seq);
   }
 
