@@ -104,6 +104,12 @@ export const ConfigSchema = Type.Object({
   idempotencyTtlMs: ms('FOREMAN_IDEMPOTENCY_TTL', '24h', 1),
   priorityAgingMs: ms('FOREMAN_PRIORITY_AGING', '1m', 1),
   sseKeepaliveMs: ms('FOREMAN_SSE_KEEPALIVE', '15s', 1),
+  // The Batch API (ADR-0015).
+  batchMaxLines: int('FOREMAN_BATCH_MAX_LINES', '50000', 1, 10_000_000),
+  batchMaxBytes: int('FOREMAN_BATCH_MAX_BYTES', '209715200', 1024, Number.MAX_SAFE_INTEGER),
+  uploadTimeoutMs: ms('FOREMAN_UPLOAD_TIMEOUT', '10m', 1),
+  fileTtlMs: ms('FOREMAN_FILE_TTL', '30d', 1),
+  batchTtlMs: ms('FOREMAN_BATCH_TTL', '30d', 1),
 });
 export type Config = Static<typeof ConfigSchema>;
 

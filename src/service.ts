@@ -1,6 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import { ArtifactUrls } from './artifact-urls.js';
 import { Keys } from './jobs/keys.js';
+import { Files } from './jobs/files.js';
+import { Batches } from './jobs/batches.js';
 import { ScheduledJobs } from './maintenance/scheduled.js';
 import type { AddressInfo } from 'node:net';
 import { pino, type Logger } from 'pino';
@@ -58,6 +60,8 @@ export class Service {
   readonly driver: QueueDriver;
   readonly jobs: Jobs;
   readonly keys: Keys;
+  readonly files: Files;
+  readonly batches: Batches;
   readonly artifactUrls: ArtifactUrls;
   readonly events: JobEvents;
   /** The engine hosts (ADR-0012). */
@@ -119,6 +123,14 @@ export class Service {
       idempotencyTtlMs: config.idempotencyTtlMs,
       // Jobs run at once (the ETA): every host's slots.
       concurrency: engineHostsOf(config).reduce((n, h) => n + h.slots, 0),
+    });
+    this.files = new Files(driver, clock, { maxLines: config.batchMaxLines, maxLineBytes: config.maxBodyBytes, fileTtlMs: config.fileTtlMs });
+    this.batches = new Batches(driver, this.files, clock, logger, {
+      maxQueued: config.maxQueued,
+      maxQueuedBytes: config.maxQueuedBytes,
+      jobMaxAttempts: config.jobMaxAttempts,
+      batchTtlMs: config.batchTtlMs,
+      idleMs: config.pollIntervalMs,
     });
     // Each host gets a client for the worker (its slots' connections) and one of its own for
     // probes and pass-through reads, so those can never starve the worker's (hardening finding 8).
@@ -198,6 +210,8 @@ export class Service {
     this.app = buildApp({
       jobs: this.jobs,
       keys: this.keys,
+      files: this.files,
+      batches: this.batches,
       artifactUrls: this.artifactUrls,
       pool: this.pool,
       events: this.events,
@@ -236,22 +250,25 @@ export class Service {
     this.worker.start();
     this.dispatcher.start();
     if (this.driver.leadership) {
-      // A shared driver: maintenance runs on the elected leader only.
+      // A shared driver: maintenance (and the batch runner) run on the elected leader only.
       this.stepDown = this.driver.leadership((leader) => {
         this.leader = leader;
         this.leaderChange = this.leaderChange.then(async () => {
           if (leader) {
             this.logger.info({ leader: true }, 'this instance now leads maintenance');
             this.maintainer.start();
+            this.batches.start();
           } else {
             this.logger.info({ leader: false }, 'this instance no longer leads maintenance');
             await this.maintainer.stop();
+            await this.batches.stop();
           }
         });
       });
     } else {
       this.leader = true;
       this.maintainer.start();
+      this.batches.start();
     }
     this.logger.info(
       { url: this.url, public_url: this.publicUrl, driver: this.driver.name, requeued: requeued.length, startup_ms: Math.round(performance.now() - t0) },
@@ -280,6 +297,7 @@ export class Service {
       if (this.stepDown) await this.stepDown();
       await this.leaderChange;
       await this.maintainer.stop();
+      await this.batches.stop();
       await this.worker.stop(this.config.shutdownGraceMs);
       await this.dispatcher.stop(Math.min(2000, this.config.shutdownGraceMs));
       await this.pool.stop();

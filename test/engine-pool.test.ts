@@ -32,17 +32,23 @@ async function pool(hosts: { f: FakeOllama; name: string; slots?: number }[], ov
   return h;
 }
 
+/** Two hosts: gpu1 has llama3.2, gpu2 has mistral; one slot each. */
+async function llamaAndMistral() {
+  const a = await fake({ models: ['llama3.2'] });
+  const b = await fake({ models: ['mistral'] });
+  const h = await pool([
+    { f: a, name: 'gpu1' },
+    { f: b, name: 'gpu2' },
+  ]);
+  return { a, b, h };
+}
+
 const job = (text: string, model: string, extra: Record<string, unknown> = {}) => ({ ...hello(text), model, ...extra });
 const startedAt = (j: any) => Date.parse(j.started_at);
 
 describe('routing', () => {
   it('sends each job to a host that has its model installed, and records the host', async () => {
-    const a = await fake({ models: ['llama3.2'] });
-    const b = await fake({ models: ['mistral'] });
-    const h = await pool([
-      { f: a, name: 'gpu1' },
-      { f: b, name: 'gpu2' },
-    ]);
+    const { a, b, h } = await llamaAndMistral();
     const ids = [await h.submit(job('one', 'llama3.2')), await h.submit(job('two', 'mistral')), await h.submit(job('three', 'mistral'))];
     const jobs = await Promise.all(ids.map((id) => h.waitForState(id, ['done'])));
     expect(jobs.map((j) => j.engine)).toEqual(['gpu1', 'gpu2', 'gpu2']);
@@ -54,12 +60,7 @@ describe('routing', () => {
   });
 
   it('fails at once with model_not_found when every host is up and none has the model', async () => {
-    const a = await fake({ models: ['llama3.2'] });
-    const b = await fake({ models: ['mistral'] });
-    const h = await pool([
-      { f: a, name: 'gpu1' },
-      { f: b, name: 'gpu2' },
-    ]);
+    const { a, b, h } = await llamaAndMistral();
     const before = a.requests.length + b.requests.length;
     const id = await h.submit(job('x', 'qwen3'));
     const j = await h.waitForState(id, terminal);
@@ -68,12 +69,7 @@ describe('routing', () => {
   });
 
   it('while a host is down, a job for a model no live host has waits instead of failing', async () => {
-    const a = await fake({ models: ['llama3.2'] });
-    const b = await fake({ models: ['mistral'] });
-    const h = await pool([
-      { f: a, name: 'gpu1' },
-      { f: b, name: 'gpu2' },
-    ]);
+    const { b, h } = await llamaAndMistral();
     await b.stop();
     await until('gpu2 to be seen down', async () => (await h.api('/engines')).body.engines[1].health === 'down', 5_000);
     const id = await h.submit(job('later', 'mistral'));
@@ -130,12 +126,7 @@ describe('slots and failover', () => {
   });
 
   it('a host that comes back is used again with no manual step', async () => {
-    const a = await fake({ models: ['llama3.2'] });
-    const b = await fake({ models: ['mistral'] });
-    const h = await pool([
-      { f: a, name: 'gpu1' },
-      { f: b, name: 'gpu2' },
-    ]);
+    const { b, h } = await llamaAndMistral();
     await b.stop();
     await until('gpu2 down', async () => (await h.api('/engines')).body.engines[1].health === 'down', 5_000);
     expect((await h.api('/readyz')).status).toBe(200); // one healthy host is enough
@@ -239,7 +230,11 @@ describe('the pool as Ollama sees it', () => {
     await h.service.pool.probeAll();
     const ps = (await h.api('/api/ps')).body.models.map((m: any) => [m.name, m.engine]);
     expect(ps).toEqual([['mistral:latest', 'gpu2']]);
-    const engines = (await h.api('/engines')).body.engines;
+    // The job's record is done a moment before the worker has given its slot back.
+    const engines = await until('gpu2 to have its slot back', async () => {
+      const e = (await h.api('/engines')).body.engines;
+      return e[1].slots_in_use === 0 ? e : null;
+    });
     expect(engines.map((e: any) => [e.name, e.health, e.circuit, e.slots, e.slots_in_use, e.jobs_run, e.loads])).toEqual([
       ['gpu1', 'up', 'closed', 2, 0, 0, 0],
       ['gpu2', 'up', 'closed', 1, 0, 1, 1],

@@ -728,6 +728,17 @@ describe('OpenAPI document and docs page', () => {
     '/keys/{id}': ['delete', 'get', 'patch'],
     '/usage': ['get'],
     '/audit': ['get'],
+    // The OpenAI-compatible surface (ADR-0015).
+    '/v1/chat/completions': ['post'],
+    '/v1/embeddings': ['post'],
+    '/v1/models': ['get'],
+    '/v1/models/{model}': ['get'],
+    '/v1/files': ['get', 'post'],
+    '/v1/files/{id}': ['delete', 'get'],
+    '/v1/files/{id}/content': ['get'],
+    '/v1/batches': ['get', 'post'],
+    '/v1/batches/{id}': ['get'],
+    '/v1/batches/{id}/cancel': ['post'],
   };
   const METHODS = ['get', 'put', 'post', 'delete', 'options', 'head', 'patch', 'trace'];
   const documented = () =>

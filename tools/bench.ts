@@ -19,6 +19,7 @@ function cpuSeconds(pid: number): number {
   return (Number(f[11]) + Number(f[12])) / 100;
 }
 import { seedJobs } from './seed.js';
+import Database from 'better-sqlite3';
 
 const N_SUBMIT = Number(process.env.BENCH_SUBMIT ?? 5000);
 const N_E2E = Number(process.env.BENCH_E2E ?? 2000);
@@ -263,7 +264,108 @@ async function runLarge(): Promise<Row[]> {
   return out;
 }
 
+/** Peak resident set size of a process so far (VmHWM), in MiB. */
+function peakRssMiB(pid: number): number {
+  const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? Number(m[1]) / 1024 : NaN;
+}
+
+/**
+ * The Batch API (ADR-0015): a BENCH_BATCH-line (default 10,000) chat batch against the
+ * zero-latency fake engine: upload and validation, time until every line is a queued job, the
+ * whole batch, the service's peak RSS, and the latency of interactive POST /jobs submits made
+ * while the batch's lines are being inserted (target: p99 < 50 ms).
+ */
+async function runBatch(): Promise<Row[]> {
+  const n = Number(process.env.BENCH_BATCH ?? 10_000);
+  const fake = await startFakeOllama();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'foreman-bench-batch-'));
+  const child = await startChild({
+    FOREMAN_DATA_DIR: dir,
+    FOREMAN_OLLAMA_URL: fake.url,
+    FOREMAN_LOG_LEVEL: 'warn',
+    FOREMAN_CONCURRENCY: process.env.BENCH_CONCURRENCY ?? '4',
+    FOREMAN_MAX_QUEUED: '1000000',
+  });
+  const pid = child.proc.pid!;
+  const pool = new Pool(child.url, { connections: 8 });
+  const json = async (p: string, method = 'GET', body?: unknown) => {
+    const res = await pool.request({ path: p, method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, ...(body === undefined ? {} : { body: JSON.stringify(body) }) });
+    return { status: res.statusCode, body: (await res.body.json()) as any };
+  };
+  const lines = Array.from({ length: n }, (_, i) =>
+    JSON.stringify({ custom_id: `r${i}`, method: 'POST', url: '/v1/chat/completions', body: { model: 'llama3.2', messages: [{ role: 'user', content: `batch prompt number ${i}` }] } }),
+  );
+  const content = Buffer.from(lines.join('\n') + '\n');
+  const form = new FormData();
+  form.append('purpose', 'batch');
+  form.append('file', new Blob([content]), 'bench.jsonl');
+  let t0 = performance.now();
+  const up = await fetch(`${child.url}/v1/files`, { method: 'POST', body: form });
+  const file = (await up.json()) as { id: string };
+  if (up.status !== 200) throw new Error(`upload answered ${up.status}: ${JSON.stringify(file)}`);
+  const uploadMs = performance.now() - t0;
+  const rssAfterUpload = peakRssMiB(pid);
+
+  const db = new Database(path.join(dir, 'foreman.db'), { readonly: true, fileMustExist: true });
+  const submitted = db.prepare('SELECT submitted FROM batches WHERE id = ?').pluck();
+  t0 = performance.now();
+  const created = await json('/v1/batches', 'POST', { input_file_id: file.id, endpoint: '/v1/chat/completions', completion_window: '24h' });
+  if (created.status !== 200) throw new Error(`batch create answered ${created.status}`);
+  const id = created.body.id as string;
+  // Interactive submits, one at a time, while the lines are being inserted; then, for comparison,
+  // while the batch's queued jobs run (the worker busy, nothing inserting).
+  const lat: number[] = [];
+  const latAfter: number[] = [];
+  let phase = 'inserting' as 'inserting' | 'running' | 'over';
+  const interactive = (async () => {
+    while (phase !== 'over') {
+      const into = phase === 'inserting' ? lat : latAfter;
+      const s0 = performance.now();
+      const r = await json('/jobs', 'POST', { model: 'llama3.2', messages: [{ role: 'user', content: 'interactive' }] });
+      if (r.status !== 202) throw new Error(`POST /jobs answered ${r.status}`);
+      into.push(performance.now() - s0);
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  })();
+  while ((submitted.get(id) as number) < n) await new Promise((r) => setTimeout(r, 10));
+  const queuedMs = performance.now() - t0;
+  phase = 'running';
+  let b = created.body;
+  while (b.status !== 'completed') {
+    await new Promise((r) => setTimeout(r, 50));
+    b = (await json(`/v1/batches/${id}`)).body;
+  }
+  const e2eMs = performance.now() - t0;
+  phase = 'over';
+  await interactive;
+  const out = await pool.request({ path: `/v1/files/${b.output_file_id}/content`, method: 'GET' });
+  const outLines = (await out.body.text()).split('\n').filter(Boolean).length;
+  const rss = peakRssMiB(pid);
+  db.close();
+  child.proc.kill('SIGTERM');
+  await child.exited;
+  await pool.close();
+  await fake.close();
+  fs.rmSync(dir, { recursive: true, force: true });
+  return [
+    [`upload + validation (${n.toLocaleString('en')} lines, ${f(content.length / 1048576, 1)} MiB)`, `${f(uploadMs / 1000)} s`],
+    ['batch created → every line a queued job', `${f(queuedMs / 1000)} s`],
+    [`batch created → completed (${outLines.toLocaleString('en')} output lines, FOREMAN_CONCURRENCY=${process.env.BENCH_CONCURRENCY ?? '4'})`, `${f(e2eMs / 1000)} s (${f(n / (e2eMs / 1000), 0)} requests/s)`],
+    ['service peak RSS (VmHWM): after the upload / whole run', `${f(rssAfterUpload, 0)} MiB / ${f(rss, 0)} MiB`],
+    [`interactive POST /jobs while inserting (${lat.length} submits) p50 / p99 / max`, `${f(pct(lat, 50))} ms / ${f(pct(lat, 99))} ms / ${f(Math.max(...lat))} ms`],
+    [`the same, after every line is queued, while the batch runs (${latAfter.length} submits)`, `${f(pct(latAfter, 50))} ms / ${f(pct(latAfter, 99))} ms / ${f(Math.max(...latAfter))} ms`],
+  ];
+}
+
 async function main() {
+  if (process.env.BENCH_ONLY_BATCH) {
+    const batch = await runBatch();
+    console.log('| measure (Batch API) | value |');
+    console.log('| --- | --- |');
+    for (const [k, v] of batch) console.log(`| ${k} | ${v} |`);
+    return;
+  }
   console.log(`foreman bench: node ${process.version}, ${os.cpus().length} cpus, ${CLIENTS} client connections`);
   const full = await run('FULL');
   const keyed = process.env.BENCH_SKIP_AUTH ? null : await run('FULL', true);
@@ -278,6 +380,13 @@ async function main() {
     console.log('| measure (dead receiver) | value |');
     console.log('| --- | --- |');
     for (const [k, v] of dead) console.log(`| ${k} | ${v} |`);
+  }
+  if (!process.env.BENCH_SKIP_BATCH) {
+    const batch = await runBatch();
+    console.log('');
+    console.log('| measure (Batch API) | value |');
+    console.log('| --- | --- |');
+    for (const [k, v] of batch) console.log(`| ${k} | ${v} |`);
   }
   if (!process.env.BENCH_SKIP_LARGE) {
     const large = await runLarge();

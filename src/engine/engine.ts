@@ -56,6 +56,15 @@ export interface ChatResponse {
   eval_duration?: number;
 }
 
+/** Ollama's `/api/embed` response (ADR-0015). */
+export interface EmbedResponse {
+  model: string;
+  embeddings: number[][];
+  total_duration?: number;
+  load_duration?: number;
+  prompt_eval_count?: number;
+}
+
 export interface EngineStatus {
   up: boolean;
   version?: string;
@@ -63,8 +72,13 @@ export interface EngineStatus {
 }
 
 export interface ChatEngine {
-  /** Makes sure the model is loaded (an empty-messages chat answered with done_reason "load"). */
-  load(model: string, opts: { keepAlive?: unknown; signal: AbortSignal }): Promise<void>;
+  /**
+   * Makes sure the model is loaded: an empty-messages chat answered with done_reason "load", or
+   * for an embedding model (`kind: 'embed'`) an `/api/embed` with no input.
+   */
+  load(model: string, opts: { keepAlive?: unknown; signal: AbortSignal; kind?: 'chat' | 'embed' }): Promise<void>;
+  /** An embedding (`/api/embed`): the vectors of every input, in order. */
+  embed(request: Record<string, unknown>, opts: { signal: AbortSignal }): Promise<EmbedResponse>;
   /** Streams a chat and returns the merged response. `onChunk` sees every chunk as it arrives. */
   chat(request: Record<string, unknown>, opts: { signal: AbortSignal; onChunk?: (c: ChatChunk) => void }): Promise<ChatResponse>;
   status(): Promise<EngineStatus>;

@@ -1,6 +1,6 @@
 import { Pool } from 'undici';
 import { discardBody } from '../body.js';
-import { ChunkMerger, EngineError, type ChatChunk, type ChatEngine, type ChatResponse, type EngineStatus } from './engine.js';
+import { ChunkMerger, EngineError, type ChatChunk, type ChatEngine, type ChatResponse, type EmbedResponse, type EngineStatus } from './engine.js';
 
 export interface OllamaEngineOptions {
   url: string;
@@ -93,12 +93,12 @@ export class OllamaEngine implements ChatEngine {
     this.maxResponseBytes = opts.maxResponseBytes ?? 32 * 1024 * 1024;
   }
 
-  private async post(body: unknown, signal: AbortSignal, phase: 'load' | 'generation') {
+  private async post(body: unknown, signal: AbortSignal, phase: 'load' | 'generation', path = '/api/chat') {
     const payload = JSON.stringify(body);
     for (let attempt = 1; ; attempt++) {
       try {
         return await this.pool.request({
-          path: '/api/chat',
+          path,
           method: 'POST',
           headers: { 'content-type': 'application/json', accept: 'application/x-ndjson, application/json' },
           body: payload,
@@ -114,10 +114,12 @@ export class OllamaEngine implements ChatEngine {
     }
   }
 
-  async load(model: string, opts: { keepAlive?: unknown; signal: AbortSignal }): Promise<void> {
-    const body: Record<string, unknown> = { model, messages: [] };
+  async load(model: string, opts: { keepAlive?: unknown; signal: AbortSignal; kind?: 'chat' | 'embed' }): Promise<void> {
+    const embed = opts.kind === 'embed';
+    // An embedding model cannot chat: it is loaded by an /api/embed with no input (ADR-0015).
+    const body: Record<string, unknown> = embed ? { model, input: [] } : { model, messages: [] };
     if (opts.keepAlive !== undefined) body.keep_alive = opts.keepAlive;
-    const res = await this.post(body, opts.signal, 'load');
+    const res = await this.post(body, opts.signal, 'load', embed ? '/api/embed' : '/api/chat');
     let raw: string;
     try {
       raw = await res.body.text();
@@ -135,6 +137,12 @@ export class OllamaEngine implements ChatEngine {
       throw new EngineError('transient', 'engine_protocol_error', `the engine's load answer is not JSON: ${raw.slice(0, 200)}`);
     }
     if (parsed.error !== undefined) throw new EngineError('transient', 'engine_stream_error', String(parsed.error));
+    if (embed) {
+      if (!Array.isArray((parsed as { embeddings?: unknown }).embeddings)) {
+        throw new EngineError('transient', 'engine_protocol_error', `the engine's embed load answer has no embeddings: ${raw.slice(0, 200)}`);
+      }
+      return;
+    }
     if (parsed.done !== true) {
       throw new EngineError('transient', 'engine_stream_incomplete', 'the engine ended the load without done:true');
     }
@@ -240,6 +248,40 @@ export class OllamaEngine implements ChatEngine {
       throw new EngineError('transient', 'engine_stream_incomplete', 'the engine stream ended without done:true');
     }
     return merger.result();
+  }
+
+  async embed(request: Record<string, unknown>, opts: { signal: AbortSignal }): Promise<EmbedResponse> {
+    const res = await this.post(request, opts.signal, 'generation', '/api/embed');
+    const parts: Buffer[] = [];
+    let received = 0;
+    try {
+      for await (const part of res.body) {
+        received += (part as Buffer).length;
+        if (received > this.maxResponseBytes) {
+          throw new EngineError(
+            'permanent',
+            'engine_response_too_large',
+            `the engine's response exceeded FOREMAN_ENGINE_MAX_RESPONSE_BYTES (${this.maxResponseBytes} bytes)`,
+          );
+        }
+        parts.push(part as Buffer);
+      }
+    } catch (err) {
+      discardBody(res.body);
+      if (err instanceof EngineError) throw err;
+      return classifyNetworkError(err, opts.signal, 'generation');
+    }
+    const raw = Buffer.concat(parts).toString('utf8');
+    if (res.statusCode !== 200) throw errorForStatus(res.statusCode, errorText(raw));
+    let parsed: EmbedResponse & { error?: unknown };
+    try {
+      parsed = JSON.parse(raw) as EmbedResponse & { error?: unknown };
+    } catch {
+      throw new EngineError('transient', 'engine_protocol_error', `the engine's embed answer is not JSON: ${raw.slice(0, 200)}`);
+    }
+    if (parsed.error !== undefined) throw new EngineError('transient', 'engine_stream_error', String(parsed.error));
+    if (!Array.isArray(parsed.embeddings)) throw new EngineError('transient', 'engine_protocol_error', 'the engine\'s embed answer has no embeddings');
+    return parsed;
   }
 
   async status(): Promise<EngineStatus> {

@@ -12,6 +12,7 @@ import { registerAuth } from './auth.js';
 import { sseRoutes } from './sse.js';
 import { ollamaRoutes } from './ollama-api.js';
 import { uiRoutes } from './ui.js';
+import { openAiRoutes } from './openai-api.js';
 import type { AppDeps } from './deps.js';
 
 const MAX_PARAM_LENGTH = 256;
@@ -66,7 +67,8 @@ export function buildApp(deps: AppDeps) {
     genReqId: () => randomUUID(),
     return503OnClosing: true,
     // A request (headers and body) must arrive in this time; responses (SSE) are not limited by it.
-    requestTimeout: deps.config.bodyTimeoutMs + 5_000,
+    // An upload (POST /v1/files) may take up to FOREMAN_UPLOAD_TIMEOUT.
+    requestTimeout: Math.max(deps.config.bodyTimeoutMs, deps.config.uploadTimeoutMs) + 5_000,
     // One line per request, when it completes (onResponse below), instead of two.
     logController: new LogController({ disableRequestLogging: true }),
     // Strict validation: no type coercion, nothing silently removed.
@@ -132,6 +134,7 @@ export function buildApp(deps: AppDeps) {
   app.addHook('onRequest', (req, reply, done) => {
     const raw = req.raw;
     if (raw.method === 'GET' || raw.method === 'HEAD' || raw.complete) return done();
+    const limitMs = req.url === '/v1/files' || req.url.startsWith('/v1/files?') ? deps.config.uploadTimeoutMs : deps.config.bodyTimeoutMs;
     const timer = setTimeout(() => {
       if (raw.complete || reply.raw.headersSent) return;
       req.log.info({ code: 'body_timeout' }, 'request body did not arrive in time');
@@ -145,7 +148,7 @@ export function buildApp(deps: AppDeps) {
         connection: 'close',
       });
       reply.raw.end(body, () => raw.socket?.destroy());
-    }, deps.config.bodyTimeoutMs);
+    }, limitMs);
     const clear = () => clearTimeout(timer);
     raw.once('end', clear);
     raw.once('close', clear);
@@ -217,6 +220,7 @@ export function buildApp(deps: AppDeps) {
   void app.register(sseRoutes, deps);
   void app.register(ollamaRoutes, deps);
   void app.register(uiRoutes, deps); // the dashboard at /ui (ADR-0014)
+  void app.register(openAiRoutes, { ...deps, prefix: '/v1' });
   return app;
 }
 

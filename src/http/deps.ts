@@ -5,6 +5,8 @@ import type { EnginePool } from '../engine/pool.js';
 import type { JobEvents } from '../events.js';
 import type { Jobs } from '../jobs/jobs.js';
 import type { Keys } from '../jobs/keys.js';
+import type { Files } from '../jobs/files.js';
+import type { Batches } from '../jobs/batches.js';
 import type { ArtifactUrls } from '../artifact-urls.js';
 
 /** What the HTTP layer is given. It reaches stored jobs only through `jobs` (the application layer). */
@@ -12,6 +14,9 @@ export interface AppDeps {
   jobs: Jobs;
   /** API keys: authentication, key management, usage and audit (ADR-0013). */
   keys: Keys;
+  /** Uploaded files and batch outputs, and batches (ADR-0015). */
+  files: Files;
+  batches: Batches;
   artifactUrls: ArtifactUrls;
   /** The engine hosts: status, merged pass-through reads, direct loads (ADR-0012). */
   pool: EnginePool;

@@ -38,6 +38,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
     const q = j.queue;
     return {
       job_id: j.id,
+      kind: j.kind,
       state: j.state,
       model: j.model,
       attempt: j.attempt,
@@ -104,6 +105,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       const who = req.principal;
       const outcome = await jobs.submit({
         body,
+        ...(body.kind !== undefined ? { kind: body.kind } : {}),
         ...(body.continue_from !== undefined ? { continueFrom: body.continue_from } : {}),
         ...(body.wait_for_previous !== undefined ? { waitForPrevious: body.wait_for_previous } : {}),
         webhookUrl: body.state_webhook_url === undefined ? null : checkWebhookUrl(body.state_webhook_url),

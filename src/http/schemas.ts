@@ -61,6 +61,8 @@ export const JOB_ERROR_CODES = [
   'engine_rejected',
   'deadline_exceeded',
   'previous_failed',
+  'batch_expired',
+  'batch_failed',
   'internal_error',
 ] as const;
 
@@ -116,7 +118,13 @@ export const SubmitBody = Type.Object(
     model: Type.Optional(Type.String({ minLength: 1, maxLength: 256, description: "required, except with continue_from (default: that job's model)" })),
     continue_from: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: 'continue the conversation of this job: its messages and reply come first (ADR-0016)' })),
     wait_for_previous: Type.Optional(Type.Boolean({ description: 'with continue_from: queue now and run once that job is done' })),
-    messages: Type.Array(Message, { minItems: 1, maxItems: 10_000 }),
+    kind: Type.Optional(Type.Union([Type.Literal('chat'), Type.Literal('embed')], { description: 'chat (default: Ollama /api/chat) or embed (/api/embed, ADR-0015)' })),
+    messages: Type.Optional(Type.Array(Message, { minItems: 1, maxItems: 10_000, description: 'required for a chat job' })),
+    input: Type.Optional(
+      Type.Union([Type.String(), Type.Array(Type.String(), { minItems: 1, maxItems: 10_000 })], { description: 'an embed job: the text(s) to embed' }),
+    ),
+    truncate: Type.Optional(Type.Boolean({ description: 'an embed job: truncate inputs longer than the context (Ollama default true)' })),
+    dimensions: Type.Optional(Type.Integer({ minimum: 1, maximum: 1_000_000, description: 'an embed job: dimensions of the vectors' })),
     stream: Type.Optional(Type.Boolean()),
     state_webhook_url: Type.Optional(Type.String({ minLength: 1, maxLength: 2048 })),
     webhook_events: Type.Optional(Type.Array(JobStateSchema, { minItems: 1, maxItems: JOB_STATES.length, uniqueItems: true })),
@@ -278,6 +286,7 @@ export const DeliveryViewSchema = Type.Object({
 
 export const JobReply = Type.Object({
   job_id: Type.String(),
+  kind: Type.Union([Type.Literal('chat'), Type.Literal('embed')]),
   state: JobStateSchema,
   model: Type.String(),
   attempt: Type.Integer(),

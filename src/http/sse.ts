@@ -12,7 +12,7 @@ import type { AppDeps } from './deps.js';
 /** Unsent output a watcher may have before it is dropped. */
 export const SSE_BUFFER_MAX = 1024 * 1024;
 
-const SSE_HEADERS = {
+export const SSE_HEADERS = {
   'content-type': 'text/event-stream; charset=utf-8',
   'cache-control': 'no-store',
   connection: 'keep-alive',

@@ -1,11 +1,11 @@
 import { iso, type Clock, type JobState } from '../domain.js';
 import { Conflict, Forbidden, Gone, NotFound, QuotaExceeded, Unavailable, Validation } from '../errors.js';
 import { uuidv7 } from '../ids.js';
-import type { Artifact, CancelOutcome, JobView, ListedJob, QueueDriver, TransitionEvent } from '../queue/driver.js';
+import type { Artifact, CancelOutcome, JobKind, JobView, ListedJob, QueueDriver, TransitionEvent } from '../queue/driver.js';
 import { ARTIFACT_NAME_RE } from '../domain.js';
 import { actorOf, keyIdOf, scopeOf, type Principal } from './principal.js';
 import { DAY_MS } from './keys.js';
-import { bodyHash, decodeCursor, encodeCursor, ENGINE_FIELDS, MAX_JSON_DEPTH, parseDeadline, tooDeep } from './rules.js';
+import { bodyHash, decodeCursor, EMBED_FIELDS, encodeCursor, ENGINE_FIELDS, MAX_JSON_DEPTH, parseDeadline, tooDeep } from './rules.js';
 
 export interface JobsSettings {
   maxQueued: number;
@@ -20,6 +20,8 @@ export interface JobsSettings {
 
 export interface SubmitInput {
   body: Record<string, unknown> & { model?: string };
+  /** What the job runs (ADR-0015); default chat. */
+  kind?: JobKind;
   /** Continue the conversation of this job (ADR-0016). */
   continueFrom?: string;
   /** With `continueFrom`: queue now and wait for the earlier job to be done. */
@@ -106,8 +108,22 @@ export class Jobs {
       model ??= prev.model;
     }
     if (model === undefined) throw new Validation('model is required (it may be left out only with continue_from)', 'model');
+    const kind = input.kind ?? 'chat';
     const request: Record<string, unknown> = {};
-    for (const k of ENGINE_FIELDS) if (input.body[k] !== undefined) request[k] = input.body[k];
+    if (kind === 'embed') {
+      // An embedding job (ADR-0015): Ollama's /api/embed request; chat fields have no meaning here.
+      for (const k of ['messages', 'tools', 'format', 'think', 'continue_from', 'wait_for_previous'] as const) {
+        if (input.body[k] !== undefined) throw new Validation(`${k} is not a field of an embed job`, k);
+      }
+      if (input.body.input === undefined) throw new Validation('input is required for an embed job (a string or an array of strings)', 'input');
+      for (const k of EMBED_FIELDS) if (input.body[k] !== undefined) request[k] = input.body[k];
+    } else {
+      if (input.body.messages === undefined) throw new Validation('messages is required', 'messages');
+      for (const k of ['input', 'truncate', 'dimensions'] as const) {
+        if (input.body[k] !== undefined) throw new Validation(`${k} is a field of an embed job: send "kind": "embed"`, k);
+      }
+      for (const k of ENGINE_FIELDS) if (input.body[k] !== undefined) request[k] = input.body[k];
+    }
     request.model = model;
     const deep = tooDeep(request, MAX_JSON_DEPTH);
     if (deep !== null) throw new Validation(`${deep} is nested deeper than ${MAX_JSON_DEPTH} levels`, deep);
@@ -132,6 +148,7 @@ export class Jobs {
         {
           id: input.id ?? uuidv7(),
           model,
+          kind,
           request,
           previous,
           ...(conversationId !== undefined ? { conversationId } : {}),

@@ -34,8 +34,18 @@ const sha256 = (s: string): Buffer => createHash('sha256').update(s, 'utf8').dig
  * header into a `Principal`. A key is `fm_` + 32 random bytes (base64url); only its SHA-256 is
  * stored, so the raw key exists only in the one reply that creates it.
  */
+/** How long a verified key is trusted without reading it again (revocation here drops it at once). */
+const VERIFIED_TTL_MS = 1000;
+const VERIFIED_MAX = 1024;
+
 export class Keys {
   private readonly adminHash: Buffer | null;
+  /**
+   * Bearer tokens verified in the last second → their key: a client's burst of requests costs one
+   * hash and one read, not one each. Held in memory only; revoking or changing a key here drops
+   * its entries at once (ADR-0013).
+   */
+  private readonly verified = new Map<string, { key: ApiKeyRecord; until: number }>();
 
   constructor(
     private readonly driver: QueueDriver,
@@ -60,11 +70,22 @@ export class Keys {
     if (authorization === undefined) return { kind: 'anonymous' };
     const m = /^Bearer[ \t]+(\S+)[ \t]*$/i.exec(authorization);
     if (!m) throw new Unauthorized('the Authorization header must be "Bearer <API key or admin token>"');
-    const given = sha256(m[1]!);
+    const token = m[1]!;
+    const now = this.clock.now();
+    const hit = this.verified.get(token);
+    if (hit && hit.until > now) return { kind: 'key', key: hit.key };
+    const given = sha256(token);
     if (timingSafeEqual(given, this.adminHash)) return ADMIN;
     const key = await this.driver.keyByHash({ hash: given.toString('hex') });
     if (!key || key.revokedAt !== null) throw new Unauthorized('unknown or revoked API key');
+    if (this.verified.size >= VERIFIED_MAX) this.verified.clear();
+    this.verified.set(token, { key, until: now + VERIFIED_TTL_MS });
     return { kind: 'key', key };
+  }
+
+  /** Drops a key's verified tokens (it was changed or revoked). */
+  private forget(id: string): void {
+    for (const [t, v] of this.verified) if (v.key.id === id) this.verified.delete(t);
   }
 
   requireAdmin(who: Principal): void {
@@ -110,6 +131,7 @@ export class Keys {
     this.requireAdmin(who);
     const r = await this.driver.keyUpdate({ id, changes, now: this.clock.now(), actor: actorOf(who) });
     if (!r) throw keyNotFound(id);
+    this.forget(id);
     return r;
   }
 
@@ -117,6 +139,7 @@ export class Keys {
     this.requireAdmin(who);
     const r = await this.driver.keyRevoke({ id, now: this.clock.now(), actor: actorOf(who) });
     if (!r) throw keyNotFound(id);
+    this.forget(id);
     return r;
   }
 

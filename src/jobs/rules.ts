@@ -5,6 +5,9 @@ import { Validation } from '../errors.js';
 /** Fields passed through to the engine unchanged. `stream` is accepted but a job always streams. */
 export const ENGINE_FIELDS = ['model', 'messages', 'format', 'options', 'tools', 'keep_alive', 'think'] as const;
 
+/** An embed job's fields, passed to Ollama's /api/embed unchanged (ADR-0015). */
+export const EMBED_FIELDS = ['model', 'input', 'truncate', 'dimensions', 'options', 'keep_alive'] as const;
+
 /** How deeply a request's JSON may nest (Ollama's own payloads need a handful of levels). */
 export const MAX_JSON_DEPTH = 64;
 

@@ -152,6 +152,176 @@ export interface QueueDriver {
   auditList(p: { limit: number; beforeId?: number }): Promise<AuditEntry[]>;
   /** The stored secret of this name; stores `value` first if there is none (every instance gets the same). */
   secretEnsure(p: { name: string; value: string }): Promise<string>;
+
+  // --- files and batches (ADR-0015) ---
+  /** Stores an upload's first lines under a new `uploading` file (a staging row set). */
+  fileInsert(p: { file: NewFile; lines: FileLine[] }): Promise<number>;
+  /** Appends validated lines to an `uploading` file. */
+  fileLinesAppend(p: { fileSeq: number; lines: FileLine[] }): Promise<void>;
+  /** The upload is complete: the file becomes `processed` (visible). False if it is gone. */
+  fileFinish(p: { fileSeq: number; bytes: number; lines: number }): Promise<boolean>;
+  /**
+   * Deletes up to `limit` of a file's lines (a large file is removed in steps); returns how many.
+   * This and `fileDelete` refuse (`Conflict file_in_use`) while a batch still submits from the file.
+   */
+  fileLinesDelete(p: { fileSeq: number; limit: number }): Promise<number>;
+  /** Deletes the file row (its remaining lines with it). */
+  fileDelete(p: { fileSeq: number }): Promise<boolean>;
+  fileGet(p: { id: string }): Promise<FileRecord | null>;
+  /** Newest first; `beforeSeq` is the cursor. `keyId`: only that key's. */
+  filesList(p: { limit: number; beforeSeq?: number; keyId?: string; purpose?: string }): Promise<FileRecord[]>;
+  /** Lines in order, after line number `afterN`. */
+  fileLinesPage(p: { fileSeq: number; afterN: number; limit: number }): Promise<FileLine[]>;
+  /** An output file's size, once its batch has ended (it no longer changes). */
+  fileBytesSet(p: { fileSeq: number; bytes: number }): Promise<void>;
+  /** Files whose `expires_at` passed, uploads abandoned before `uploadingBefore`: up to `limit` of them. */
+  filesExpired(p: { now: number; uploadingBefore: number; limit: number }): Promise<FileRecord[]>;
+
+  /** Creates a batch (with its output and error file rows). Null if the input file is gone. */
+  batchInsert(p: { batch: NewBatch; now: number }): Promise<BatchRecord | null>;
+  batchGet(p: { id: string } | { seq: number }): Promise<BatchRecord | null>;
+  /** Newest first; `beforeSeq` is the cursor. `keyId`: only that key's. */
+  batchesList(p: { limit: number; beforeSeq?: number; keyId?: string }): Promise<BatchRecord[]>;
+  /**
+   * Inserts the next lines of a batch as jobs, in line order, in one transaction, and advances
+   * the batch (`submitted`, `lastLine`; `validating` → `in_progress`). Stops at the first job the
+   * queue refuses (full): `stopped` says why, and the rest is tried again later.
+   */
+  batchJobsInsert(p: { batchSeq: number; jobs: (NewJob & { line: number })[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<{
+    inserted: number;
+    stopped: InsertOutcome | null;
+  }>;
+  /** Batches the runner has work for: lines still to submit, or ending (cancel, expiry). */
+  batchesActive(p: { limit: number }): Promise<BatchRecord[]>;
+  /** The running batch that expires first, or null. */
+  batchesNextExpiry(): Promise<{ seq: number; expiresAt: number } | null>;
+  /**
+   * Starts a batch's cancel (`cancelling`): no more lines are submitted; the rest of the queue is
+   * ended by `batchJobsEnd`. Null: no such batch (or another key's). `ended`: it had already ended.
+   */
+  batchCancel(p: { id: string; now: number; keyId?: string }): Promise<{ batch: BatchRecord; changed: boolean } | null>;
+  /** Starts a batch's expiry (its completion window passed). */
+  batchExpire(p: { seq: number; now: number }): Promise<boolean>;
+  /** Fails a batch that cannot go on (its input file is gone); its queued jobs are ended like a cancel. */
+  batchFail(p: { seq: number; now: number; error: ErrorInfo }): Promise<boolean>;
+  /**
+   * Ends up to `limit` of an ending batch's waiting jobs (scheduled or queued): canceled for a
+   * cancel, failed `batch_expired` for an expiry. Running jobs finish. Returns how many.
+   */
+  batchJobsEnd(p: { batchSeq: number; now: number; limit: number }): Promise<number>;
+  /** Finished jobs of a batch in line order after job `afterSeq`: done ones (`output`) or the others (`error`). */
+  batchResultsPage(p: { batchSeq: number; role: 'output' | 'error'; afterSeq: number; limit: number }): Promise<BatchResultRow[]>;
+  /** Deletes up to `limit` jobs of batches that ended before `endedBefore`, then those batches; returns rows deleted. */
+  batchesDeleteExpired(p: { endedBefore: number; limit: number; now: number }): Promise<number>;
+}
+
+/** What a job runs: a chat (`/api/chat`) or an embedding (`/api/embed`). */
+export type JobKind = 'chat' | 'embed';
+export const JOB_KINDS = ['chat', 'embed'] as const;
+
+export type BatchEndpoint = '/v1/chat/completions' | '/v1/embeddings';
+export type BatchStatus = 'validating' | 'in_progress' | 'finalizing' | 'completed' | 'failed' | 'expired' | 'cancelling' | 'cancelled';
+export type BatchEventType = 'batch.completed' | 'batch.failed' | 'batch.expired' | 'batch.cancelled';
+
+export interface NewFile {
+  id: string;
+  keyId: string;
+  filename: string;
+  endpoint: BatchEndpoint;
+  createdAt: number;
+  expiresAt: number | null;
+}
+
+/** One validated line of an upload. */
+export interface FileLine {
+  n: number;
+  customId: string;
+  body: string;
+}
+
+export interface FileRecord {
+  seq: number;
+  id: string;
+  keyId: string | null;
+  purpose: 'batch' | 'batch_output';
+  filename: string;
+  /** Null for an output file of a batch still running. */
+  bytes: number | null;
+  lines: number;
+  endpoint: BatchEndpoint | null;
+  status: 'uploading' | 'processed';
+  batchSeq: number | null;
+  role: 'output' | 'error' | null;
+  createdAt: number;
+  expiresAt: number | null;
+}
+
+export interface NewBatch {
+  id: string;
+  keyId: string;
+  inputFileSeq: number;
+  inputFileId: string;
+  endpoint: BatchEndpoint;
+  completionWindow: '24h';
+  metadata: Record<string, string> | null;
+  webhookUrl: string | null;
+  priority: number;
+  total: number;
+  outputFileId: string;
+  errorFileId: string;
+  expiresAt: number;
+  /** Output files are kept this long after creation (or null: as long as the batch). */
+  fileExpiresAt: number | null;
+}
+
+export interface BatchRecord {
+  seq: number;
+  id: string;
+  keyId: string | null;
+  inputFileId: string;
+  inputFileSeq: number | null;
+  endpoint: BatchEndpoint;
+  completionWindow: string;
+  status: BatchStatus;
+  ending: 'cancel' | 'expire' | 'fail' | null;
+  metadata: Record<string, string> | null;
+  webhookUrl: string | null;
+  priority: number;
+  total: number;
+  submitted: number;
+  /** The line number of the last line submitted. */
+  lastLine: number;
+  completed: number;
+  failed: number;
+  canceled: number;
+  errors: { code: string; message: string; line?: number | null; param?: string | null }[] | null;
+  outputFileId: string;
+  errorFileId: string;
+  createdAt: number;
+  expiresAt: number;
+  inProgressAt: number | null;
+  finalizingAt: number | null;
+  completedAt: number | null;
+  failedAt: number | null;
+  expiredAt: number | null;
+  cancellingAt: number | null;
+  cancelledAt: number | null;
+}
+
+/** A finished job of a batch, as its output or error file line is made from it. */
+export interface BatchResultRow {
+  seq: number;
+  jobId: string;
+  /** The job's metadata (a batch job's carries `batch_id` and `custom_id`). */
+  metadata: Record<string, string> | null;
+  state: JobState;
+  model: string;
+  result: unknown;
+  error: ErrorInfo | null;
+  createdAt: number;
+  finishedAt: number | null;
+  promptTokens: number | null;
+  completionTokens: number | null;
 }
 
 export interface ApiKeyLimits {
@@ -233,6 +403,10 @@ export interface NewJob {
   quota?: { maxQueued: number | null; dailyLimit: number | null; day: number; nextDayAt: number; refuseOverDaily?: boolean };
   /** The priority asked for, when it was clamped to the key's `priority_max` (audited). */
   clampedFrom?: { priority: number; actor: string };
+  /** What it runs; default chat. */
+  kind?: JobKind;
+  /** The batch it belongs to (ADR-0015). */
+  batchSeq?: number;
 }
 
 export type InsertOutcome =
@@ -250,6 +424,7 @@ export type InsertOutcome =
 export interface ClaimedJob {
   seq: number;
   id: string;
+  kind: JobKind;
   model: string;
   request: Record<string, unknown>;
   attempt: number;
@@ -345,6 +520,7 @@ export interface DeliveryView {
 export interface JobView {
   seq: number;
   id: string;
+  kind: JobKind;
   state: JobState;
   model: string;
   attempt: number;
@@ -381,8 +557,10 @@ export interface JobView {
 /** A claimed webhook delivery, with what the dispatcher needs to build the event body. */
 export interface ClaimedDelivery {
   id: number;
+  /** The job's id; for a batch event, the batch's. */
   jobId: string;
-  state: JobState;
+  /** The job state; for a batch event, its type (`batch.completed`, …). */
+  state: JobState | BatchEventType;
   sequence: number;
   url: string;
   /** scheme://host[:port]: the key of the per-receiver concurrency cap. */
@@ -395,6 +573,8 @@ export interface ClaimedDelivery {
   artifacts: (ArtifactMeta & { body: Buffer | null })[];
   /** For terminal states: how the run went. */
   run: RunSummary | null;
+  /** For a batch event: the batch, as it ended. */
+  batch?: BatchRecord | null;
 }
 
 export type DeliveryOutcome =

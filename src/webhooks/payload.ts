@@ -1,5 +1,6 @@
-import type { ArtifactMeta, ClaimedDelivery, RunSummary } from '../queue/driver.js';
+import type { ArtifactMeta, BatchRecord, ClaimedDelivery, RunSummary } from '../queue/driver.js';
 import { eventId, iso, type JobState } from '../domain.js';
+import { batchObject } from '../jobs/openai.js';
 
 /** The event body (ADR-0005). `event_id` is `<job_id>:<state>`, stable across retries and restarts. */
 export interface WebhookEvent {
@@ -77,13 +78,34 @@ export function eventArtifact(a: ArtifactMeta & { body?: Buffer | null }, urlOf:
   return out;
 }
 
+/**
+ * A batch's terminal event (ADR-0015), in OpenAI's webhook event shape (`object: "event"`, `type`,
+ * `created_at`, `data`), with the whole batch object as `data` and Foreman's stable `event_id`.
+ */
+export interface BatchWebhookEvent {
+  event_id: string;
+  object: 'event';
+  id: string;
+  type: string;
+  created_at: number;
+  occurred_at: string;
+  data: ReturnType<typeof batchObject>;
+}
+
+export function buildBatchEvent(type: string, batch: BatchRecord, occurredAt: number): BatchWebhookEvent {
+  const id = `${batch.id}:${type}`;
+  return { event_id: id, object: 'event', id, type, created_at: Math.floor(occurredAt / 1000), occurred_at: iso(occurredAt) as string, data: batchObject(batch) };
+}
+
 /** The event body; artifact URLs are issued at the event's own time, so every retry sends the same body. */
-export function buildEvent(d: ClaimedDelivery, urlOf: ArtifactUrlOf, inlineMax: number): WebhookEvent & Partial<RunFields> {
+export function buildEvent(d: ClaimedDelivery, urlOf: ArtifactUrlOf, inlineMax: number): (WebhookEvent & Partial<RunFields>) | BatchWebhookEvent {
+  if (d.batch) return buildBatchEvent(d.state, d.batch, d.occurredAt);
+  const state = d.state as JobState;
   const ev: WebhookEvent & Partial<RunFields> = {
-    event_id: eventId(d.jobId, d.state),
+    event_id: eventId(d.jobId, state),
     type: 'job.state_changed',
     job_id: d.jobId,
-    state: d.state,
+    state,
     sequence: d.sequence,
     occurred_at: iso(d.occurredAt) as string,
     metadata: d.metadata ?? {},

@@ -127,7 +127,7 @@ export class Worker {
     }, Math.max(50, Math.floor(options.leaseMs / 3)));
     try {
       const t0 = performance.now();
-      await engine.load(job.model, { keepAlive: job.request.keep_alive, signal });
+      await engine.load(job.model, { keepAlive: job.request.keep_alive, signal, kind: job.kind });
       const loadMs = Math.round((performance.now() - t0) * 1000) / 1000;
       pool.loaded(host, job.model, loadMs, (job.request.options as { num_ctx?: unknown } | undefined)?.num_ctx);
       if (!(await driver.jobSetWorking({ seq, lease, now: clock.now(), leaseMs: options.leaseMs }))) {
@@ -148,10 +148,16 @@ export class Worker {
               watch?.(jobId, c);
             }
           : undefined;
-      // A continuation sends the conversation so far, then its own messages (ADR-0016).
-      const request =
-        job.history.length === 0 ? job.request : { ...job.request, messages: [...job.history, ...((job.request.messages as unknown[] | undefined) ?? [])] };
-      const response = await engine.chat(request, { signal, ...(onChunk ? { onChunk: (c: ChatChunk) => onChunk(job.id, c) } : {}) });
+      let response: Record<string, unknown> & { prompt_eval_count?: number; eval_count?: number };
+      if (job.kind === 'embed') {
+        // An embedding job (ADR-0015): one /api/embed call; the vectors are the result.
+        response = { ...(await engine.embed(job.request, { signal })) };
+      } else {
+        // A continuation sends the conversation so far, then its own messages (ADR-0016).
+        const request =
+          job.history.length === 0 ? job.request : { ...job.request, messages: [...job.history, ...((job.request.messages as unknown[] | undefined) ?? [])] };
+        response = { ...(await engine.chat(request, { signal, ...(onChunk ? { onChunk: (c: ChatChunk) => onChunk(job.id, c) } : {}) })) };
+      }
       const result = { ...response, foreman: { load_ms: loadMs } };
       const body = Buffer.from(JSON.stringify(result), 'utf8');
       const runMs = loadMs + (performance.now() - tRun);

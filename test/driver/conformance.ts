@@ -67,7 +67,13 @@ export function newJob(over: Partial<NewJob> = {}): NewJob {
   };
 }
 
-export function driverConformance(name: string, factory: DriverFactory): void {
+/**
+ * `unsupported`: titles of tests a driver does not pass yet because it refuses that feature
+ * outright (`Unavailable('not_supported_on_…')`); they are skipped for it, by name, and listed
+ * where the driver's suite is run. Only the files-and-batches tests may be named.
+ */
+export function driverConformance(name: string, factory: DriverFactory, opts: { unsupported?: readonly string[] } = {}): void {
+  const unsupported = new Set(opts.unsupported ?? []);
   describe(name, () => {
     let d: QueueDriver;
     let cleanup: () => Promise<void>;
@@ -202,6 +208,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           keyId: null,
           scheduledFor: null,
           engine: null,
+          kind: 'chat',
         });
         const vb = await view(b.id);
         expect(vb.seq).toBeGreaterThan(va.seq);
@@ -361,6 +368,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           maxAttempts: 4,
           lease: expect.any(String),
           history: [],
+          kind: 'chat',
         });
         expect(v.state).toBe('loading');
         expect(v.attempt).toBe(1);
@@ -978,6 +986,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           keyId: null,
           scheduledFor: null,
           engine: null,
+          kind: 'chat',
         });
         expect(await d.jobGet({ id: uuidv7() })).toBeNull();
       });
@@ -1736,6 +1745,152 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         ]);
         expect(await d.jobsQueuedModels()).toEqual(['m1']);
         expect(await stateOf(c!)).toBe('queued');
+      });
+    });
+
+    // =========================================================================================
+    describe('files and batches (ADR-0015)', () => {
+      const line = (n: number, customId = `c${n}`) => ({ n, customId, body: `{"custom_id":"${customId}"}` });
+
+      /** A processed input file of `n` lines (numbered 1..n). */
+      async function inputFile(n: number, id = `file-${uuidv7()}`) {
+        const seq = await d.fileInsert({
+          file: { id, keyId: '', filename: 'in.jsonl', endpoint: '/v1/chat/completions', createdAt: at(0), expiresAt: at(1_000_000) },
+          lines: Array.from({ length: n }, (_, i) => line(i + 1)),
+        });
+        expect(await d.fileFinish({ fileSeq: seq, bytes: 10 * n, lines: n })).toBe(true);
+        return { seq, id };
+      }
+
+      async function newBatch(total: number, over: { webhookUrl?: string | null } = {}) {
+        const f = await inputFile(total);
+        const b = await d.batchInsert({
+          now: at(10),
+          batch: {
+            id: `batch_${uuidv7()}`,
+            keyId: '',
+            inputFileSeq: f.seq,
+            inputFileId: f.id,
+            endpoint: '/v1/chat/completions',
+            completionWindow: '24h',
+            metadata: { a: 'b' },
+            webhookUrl: over.webhookUrl ?? null,
+            priority: 0,
+            total,
+            outputFileId: `file-${uuidv7()}`,
+            errorFileId: `file-${uuidv7()}`,
+            expiresAt: at(86_400_000),
+            fileExpiresAt: null,
+          },
+        });
+        expect(b).not.toBeNull();
+        return b!;
+      }
+
+      const batchJobs = (n: number, from = 1) =>
+        Array.from({ length: n }, (_, i) => ({ ...newJob({ metadata: { custom_id: `c${from + i}` } }), line: from + i }));
+
+      (unsupported.has('an upload is invisible until finished; lines come back in order; a repeated custom_id is refused by the store') ? it.skip : it)('an upload is invisible until finished; lines come back in order; a repeated custom_id is refused by the store', async () => {
+        const seq = await d.fileInsert({
+          file: { id: 'file-x', keyId: 'k1', filename: 'x.jsonl', endpoint: '/v1/embeddings', createdAt: at(0), expiresAt: null },
+          lines: [line(1), line(3)],
+        });
+        expect((await d.fileGet({ id: 'file-x' }))!.status).toBe('uploading');
+        expect(await d.filesList({ limit: 10 })).toEqual([]);
+        await d.fileLinesAppend({ fileSeq: seq, lines: [line(4)] });
+        await expect(d.fileLinesAppend({ fileSeq: seq, lines: [line(5, 'c1')] })).rejects.toThrow();
+        expect(await d.fileFinish({ fileSeq: seq, bytes: 99, lines: 3 })).toBe(true);
+        expect(await d.fileGet({ id: 'file-x' })).toEqual({
+          seq, id: 'file-x', keyId: 'k1', purpose: 'batch', filename: 'x.jsonl', bytes: 99, lines: 3, endpoint: '/v1/embeddings',
+          status: 'processed', batchSeq: null, role: null, createdAt: at(0), expiresAt: null,
+        });
+        expect((await d.fileLinesPage({ fileSeq: seq, afterN: 1, limit: 10 })).map((l) => l.n)).toEqual([3, 4]);
+        expect((await d.filesList({ limit: 10, keyId: 'k2' }))).toEqual([]);
+        expect(await d.fileLinesDelete({ fileSeq: seq, limit: 2 })).toBe(2);
+        expect(await d.fileLinesDelete({ fileSeq: seq, limit: 2 })).toBe(1);
+        expect(await d.fileDelete({ fileSeq: seq })).toBe(true);
+        expect(await d.fileGet({ id: 'file-x' })).toBeNull();
+      });
+
+      (unsupported.has('lines become jobs chunk by chunk; counters follow the jobs; the last job ends the batch, in order through finalizing') ? it.skip : it)('lines become jobs chunk by chunk; counters follow the jobs; the last job ends the batch, in order through finalizing', async () => {
+        const b = await newBatch(3);
+        expect(b).toMatchObject({ status: 'validating', total: 3, submitted: 0, lastLine: 0, completed: 0, failed: 0, canceled: 0, metadata: { a: 'b' } });
+        expect((await d.fileGet({ id: b.outputFileId }))).toMatchObject({ purpose: 'batch_output', role: 'output', batchSeq: b.seq, bytes: null });
+        expect(await d.batchJobsInsert({ batchSeq: b.seq, jobs: batchJobs(2), now: at(20), maxQueued: BIG_QUEUE })).toEqual({ inserted: 2, stopped: null });
+        expect(await d.batchGet({ id: b.id })).toMatchObject({ status: 'in_progress', submitted: 2, lastLine: 2, inProgressAt: at(20) });
+        // The file feeds the batch until every line is submitted.
+        await expect(d.fileDelete({ fileSeq: b.inputFileSeq! })).rejects.toMatchObject({ code: 'file_in_use' });
+        // A full queue stops the chunk at the first refused job; nothing of the rest is written.
+        expect(await d.batchJobsInsert({ batchSeq: b.seq, jobs: batchJobs(1, 3), now: at(21), maxQueued: 2 })).toEqual({
+          inserted: 0,
+          stopped: { ok: false, code: 'queue_full' },
+        });
+        expect(await d.batchJobsInsert({ batchSeq: b.seq, jobs: batchJobs(1, 3), now: at(22), maxQueued: BIG_QUEUE })).toEqual({ inserted: 1, stopped: null });
+        await runToDone(at(30));
+        const c2 = await claimOne(at(40));
+        await d.jobFail({ seq: c2.seq, lease: c2.lease, now: at(41), error: { code: 'model_not_found', message: 'no' } });
+        expect(await d.batchGet({ seq: b.seq })).toMatchObject({ status: 'in_progress', completed: 1, failed: 1 });
+        await runToDone(at(50));
+        const end = (await d.batchGet({ id: b.id }))!;
+        expect(end).toMatchObject({ status: 'completed', completed: 2, failed: 1, canceled: 0, finalizingAt: at(52), completedAt: at(52) });
+        const out = await d.batchResultsPage({ batchSeq: b.seq, role: 'output', afterSeq: 0, limit: 10 });
+        expect(out.map((r) => [r.metadata!.custom_id, r.state, r.result])).toEqual([
+          ['c1', 'done', { ok: true }],
+          ['c3', 'done', { ok: true }],
+        ]);
+        const err = await d.batchResultsPage({ batchSeq: b.seq, role: 'error', afterSeq: 0, limit: 10 });
+        expect(err.map((r) => [r.metadata!.custom_id, r.error])).toEqual([['c2', { code: 'model_not_found', message: 'no' }]]);
+        expect(await d.batchJobsInsert({ batchSeq: b.seq, jobs: batchJobs(1, 4), now: at(60), maxQueued: BIG_QUEUE })).toEqual({ inserted: 0, stopped: null });
+        expect(await d.fileDelete({ fileSeq: b.inputFileSeq! })).toBe(true);
+      });
+
+      (unsupported.has('cancel: unsubmitted lines count as canceled, waiting jobs end in chunks, a running one finishes; then cancelled, with its webhook event') ? it.skip : it)('cancel: unsubmitted lines count as canceled, waiting jobs end in chunks, a running one finishes; then cancelled, with its webhook event', async () => {
+        const b = await newBatch(5, { webhookUrl: HOOK });
+        await d.batchJobsInsert({ batchSeq: b.seq, jobs: batchJobs(3), now: at(20), maxQueued: BIG_QUEUE });
+        const running = await claimOne(at(30));
+        const r = await d.batchCancel({ id: b.id, now: at(40) });
+        expect(r).toMatchObject({ changed: true, batch: { status: 'cancelling', ending: 'cancel', canceled: 2, cancellingAt: at(40) } });
+        expect(await d.batchCancel({ id: b.id, now: at(41), keyId: 'someone-else' })).toBeNull();
+        expect(await d.batchesActive({ limit: 10 })).toMatchObject([{ id: b.id }]);
+        expect(await d.batchJobsEnd({ batchSeq: b.seq, now: at(50), limit: 1 })).toBe(1);
+        expect(await d.batchJobsEnd({ batchSeq: b.seq, now: at(51), limit: 1 })).toBe(1);
+        expect(await d.batchJobsEnd({ batchSeq: b.seq, now: at(52), limit: 1 })).toBe(0);
+        expect(await d.batchGet({ id: b.id })).toMatchObject({ status: 'cancelling', canceled: 4 });
+        await d.jobSetWorking({ seq: running.seq, lease: running.lease, now: at(60), leaseMs: 1000 });
+        await d.jobComplete({ seq: running.seq, lease: running.lease, now: at(61), result: { ok: 1 }, artifacts: [], runMs: 1 });
+        expect(await d.batchGet({ id: b.id })).toMatchObject({ status: 'cancelled', completed: 1, canceled: 4, cancelledAt: at(61) });
+        const [ev] = await d.deliveriesClaim({ now: at(62), limit: 10, perOriginLimit: 8, inlineMax: 0 });
+        expect(ev).toMatchObject({ jobId: b.id, state: 'batch.cancelled', url: HOOK, origin: ORIGIN, occurredAt: at(61), batch: { id: b.id, status: 'cancelled' } });
+        await d.deliveryRecord({ id: ev!.id, now: at(63), outcome: { kind: 'delivered', status: 200 } });
+        expect(await d.deliveriesClaim({ now: at(64), limit: 10, perOriginLimit: 8, inlineMax: 0 })).toEqual([]);
+        expect((await d.batchCancel({ id: b.id, now: at(70) }))!.changed).toBe(false);
+      });
+
+      (unsupported.has('expiry fails the waiting jobs batch_expired and ends the batch expired; expired batches go with their jobs, which the job TTL leaves alone') ? it.skip : it)('expiry fails the waiting jobs batch_expired and ends the batch expired; expired batches go with their jobs, which the job TTL leaves alone', async () => {
+        const b = await newBatch(4);
+        await d.batchJobsInsert({ batchSeq: b.seq, jobs: batchJobs(2), now: at(20), maxQueued: BIG_QUEUE });
+        expect(await d.batchesNextExpiry()).toEqual({ seq: b.seq, expiresAt: at(86_400_000) });
+        await runToDone(at(30));
+        expect(await d.batchExpire({ seq: b.seq, now: at(86_400_001) })).toBe(true);
+        expect(await d.batchesNextExpiry()).toBeNull();
+        expect(await d.batchJobsEnd({ batchSeq: b.seq, now: at(86_400_002), limit: 10 })).toBe(1);
+        const end = (await d.batchGet({ id: b.id }))!;
+        expect(end).toMatchObject({ status: 'expired', completed: 1, failed: 3, expiredAt: at(86_400_002) });
+        const err = await d.batchResultsPage({ batchSeq: b.seq, role: 'error', afterSeq: 0, limit: 10 });
+        expect(err.map((r) => r.error?.code)).toEqual(['batch_expired']);
+        // The job TTL does not take batch jobs; the batch's own retention does, then the batch.
+        expect(await d.jobsDeleteExpired({ finishedBefore: at(200_000_000), limit: 100, now: at(200_000_000) })).toBe(0);
+        expect(await d.batchesDeleteExpired({ endedBefore: at(86_400_002), limit: 100, now: at(200_000_000) })).toBe(0);
+        expect(await d.batchesDeleteExpired({ endedBefore: at(86_400_003), limit: 100, now: at(200_000_000) })).toBe(3);
+        expect(await d.batchGet({ id: b.id })).toBeNull();
+        expect(await d.fileGet({ id: b.outputFileId })).toBeNull();
+      });
+
+      it('a job keeps its kind through the claim', async () => {
+        await insertOne(at(1), { kind: 'embed', request: { model: 'm1', input: ['a'] } });
+        const c = await claimOne(at(2));
+        expect(c.kind).toBe('embed');
+        expect((await view(c.id)).kind).toBe('embed');
       });
     });
   });

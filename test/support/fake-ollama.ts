@@ -1,7 +1,8 @@
 /**
  * A fake Ollama server for tests. It speaks the subset of the native API that
  * Foreman uses (see /work/shared/ollama-protocol.md): POST /api/chat (loads,
- * streaming and non-streaming chats, errors), GET /api/version, /api/tags,
+ * streaming and non-streaming chats, errors), POST /api/embed (deterministic
+ * vectors; `input: []` loads the model), GET /api/version, /api/tags,
  * /api/ps and /. Failure modes (HTTP errors, errors mid-stream, cut streams,
  * connection resets, hangs, stalls, malformed lines, huge streams) are scripted
  * per request with enqueue() / setLoadBehaviour().
@@ -35,8 +36,8 @@ export interface RecordedRequest {
   method: string;
   /** Parsed JSON body, or the raw string if it is not JSON (undefined for an empty body). */
   body: any;
-  /** load = POST /api/chat whose messages is [] or absent. */
-  kind: 'load' | 'chat' | 'other';
+  /** load = POST /api/chat whose messages is [] or absent, or POST /api/embed whose input is []. */
+  kind: 'load' | 'chat' | 'embed' | 'other';
   /** True if the client closed the connection before the fake finished the response. */
   aborted: boolean;
   receivedAt: number;
@@ -108,6 +109,21 @@ const METRICS = {
 const EVAL_DURATION = 115959084;
 
 const MALFORMED_LINE = '{"message":{"con';
+
+/** Vector length of the fake's embeddings unless `dimensions` asks for another. */
+export const EMBED_DIMS = 8;
+
+/**
+ * The fake's embedding of `text`: `dims` values k/256 (k in −256…255, exactly representable as
+ * float32), from a hash of the text and the position. Tests compute the expected vectors with it.
+ */
+export function fakeEmbedding(text: string, dims = EMBED_DIMS): number[] {
+  const h = hashHex(text);
+  return Array.from({ length: dims }, (_, i) => {
+    const k = parseInt(h.slice((i * 3) % 60, ((i * 3) % 60) + 3), 16) % 512;
+    return (k - 256) / 256;
+  });
+}
 const HUGE_PIECE = 4096;
 
 /**
@@ -525,6 +541,61 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
     await runBehaviour(st, b, model, defaultChunks(lastUserText(body)), stream, () => markLoaded(model));
   }
 
+  // ---- /api/embed (Ollama's embedding endpoint: {model, input, truncate?, dimensions?, keep_alive?, options?})
+
+  async function handleEmbed(st: ReqState, body: any): Promise<void> {
+    if (body === null || typeof body !== 'object' || Array.isArray(body)) {
+      sendJson(st, 400, { error: 'missing request body' });
+      return;
+    }
+    if (typeof body.model !== 'string' || body.model === '') {
+      sendJson(st, 400, { error: 'model is required' });
+      return;
+    }
+    const model: string = body.model;
+    if (!installed.has(normalizeModel(model))) {
+      sendJson(st, 404, { error: `model '${model}' not found` });
+      return;
+    }
+    const raw = body.input;
+    let inputs: string[];
+    if (raw === undefined || raw === null) inputs = [];
+    else if (typeof raw === 'string') inputs = raw === '' ? [] : [raw];
+    else if (Array.isArray(raw) && raw.every((x: unknown) => typeof x === 'string')) inputs = raw as string[];
+    else {
+      sendJson(st, 400, { error: 'invalid input type' });
+      return;
+    }
+    if (inputs.length === 0) {
+      // Loads the model and answers with no vectors.
+      await sleep(loadDelayMs, st);
+      if (st.closed) return;
+      markLoaded(model);
+      sendJson(st, 200, { model, embeddings: [] });
+      return;
+    }
+    const b = queue.shift() ?? { kind: 'ok' };
+    if (b.kind === 'http_error') {
+      sendJson(st, b.status, { error: b.error });
+      return;
+    }
+    if (b.kind === 'hang') {
+      await st.closedPromise;
+      return;
+    }
+    if (b.kind === 'ok') await sleep(b.firstByteDelayMs ?? 0, st);
+    if (st.closed) return;
+    markLoaded(model);
+    const dims = typeof body.dimensions === 'number' ? body.dimensions : EMBED_DIMS;
+    sendJson(st, 200, {
+      model,
+      embeddings: inputs.map((t) => fakeEmbedding(t, dims)),
+      total_duration: METRICS.total_duration,
+      load_duration: METRICS.load_duration,
+      prompt_eval_count: inputs.reduce((n, t) => n + t.split(/\s+/).filter(Boolean).length, 0),
+    });
+  }
+
   // ---- other endpoints
 
   function handleOther(st: ReqState, method: string, path: string): void {
@@ -565,7 +636,7 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
       });
       return;
     }
-    if (path === '/api/chat') {
+    if (path === '/api/chat' || path === '/api/embed') {
       sendJson(st, 405, { error: 'method not allowed' });
       return;
     }
@@ -601,17 +672,16 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
         }
       }
       const isChat = method === 'POST' && path === '/api/chat';
+      const isEmbed = method === 'POST' && path === '/api/embed';
+      const isObject = body !== null && typeof body === 'object' && !Array.isArray(body);
       const isLoad =
-        isChat &&
-        body !== null &&
-        typeof body === 'object' &&
-        !Array.isArray(body) &&
-        (body.messages === undefined || (Array.isArray(body.messages) && body.messages.length === 0));
+        (isChat && isObject && (body.messages === undefined || (Array.isArray(body.messages) && body.messages.length === 0))) ||
+        (isEmbed && isObject && (body.input === undefined || (Array.isArray(body.input) && body.input.length === 0)));
       const r: RecordedRequest = {
         path,
         method,
         body,
-        kind: isLoad ? 'load' : isChat ? 'chat' : 'other',
+        kind: isLoad ? 'load' : isChat ? 'chat' : isEmbed ? 'embed' : 'other',
         aborted,
         receivedAt,
       };
@@ -645,7 +715,9 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
       const work =
         method === 'POST' && path === '/api/chat'
           ? handleChat(st, typeof r.body === 'string' ? undefined : r.body)
-          : Promise.resolve(handleOther(st, method, path));
+          : method === 'POST' && path === '/api/embed'
+            ? handleEmbed(st, typeof r.body === 'string' ? undefined : r.body)
+            : Promise.resolve(handleOther(st, method, path));
       work.catch((err: unknown) => {
         if (!st.closed && !res.headersSent) sendJson(st, 500, { error: String(err) });
         else if (!st.closed) res.destroy();

@@ -5,6 +5,7 @@ import { pino } from 'pino';
 import { configWith, type Config } from '../../src/config.js';
 import { Service } from '../../src/service.js';
 import { createDatabase } from './postgres.js';
+import type { Clock } from '../../src/domain.js';
 import { startFakeOllama, type FakeOllama, type FakeOllamaOptions } from './fake-ollama.js';
 
 export function tempDir(prefix = 'foreman-test-'): string {
@@ -40,12 +41,18 @@ export interface Harness {
   stop(): Promise<void>;
 }
 
-export async function startHarness(over: Partial<Config> = {}, fakeOpts: FakeOllamaOptions = {}, fakeIn?: FakeOllama): Promise<Harness> {
+export async function startHarness(
+  over: Partial<Config> = {},
+  fakeOpts: FakeOllamaOptions = {},
+  fakeIn?: FakeOllama,
+  /** A clock of the test's own (time moved by hand). */
+  extra: { clock?: Clock } = {},
+): Promise<Harness> {
   const fake = fakeIn ?? (await startFakeOllama(fakeOpts));
   // FOREMAN_TEST_DRIVER=postgres: the same suite against the PostgreSQL driver, a fresh database per service.
   const db = process.env.FOREMAN_TEST_DRIVER === 'postgres' && over.databaseUrl === undefined ? await createDatabase() : null;
   const config = testConfig({ ollamaUrl: fake.url, ...(db ? { databaseUrl: db.url } : {}), ...over });
-  const service = new Service({ config, logger: pino({ level: config.logLevel }) });
+  const service = new Service({ config, logger: pino({ level: config.logLevel }), ...(extra.clock ? { clock: extra.clock } : {}) });
   const url = await service.start();
   const api: Harness['api'] = async (p, init = {}) => {
     const { json, ...rest } = init;

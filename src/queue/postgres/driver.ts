@@ -3,6 +3,13 @@ import os from 'node:os';
 import pg from 'pg';
 import { isTerminal, loadKey, STATE_SEQUENCE, type ErrorInfo, type JobState } from '../../domain.js';
 import type {
+  BatchRecord,
+  BatchResultRow,
+  FileLine,
+  FileRecord,
+  JobKind,
+  NewBatch,
+  NewFile,
   ApiKeyLimits,
   ApiKeyRecord,
   Artifact,
@@ -29,7 +36,7 @@ import type {
   TransitionEvent,
 } from '../driver.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
-import { StorageUnavailable, Validation } from '../../errors.js';
+import { StorageUnavailable, Unavailable, Validation } from '../../errors.js';
 import { Conn, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, SqlCache } from './db.js';
 import { ClusterNotifier } from './notify.js';
 import { LeaderElection } from './leader.js';
@@ -78,6 +85,7 @@ interface TransitionRow {
   prompt_tokens: number | null;
   completion_tokens: number | null;
   key_id: string;
+  kind: JobKind;
 }
 
 interface JobRow extends TransitionRow {
@@ -134,7 +142,7 @@ const runOf = (r: RunRow): RunSummary => ({
 });
 
 const TRANSITION_COLS = `seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message, model,
-  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id`;
+  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id, kind`;
 const RUN_COLS = 'j.created_at, j.started_at, j.finished_at, j.attempt, j.model, j.conversation_id, j.load_ms, j.prompt_tokens, j.completion_tokens';
 const EFFECTIVE = '(priority + age_boost)';
 const KEY_COLS = `id, name, concurrency, max_queued AS maxQueued, daily_limit AS dailyLimit, priority_max AS priorityMax,
@@ -148,9 +156,9 @@ const Q = {
   // Locked: concurrent submits (from any instance) take turns at the cap (FOREMAN_MAX_QUEUED, _BYTES).
   countQueued: `SELECT n, bytes FROM job_counts WHERE state = 'queued' FOR UPDATE`,
   insertJob: `INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
-      max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for)
+      max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for, kind)
     VALUES (@id, @state, @model, @request, @metadata, @webhook_url, @webhook_events,
-      @max_attempts, @priority, @deadline_at::bigint, @run_at, @now, @now, @conversation_id, @prev_seq::bigint, @waits, @key_id, @scheduled_for::bigint)
+      @max_attempts, @priority, @deadline_at::bigint, @run_at, @now, @now, @conversation_id, @prev_seq::bigint, @waits, @key_id, @scheduled_for::bigint, @kind)
     RETURNING ${TRANSITION_COLS}`,
   keyQueued: `SELECT queued + scheduled AS n FROM key_counts WHERE key_id = @key`,
   keyDayJobs: `SELECT jobs FROM key_days WHERE key_id = @key AND day = @day`,
@@ -314,7 +322,7 @@ const Q = {
   // --- reads ---
   jobById: `SELECT seq, id, state, model, priority, deadline_at, request, metadata, webhook_url, webhook_events,
       webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message,
-      conversation_id, waits, load_ms, prompt_tokens, completion_tokens, key_id, scheduled_for, engine, instance,
+      conversation_id, waits, load_ms, prompt_tokens, completion_tokens, key_id, scheduled_for, engine, instance, kind,
       (SELECT p.id FROM jobs p WHERE p.seq = jobs.prev_seq) AS prev_id
     FROM jobs WHERE id = @id`,
   transitions: `SELECT state, at, attempt FROM job_transitions WHERE job_seq = @seq ORDER BY n`,
@@ -676,6 +684,7 @@ export class PostgresDriver implements QueueDriver {
           waits,
           key_id: keyId,
           scheduled_for: scheduledFor,
+          kind: j.kind ?? 'chat',
         }))!;
         if (keyId !== '' && j.quota) await c.run(Q.keyDayAddJob, { key: keyId, day: j.quota.day });
         if (j.clampedFrom) {
@@ -741,6 +750,7 @@ export class PostgresDriver implements QueueDriver {
         out.push({
           seq: r.seq,
           id: r.id,
+          kind: r.kind,
           model: r.model,
           request: JSON.parse(r.request) as Record<string, unknown>,
           attempt: r.attempt,
@@ -974,6 +984,7 @@ export class PostgresDriver implements QueueDriver {
       const view: JobView = {
         seq: r.seq,
         id: r.id,
+        kind: r.kind,
         state: r.state,
         model: r.model,
         attempt: r.attempt,
@@ -1388,6 +1399,102 @@ export class PostgresDriver implements QueueDriver {
       await c.run(Q.secretInsert, p);
       return (await c.one<string>(Q.secretGet, { name: p.name }))!;
     });
+  }
+  // --- files and batches (ADR-0015): not on PostgreSQL yet (ADR-0011). The runner's reads answer
+  // "nothing to do", so it idles; every request that would store a file or a batch is refused. ---
+
+  private unsupported(): Promise<never> {
+    return Promise.reject(
+      new Unavailable('not_supported_on_postgres', 'files and batches (the Batch API) are not available on the PostgreSQL driver yet; use SQLite for them'),
+    );
+  }
+
+  fileInsert(_p: { file: NewFile; lines: FileLine[] }): Promise<number> {
+    return this.unsupported();
+  }
+
+  fileLinesAppend(_p: { fileSeq: number; lines: FileLine[] }): Promise<void> {
+    return this.unsupported();
+  }
+
+  fileFinish(_p: { fileSeq: number; bytes: number; lines: number }): Promise<boolean> {
+    return this.unsupported();
+  }
+
+  fileLinesDelete(_p: { fileSeq: number; limit: number }): Promise<number> {
+    return this.unsupported();
+  }
+
+  fileDelete(_p: { fileSeq: number }): Promise<boolean> {
+    return this.unsupported();
+  }
+
+  fileGet(_p: { id: string }): Promise<FileRecord | null> {
+    return this.unsupported();
+  }
+
+  filesList(_p: { limit: number; beforeSeq?: number; keyId?: string; purpose?: string }): Promise<FileRecord[]> {
+    return this.unsupported();
+  }
+
+  fileLinesPage(_p: { fileSeq: number; afterN: number; limit: number }): Promise<FileLine[]> {
+    return this.unsupported();
+  }
+
+  fileBytesSet(_p: { fileSeq: number; bytes: number }): Promise<void> {
+    return this.unsupported();
+  }
+
+  filesExpired(_p: { now: number; uploadingBefore: number; limit: number }): Promise<FileRecord[]> {
+    return Promise.resolve([]);
+  }
+
+  batchInsert(_p: { batch: NewBatch; now: number }): Promise<BatchRecord | null> {
+    return this.unsupported();
+  }
+
+  batchGet(_p: { id: string } | { seq: number }): Promise<BatchRecord | null> {
+    return this.unsupported();
+  }
+
+  batchesList(_p: { limit: number; beforeSeq?: number; keyId?: string }): Promise<BatchRecord[]> {
+    return this.unsupported();
+  }
+
+  batchJobsInsert(_p: { batchSeq: number; jobs: (NewJob & { line: number })[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<{ inserted: number; stopped: InsertOutcome | null }> {
+    return this.unsupported();
+  }
+
+  batchCancel(_p: { id: string; now: number; keyId?: string }): Promise<{ batch: BatchRecord; changed: boolean } | null> {
+    return this.unsupported();
+  }
+
+  batchExpire(_p: { seq: number; now: number }): Promise<boolean> {
+    return this.unsupported();
+  }
+
+  batchFail(_p: { seq: number; now: number; error: ErrorInfo }): Promise<boolean> {
+    return this.unsupported();
+  }
+
+  batchJobsEnd(_p: { batchSeq: number; now: number; limit: number }): Promise<number> {
+    return this.unsupported();
+  }
+
+  batchResultsPage(_p: { batchSeq: number; role: 'output' | 'error'; afterSeq: number; limit: number }): Promise<BatchResultRow[]> {
+    return this.unsupported();
+  }
+
+  batchesActive(_p: { limit: number }): Promise<BatchRecord[]> {
+    return Promise.resolve([]);
+  }
+
+  batchesNextExpiry(): Promise<{ seq: number; expiresAt: number } | null> {
+    return Promise.resolve(null);
+  }
+
+  batchesDeleteExpired(_p: { endedBefore: number; limit: number; now: number }): Promise<number> {
+    return Promise.resolve(0);
   }
 }
 

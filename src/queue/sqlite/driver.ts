@@ -28,12 +28,21 @@ import type {
   AuditAction,
   AuditEntry,
   KeyUsage,
+  JobKind,
+  BatchEventType,
+  BatchRecord,
+  BatchResultRow,
+  FileLine,
+  FileRecord,
+  NewBatch,
+  NewFile,
 } from '../driver.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
-import { Validation } from '../../errors.js';
+import { Conflict, Validation } from '../../errors.js';
 import { lockDataDir, migrate, openDatabase, type DB } from './db.js';
 import { domainError, GroupCommit, type Effects } from './group-commit.js';
 import { prepareStatements, type Statements } from './statements.js';
+import { prepareBatchStatements, type BatchStatements } from './batch-statements.js';
 
 export interface SqliteDriverOptions {
   dataDir: string;
@@ -63,6 +72,8 @@ interface TransitionRow {
   prompt_tokens: number | null;
   completion_tokens: number | null;
   key_id: string;
+  kind: JobKind;
+  batch_seq: number | null;
 }
 
 interface JobRow extends TransitionRow {
@@ -92,6 +103,7 @@ type RunRow = Pick<
 interface DueRow extends RunRow {
   id: number;
   jobSeq: number;
+  batchSeq: number | null;
   state: JobState;
   sequence: number;
   url: string;
@@ -146,6 +158,7 @@ export class SqliteDriver implements QueueDriver {
   readonly notifier: Notifier;
   readonly db: DB;
   private readonly s: Statements;
+  private readonly b: BatchStatements;
   private readonly group: GroupCommit;
   private readonly lock: { release(): void };
   private readonly listCache = new Map<string, Statement>();
@@ -172,6 +185,7 @@ export class SqliteDriver implements QueueDriver {
       this.db = openDatabase(file, { busyTimeoutMs: opts.busyTimeoutMs ?? 1000, synchronous: 'NORMAL' });
       migrate(this.db);
       this.s = prepareStatements(this.db);
+      this.b = prepareBatchStatements(this.db);
       if ((opts.synchronous ?? 'FULL') === 'FULL') {
         this.walFd = fs.openSync(`${file}-wal`, fs.constants.O_RDONLY | fs.constants.O_CREAT);
       }
@@ -243,6 +257,8 @@ export class SqliteDriver implements QueueDriver {
       const message = `the job this one continues (${row.id}) ended ${state}`;
       for (const w of s.failWaiting.all({ seq: row.seq, now, message }) as TransitionRow[]) this.record(fx, w, 'failed', now);
     }
+    // A batch's last job to end ends the batch, in the same transaction (ADR-0015).
+    if (row.batch_seq !== null && isTerminal(state)) this.batchSettle(fx, row.batch_seq, now);
     if (row.webhook_url === null || row.webhook_gone === 1) return;
     if (row.webhook_events !== null && !(JSON.parse(row.webhook_events) as string[]).includes(state)) return;
     const origin = this.originOfUrl(row.webhook_url);
@@ -288,14 +304,20 @@ export class SqliteDriver implements QueueDriver {
   }
 
   jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<InsertOutcome[]> {
+    return this.write((fx) => this.insertJobs(fx, p));
+  }
+
+  /** Inserts jobs in one transaction (the caller's); `stopAtRefusal`: stop at the first refused one. */
+  private insertJobs(fx: Effects, p: { jobs: NewJob[]; now: number; maxQueued: number; maxQueuedBytes?: number }, stopAtRefusal = false): InsertOutcome[] {
     const s = this.s;
-    return this.write((fx) => {
+    {
       const { now } = p;
       const counts = s.countQueued.get() as { n: number; bytes: number };
       let queued = counts.n;
       let bytes = counts.bytes;
       const out: InsertOutcome[] = [];
       for (const j of p.jobs) {
+        if (stopAtRefusal && out.length > 0 && !out[out.length - 1]!.ok) break;
         if (j.idempotency) {
           const prior = s.idemGet.get(j.idempotency.key) as { bodyHash: string; jobSeq: number; expiresAt: number } | undefined;
           if (prior && prior.expiresAt > now) {
@@ -364,6 +386,8 @@ export class SqliteDriver implements QueueDriver {
           waits,
           key_id: keyId,
           scheduled_for: scheduledFor,
+          kind: j.kind ?? 'chat',
+          batch_seq: j.batchSeq ?? null,
         }) as TransitionRow;
         if (keyId !== '' && j.quota) s.keyDayAddJob.run(keyId, j.quota.day);
         if (j.clampedFrom) {
@@ -379,7 +403,7 @@ export class SqliteDriver implements QueueDriver {
         out.push({ ok: true, jobId: j.id, replayed: false, state, scheduledFor });
       }
       return out;
-    });
+    }
   }
 
   jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number; engine?: ClaimHost }): Promise<ClaimedJob[]> {
@@ -411,6 +435,7 @@ export class SqliteDriver implements QueueDriver {
       return rows.map((r) => ({
         seq: r.seq,
         id: r.id,
+        kind: r.kind,
         model: r.model,
         request: JSON.parse(r.request) as Record<string, unknown>,
         attempt: r.attempt,
@@ -644,6 +669,7 @@ export class SqliteDriver implements QueueDriver {
       return {
         seq: r.seq,
         id: r.id,
+        kind: r.kind,
         state: r.state,
         model: r.model,
         attempt: r.attempt,
@@ -914,6 +940,24 @@ export class SqliteDriver implements QueueDriver {
     this.attempting.add(r.id);
     bump(this.heldPerOrigin, r.origin, 1);
     bump(this.inflightPerOrigin, r.origin, 1);
+    if (r.batchSeq != null) {
+      // A batch's terminal event (ADR-0015): the batch as it ended is the event's body.
+      return {
+        id: r.id,
+        jobId: r.jobId,
+        state: r.state as unknown as BatchEventType,
+        sequence: r.sequence,
+        url: r.url,
+        origin: r.origin,
+        occurredAt: r.occurredAt,
+        attempts: r.attempts,
+        metadata: null,
+        error: null,
+        artifacts: [],
+        run: null,
+        batch: this.batchOf(this.b.batchBySeq.get(r.batchSeq)),
+      };
+    }
     return {
       id: r.id,
       jobId: r.jobId,
@@ -1114,6 +1158,264 @@ export class SqliteDriver implements QueueDriver {
       this.s.secretInsert.run(p.name, p.value);
       return this.s.secretGet.get(p.name) as string;
     });
+  }
+
+  // --- files and batches (ADR-0015) ---
+
+  fileInsert(p: { file: NewFile; lines: FileLine[] }): Promise<number> {
+    const b = this.b;
+    return this.write(() => {
+      const seq = b.fileInsert.get({ ...p.file }) as number;
+      for (const l of p.lines) b.fileLineInsert.run(seq, l.n, l.customId, l.body);
+      return seq;
+    });
+  }
+
+  fileLinesAppend(p: { fileSeq: number; lines: FileLine[] }): Promise<void> {
+    const b = this.b;
+    return this.write(() => {
+      if (b.fileUploading.get(p.fileSeq) !== 1) throw new Validation('the upload was removed', 'file');
+      for (const l of p.lines) b.fileLineInsert.run(p.fileSeq, l.n, l.customId, l.body);
+    });
+  }
+
+  fileFinish(p: { fileSeq: number; bytes: number; lines: number }): Promise<boolean> {
+    return this.write(() => this.b.fileFinish.run({ seq: p.fileSeq, bytes: p.bytes, lines: p.lines }).changes > 0);
+  }
+
+  fileLinesDelete(p: { fileSeq: number; limit: number }): Promise<number> {
+    return this.write(() => {
+      this.refuseIfFeeding(p.fileSeq);
+      return this.b.fileLinesDelete.run({ seq: p.fileSeq, limit: p.limit }).changes;
+    });
+  }
+
+  fileDelete(p: { fileSeq: number }): Promise<boolean> {
+    return this.write(() => {
+      this.refuseIfFeeding(p.fileSeq);
+      return this.b.fileDelete.run(p.fileSeq).changes > 0;
+    });
+  }
+
+  /** An input file a batch is still submitting lines from is not deleted under it. */
+  private refuseIfFeeding(fileSeq: number): void {
+    if (this.b.fileFeeding.get(fileSeq) === 1) {
+      throw new Conflict('file_in_use', 'a batch is still submitting the requests of this file; delete it once every request is submitted, or cancel the batch');
+    }
+  }
+
+  fileGet(p: { id: string }): Promise<FileRecord | null> {
+    return this.read(() => (this.b.fileById.get(p.id) as FileRecord | undefined) ?? null);
+  }
+
+  filesList(p: { limit: number; beforeSeq?: number; keyId?: string; purpose?: string }): Promise<FileRecord[]> {
+    return this.read(
+      () =>
+        this.b.filesPage.all({ before: p.beforeSeq ?? Number.MAX_SAFE_INTEGER, key: p.keyId ?? null, purpose: p.purpose ?? null, limit: p.limit }) as FileRecord[],
+    );
+  }
+
+  fileLinesPage(p: { fileSeq: number; afterN: number; limit: number }): Promise<FileLine[]> {
+    return this.read(() => this.b.fileLinesPage.all({ seq: p.fileSeq, after: p.afterN, limit: p.limit }) as FileLine[]);
+  }
+
+  fileBytesSet(p: { fileSeq: number; bytes: number }): Promise<void> {
+    return this.write(() => void this.b.fileBytesSet.run({ seq: p.fileSeq, bytes: p.bytes }));
+  }
+
+  filesExpired(p: { now: number; uploadingBefore: number; limit: number }): Promise<FileRecord[]> {
+    return this.read(() => [
+      ...(this.b.filesExpired.all({ now: p.now, limit: p.limit }) as FileRecord[]),
+      ...(this.b.filesAbandoned.all({ before: p.uploadingBefore, limit: p.limit }) as FileRecord[]),
+    ]);
+  }
+
+  private batchOf(r: unknown): BatchRecord | null {
+    if (r === undefined || r === null) return null;
+    const row = r as BatchRecord & { metadata: string | null; errors: string | null };
+    return {
+      ...row,
+      metadata: row.metadata === null ? null : (JSON.parse(row.metadata) as Record<string, string>),
+      errors: row.errors === null ? null : (JSON.parse(row.errors) as BatchRecord['errors']),
+    };
+  }
+
+  batchInsert(p: { batch: NewBatch; now: number }): Promise<BatchRecord | null> {
+    const b = this.b;
+    const n = p.batch;
+    return this.write(() => {
+      const input = b.fileBySeq.get(n.inputFileSeq) as FileRecord | undefined;
+      if (!input || input.status !== 'processed') return null;
+      const seq = b.batchInsert.get({
+        id: n.id,
+        keyId: n.keyId,
+        inputFileId: n.inputFileId,
+        inputFileSeq: n.inputFileSeq,
+        endpoint: n.endpoint,
+        completionWindow: n.completionWindow,
+        metadata: n.metadata === null ? null : JSON.stringify(n.metadata),
+        webhookUrl: n.webhookUrl,
+        priority: n.priority,
+        total: n.total,
+        outputFileId: n.outputFileId,
+        errorFileId: n.errorFileId,
+        now: p.now,
+        expiresAt: n.expiresAt,
+      }) as number;
+      for (const [role, id] of [['output', n.outputFileId], ['error', n.errorFileId]] as const) {
+        b.outputFileInsert.run({ id, keyId: n.keyId, filename: `${n.id}_${role}.jsonl`, batchSeq: seq, role, now: p.now, expiresAt: n.fileExpiresAt });
+      }
+      return this.batchOf(b.batchBySeq.get(seq));
+    });
+  }
+
+  batchGet(p: { id: string } | { seq: number }): Promise<BatchRecord | null> {
+    return this.read(() => this.batchOf('id' in p ? this.b.batchById.get(p.id) : this.b.batchBySeq.get(p.seq)));
+  }
+
+  batchesList(p: { limit: number; beforeSeq?: number; keyId?: string }): Promise<BatchRecord[]> {
+    return this.read(() =>
+      this.b.batchesPage.all({ before: p.beforeSeq ?? Number.MAX_SAFE_INTEGER, key: p.keyId ?? null, limit: p.limit }).map((r) => this.batchOf(r)!),
+    );
+  }
+
+  batchJobsInsert(p: { batchSeq: number; jobs: (NewJob & { line: number })[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<{
+    inserted: number;
+    stopped: InsertOutcome | null;
+  }> {
+    const b = this.b;
+    return this.write((fx) => {
+      // A cancel or an expiry that committed first wins: nothing more is submitted.
+      if (b.batchAcceptsJobs.get(p.batchSeq) !== 1) return { inserted: 0, stopped: null };
+      const jobs = p.jobs.map((j) => ({ ...j, batchSeq: p.batchSeq }));
+      const out = this.insertJobs(fx, { jobs, now: p.now, maxQueued: p.maxQueued, ...(p.maxQueuedBytes !== undefined ? { maxQueuedBytes: p.maxQueuedBytes } : {}) }, true);
+      const ok = out.filter((o) => o.ok).length;
+      const stopped = out.find((o) => !o.ok) ?? null;
+      if (ok > 0) b.batchAdvance.run({ seq: p.batchSeq, n: ok, lastLine: p.jobs[ok - 1]!.line, now: p.now });
+      return { inserted: ok, stopped };
+    });
+  }
+
+  batchesActive(p: { limit: number }): Promise<BatchRecord[]> {
+    return this.read(() => this.b.batchesActive.all({ limit: p.limit }).map((r) => this.batchOf(r)!));
+  }
+
+  batchesNextExpiry(): Promise<{ seq: number; expiresAt: number } | null> {
+    return this.read(() => (this.b.batchesNextExpiry.get() as { seq: number; expiresAt: number } | undefined) ?? null);
+  }
+
+  batchCancel(p: { id: string; now: number; keyId?: string }): Promise<{ batch: BatchRecord; changed: boolean } | null> {
+    const b = this.b;
+    return this.write((fx) => {
+      const before = this.batchOf(b.batchById.get(p.id));
+      if (!before || (p.keyId !== undefined && (before.keyId ?? '') !== p.keyId)) return null;
+      const changed = b.batchCancel.get({ seq: before.seq, now: p.now }) !== undefined;
+      if (changed) this.batchSettle(fx, before.seq, p.now);
+      return { batch: this.batchOf(b.batchBySeq.get(before.seq))!, changed };
+    });
+  }
+
+  batchExpire(p: { seq: number; now: number }): Promise<boolean> {
+    return this.write((fx) => {
+      const changed = this.b.batchExpire.get({ seq: p.seq, now: p.now }) !== undefined;
+      if (changed) this.batchSettle(fx, p.seq, p.now);
+      return changed;
+    });
+  }
+
+  batchFail(p: { seq: number; now: number; error: ErrorInfo }): Promise<boolean> {
+    return this.write((fx) => {
+      const changed = this.b.batchFail.get({ seq: p.seq, now: p.now, errors: JSON.stringify([{ ...p.error, line: null, param: null }]) }) !== undefined;
+      if (changed) this.batchSettle(fx, p.seq, p.now);
+      return changed;
+    });
+  }
+
+  batchJobsEnd(p: { batchSeq: number; now: number; limit: number }): Promise<number> {
+    const b = this.b;
+    return this.write((fx) => {
+      const batch = this.batchOf(b.batchBySeq.get(p.batchSeq));
+      if (!batch || batch.ending === null) return 0;
+      const seqs = b.batchWaitingJobs.all({ seq: p.batchSeq, limit: p.limit }) as number[];
+      for (const seq of seqs) {
+        if (batch.ending === 'cancel') this.move(fx, b.jobCancelWaiting, { seq, now: p.now }, 'canceled', p.now);
+        else {
+          const message =
+            batch.ending === 'expire' ? 'this request could not be executed before the completion window expired' : 'the batch failed before this request ran';
+          this.move(fx, b.jobFailWaiting, { seq, now: p.now, code: batch.ending === 'expire' ? 'batch_expired' : 'batch_failed', message }, 'failed', p.now);
+        }
+      }
+      // Nothing waiting (or running) any more: settles now if that was the last.
+      this.batchSettle(fx, p.batchSeq, p.now);
+      return seqs.length;
+    });
+  }
+
+  batchResultsPage(p: { batchSeq: number; role: 'output' | 'error'; afterSeq: number; limit: number }): Promise<BatchResultRow[]> {
+    return this.read(() =>
+      (
+        this.b.batchResults.all({ seq: p.batchSeq, after: p.afterSeq, role: p.role, limit: p.limit }) as (Omit<BatchResultRow, 'metadata' | 'error' | 'result'> & {
+          metadata: string | null;
+          result: string | null;
+          errorCode: string | null;
+          errorMessage: string | null;
+        })[]
+      ).map((r) => ({
+        seq: r.seq,
+        jobId: r.jobId,
+        metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+        state: r.state,
+        model: r.model,
+        result: this.resultOf(r.seq, r.result),
+        error: r.errorCode === null ? null : { code: r.errorCode, message: r.errorMessage ?? '' },
+        createdAt: r.createdAt,
+        finishedAt: r.finishedAt,
+        promptTokens: r.promptTokens,
+        completionTokens: r.completionTokens,
+      })),
+    );
+  }
+
+  batchesDeleteExpired(p: { endedBefore: number; limit: number; now: number }): Promise<number> {
+    const b = this.b;
+    const s = this.s;
+    return this.write(() => {
+      let deleted = 0;
+      for (const seq of b.batchesEnded.all({ before: p.endedBefore, limit: 8 }) as number[]) {
+        const jobs = b.batchJobsOf.all({ seq, limit: p.limit - deleted }) as { seq: number; id: string; conversationId: string }[];
+        for (const j of jobs) {
+          s.deleteJob.run(j.seq);
+          s.expiredInsert.run(j.id, p.now);
+          s.conversationDropIfEmpty.run({ id: j.conversationId });
+        }
+        deleted += jobs.length;
+        if (deleted >= p.limit) break;
+        b.batchDelete.run(seq);
+        deleted++;
+      }
+      return deleted;
+    });
+  }
+
+  /**
+   * Ends a batch whose every line is accounted for and every job ended, and queues its webhook
+   * event (ADR-0015). Runs in the transaction that ended the last job, or that began the ending.
+   */
+  private batchSettle(fx: Effects, batchSeq: number, now: number): void {
+    const b = this.b;
+    let status = b.batchSettle.get({ seq: batchSeq, now }) as string | undefined;
+    if (status === undefined) return;
+    if (status === 'finalizing') {
+      b.batchComplete.run({ seq: batchSeq, now });
+      status = 'completed';
+    }
+    const hook = b.batchWebhook.get(batchSeq) as { url: string | null } | undefined;
+    if (!hook?.url) return;
+    const origin = this.originOfUrl(hook.url);
+    const r = b.insertBatchDelivery.get({ seq: batchSeq, state: `batch.${status}`, url: hook.url, origin, now }) as { dueAt: number | null } | undefined;
+    if (r?.dueAt == null) return;
+    this.s.originEarlier.run({ origin, at: r.dueAt });
+    fx.deliveryReady = true;
   }
 }
 

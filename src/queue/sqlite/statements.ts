@@ -2,7 +2,7 @@ import type { DB } from './db.js';
 
 /** The columns a transition needs to log itself and decide whether to write an outbox row. */
 export const TRANSITION_COLS = `seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message, model,
-  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id`;
+  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id, kind, batch_seq`;
 
 /** The job columns a terminal event's run summary is made of (`runOf` in the driver). */
 const RUN_COLS = 'j.created_at, j.started_at, j.finished_at, j.attempt, j.model, j.conversation_id, j.load_ms, j.prompt_tokens, j.completion_tokens';
@@ -21,9 +21,11 @@ export function prepareStatements(db: DB) {
     countQueued: p(`SELECT n, bytes FROM job_counts WHERE state = 'queued'`),
     artifactBody: p(`SELECT body FROM artifacts WHERE job_seq = ? AND name = ?`).pluck(),
     insertJob: p(`INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
-        max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for)
+        max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for,
+        kind, batch_seq)
       VALUES (@id, @state, @model, @request, @metadata, @webhook_url, @webhook_events,
-        @max_attempts, @priority, @deadline_at, @run_at, @now, @now, @conversation_id, @prev_seq, @waits, @key_id, @scheduled_for)
+        @max_attempts, @priority, @deadline_at, @run_at, @now, @now, @conversation_id, @prev_seq, @waits, @key_id, @scheduled_for,
+        @kind, @batch_seq)
       RETURNING ${TRANSITION_COLS}`),
     // --- API keys (ADR-0013) ---
     keyQueued: p(`SELECT queued + scheduled FROM key_counts WHERE key_id = ?`).pluck(),
@@ -188,12 +190,13 @@ export function prepareStatements(db: DB) {
     nextRunAt: p(`SELECT run_at FROM jobs INDEXED BY jobs_run_at WHERE state = 'queued' AND run_at > ? ORDER BY run_at LIMIT 1`).pluck(),
     nextDeadline: p(`SELECT deadline_at FROM jobs INDEXED BY jobs_deadline
       WHERE state = 'queued' AND deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1`).pluck(),
-    oldestFinished: p(`SELECT finished_at FROM jobs INDEXED BY jobs_finished
-      WHERE state IN ('done', 'failed', 'canceled') ORDER BY finished_at LIMIT 1`).pluck(),
+    // Batch jobs are not the TTL cleaner's: they go with their batch (ADR-0015).
+    oldestFinished: p(`SELECT finished_at FROM jobs INDEXED BY jobs_finished_solo
+      WHERE state IN ('done', 'failed', 'canceled') AND batch_seq IS NULL ORDER BY finished_at LIMIT 1`).pluck(),
     // Sweep: finished long enough ago, and no delivery still owed.
     // Expired, no delivery owed, and no kept later turn continues it (a conversation never has a hole).
-    sweepPick: p(`SELECT seq, id, conversation_id AS conversationId FROM jobs j INDEXED BY jobs_finished
-      WHERE state IN ('done', 'failed', 'canceled')
+    sweepPick: p(`SELECT seq, id, conversation_id AS conversationId FROM jobs j INDEXED BY jobs_finished_solo
+      WHERE state IN ('done', 'failed', 'canceled') AND batch_seq IS NULL
         AND finished_at < max(@cutoff, @failedCutoff)
         AND (CASE WHEN state = 'failed' THEN finished_at < @failedCutoff ELSE finished_at < @cutoff END)
         AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_seq = j.seq AND d.status = 'pending')
@@ -204,7 +207,7 @@ export function prepareStatements(db: DB) {
     // --- reads ---
     jobById: p(`SELECT seq, id, state, model, priority, deadline_at, request, metadata, webhook_url, webhook_events,
         webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message,
-        conversation_id, waits, load_ms, prompt_tokens, completion_tokens, key_id, scheduled_for, engine,
+        conversation_id, waits, load_ms, prompt_tokens, completion_tokens, key_id, scheduled_for, engine, kind, batch_seq,
         (SELECT p.id FROM jobs p WHERE p.seq = jobs.prev_seq) AS prev_id
       FROM jobs WHERE id = ?`),
     transitions: p(`SELECT state, at, attempt FROM job_transitions WHERE job_seq = ? ORDER BY n`),
@@ -266,9 +269,10 @@ export function prepareStatements(db: DB) {
     // Ids only, from the covering (origin, due_at, id) index: held rows are skipped before any row is read.
     dueInOrigin: p(`SELECT id FROM webhook_deliveries INDEXED BY webhook_deliveries_origin_due
       WHERE origin = @origin AND due_at IS NOT NULL AND due_at <= @until ORDER BY due_at, id LIMIT @n`).pluck(),
-    deliveryForSend: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
-        d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}
-      FROM webhook_deliveries d JOIN jobs j ON j.seq = d.job_seq WHERE d.id = ?`),
+    // A batch event's row has no job (ADR-0015): its batch is read instead.
+    deliveryForSend: p(`SELECT d.id, d.job_seq AS jobSeq, d.batch_seq AS batchSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
+        d.attempts, coalesce(j.id, b.id) AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}
+      FROM webhook_deliveries d LEFT JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq WHERE d.id = ?`),
     // The job's next pending event after a delivered one (sent without waiting for the record).
     nextOfJob: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
         d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}

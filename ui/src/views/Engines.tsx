@@ -88,7 +88,7 @@ function HostCard({ host: h }: { host: EngineHost }) {
                 <tr>
                   <th>model</th>
                   <th class="num">mean load</th>
-                  <th class="num">jobs</th>
+                  <th class="num">loads</th>
                 </tr>
               </thead>
               <tbody>
