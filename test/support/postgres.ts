@@ -61,9 +61,26 @@ export interface PostgresCluster {
 }
 
 /** initdb + postgres in a temporary directory; resolves once the server answers. */
+/** Debian's server package, when it is missing and we may install it (root), as .ci/run does. */
+function aptInstallPostgres(): void {
+  if (process.getuid?.() !== 0) return;
+  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  const install = () => execFileSync('apt-get', ['install', '-y', '--no-install-recommends', 'postgresql'], { env, stdio: 'ignore' });
+  try {
+    install();
+  } catch {
+    execFileSync('apt-get', ['update'], { env, stdio: 'ignore' });
+    install();
+  }
+}
+
 export async function startPostgresCluster(): Promise<PostgresCluster> {
-  const bin = postgresBinDir();
-  if (!bin) throw new Error('PostgreSQL server binaries (initdb, postgres) not found: install Debian\'s `postgresql` package (.ci/run does)');
+  let bin = postgresBinDir();
+  if (!bin) {
+    aptInstallPostgres();
+    bin = postgresBinDir();
+  }
+  if (!bin) throw new Error('PostgreSQL server binaries (initdb, postgres) not found: install Debian\'s `postgresql` package (.ci/run does; as root the tests do)');
   let ids: { uid?: number; gid?: number } = {};
   if (process.getuid?.() === 0) {
     ids = { uid: Number(execFileSync('id', ['-u', 'postgres']).toString()), gid: Number(execFileSync('id', ['-g', 'postgres']).toString()) };
