@@ -127,6 +127,26 @@ describe('postgres driver only', () => {
     await d.close();
   });
 
+  it('pool exhausted: a call waits briefly, then StorageUnavailable (503), never hangs', async () => {
+    const db = await freshDb();
+    const d = new PostgresDriver({ url: db.url, crossInstance: false, poolSize: 1, connectTimeoutMs: 300 });
+    try {
+      await d.ready;
+      const held = await d.pool.connect(); // the only connection
+      const t0 = Date.now();
+      const err = (await d.jobsInsert({ jobs: [newJob()], now: T0, maxQueued: 10 }).catch((e: unknown) => e)) as { code?: string };
+      const waited = Date.now() - t0;
+      expect(err.code).toBe('storage_unavailable');
+      expect(waited).toBeGreaterThanOrEqual(250);
+      expect(waited).toBeLessThan(3000);
+      held.release();
+      expect(await d.ping()).toBe(true);
+    } finally {
+      await d.close();
+      await db.drop();
+    }
+  });
+
   it('files and batches are refused with not_supported_on_postgres (the skipped conformance tests)', async () => {
     const db = await freshDb();
     const d = new PostgresDriver({ url: db.url, crossInstance: false });

@@ -58,6 +58,7 @@ export interface PostgresCluster {
   adminUrl: string;
   port: number;
   stop(): Promise<void>;
+  restart(downMs?: number): Promise<void>;
 }
 
 /** initdb + postgres in a temporary directory; resolves once the server answers. */
@@ -105,46 +106,65 @@ export async function startPostgresCluster(): Promise<PostgresCluster> {
     throw new Error(`initdb failed:\n${init.out.slice(-2000)}`);
   }
   const logPath = path.join(dir, 'postgres.log');
-  const logFd = fs.openSync(logPath, 'a');
-  if (ids.uid !== undefined) fs.fchownSync(logFd, ids.uid, ids.gid!);
-  // Tests only: fsync off for speed (the durability settings are the server's business in production).
-  const proc: ChildProcess = spawn(
-    path.join(bin, 'postgres'),
-    ['-D', data, '-c', 'listen_addresses=127.0.0.1', '-c', `port=${port}`, '-c', `unix_socket_directories=${dir}`, '-c', 'fsync=off',
-      '-c', 'max_connections=300', '-c', 'full_page_writes=off'],
-    { ...ids, cwd: dir, stdio: ['ignore', logFd, logFd] },
-  );
-  fs.closeSync(logFd);
+  const adminUrl = `postgres://foreman@127.0.0.1:${port}/postgres`;
+  let proc: ChildProcess;
   let exited = false;
-  const done = new Promise<void>((resolve) => proc.on('exit', () => ((exited = true), resolve())));
-  const stop = async () => {
+  let done: Promise<void> = Promise.resolve();
+  const spawnServer = () => {
+    const logFd = fs.openSync(logPath, 'a');
+    if (ids.uid !== undefined) fs.fchownSync(logFd, ids.uid, ids.gid!);
+    // Tests only: fsync off for speed (the durability settings are the server's business in production).
+    proc = spawn(
+      path.join(bin, 'postgres'),
+      ['-D', data, '-c', 'listen_addresses=127.0.0.1', '-c', `port=${port}`, '-c', `unix_socket_directories=${dir}`, '-c', 'fsync=off',
+        '-c', 'max_connections=300', '-c', 'full_page_writes=off'],
+      { ...ids, cwd: dir, stdio: ['ignore', logFd, logFd] },
+    );
+    fs.closeSync(logFd);
+    exited = false;
+    done = new Promise<void>((resolve) => proc.on('exit', () => ((exited = true), resolve())));
+  };
+  const halt = async () => {
     if (!exited) {
       proc.kill('SIGINT'); // fast shutdown
       const t = setTimeout(() => proc.kill('SIGKILL'), 15_000);
       await done;
       clearTimeout(t);
     }
+  };
+  const stop = async () => {
+    await halt();
     fs.rmSync(dir, { recursive: true, force: true });
   };
-  const adminUrl = `postgres://foreman@127.0.0.1:${port}/postgres`;
-  for (let i = 0; ; i++) {
-    const c = new pg.Client({ connectionString: adminUrl });
-    try {
-      await c.connect();
-      await c.query('SELECT 1');
-      await c.end();
-      break;
-    } catch (err) {
-      await c.end().catch(() => {});
-      if (exited || i > 300) {
-        const log = fs.existsSync(logPath) ? fs.readFileSync(logPath, 'utf8').slice(-2000) : '';
-        await stop();
-        throw new Error(`postgres did not start: ${(err as Error).message}\n${log}`);
+  const answering = async () => {
+    for (let i = 0; ; i++) {
+      const c = new pg.Client({ connectionString: adminUrl });
+      try {
+        await c.connect();
+        await c.query('SELECT 1');
+        await c.end();
+        return;
+      } catch (err) {
+        await c.end().catch(() => {});
+        if (exited || i > 300) {
+          const log = fs.existsSync(logPath) ? fs.readFileSync(logPath, 'utf8').slice(-2000) : '';
+          await stop();
+          throw new Error(`postgres did not start: ${(err as Error).message}\n${log}`);
+        }
+        await sleep(100);
       }
-      await sleep(100);
     }
-  }
-  return { adminUrl, port, stop };
+  };
+  spawnServer();
+  await answering();
+  /** Stops the server (fast shutdown: every session ends) and starts it again on the same data and port. */
+  const restart = async (downMs = 0) => {
+    await halt();
+    await sleep(downMs);
+    spawnServer();
+    await answering();
+  };
+  return { adminUrl, port, stop, restart };
 }
 
 /** The admin URL of this run's cluster (set by the global setup). */
