@@ -9,7 +9,7 @@ import { pino, type Logger } from 'pino';
 import { engineHostsOf, isLoopbackHost, type Config } from './config.js';
 import { blockListOf } from './webhooks/ssrf.js';
 import { systemClock, type Clock } from './domain.js';
-import type { ChatEngine } from './engine/engine.js';
+import type { ChatChunk, ChatEngine } from './engine/engine.js';
 import { EnginePool } from './engine/pool.js';
 import { UnroutableModels } from './maintenance/unroutable.js';
 import { EngineHealth } from './engine/health.js';
@@ -74,6 +74,7 @@ export class Service {
   private publicUrl: string;
   private stopped: Promise<void> | null = null;
   private readonly unsubscribe: () => void;
+  private readonly unsubscribeDeltas: () => void;
   private readonly unsubscribeMetrics: () => void;
   readonly metrics: Metrics;
   /** Group commits so far: how many, how many writes they carried, and their time (logged at stop). */
@@ -113,6 +114,7 @@ export class Service {
       }));
     this.events = new JobEvents();
     this.unsubscribe = driver.notifier.on('stateChanged', this.events.transition);
+    this.unsubscribeDeltas = driver instanceof PostgresDriver ? driver.onRemoteDelta((jobId, chunk) => this.events.delta(jobId, chunk as ChatChunk)) : () => {};
     this.keys = new Keys(driver, clock, config.adminToken);
     this.artifactUrls = new ArtifactUrls(() => this.publicUrl, clock);
     this.jobs = new Jobs(driver, clock, {
@@ -165,7 +167,14 @@ export class Service {
         retryMaxMs: config.jobRetryMaxMs,
       },
       ...random,
-      onChunk: this.events.delta,
+      onChunk:
+        driver instanceof PostgresDriver
+          ? (jobId, chunk) => {
+              this.events.delta(jobId, chunk);
+              // Watchers on other instances (ADR-0011): only while someone may watch, i.e. always on a shared database.
+              driver.relayDelta(jobId, chunk);
+            }
+          : this.events.delta,
       onFirstToken: this.metrics.firstTokenAfter,
     });
     this.dispatcher = new Dispatcher({
@@ -302,6 +311,7 @@ export class Service {
       await this.dispatcher.stop(Math.min(2000, this.config.shutdownGraceMs));
       await this.pool.stop();
       this.unsubscribe();
+      this.unsubscribeDeltas();
       this.unsubscribeMetrics();
       await this.driver.close();
       const c = this.commits;

@@ -178,6 +178,31 @@ describe('postgres cluster: 3 instances on one database', () => {
     expect(aborted).toBe(true);
   }, 30_000);
 
+  it('SSE on one instance sees every state event and the token deltas of a job running on another; Last-Event-ID resumes anywhere', async () => {
+    fake.enqueue({ kind: 'ok', chunkDelayMs: 60, chunks: [{ content: 'one ' }, { content: 'two ' }, { content: 'three ' }, { content: 'four' }] });
+    const cs = [...live.entries()];
+    // Submit on the first; watch on each other one (whichever runs it, a watcher elsewhere sees it).
+    const r = await post(cs[0]![1], '/jobs', { model: 'llama3.2', messages: [{ role: 'user', content: 'watched' }] });
+    const id = r.body.job_id as string;
+    let runner: string | null = null;
+    for (let i = 0; i < 200 && runner === null; i++) {
+      runner = (await sql.query('SELECT instance FROM jobs WHERE id = $1 AND instance IS NOT NULL', [id])).rows[0]?.instance ?? null;
+      if (runner === null) await sleep(5);
+    }
+    const watcher = cs.find(([k]) => k !== runner)![1];
+    const res = await fetch(`${watcher.url}/jobs/${id}/events`);
+    expect(res.status).toBe(200);
+    const text = await res.text(); // the stream ends after the terminal event
+    const states = [...text.matchAll(/event: state\ndata: (.*)\n/g)].map((m) => JSON.parse(m[1]!).state as string);
+    expect(states).toEqual(['queued', 'loading', 'working', 'done']);
+    const deltas = [...text.matchAll(/event: delta\ndata: (.*)\n/g)].map((m) => JSON.parse(m[1]!) as { content?: string });
+    expect(deltas.map((d) => d.content ?? '').join('')).toBe('one two three four');
+    // Resume on yet another instance after the second event: the rest, by id.
+    const third = cs.find(([k]) => k !== watcher.url)![1];
+    const resumed = await (await fetch(`${third.url}/jobs/${id}/events`, { headers: { 'last-event-id': '2' } })).text();
+    expect([...resumed.matchAll(/id: (\d+)\nevent: state/g)].map((m) => Number(m[1]))).toEqual([3, 4]);
+  }, 30_000);
+
   it('20 parallel requests with one Idempotency-Key over the 3 instances create exactly one job', async () => {
     const cs = [...live.values()];
     const body = { model: 'llama3.2', messages: [{ role: 'user', content: 'idem' }] };

@@ -509,7 +509,11 @@ export class PostgresDriver implements QueueDriver {
       try {
         await client.query('BEGIN');
         const out = await op(c, fx);
-        if (this.cluster) await this.cluster.publish(client, fx);
+        if (this.cluster) {
+          // A job's last tokens reach other instances' watchers before its next state does.
+          if (fx.transitions.length > 0 && this.cluster.deltasPending) await this.cluster.flushDeltas();
+          await this.cluster.publish(client, fx);
+        }
         await client.query('COMMIT');
         client.release();
         this.opts.onCommit?.(1, performance.now() - t0);
@@ -589,6 +593,16 @@ export class PostgresDriver implements QueueDriver {
     await this.ready;
     const requeued = await this.tx((c, fx) => this.moveAll(c, fx, Q.rescueMine, { now: p.now, prefix: `${likeEscape(this.instanceId)}/%` }, 'queued', p.now));
     return { requeued };
+  }
+
+  /** Token deltas of this instance's running jobs, coalesced, to watchers on the other instances. */
+  relayDelta(jobId: string, chunk: unknown): void {
+    this.cluster?.relayDelta(jobId, chunk);
+  }
+
+  /** Other instances' token deltas. */
+  onRemoteDelta(fn: (jobId: string, chunk: unknown) => void): () => void {
+    return this.cluster ? this.cluster.onDelta(fn) : () => {};
   }
 
   leadership(onChange: (leader: boolean) => void, intervalMs = 1000): () => Promise<void> {

@@ -4,6 +4,10 @@ import type { LocalNotifier } from '../notifier.js';
 
 /** The channel every instance LISTENs on. */
 export const CHANNEL = 'foreman_events';
+/** Token deltas of running jobs, coalesced per job (SSE on another instance). */
+export const DELTA_CHANNEL = 'foreman_deltas';
+/** How long deltas are gathered before they cross to the other instances. */
+export const DELTA_COALESCE_MS = 75;
 /** NOTIFY refuses payloads of 8000 bytes or more; stay well below. */
 export const MAX_PAYLOAD = 7500;
 
@@ -57,6 +61,9 @@ export class ClusterNotifier {
   private retry: NodeJS.Timeout | null = null;
   private poll: NodeJS.Timeout | null = null;
   connected = false;
+  private readonly deltaListeners = new Set<(jobId: string, chunk: unknown) => void>();
+  private deltas = new Map<string, unknown[]>();
+  private deltaTimer: NodeJS.Timeout | null = null;
 
   constructor(
     private readonly o: { url: string; instanceId: string; local: LocalNotifier; types: pg.CustomTypesConfig; fallbackMs?: number },
@@ -71,10 +78,11 @@ export class ClusterNotifier {
     const client = new pg.Client({ connectionString: this.o.url, types: this.o.types, application_name: `foreman listen ${this.o.instanceId}`.slice(0, 63) });
     client.on('error', () => this.lost(client));
     client.on('end', () => this.lost(client));
-    client.on('notification', (m) => this.receive(m.payload));
+    client.on('notification', (m) => (m.channel === DELTA_CHANNEL ? this.receiveDeltas(m.payload) : this.receive(m.payload)));
     try {
       await client.connect();
       await client.query(`LISTEN ${CHANNEL}`);
+      await client.query(`LISTEN ${DELTA_CHANNEL}`);
     } catch {
       await client.end().catch(() => {});
       this.lost(null); // retried shortly; the slow poll stands in meanwhile
@@ -130,6 +138,76 @@ export class ClusterNotifier {
     for (const id of m.c ?? []) n.emit('cancelRequested', id);
   }
 
+  /** Subscribes to other instances' token deltas. */
+  onDelta(fn: (jobId: string, chunk: unknown) => void): () => void {
+    this.deltaListeners.add(fn);
+    return () => this.deltaListeners.delete(fn);
+  }
+
+  /**
+   * A running job's token delta, for watchers on other instances: gathered per job for
+   * DELTA_COALESCE_MS, then sent on the LISTEN connection (outside any transaction; a delta lost
+   * with a connection is only a missed token of a live view, the stored result is whole).
+   */
+  relayDelta(jobId: string, chunk: unknown): void {
+    if (!this.connected) return;
+    let list = this.deltas.get(jobId);
+    if (!list) this.deltas.set(jobId, (list = []));
+    list.push(chunk);
+    if (!this.deltaTimer) {
+      this.deltaTimer = setTimeout(() => void this.flushDeltas(), DELTA_COALESCE_MS);
+      this.deltaTimer.unref();
+    }
+  }
+
+  /** Whether deltas wait to be sent (a state change of their job must not overtake them). */
+  get deltasPending(): boolean {
+    return this.deltas.size > 0;
+  }
+
+  /** Sends the gathered deltas now; resolves once the server has them (so a later commit's NOTIFY comes after). */
+  flushDeltas(): Promise<void> {
+    if (this.deltaTimer) clearTimeout(this.deltaTimer);
+    this.deltaTimer = null;
+    const all = this.deltas;
+    this.deltas = new Map();
+    const c = this.client;
+    if (!c) return Promise.resolve();
+    const payloads: string[] = [];
+    for (const [j, chunks] of all) {
+      let cur: unknown[] = [];
+      let size = 0;
+      for (const ch of chunks) {
+        const n = Buffer.byteLength(JSON.stringify(ch));
+        if (n > MAX_PAYLOAD - 300) continue; // a single oversized chunk: watchers elsewhere miss it, the result is whole
+        if (size + n > MAX_PAYLOAD - 300 && cur.length) {
+          payloads.push(JSON.stringify({ i: this.o.instanceId, j, c: cur }));
+          cur = [];
+          size = 0;
+        }
+        cur.push(ch);
+        size += n + 1;
+      }
+      if (cur.length) payloads.push(JSON.stringify({ i: this.o.instanceId, j, c: cur }));
+    }
+    if (payloads.length === 0) return Promise.resolve();
+    return c
+      .query('SELECT pg_notify($1, x) FROM unnest($2::text[]) WITH ORDINALITY AS t(x, o) ORDER BY o', [DELTA_CHANNEL, payloads])
+      .then(() => {}, () => {});
+  }
+
+  private receiveDeltas(payload: string | undefined): void {
+    if (!payload || this.deltaListeners.size === 0) return;
+    let m: { i: string; j: string; c: unknown[] };
+    try {
+      m = JSON.parse(payload) as { i: string; j: string; c: unknown[] };
+    } catch {
+      return;
+    }
+    if (m.i === this.o.instanceId) return;
+    for (const ch of m.c) for (const fn of this.deltaListeners) fn(m.j, ch);
+  }
+
   /** Queues the NOTIFYs in the caller's transaction. */
   async publish(client: pg.ClientBase, fx: Fx): Promise<void> {
     for (const p of payloadsOf(this.o.instanceId, fx)) await client.query('SELECT pg_notify($1, $2)', [CHANNEL, p]);
@@ -137,6 +215,8 @@ export class ClusterNotifier {
 
   async stop(): Promise<void> {
     this.stopped = true;
+    if (this.deltaTimer) clearTimeout(this.deltaTimer);
+    this.deltaTimer = null;
     if (this.retry) clearTimeout(this.retry);
     if (this.poll) clearInterval(this.poll);
     this.retry = this.poll = null;
