@@ -363,10 +363,19 @@ const Q = {
   lineRefresh: `UPDATE webhook_deliveries SET due_at = CASE WHEN id = (SELECT id FROM webhook_deliveries
         WHERE job_seq = @seq AND status = 'pending' ORDER BY sequence, id LIMIT 1) THEN next_attempt_at END
     WHERE job_seq = @seq AND status = 'pending'`,
-  // Origins with an unclaimed due head, earliest first.
-  dueOrigins: `SELECT origin, min(due_at) AS dueAt FROM webhook_deliveries
-    WHERE due_at IS NOT NULL AND due_at <= @now AND (claimed_by IS NULL OR claimed_until <= @now)
-    GROUP BY origin ORDER BY min(due_at) LIMIT @n`,
+  // Origins with an unclaimed due head, earliest first: the distinct origins by a loose index scan
+  // of webhook_deliveries_origin_due (one step per origin), then each one's first unclaimed due
+  // head (past at most its claimed rows). Cost: origins, not the backlog (ADR-0010).
+  dueOrigins: `WITH RECURSIVE o(origin) AS (
+      (SELECT origin FROM webhook_deliveries WHERE due_at IS NOT NULL ORDER BY origin LIMIT 1)
+      UNION ALL
+      SELECT (SELECT w.origin FROM webhook_deliveries w WHERE w.due_at IS NOT NULL AND w.origin > o.origin ORDER BY w.origin LIMIT 1)
+      FROM o WHERE o.origin IS NOT NULL)
+    SELECT o.origin, h.due_at AS dueAt FROM o
+      CROSS JOIN LATERAL (SELECT w.due_at FROM webhook_deliveries w
+        WHERE w.origin = o.origin AND w.due_at IS NOT NULL AND w.due_at <= @now AND (w.claimed_by IS NULL OR w.claimed_until <= @now)
+        ORDER BY w.due_at, w.id LIMIT 1) h
+    WHERE o.origin IS NOT NULL ORDER BY h.due_at LIMIT @n`,
   activeClaims: `SELECT origin, count(*) AS n FROM webhook_deliveries
     WHERE claimed_by IS NOT NULL AND claimed_until > @now GROUP BY origin`,
   claimInOrigin: `UPDATE webhook_deliveries SET claimed_by = @by, claimed_until = @until
@@ -382,11 +391,18 @@ const Q = {
     ORDER BY d.sequence, d.id LIMIT 1 FOR UPDATE OF d`,
   claimOneDelivery: `UPDATE webhook_deliveries SET claimed_by = @by, claimed_until = @until
     WHERE id = @id AND (claimed_by IS NULL OR claimed_until <= @now) RETURNING id`,
-  // When the next unclaimed head of an origin below its cap becomes due.
-  nextDue: `SELECT d.origin, min(d.due_at) AS dueAt FROM webhook_deliveries d
-    WHERE d.due_at IS NOT NULL AND d.claimed_by IS NULL
-      AND (SELECT count(*) FROM webhook_deliveries c WHERE c.origin = d.origin AND c.claimed_by IS NOT NULL) < @cap
-    GROUP BY d.origin ORDER BY min(d.due_at) LIMIT 1`,
+  // When the next unclaimed head of an origin below its cap becomes due (same loose scan).
+  nextDue: `WITH RECURSIVE o(origin) AS (
+      (SELECT origin FROM webhook_deliveries WHERE due_at IS NOT NULL ORDER BY origin LIMIT 1)
+      UNION ALL
+      SELECT (SELECT w.origin FROM webhook_deliveries w WHERE w.due_at IS NOT NULL AND w.origin > o.origin ORDER BY w.origin LIMIT 1)
+      FROM o WHERE o.origin IS NOT NULL)
+    SELECT h.due_at AS dueAt FROM o
+      CROSS JOIN LATERAL (SELECT w.due_at FROM webhook_deliveries w
+        WHERE w.origin = o.origin AND w.due_at IS NOT NULL AND w.claimed_by IS NULL ORDER BY w.due_at, w.id LIMIT 1) h
+    WHERE o.origin IS NOT NULL
+      AND (SELECT count(*) FROM webhook_deliveries c WHERE c.origin = o.origin AND c.claimed_by IS NOT NULL) < @cap
+    ORDER BY h.due_at LIMIT 1`,
   artifactsForEvent: `SELECT name, content_type AS contentType, size, sha256, CASE WHEN size <= @inline THEN body END AS body
     FROM artifacts WHERE job_seq = @seq ORDER BY name`,
   deliveryDelivered: `UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = @now,
