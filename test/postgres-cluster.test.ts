@@ -92,6 +92,7 @@ describe('postgres cluster: 3 instances on one database', () => {
   it('SIGKILL mid-generation and mid-delivery, the leader too: 0 lost, 0 stuck, order kept, never run twice at once', async () => {
     const N = 90;
     const ids: string[] = [];
+    for (let i = 0; i < 100 && leaderOf() === undefined; i++) await sleep(50);
     const firstLeader = leaderOf();
     expect(firstLeader).toBeDefined();
     let restarted = 0;

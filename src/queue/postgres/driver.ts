@@ -125,6 +125,9 @@ interface DueRow extends RunRow {
 }
 
 const NEVER = 253402300799000;
+/** Submits in flight at once (every instance) that the queue caps' margin allows for. */
+const CAP_MARGIN_JOBS = 1000;
+const CAP_MARGIN_BYTES = 64 * 1024 * 1024;
 const EXPIRED_IDS_KEPT_MS = 30 * 86_400_000;
 const RESULT_IN_ARTIFACT = '{"$foreman":"completion-artifact"}';
 export const LIST_SCAN_BUDGET = 20_000;
@@ -153,8 +156,13 @@ const NUM_CTX = `(j.request::jsonb #> '{options,num_ctx}')`;
 
 // The SQL of the driver, one constant per statement (named @parameters; see SqlCache).
 const Q = {
-  // Locked: concurrent submits (from any instance) take turns at the cap (FOREMAN_MAX_QUEUED, _BYTES).
-  countQueued: `SELECT n, bytes FROM job_counts WHERE state = 'queued' FOR UPDATE`,
+  // The committed counts (kept at COMMIT by a deferred trigger, migration 0003).
+  countQueued: `SELECT n, bytes FROM job_counts WHERE state = 'queued'`,
+  // Near the cap, submits take turns (a transaction advisory lock) and read the counts again.
+  capLock: `SELECT pg_advisory_xact_lock(7466371099999) AS x`,
+  // A key at a concurrency limit: claims of it take turns, and count its running jobs exactly.
+  keyLock: `SELECT pg_advisory_xact_lock(hashtextextended('foreman-key:' || @key, 0)) AS x`,
+  keyRunning: `SELECT count(*) AS n FROM jobs WHERE key_id = @key AND state IN ('loading', 'working')`,
   insertJob: `INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
       max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for, kind)
     VALUES (@id, @state, @model, @request, @metadata, @webhook_url, @webhook_events,
@@ -219,16 +227,18 @@ const Q = {
     RETURNING n`,
 
   // --- claim (FOR UPDATE SKIP LOCKED: what another instance is claiming is passed over) ---
-  claimPick: `SELECT j.seq, k.key_id AS keyId FROM key_counts k
+  claimPick: `SELECT j.seq, k.key_id AS keyId, a.concurrency FROM key_counts k
       LEFT JOIN api_keys a ON a.id = k.key_id
+      LEFT JOIN key_served s ON s.key_id = k.key_id
       CROSS JOIN LATERAL (SELECT q.seq, q.priority + q.age_boost AS eff FROM jobs q
         WHERE q.key_id = k.key_id AND q.state = 'queued' AND q.run_at <= @now AND (q.deadline_at IS NULL OR q.deadline_at > @now)
         ORDER BY q.priority + q.age_boost DESC, q.seq LIMIT 1 FOR UPDATE SKIP LOCKED) j
     WHERE k.queued > 0 AND (a.concurrency IS NULL OR k.running < a.concurrency) AND NOT (k.key_id = ANY(@skip::text[]))
-    ORDER BY j.eff DESC, k.last_served, j.seq LIMIT 1`,
-  claimCandidates: `SELECT j.seq, k.key_id AS keyId, j.model, j.eff, k.last_served AS served, j.num_ctx AS numCtx, j.since
+    ORDER BY j.eff DESC, coalesce(s.last_served, 0), j.seq LIMIT 1`,
+  claimCandidates: `SELECT j.seq, k.key_id AS keyId, j.model, j.eff, coalesce(s.last_served, 0) AS served, j.num_ctx AS numCtx, j.since, a.concurrency
     FROM key_counts k
       LEFT JOIN api_keys a ON a.id = k.key_id
+      LEFT JOIN key_served s ON s.key_id = k.key_id
       JOIN model_queue mq ON mq.queued > 0 AND mq.model = ANY(@models::text[])
       CROSS JOIN LATERAL (SELECT j.seq, j.model, j.priority + j.age_boost AS eff, ${NUM_CTX} AS num_ctx,
           greatest(j.created_at, coalesce(j.scheduled_for, 0)) AS since FROM jobs j
@@ -243,10 +253,6 @@ const Q = {
     WHERE (x.request::jsonb #> '{options,num_ctx}') IS NOT DISTINCT FROM to_jsonb(@ctx::numeric) LIMIT 1`,
   lockQueued: `SELECT seq FROM jobs WHERE seq = @seq AND state = 'queued' FOR UPDATE SKIP LOCKED`,
   // The key's slot, checked under its row lock: two instances never both take a key's last slot.
-  // Read after the claim's own update of the key's counts (which holds that row's lock): over
-  // the key's concurrency means another instance took the last slot meanwhile.
-  keyOver: `SELECT k.running > coalesce(a.concurrency, 2147483647) AS over FROM key_counts k
-      LEFT JOIN api_keys a ON a.id = k.key_id WHERE k.key_id = @key`,
   modelQueued: `SELECT queued FROM model_queue WHERE model = @model`,
   queuedModels: `SELECT model FROM model_queue WHERE queued > 0 ORDER BY model`,
   failQueuedModel: `UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
@@ -259,7 +265,8 @@ const Q = {
       engine = coalesce(@engine::text, engine), instance = @instance
     WHERE seq = @seq AND state = 'queued'
     RETURNING ${TRANSITION_COLS}, request, max_attempts, lease_owner, prev_seq`,
-  keyServed: `UPDATE key_counts SET last_served = (SELECT coalesce(max(last_served), 0) + 1 FROM key_counts) WHERE key_id = @key`,
+  keyServed: `INSERT INTO key_served AS s (key_id, last_served) VALUES (@key, (SELECT coalesce(max(last_served), 0) + 1 FROM key_served))
+    ON CONFLICT (key_id) DO UPDATE SET last_served = excluded.last_served`,
   heartbeat: `UPDATE jobs SET lease_expires_at = @until WHERE seq = @seq AND lease_owner = @lease AND state IN ('loading', 'working')`,
   toWorking: `UPDATE jobs SET state = 'working', lease_expires_at = @lease_until, updated_at = @now
     WHERE seq = @seq AND state = 'loading' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`,
@@ -341,11 +348,11 @@ const Q = {
   queueAheadOthers: `SELECT x.model, count(*) AS n FROM (
       SELECT model, key_id, row_number() OVER (PARTITION BY key_id ORDER BY seq) AS rn, min(seq) OVER (PARTITION BY key_id) AS head
       FROM jobs WHERE state = 'queued' AND ${EFFECTIVE} = @eff AND key_id <> @key) x
-    JOIN key_counts k ON k.key_id = x.key_id
-    WHERE x.rn <= @mine + (k.last_served < @served OR (k.last_served = @served AND x.head < @head))::int GROUP BY x.model`,
+    LEFT JOIN key_served k ON k.key_id = x.key_id
+    WHERE x.rn <= @mine + (coalesce(k.last_served, 0) < @served OR (coalesce(k.last_served, 0) = @served AND x.head < @head))::int GROUP BY x.model`,
   queueHeadOf: `SELECT min(seq) AS head FROM jobs WHERE key_id = @key AND state = 'queued' AND ${EFFECTIVE} = @eff`,
   queueOf: `SELECT j.priority + j.age_boost AS eff, j.key_id AS key, coalesce(k.last_served, 0) AS served
-    FROM jobs j LEFT JOIN key_counts k ON k.key_id = j.key_id WHERE j.seq = @seq`,
+    FROM jobs j LEFT JOIN key_served k ON k.key_id = j.key_id WHERE j.seq = @seq`,
   running: `SELECT model, started_at AS startedAt FROM jobs WHERE state IN ('loading', 'working')`,
   modelStats: `SELECT model, avg_ms AS avgMs FROM model_stats`,
   seqCreatedBefore: `SELECT seq FROM jobs WHERE created_at < @at ORDER BY created_at DESC, seq DESC LIMIT 1`,
@@ -468,6 +475,10 @@ export class PostgresDriver implements QueueDriver {
     });
     // An idle client's connection dropping (server restart) must not crash the process.
     this.pool.on('error', () => {});
+    // A checked-out connection the server ends between two statements (a restart) errors on the
+    // client itself: its transaction's next query fails (StorageUnavailable); nothing is thrown
+    // unhandled.
+    this.pool.on('connect', (client) => client.on('error', () => {}));
     this.conn = new Conn(this.pool, this.sql);
     this.local = opts.notifier instanceof LocalNotifier ? opts.notifier : new LocalNotifier();
     this.cluster = opts.crossInstance === false ? null : new ClusterNotifier({ url: opts.url, instanceId: this.instanceId, local: this.local, types: pgTypes });
@@ -642,7 +653,15 @@ export class PostgresDriver implements QueueDriver {
   jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<InsertOutcome[]> {
     return this.tx(async (c, fx) => {
       const { now } = p;
-      const counts = (await c.get<{ n: number; bytes: number }>(Q.countQueued))!;
+      let counts = (await c.get<{ n: number; bytes: number }>(Q.countQueued))!;
+      const incoming = p.jobs.reduce((a, j) => a + Buffer.byteLength(JSON.stringify(j.request)), 0);
+      // Near a cap, concurrent submits (from every instance) take turns, and the count is read
+      // again once every earlier near-cap submit has committed. Far from it, the margin covers
+      // the submits still in flight.
+      if (counts.n + p.jobs.length + CAP_MARGIN_JOBS >= p.maxQueued || (p.maxQueuedBytes !== undefined && counts.bytes + incoming + CAP_MARGIN_BYTES >= p.maxQueuedBytes)) {
+        await c.run(Q.capLock);
+        counts = (await c.get<{ n: number; bytes: number }>(Q.countQueued))!;
+      }
       let queued = counts.n;
       let bytes = counts.bytes;
       const out: InsertOutcome[] = [];
@@ -746,12 +765,16 @@ export class PostgresDriver implements QueueDriver {
       for (let tries = 0; rows.length < p.limit && tries < p.limit * 3 + 10; tries++) {
         const pick = host
           ? await this.pickForHost(c, host, resident!, p.now, skip)
-          : await c.get<{ seq: number; keyId: string; numCtx?: unknown }>(Q.claimPick, { now: p.now, skip });
+          : await c.get<{ seq: number; keyId: string; numCtx?: unknown; concurrency: number | null }>(Q.claimPick, { now: p.now, skip });
         if (!pick) break;
-        // The counts' rows are locked in one order by every transaction (job_counts, then
-        // key_counts, by the trigger): the key's slot is checked after the claim, and a claim over
-        // it is undone (savepoint).
-        await c.run('SAVEPOINT claim');
+        if (pick.concurrency !== null) {
+          // The key's slots: exact under the key's lock (the counters are only committed state).
+          await c.run(Q.keyLock, { key: pick.keyId });
+          if (((await c.one<number>(Q.keyRunning, { key: pick.keyId })) ?? 0) >= pick.concurrency) {
+            skip.push(pick.keyId);
+            continue;
+          }
+        }
         const r = await c.get<Row>(Q.claimOne, {
           seq: pick.seq,
           owner,
@@ -760,16 +783,7 @@ export class PostgresDriver implements QueueDriver {
           engine: host?.name ?? null,
           instance: this.instanceId,
         });
-        if (!r) {
-          await c.run('RELEASE SAVEPOINT claim');
-          continue;
-        }
-        if ((await c.one<boolean>(Q.keyOver, { key: pick.keyId })) === true) {
-          await c.run('ROLLBACK TO SAVEPOINT claim');
-          skip.push(pick.keyId);
-          continue;
-        }
-        await c.run('RELEASE SAVEPOINT claim');
+        if (!r) continue;
         await c.run(Q.keyServed, { key: pick.keyId });
         if (host) resident!.add(loadKey(r.model, pick.numCtx));
         await this.record(c, fx, r, 'loading', p.now);
@@ -800,8 +814,8 @@ export class PostgresDriver implements QueueDriver {
     resident: Set<string>,
     now: number,
     skip: string[],
-  ): Promise<{ seq: number; keyId: string; numCtx: unknown } | undefined> {
-    type Cand = { seq: number; keyId: string; model: string; eff: number; served: number; since: number; numCtx: unknown };
+  ): Promise<{ seq: number; keyId: string; numCtx: unknown; concurrency: number | null } | undefined> {
+    type Cand = { seq: number; keyId: string; model: string; eff: number; served: number; since: number; numCtx: unknown; concurrency: number | null };
     const all = await c.all<Cand>(Q.claimCandidates, { models: host.models, now, skip });
     if (all.length === 0) return undefined;
     const top = Math.max(...all.map((x) => x.eff));
