@@ -455,7 +455,7 @@ export class SqliteDriver implements QueueDriver {
    */
   private pickForHost(host: ClaimHost, models: string, resident: Set<string>, now: number): { seq: number; keyId: string; numCtx: unknown } | undefined {
     type Cand = { seq: number; keyId: string; model: string; eff: number; served: number; since: number; numCtx: unknown };
-    const all = this.s.claimCandidates.all({ models, now }) as Cand[];
+    const all = this.s.claimCandidates.all({ models, now, any: host.anyModel ? 1 : 0 }) as Cand[];
     if (all.length === 0) return undefined;
     const top = Math.max(...all.map((c) => c.eff));
     const fair = (cs: Cand[]) => cs.reduce((a, b) => (b.served < a.served || (b.served === a.served && b.seq < a.seq) ? b : a));

@@ -109,7 +109,7 @@ export function prepareStatements(db: DB) {
         max(j.created_at, coalesce(j.scheduled_for, 0)) AS since
       FROM key_counts k
         LEFT JOIN api_keys a ON a.id = k.key_id
-        JOIN model_queue mq ON mq.queued > 0 AND mq.model IN (SELECT value FROM json_each(@models))
+        JOIN model_queue mq ON mq.queued > 0 AND (@any = 1 OR mq.model IN (SELECT value FROM json_each(@models)))
         JOIN jobs j ON j.seq = (SELECT q.seq FROM jobs q INDEXED BY jobs_key_model_claim
           WHERE q.key_id = k.key_id AND q.model = mq.model AND q.state = 'queued' AND q.run_at <= @now
             AND (q.deadline_at IS NULL OR q.deadline_at > @now)
