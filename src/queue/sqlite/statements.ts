@@ -127,11 +127,11 @@ export function prepareStatements(db: DB) {
     failQueuedModel: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
       WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_state_model_seq WHERE state = 'queued' AND model = @model AND waits = 0)
       RETURNING ${TRANSITION_COLS}`),
-    setEngine: p(`UPDATE jobs SET engine = ? WHERE seq = ?`),
     modelAvg: p(`SELECT avg_ms FROM model_stats WHERE model = ?`).pluck(),
     claimOne: p(`UPDATE jobs SET state = 'loading', attempt = attempt + 1,
         lease_owner = @owner || ':' || seq || ':' || (attempt + 1),
-        lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now
+        lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now,
+        engine = coalesce(@engine, engine)
       WHERE seq = @seq AND state = 'queued'
       RETURNING ${TRANSITION_COLS}, request, max_attempts, lease_owner, prev_seq`),
     keyServed: p(`UPDATE key_counts SET last_served = (SELECT coalesce(max(last_served), 0) + 1 FROM key_counts) WHERE key_id = ?`),
