@@ -68,6 +68,16 @@ describe('routing', () => {
     expect([...a.requests, ...b.requests].slice(before).filter((r) => r.kind !== 'other')).toEqual([]);
   });
 
+  it('a host whose /api/tags lists nothing is offered every model; its own 404 decides', async () => {
+    const quiet = await fake({ models: ['llama3.2'], listModels: false });
+    const h = await pool([{ f: quiet, name: 'compat' }]);
+    expect((await h.api('/engines')).body.engines[0].installed_models).toEqual([]);
+    const ok = await h.waitForState(await h.submit(job('served', 'llama3.2')), terminal);
+    expect(ok).toMatchObject({ state: 'done', engine: 'compat' });
+    const missing = await h.waitForState(await h.submit(job('not here', 'qwen3')), terminal);
+    expect(missing).toMatchObject({ state: 'failed', attempt: 1, engine: 'compat', error: { code: 'model_not_found', message: "model 'qwen3' not found" } });
+  });
+
   it('while a host is down, a job for a model no live host has waits instead of failing', async () => {
     const { b, h } = await llamaAndMistral();
     await b.stop();

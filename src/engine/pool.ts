@@ -74,6 +74,19 @@ export class EngineHost {
     return this.up === true && this.circuit === 'closed';
   }
 
+  /**
+   * Whether the host lists its models. One whose `/api/tags` is empty (an Ollama-compatible
+   * server that does not list them) is offered every model; its own 404 then decides.
+   */
+  get listsModels(): boolean {
+    return this.installed.size > 0;
+  }
+
+  /** Whether a job for `model` may go to this host. */
+  mayRun(model: string): boolean {
+    return !this.listsModels || modelNames(model).some((n) => this.installed.has(n));
+  }
+
   isResident(model: string): boolean {
     return modelNames(model).some((n) => this.resident.has(n));
   }
@@ -219,7 +232,7 @@ export class EnginePool {
 
   /** Models installed on some usable host. */
   installedAnywhere(model: string): boolean {
-    return this.hosts.some((h) => h.usable && modelNames(model).some((n) => h.installed.has(n)));
+    return this.hosts.some((h) => h.usable && h.mayRun(model));
   }
 
   /** Usable hosts with a free slot, the emptiest first. */
@@ -234,6 +247,7 @@ export class EnginePool {
     return {
       name: h.name,
       models: [...h.installed],
+      anyModel: !h.listsModels,
       resident: [...h.resident.keys()].map((n) => loadKey(n, h.ctxOf.get(n) ?? null)),
       loadMs,
       affinityMaxWaitMs: this.options.affinityMaxWaitMs,
@@ -278,7 +292,7 @@ export class EnginePool {
    * it is resident first. No host has it (all up): model_not_found; none usable: unreachable.
    */
   async load(model: string, opts: { keepAlive?: unknown; signal: AbortSignal }): Promise<void> {
-    const hosts = this.hosts.filter((h) => h.usable && modelNames(model).some((n) => h.installed.has(n)));
+    const hosts = this.hosts.filter((h) => h.usable && h.mayRun(model));
     const h = hosts.find((x) => x.isResident(model)) ?? hosts.sort((a, b) => b.free - a.free)[0];
     if (!h) {
       if (this.hosts.some((x) => x.usable)) throw new EngineError('permanent', 'model_not_found', `model '${model}' not found`, 404);

@@ -369,6 +369,8 @@ export interface ClaimHost {
   name: string;
   /** Models installed on the host, under every name a job may use for them. */
   models: string[];
+  /** The host does not list its models (an empty `/api/tags`): it is offered every model. */
+  anyModel?: boolean;
   /** Models resident (loaded) on the host now. */
   resident: string[];
   /** Measured load time per model on this host (ms); absent: unknown. */

@@ -241,7 +241,7 @@ export class Worker {
   /** Refreshes the host's installed models (after a model_not_found): does it still list `model`? */
   private async stillInstalled(host: EngineHost, model: string): Promise<boolean> {
     await this.deps.pool.probe(host);
-    return host.installed.has(model);
+    return host.mayRun(model);
   }
 
   /**

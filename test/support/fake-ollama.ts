@@ -58,6 +58,8 @@ export interface FakeOllamaOptions {
   maxResident?: number;
   /** With `maxResident`: how long loading a model that is not resident takes. */
   swapMs?: number;
+  /** false: `/api/tags` lists nothing (as some Ollama-compatible servers do), though `models` are served. */
+  listModels?: boolean;
 }
 
 /** What the fake saw of its own load: swaps, and requests in flight at once. */
@@ -610,7 +612,7 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
     }
     if (path === '/api/tags' && get) {
       sendJson(st, 200, {
-        models: [...installed.keys()].map((name) => ({
+        models: [...(opts.listModels === false ? [] : installed.keys())].map((name) => ({
           name,
           model: name,
           modified_at: modifiedAt,

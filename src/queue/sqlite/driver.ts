@@ -173,6 +173,8 @@ export class SqliteDriver implements QueueDriver {
   private readonly attempting = new Set<number>();
   private closed = false;
   private claims = 0;
+  /** The key the last claim served (its `last_served` mark is the highest): a fair-share hint. */
+  private lastServedKey: string | null = null;
 
   constructor(opts: SqliteDriverOptions) {
     fs.mkdirSync(opts.dataDir, { recursive: true });
@@ -423,12 +425,13 @@ export class SqliteDriver implements QueueDriver {
           ? this.pickForHost(host, models!, resident!, p.now)
           : (s.claimPick.get({ now: p.now }) as { seq: number; keyId: string; numCtx?: unknown } | undefined);
         if (!pick) break;
-        const r = s.claimOne.get({ seq: pick.seq, owner, now: p.now, lease: p.now + p.leaseMs }) as Row;
-        s.keyServed.run(pick.keyId);
-        if (host) {
-          s.setEngine.run(host.name, r.seq);
-          resident!.add(loadKey(r.model, pick.numCtx)); // the host is about to load it
+        const r = s.claimOne.get({ seq: pick.seq, owner, now: p.now, lease: p.now + p.leaseMs, engine: host?.name ?? null }) as Row;
+        // The key served last already has the highest mark: serving it again changes nothing.
+        if (pick.keyId !== this.lastServedKey) {
+          s.keyServed.run(pick.keyId);
+          this.lastServedKey = pick.keyId;
         }
+        if (host) resident!.add(loadKey(r.model, pick.numCtx)); // the host is about to load it
         this.record(fx, r, 'loading', p.now);
         rows.push(r);
       }
@@ -455,7 +458,7 @@ export class SqliteDriver implements QueueDriver {
    */
   private pickForHost(host: ClaimHost, models: string, resident: Set<string>, now: number): { seq: number; keyId: string; numCtx: unknown } | undefined {
     type Cand = { seq: number; keyId: string; model: string; eff: number; served: number; since: number; numCtx: unknown };
-    const all = this.s.claimCandidates.all({ models, now }) as Cand[];
+    const all = this.s.claimCandidates.all({ models, now, any: host.anyModel ? 1 : 0 }) as Cand[];
     if (all.length === 0) return undefined;
     const top = Math.max(...all.map((c) => c.eff));
     const fair = (cs: Cand[]) => cs.reduce((a, b) => (b.served < a.served || (b.served === a.served && b.seq < a.seq) ? b : a));

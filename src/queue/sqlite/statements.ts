@@ -109,7 +109,7 @@ export function prepareStatements(db: DB) {
         max(j.created_at, coalesce(j.scheduled_for, 0)) AS since
       FROM key_counts k
         LEFT JOIN api_keys a ON a.id = k.key_id
-        JOIN model_queue mq ON mq.queued > 0 AND mq.model IN (SELECT value FROM json_each(@models))
+        JOIN model_queue mq ON mq.queued > 0 AND (@any = 1 OR mq.model IN (SELECT value FROM json_each(@models)))
         JOIN jobs j ON j.seq = (SELECT q.seq FROM jobs q INDEXED BY jobs_key_model_claim
           WHERE q.key_id = k.key_id AND q.model = mq.model AND q.state = 'queued' AND q.run_at <= @now
             AND (q.deadline_at IS NULL OR q.deadline_at > @now)
@@ -127,11 +127,11 @@ export function prepareStatements(db: DB) {
     failQueuedModel: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
       WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_state_model_seq WHERE state = 'queued' AND model = @model AND waits = 0)
       RETURNING ${TRANSITION_COLS}`),
-    setEngine: p(`UPDATE jobs SET engine = ? WHERE seq = ?`),
     modelAvg: p(`SELECT avg_ms FROM model_stats WHERE model = ?`).pluck(),
     claimOne: p(`UPDATE jobs SET state = 'loading', attempt = attempt + 1,
         lease_owner = @owner || ':' || seq || ':' || (attempt + 1),
-        lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now
+        lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now,
+        engine = coalesce(@engine, engine)
       WHERE seq = @seq AND state = 'queued'
       RETURNING ${TRANSITION_COLS}, request, max_attempts, lease_owner, prev_seq`),
     keyServed: p(`UPDATE key_counts SET last_served = (SELECT coalesce(max(last_served), 0) + 1 FROM key_counts) WHERE key_id = ?`),
