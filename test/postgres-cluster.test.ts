@@ -139,11 +139,18 @@ describe('postgres cluster: 3 instances on one database', () => {
     expect(pending).toBe(0);
     // No job ran on two instances at once (the fake counts overlapping generations of one job).
     expect(fake.stats.overlapping).toBe(0);
-    // Each job's events, in order (a re-send after a crash repeats an event, never goes back).
+    // Each job's events, in order: every state first arrives after all earlier ones. A crash
+    // between a receiver's answer and the record sends the unrecorded events again, in order
+    // (at least once): such a replay starts over at the first unrecorded one.
     for (const id of ids) {
       const seq = rcv.received.filter((r) => r.event?.job_id === id).map((r) => SEQ[r.event.state as string]!);
-      expect(new Set(seq)).toEqual(new Set([1, 2, 3, 4]));
-      for (let i = 1; i < seq.length; i++) expect(seq[i]!).toBeGreaterThanOrEqual(seq[i - 1]!);
+      const first = seq.filter((x, i) => seq.indexOf(x) === i);
+      expect(first).toEqual([1, 2, 3, 4]);
+      for (let i = 1; i < seq.length; i++) {
+        // Going back is only a replay of events already received, never a new one out of turn.
+        if (seq[i]! < seq[i - 1]!) expect(seq.slice(0, i)).toContain(seq[i]!);
+      }
+      expect(seq.at(-1)).toBe(4);
     }
     const dupes = rcv.received.length - ids.length * 4;
     expect(dupes).toBeGreaterThanOrEqual(0);

@@ -19,7 +19,9 @@ beforeAll(async () => {
   await c.query('CREATE DATABASE restart_test');
   await c.end();
   const url = cluster.adminUrl.replace(/\/postgres$/, '/restart_test');
-  h = await startHarness({ databaseUrl: url, pollIntervalMs: 500 }, { defaultChunkDelayMs: 5 });
+  // A short lease: a transition whose COMMIT the restart cut off leaves its outcome unknown to
+  // the worker; if it did commit, the job is rescued once the lease expires.
+  h = await startHarness({ databaseUrl: url, pollIntervalMs: 500, jobLeaseMs: 1500 }, { defaultChunkDelayMs: 5 });
 }, 60_000);
 
 afterAll(async () => {
@@ -47,5 +49,5 @@ it('a database restart: 503 storage_unavailable meanwhile, then it carries on by
     else await sleep(100);
   }
   expect(after).not.toBeNull();
-  for (const id of [...before, ...queuedBefore, after!]) expect((await h.waitForState(id, ['done'], 20_000)).state).toBe('done');
-}, 60_000);
+  for (const id of [...before, ...queuedBefore, after!]) expect((await h.waitForState(id, ['done'], 30_000)).state).toBe('done');
+}, 90_000);
