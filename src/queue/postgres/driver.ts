@@ -239,7 +239,7 @@ const Q = {
     FROM key_counts k
       LEFT JOIN api_keys a ON a.id = k.key_id
       LEFT JOIN key_served s ON s.key_id = k.key_id
-      JOIN model_queue mq ON mq.queued > 0 AND mq.model = ANY(@models::text[])
+      JOIN model_queue mq ON mq.queued > 0 AND (@any::boolean OR mq.model = ANY(@models::text[]))
       CROSS JOIN LATERAL (SELECT j.seq, j.model, j.priority + j.age_boost AS eff, ${NUM_CTX} AS num_ctx,
           greatest(j.created_at, coalesce(j.scheduled_for, 0)) AS since FROM jobs j
         WHERE j.key_id = k.key_id AND j.model = mq.model AND j.state = 'queued' AND j.run_at <= @now
@@ -816,7 +816,7 @@ export class PostgresDriver implements QueueDriver {
     skip: string[],
   ): Promise<{ seq: number; keyId: string; numCtx: unknown; concurrency: number | null } | undefined> {
     type Cand = { seq: number; keyId: string; model: string; eff: number; served: number; since: number; numCtx: unknown; concurrency: number | null };
-    const all = await c.all<Cand>(Q.claimCandidates, { models: host.models, now, skip });
+    const all = await c.all<Cand>(Q.claimCandidates, { models: host.models, any: host.anyModel === true, now, skip });
     if (all.length === 0) return undefined;
     const top = Math.max(...all.map((x) => x.eff));
     const fair = (cs: Cand[]) => cs.reduce((a, b) => (b.served < a.served || (b.served === a.served && b.seq < a.seq) ? b : a));
