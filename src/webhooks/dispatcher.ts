@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events';
 import type { BlockList } from 'node:net';
 import { Agent } from 'undici';
 import type { Logger } from 'pino';
@@ -76,6 +77,9 @@ export class Dispatcher {
 
   constructor(private readonly deps: DispatcherDeps) {
     const o = deps.options;
+    // Every attempt in flight (and every outcome being recorded) listens to the stop signal until
+    // it ends: up to a few per concurrent attempt, each removed afterwards; not a leak.
+    setMaxListeners(Math.max(64, o.concurrency * 4), this.stopCtl.signal);
     this.random = deps.random ?? Math.random;
     this.signer = new Signer(o.secrets);
     this.agent = new Agent({
