@@ -24,7 +24,7 @@ import { StorageUnavailable } from '../src/errors.js';
 import { SSE_BUFFER_MAX } from '../src/http/sse.js';
 import { uuidv7 } from '../src/ids.js';
 import type { NewJob } from '../src/queue/driver.js';
-import { LIST_SCAN_BUDGET } from '../src/queue/sqlite/driver.js';
+import { LIST_SCAN_BUDGET } from '../src/queue/shared.js';
 import { GroupCommit } from '../src/queue/sqlite/group-commit.js';
 import { blockListOf, refusal } from '../src/webhooks/ssrf.js';
 import { MAIN } from './support/child.js';

@@ -32,9 +32,9 @@ import type {
   NewJob,
   QueueDriver,
   QueueSnapshot,
-  RunSummary,
   TransitionEvent,
 } from '../driver.js';
+import { EXPIRED_IDS_KEPT_MS, fairest, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, type Candidate } from '../shared.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
 import { StorageUnavailable, Unavailable, Validation } from '../../errors.js';
 import { Conn, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, SqlCache } from './db.js';
@@ -124,25 +124,9 @@ interface DueRow extends RunRow {
   errorMessage: string | null;
 }
 
-const NEVER = 253402300799000;
 /** Submits in flight at once (every instance) that the queue caps' margin allows for. */
 const CAP_MARGIN_JOBS = 1000;
 const CAP_MARGIN_BYTES = 64 * 1024 * 1024;
-const EXPIRED_IDS_KEPT_MS = 30 * 86_400_000;
-const RESULT_IN_ARTIFACT = '{"$foreman":"completion-artifact"}';
-export const LIST_SCAN_BUDGET = 20_000;
-
-const runOf = (r: RunRow): RunSummary => ({
-  createdAt: r.created_at,
-  startedAt: r.started_at,
-  finishedAt: r.finished_at,
-  attempt: r.attempt,
-  model: r.model,
-  loadMs: r.load_ms,
-  promptTokens: r.prompt_tokens,
-  completionTokens: r.completion_tokens,
-  conversationId: r.conversation_id,
-});
 
 const TRANSITION_COLS = `seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message, model,
   created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id, kind`;
@@ -438,8 +422,6 @@ const Q = {
   lineLock: `SELECT pg_advisory_xact_lock(-(@seq::bigint)) AS x`,
   deliveryJob: `SELECT job_seq AS seq FROM webhook_deliveries WHERE id = @id`,
 };
-
-export const originOf = (url: string): string => new URL(url).origin;
 
 /**
  * The PostgreSQL driver (ADR-0011): any number of instances share one database. Every write is
@@ -807,46 +789,30 @@ export class PostgresDriver implements QueueDriver {
     });
   }
 
-  /** The model-aware pick for one host (ADR-0012): the same policy as the SQLite driver's. */
+  /** The model-aware pick for one host (ADR-0012): the policy is `shared.ts`'s; these are its lookups. */
   private async pickForHost(
     c: Conn,
     host: ClaimHost,
     resident: Set<string>,
     now: number,
     skip: string[],
-  ): Promise<{ seq: number; keyId: string; numCtx: unknown; concurrency: number | null } | undefined> {
-    type Cand = { seq: number; keyId: string; model: string; eff: number; served: number; since: number; numCtx: unknown; concurrency: number | null };
+  ): Promise<(Candidate & { concurrency: number | null }) | undefined> {
+    type Cand = Candidate & { concurrency: number | null };
     const all = await c.all<Cand>(Q.claimCandidates, { models: host.models, any: host.anyModel === true, now, skip });
     if (all.length === 0) return undefined;
-    const top = Math.max(...all.map((x) => x.eff));
-    const fair = (cs: Cand[]) => cs.reduce((a, b) => (b.served < a.served || (b.served === a.served && b.seq < a.seq) ? b : a));
-    const atTop = all.filter((x) => x.eff === top);
-    const overdue = atTop.filter((x) => now - x.since >= host.affinityMaxWaitMs);
-    if (overdue.length > 0) return fair(overdue);
-    const warm = atTop.filter((x) => resident.has(loadKey(x.model, x.numCtx)));
-    if (warm.length > 0) return fair(warm);
+    const first = pickWithoutLookups(all, host, resident, now);
+    if ('pick' in first) return first.pick;
     const sameLoad: Cand[] = [];
-    for (const x of atTop) {
-      for (const k of resident) {
-        const m = /^(.*)#num_ctx=(\d+)$/.exec(k);
-        const [model, ctx] = m ? [m[1]!, Number(m[2])] : [k, null];
-        if (model !== x.model || ctx === (typeof x.numCtx === 'number' ? x.numCtx : null)) continue;
-        const seq = await c.one<number>(Q.claimSameLoad, { key: x.keyId, model, now, eff: x.eff, ctx });
-        if (seq !== undefined && (await c.one<number>(Q.lockQueued, { seq })) !== undefined) sameLoad.push({ ...x, seq, numCtx: ctx });
-      }
+    for (const { cand, model, ctx } of sameLoadProbes(first.atTop, resident)) {
+      const seq = await c.one<number>(Q.claimSameLoad, { key: cand.keyId, model, now, eff: cand.eff, ctx });
+      if (seq !== undefined && (await c.one<number>(Q.lockQueued, { seq })) !== undefined) sameLoad.push({ ...cand, seq, numCtx: ctx });
     }
-    if (sameLoad.length > 0) return fair(sameLoad);
-    const known = Object.values(host.loadMs);
-    const defaultLoad = known.length ? known.reduce((a, b) => a + b, 0) / known.length : 1000;
-    const score = new Map<string, number>();
-    for (const x of atTop) {
-      if (score.has(x.model)) continue;
-      const queued = (await c.one<number>(Q.modelQueued, { model: x.model })) ?? 1;
-      const run = (await c.one<number>(Q.modelAvg, { model: x.model })) ?? 1000;
-      score.set(x.model, (queued * run) / Math.max(1, host.loadMs[x.model] ?? defaultLoad));
+    if (sameLoad.length > 0) return fairest(sameLoad);
+    const work = new Map<string, number>();
+    for (const m of new Set(first.atTop.map((x) => x.model))) {
+      work.set(m, queuedWork(await c.one<number>(Q.modelQueued, { model: m }), await c.one<number>(Q.modelAvg, { model: m })));
     }
-    const best = Math.max(...score.values());
-    return fair(atTop.filter((x) => score.get(x.model) === best));
+    return pickByLoadCost(first.atTop, host, work);
   }
 
   jobsQueuedModels(): Promise<string[]> {
@@ -1541,13 +1507,6 @@ export class PostgresDriver implements QueueDriver {
     return Promise.resolve(0);
   }
 }
-
-const limitsOf = (k: ApiKeyLimits): ApiKeyLimits => ({
-  concurrency: k.concurrency,
-  maxQueued: k.maxQueued,
-  dailyLimit: k.dailyLimit,
-  priorityMax: k.priorityMax,
-});
 
 const likeEscape = (s: string): string => s.replace(/[\\%_]/g, (ch) => `\\${ch}`);
 

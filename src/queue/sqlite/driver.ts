@@ -18,7 +18,6 @@ import type {
   NewJob,
   QueueDriver,
   QueueSnapshot,
-  RunSummary,
   TransitionEvent,
   ConversationView,
   ConversationListed,
@@ -37,6 +36,7 @@ import type {
   NewBatch,
   NewFile,
 } from '../driver.js';
+import { EXPIRED_IDS_KEPT_MS, fairest, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, type Candidate } from '../shared.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
 import { Conflict, Validation } from '../../errors.js';
 import { lockDataDir, migrate, openDatabase, type DB } from './db.js';
@@ -116,37 +116,13 @@ interface DueRow extends RunRow {
   errorMessage: string | null;
 }
 
-/** run_at of a turn waiting for its predecessor: never claimable until released. */
-const NEVER = 253402300799000; // 9999-12-31
-/** How long the ids of expired jobs are remembered (a continuation of one answers 410). */
-const EXPIRED_IDS_KEPT_MS = 30 * 86_400_000;
-
-const runOf = (r: RunRow): RunSummary => ({
-  createdAt: r.created_at,
-  startedAt: r.started_at,
-  finishedAt: r.finished_at,
-  attempt: r.attempt,
-  model: r.model,
-  loadMs: r.load_ms,
-  promptTokens: r.prompt_tokens,
-  completionTokens: r.completion_tokens,
-  conversationId: r.conversation_id,
-});
-
 const LIST_CACHE_MAX = 64;
-/** `jobs.result` when the result is the job's `completion` artifact, stored once there. */
-const RESULT_IN_ARTIFACT = '{"$foreman":"completion-artifact"}';
-/** At most this many index entries are read to answer one listing (hardening finding 10). */
-export const LIST_SCAN_BUDGET = 20_000;
 
 function bump(m: Map<string, number>, k: string, d: number): void {
   const n = (m.get(k) ?? 0) + d;
   if (n <= 0) m.delete(k);
   else m.set(k, n);
 }
-
-/** The origin (scheme://host[:port]) of a normalised webhook URL: the per-receiver cap's key. */
-export const originOf = (url: string): string => new URL(url).origin;
 
 /**
  * The SQLite driver: one process owns the database file (a lock on the data directory enforces
@@ -456,42 +432,23 @@ export class SqliteDriver implements QueueDriver {
    * swap), else the model with the most queued work per second of its load time; the fair share
    * (key served least recently, then FIFO) decides what is left.
    */
-  private pickForHost(host: ClaimHost, models: string, resident: Set<string>, now: number): { seq: number; keyId: string; numCtx: unknown } | undefined {
-    type Cand = { seq: number; keyId: string; model: string; eff: number; served: number; since: number; numCtx: unknown };
-    const all = this.s.claimCandidates.all({ models, now, any: host.anyModel ? 1 : 0 }) as Cand[];
+  private pickForHost(host: ClaimHost, models: string, resident: Set<string>, now: number): Candidate | undefined {
+    const s = this.s;
+    const all = s.claimCandidates.all({ models, now, any: host.anyModel ? 1 : 0 }) as Candidate[];
     if (all.length === 0) return undefined;
-    const top = Math.max(...all.map((c) => c.eff));
-    const fair = (cs: Cand[]) => cs.reduce((a, b) => (b.served < a.served || (b.served === a.served && b.seq < a.seq) ? b : a));
-    const atTop = all.filter((c) => c.eff === top);
-    const overdue = atTop.filter((c) => now - c.since >= host.affinityMaxWaitMs);
-    if (overdue.length > 0) return fair(overdue);
-    const warm = atTop.filter((c) => resident.has(loadKey(c.model, c.numCtx)));
-    if (warm.length > 0) return fair(warm);
-    // A key's next job of a resident model may ask for another context size than the one loaded
-    // (another load, to Ollama): a later job of the same key and model that matches is warm.
-    const sameLoad: Cand[] = [];
-    for (const c of atTop) {
-      for (const k of resident) {
-        const m = /^(.*)#num_ctx=(\d+)$/.exec(k);
-        const [model, ctx] = m ? [m[1]!, Number(m[2])] : [k, null];
-        if (model !== c.model || ctx === (typeof c.numCtx === 'number' ? c.numCtx : null)) continue;
-        const seq = this.s.claimSameLoad.get({ key: c.keyId, model, now, eff: c.eff, ctx }) as number | undefined;
-        if (seq !== undefined) sameLoad.push({ ...c, seq, numCtx: ctx });
-      }
+    const first = pickWithoutLookups(all, host, resident, now);
+    if ('pick' in first) return first.pick;
+    const sameLoad: Candidate[] = [];
+    for (const { cand, model, ctx } of sameLoadProbes(first.atTop, resident)) {
+      const seq = s.claimSameLoad.get({ key: cand.keyId, model, now, eff: cand.eff, ctx }) as number | undefined;
+      if (seq !== undefined) sameLoad.push({ ...cand, seq, numCtx: ctx });
     }
-    if (sameLoad.length > 0) return fair(sameLoad);
-    // A swap is needed: the model whose queued work best pays for its load.
-    const known = Object.values(host.loadMs);
-    const defaultLoad = known.length ? known.reduce((a, b) => a + b, 0) / known.length : 1000;
-    const score = new Map<string, number>();
-    for (const c of atTop) {
-      if (score.has(c.model)) continue;
-      const queued = (this.s.modelQueued.get(c.model) as number | undefined) ?? 1;
-      const run = (this.s.modelAvg.get(c.model) as number | undefined) ?? 1000;
-      score.set(c.model, (queued * run) / Math.max(1, host.loadMs[c.model] ?? defaultLoad));
+    if (sameLoad.length > 0) return fairest(sameLoad);
+    const work = new Map<string, number>();
+    for (const m of new Set(first.atTop.map((c) => c.model))) {
+      work.set(m, queuedWork(s.modelQueued.get(m) as number | undefined, s.modelAvg.get(m) as number | undefined));
     }
-    const best = Math.max(...score.values());
-    return fair(atTop.filter((c) => score.get(c.model) === best));
+    return pickByLoadCost(first.atTop, host, work);
   }
 
   jobsQueuedModels(): Promise<string[]> {
@@ -1422,9 +1379,3 @@ export class SqliteDriver implements QueueDriver {
   }
 }
 
-const limitsOf = (k: ApiKeyLimits): ApiKeyLimits => ({
-  concurrency: k.concurrency,
-  maxQueued: k.maxQueued,
-  dailyLimit: k.dailyLimit,
-  priorityMax: k.priorityMax,
-});
