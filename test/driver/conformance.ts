@@ -67,13 +67,8 @@ export function newJob(over: Partial<NewJob> = {}): NewJob {
   };
 }
 
-/**
- * `unsupported`: titles of tests a driver does not pass yet because it refuses that feature
- * outright (`Unavailable('not_supported_on_…')`); they are skipped for it, by name, and listed
- * where the driver's suite is run. Only the files-and-batches tests may be named.
- */
-export function driverConformance(name: string, factory: DriverFactory, opts: { unsupported?: readonly string[] } = {}): void {
-  const unsupported = new Set(opts.unsupported ?? []);
+/** Runs the whole suite against a driver: every test, on every driver. */
+export function driverConformance(name: string, factory: DriverFactory): void {
   describe(name, () => {
     let d: QueueDriver;
     let cleanup: () => Promise<void>;
@@ -1790,7 +1785,7 @@ export function driverConformance(name: string, factory: DriverFactory, opts: { 
       const batchJobs = (n: number, from = 1) =>
         Array.from({ length: n }, (_, i) => ({ ...newJob({ metadata: { custom_id: `c${from + i}` } }), line: from + i }));
 
-      (unsupported.has('an upload is invisible until finished; lines come back in order; a repeated custom_id is refused by the store') ? it.skip : it)('an upload is invisible until finished; lines come back in order; a repeated custom_id is refused by the store', async () => {
+      it('an upload is invisible until finished; lines come back in order; a repeated custom_id is refused by the store', async () => {
         const seq = await d.fileInsert({
           file: { id: 'file-x', keyId: 'k1', filename: 'x.jsonl', endpoint: '/v1/embeddings', createdAt: at(0), expiresAt: null },
           lines: [line(1), line(3)],
@@ -1812,7 +1807,7 @@ export function driverConformance(name: string, factory: DriverFactory, opts: { 
         expect(await d.fileGet({ id: 'file-x' })).toBeNull();
       });
 
-      (unsupported.has('lines become jobs chunk by chunk; counters follow the jobs; the last job ends the batch, in order through finalizing') ? it.skip : it)('lines become jobs chunk by chunk; counters follow the jobs; the last job ends the batch, in order through finalizing', async () => {
+      it('lines become jobs chunk by chunk; counters follow the jobs; the last job ends the batch, in order through finalizing', async () => {
         const b = await newBatch(3);
         expect(b).toMatchObject({ status: 'validating', total: 3, submitted: 0, lastLine: 0, completed: 0, failed: 0, canceled: 0, metadata: { a: 'b' } });
         expect((await d.fileGet({ id: b.outputFileId }))).toMatchObject({ purpose: 'batch_output', role: 'output', batchSeq: b.seq, bytes: null });
@@ -1844,7 +1839,7 @@ export function driverConformance(name: string, factory: DriverFactory, opts: { 
         expect(await d.fileDelete({ fileSeq: b.inputFileSeq! })).toBe(true);
       });
 
-      (unsupported.has('cancel: unsubmitted lines count as canceled, waiting jobs end in chunks, a running one finishes; then cancelled, with its webhook event') ? it.skip : it)('cancel: unsubmitted lines count as canceled, waiting jobs end in chunks, a running one finishes; then cancelled, with its webhook event', async () => {
+      it('cancel: unsubmitted lines count as canceled, waiting jobs end in chunks, a running one finishes; then cancelled, with its webhook event', async () => {
         const b = await newBatch(5, { webhookUrl: HOOK });
         await d.batchJobsInsert({ batchSeq: b.seq, jobs: batchJobs(3), now: at(20), maxQueued: BIG_QUEUE });
         const running = await claimOne(at(30));
@@ -1866,7 +1861,7 @@ export function driverConformance(name: string, factory: DriverFactory, opts: { 
         expect((await d.batchCancel({ id: b.id, now: at(70) }))!.changed).toBe(false);
       });
 
-      (unsupported.has('expiry fails the waiting jobs batch_expired and ends the batch expired; expired batches go with their jobs, which the job TTL leaves alone') ? it.skip : it)('expiry fails the waiting jobs batch_expired and ends the batch expired; expired batches go with their jobs, which the job TTL leaves alone', async () => {
+      it('expiry fails the waiting jobs batch_expired and ends the batch expired; expired batches go with their jobs, which the job TTL leaves alone', async () => {
         const b = await newBatch(4);
         await d.batchJobsInsert({ batchSeq: b.seq, jobs: batchJobs(2), now: at(20), maxQueued: BIG_QUEUE });
         expect(await d.batchesNextExpiry()).toEqual({ seq: b.seq, expiresAt: at(86_400_000) });

@@ -23,18 +23,6 @@ async function freshDb(): Promise<{ url: string; drop: () => Promise<void> }> {
   return createDatabase('foreman_t', template.name);
 }
 
-/**
- * Not on PostgreSQL yet: files and batches (ADR-0015). The driver refuses them with
- * `Unavailable('not_supported_on_postgres')` (ADR-0011), so these conformance tests are skipped
- * for it, and only these.
- */
-const UNSUPPORTED_ON_POSTGRES = [
-  'an upload is invisible until finished; lines come back in order; a repeated custom_id is refused by the store',
-  'lines become jobs chunk by chunk; counters follow the jobs; the last job ends the batch, in order through finalizing',
-  'cancel: unsubmitted lines count as canceled, waiting jobs end in chunks, a running one finishes; then cancelled, with its webhook event',
-  'expiry fails the waiting jobs batch_expired and ends the batch expired; expired batches go with their jobs, which the job TTL leaves alone',
-] as const;
-
 driverConformance('postgres driver', async () => {
   const db = await freshDb();
   const driver = new PostgresDriver({ url: db.url, instanceId: 'test-a' });
@@ -46,7 +34,7 @@ driverConformance('postgres driver', async () => {
       await db.drop();
     },
   };
-}, { unsupported: UNSUPPORTED_ON_POSTGRES });
+});
 
 const T0 = 1_700_000_000_000;
 
@@ -141,19 +129,6 @@ describe('postgres driver only', () => {
       expect(waited).toBeLessThan(3000);
       held.release();
       expect(await d.ping()).toBe(true);
-    } finally {
-      await d.close();
-      await db.drop();
-    }
-  });
-
-  it('files and batches are refused with not_supported_on_postgres (the skipped conformance tests)', async () => {
-    const db = await freshDb();
-    const d = new PostgresDriver({ url: db.url, crossInstance: false });
-    try {
-      const err = (await d.fileGet({ id: 'file-x' }).catch((e: unknown) => e)) as { code?: string };
-      expect(err.code).toBe('not_supported_on_postgres');
-      expect(await d.batchesActive({ limit: 10 })).toEqual([]);
     } finally {
       await d.close();
       await db.drop();

@@ -36,10 +36,11 @@ import type {
 } from '../driver.js';
 import { EXPIRED_IDS_KEPT_MS, fairest, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, type Candidate } from '../shared.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
-import { StorageUnavailable, Unavailable, Validation } from '../../errors.js';
+import { StorageUnavailable, Validation } from '../../errors.js';
 import { Conn, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, SqlCache } from './db.js';
 import { ClusterNotifier } from './notify.js';
 import { LeaderElection } from './leader.js';
+import { PgFilesBatches } from './files.js';
 
 export interface PostgresDriverOptions {
   url: string;
@@ -86,6 +87,7 @@ interface TransitionRow {
   completion_tokens: number | null;
   key_id: string;
   kind: JobKind;
+  batch_seq: number | null;
 }
 
 interface JobRow extends TransitionRow {
@@ -122,6 +124,8 @@ interface DueRow extends RunRow {
   metadata: string | null;
   errorCode: string | null;
   errorMessage: string | null;
+  /** A batch's event (ADR-0015): its row has no job. */
+  batchSeq: number | null;
 }
 
 /** Submits in flight at once (every instance) that the queue caps' margin allows for. */
@@ -129,13 +133,13 @@ const CAP_MARGIN_JOBS = 1000;
 const CAP_MARGIN_BYTES = 64 * 1024 * 1024;
 
 const TRANSITION_COLS = `seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message, model,
-  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id, kind`;
+  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id, kind, batch_seq`;
 const RUN_COLS = 'j.created_at, j.started_at, j.finished_at, j.attempt, j.model, j.conversation_id, j.load_ms, j.prompt_tokens, j.completion_tokens';
 const EFFECTIVE = '(priority + age_boost)';
 const KEY_COLS = `id, name, concurrency, max_queued AS maxQueued, daily_limit AS dailyLimit, priority_max AS priorityMax,
   created_at AS createdAt, updated_at AS updatedAt, revoked_at AS revokedAt`;
-const DUE_COLS = `d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
-  d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}`;
+const DUE_COLS = `d.id, d.job_seq AS jobSeq, d.batch_seq AS batchSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
+  d.attempts, coalesce(j.id, b.id) AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}`;
 const NUM_CTX = `(j.request::jsonb #> '{options,num_ctx}')`;
 
 // The SQL of the driver, one constant per statement (named @parameters; see SqlCache).
@@ -148,9 +152,10 @@ const Q = {
   keyLock: `SELECT pg_advisory_xact_lock(hashtextextended('foreman-key:' || @key, 0)) AS x`,
   keyRunning: `SELECT count(*) AS n FROM jobs WHERE key_id = @key AND state IN ('loading', 'working')`,
   insertJob: `INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
-      max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for, kind)
+      max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for, kind, batch_seq)
     VALUES (@id, @state, @model, @request, @metadata, @webhook_url, @webhook_events,
-      @max_attempts, @priority, @deadline_at::bigint, @run_at, @now, @now, @conversation_id, @prev_seq::bigint, @waits, @key_id, @scheduled_for::bigint, @kind)
+      @max_attempts, @priority, @deadline_at::bigint, @run_at, @now, @now, @conversation_id, @prev_seq::bigint, @waits, @key_id, @scheduled_for::bigint, @kind,
+      @batch_seq::bigint)
     RETURNING ${TRANSITION_COLS}`,
   keyQueued: `SELECT queued + scheduled AS n FROM key_counts WHERE key_id = @key`,
   keyDayJobs: `SELECT jobs FROM key_days WHERE key_id = @key AND day = @day`,
@@ -300,9 +305,10 @@ const Q = {
   nextScheduled: `SELECT scheduled_for FROM jobs WHERE state = 'scheduled' ORDER BY scheduled_for LIMIT 1`,
   nextRunAt: `SELECT run_at FROM jobs WHERE state = 'queued' AND run_at > @now ORDER BY run_at LIMIT 1`,
   nextDeadline: `SELECT deadline_at FROM jobs WHERE state = 'queued' AND deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1`,
-  oldestFinished: `SELECT finished_at FROM jobs WHERE state IN ('done', 'failed', 'canceled') ORDER BY finished_at LIMIT 1`,
+  // Batch jobs are not the TTL cleaner's: they go with their batch (ADR-0015; index jobs_finished_solo).
+  oldestFinished: `SELECT finished_at FROM jobs WHERE state IN ('done', 'failed', 'canceled') AND batch_seq IS NULL ORDER BY finished_at LIMIT 1`,
   sweepPick: `SELECT seq, id, conversation_id AS conversationId FROM jobs j
-    WHERE state IN ('done', 'failed', 'canceled')
+    WHERE state IN ('done', 'failed', 'canceled') AND batch_seq IS NULL
       AND finished_at < greatest(@cutoff::bigint, @failedCutoff::bigint)
       AND (CASE WHEN state = 'failed' THEN finished_at < @failedCutoff::bigint ELSE finished_at < @cutoff::bigint END)
       AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_seq = j.seq AND d.status = 'pending')
@@ -374,7 +380,8 @@ const Q = {
       WHERE origin = @origin AND due_at IS NOT NULL AND due_at <= @now AND (claimed_by IS NULL OR claimed_until <= @now)
       ORDER BY due_at, id LIMIT @n FOR UPDATE SKIP LOCKED)
     RETURNING id`,
-  deliveryForSend: `SELECT ${DUE_COLS} FROM webhook_deliveries d JOIN jobs j ON j.seq = d.job_seq WHERE d.id = ANY(@ids::bigint[])
+  deliveryForSend: `SELECT ${DUE_COLS} FROM webhook_deliveries d LEFT JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq
+    WHERE d.id = ANY(@ids::bigint[])
     ORDER BY d.due_at, d.id`,
   nextOfJob: `SELECT d.id FROM (SELECT job_seq, sequence FROM webhook_deliveries WHERE id = @id) cur
       JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.sequence > cur.sequence
@@ -443,6 +450,14 @@ export class PostgresDriver implements QueueDriver {
   private readonly deliveryLeaseMs: number;
   private closed = false;
   private claims = 0;
+  /** Files and batches (ADR-0015): their SQL and method bodies are in files.ts, in this driver's transactions. */
+  private readonly fb = new PgFilesBatches({
+    tx: (op) => this.tx(op),
+    read: (fn) => this.read(fn),
+    moveAll: (c, fx, sql, params, state, now) => this.moveAll(c, fx, sql, params, state, now),
+    insertJobs: (c, fx, p, stopAtRefusal) => this.insertJobs(c, fx, p, stopAtRefusal),
+    transitionCols: TRANSITION_COLS,
+  });
 
   constructor(private readonly opts: PostgresDriverOptions) {
     this.instanceId = opts.instanceId ?? `${os.hostname()}-${process.pid}`;
@@ -564,6 +579,8 @@ export class PostgresDriver implements QueueDriver {
       const message = `the job this one continues (${row.id}) ended ${state}`;
       for (const w of await c.all<TransitionRow>(Q.failWaiting, { seq: row.seq, now, message })) await this.record(c, fx, w, 'failed', now);
     }
+    // A batch's last job to end ends the batch, in the same transaction (ADR-0015).
+    if (row.batch_seq !== null && isTerminal(state)) await this.fb.settle(c, fx, row.batch_seq, now);
     if (row.webhook_url === null || row.webhook_gone === 1) return;
     if (row.webhook_events !== null && !(JSON.parse(row.webhook_events) as string[]).includes(state)) return;
     const origin = originOf(row.webhook_url);
@@ -633,7 +650,12 @@ export class PostgresDriver implements QueueDriver {
   }
 
   jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<InsertOutcome[]> {
-    return this.tx(async (c, fx) => {
+    return this.tx((c, fx) => this.insertJobs(c, fx, p));
+  }
+
+  /** Inserts jobs in the caller's transaction; `stopAtRefusal`: stop at the first refused one (a batch's chunk). */
+  private async insertJobs(c: Conn, fx: Effects, p: { jobs: NewJob[]; now: number; maxQueued: number; maxQueuedBytes?: number }, stopAtRefusal = false): Promise<InsertOutcome[]> {
+    {
       const { now } = p;
       let counts = (await c.get<{ n: number; bytes: number }>(Q.countQueued))!;
       const incoming = p.jobs.reduce((a, j) => a + Buffer.byteLength(JSON.stringify(j.request)), 0);
@@ -648,6 +670,7 @@ export class PostgresDriver implements QueueDriver {
       let bytes = counts.bytes;
       const out: InsertOutcome[] = [];
       for (const j of p.jobs) {
+        if (stopAtRefusal && out.length > 0 && !out[out.length - 1]!.ok) break;
         if (j.idempotency) {
           const prior = await c.get<{ bodyHash: string; jobSeq: number; expiresAt: number }>(Q.idemGet, { key: j.idempotency.key });
           if (prior && prior.expiresAt > now) {
@@ -716,6 +739,7 @@ export class PostgresDriver implements QueueDriver {
           key_id: keyId,
           scheduled_for: scheduledFor,
           kind: j.kind ?? 'chat',
+          batch_seq: j.batchSeq ?? null,
         }))!;
         if (keyId !== '' && j.quota) await c.run(Q.keyDayAddJob, { key: keyId, day: j.quota.day });
         if (j.clampedFrom) {
@@ -732,7 +756,7 @@ export class PostgresDriver implements QueueDriver {
         out.push({ ok: true, jobId: j.id, replayed: false, state, scheduledFor });
       }
       return out;
-    });
+    }
   }
 
   jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number; engine?: ClaimHost }): Promise<ClaimedJob[]> {
@@ -1216,6 +1240,7 @@ export class PostgresDriver implements QueueDriver {
   // --- webhook outbox (a claim is a lease in the row: claimed_by, claimed_until) ---
 
   private async toClaimed(c: Conn, r: DueRow, inlineMax: number): Promise<ClaimedDelivery> {
+    if (r.batchSeq !== null) return this.fb.batchEvent(c, { ...r, batchSeq: r.batchSeq });
     return {
       id: r.id,
       jobId: r.jobId,
@@ -1271,9 +1296,10 @@ export class PostgresDriver implements QueueDriver {
   async deliveryRecord(p: { id: number; now: number; outcome: DeliveryOutcome }): Promise<void> {
     const o = p.outcome;
     await this.tx(async (c, fx) => {
-      const seq = await c.one<number>(Q.deliveryJob, { id: p.id });
+      const seq = await c.one<number | null>(Q.deliveryJob, { id: p.id });
       if (seq === undefined) return;
-      await c.run(Q.lineLock, { seq });
+      // A batch's event (no job) is alone in its line.
+      if (seq !== null) await c.run(Q.lineLock, { seq });
       type Done = { jobSeq: number; origin: string } | undefined;
       let row: Done;
       switch (o.kind) {
@@ -1410,101 +1436,94 @@ export class PostgresDriver implements QueueDriver {
       return (await c.one<string>(Q.secretGet, { name: p.name }))!;
     });
   }
-  // --- files and batches (ADR-0015): not on PostgreSQL yet (ADR-0011). The runner's reads answer
-  // "nothing to do", so it idles; every request that would store a file or a batch is refused. ---
+  // --- files and batches (ADR-0015): in files.ts ---
 
-  private unsupported(): Promise<never> {
-    return Promise.reject(
-      new Unavailable('not_supported_on_postgres', 'files and batches (the Batch API) are not available on the PostgreSQL driver yet; use SQLite for them'),
-    );
+  fileInsert(p: { file: NewFile; lines: FileLine[] }): Promise<number> {
+    return this.fb.fileInsert(p);
   }
 
-  fileInsert(_p: { file: NewFile; lines: FileLine[] }): Promise<number> {
-    return this.unsupported();
+  fileLinesAppend(p: { fileSeq: number; lines: FileLine[] }): Promise<void> {
+    return this.fb.fileLinesAppend(p);
   }
 
-  fileLinesAppend(_p: { fileSeq: number; lines: FileLine[] }): Promise<void> {
-    return this.unsupported();
+  fileFinish(p: { fileSeq: number; bytes: number; lines: number }): Promise<boolean> {
+    return this.fb.fileFinish(p);
   }
 
-  fileFinish(_p: { fileSeq: number; bytes: number; lines: number }): Promise<boolean> {
-    return this.unsupported();
+  fileLinesDelete(p: { fileSeq: number; limit: number }): Promise<number> {
+    return this.fb.fileLinesDelete(p);
   }
 
-  fileLinesDelete(_p: { fileSeq: number; limit: number }): Promise<number> {
-    return this.unsupported();
+  fileDelete(p: { fileSeq: number }): Promise<boolean> {
+    return this.fb.fileDelete(p);
   }
 
-  fileDelete(_p: { fileSeq: number }): Promise<boolean> {
-    return this.unsupported();
+  fileGet(p: { id: string }): Promise<FileRecord | null> {
+    return this.fb.fileGet(p);
   }
 
-  fileGet(_p: { id: string }): Promise<FileRecord | null> {
-    return this.unsupported();
+  filesList(p: { limit: number; beforeSeq?: number; keyId?: string; purpose?: string }): Promise<FileRecord[]> {
+    return this.fb.filesList(p);
   }
 
-  filesList(_p: { limit: number; beforeSeq?: number; keyId?: string; purpose?: string }): Promise<FileRecord[]> {
-    return this.unsupported();
+  fileLinesPage(p: { fileSeq: number; afterN: number; limit: number }): Promise<FileLine[]> {
+    return this.fb.fileLinesPage(p);
   }
 
-  fileLinesPage(_p: { fileSeq: number; afterN: number; limit: number }): Promise<FileLine[]> {
-    return this.unsupported();
+  fileBytesSet(p: { fileSeq: number; bytes: number }): Promise<void> {
+    return this.fb.fileBytesSet(p);
   }
 
-  fileBytesSet(_p: { fileSeq: number; bytes: number }): Promise<void> {
-    return this.unsupported();
+  filesExpired(p: { now: number; uploadingBefore: number; limit: number }): Promise<FileRecord[]> {
+    return this.fb.filesExpired(p);
   }
 
-  filesExpired(_p: { now: number; uploadingBefore: number; limit: number }): Promise<FileRecord[]> {
-    return Promise.resolve([]);
+  batchInsert(p: { batch: NewBatch; now: number }): Promise<BatchRecord | null> {
+    return this.fb.batchInsert(p);
   }
 
-  batchInsert(_p: { batch: NewBatch; now: number }): Promise<BatchRecord | null> {
-    return this.unsupported();
+  batchGet(p: { id: string } | { seq: number }): Promise<BatchRecord | null> {
+    return this.fb.batchGet(p);
   }
 
-  batchGet(_p: { id: string } | { seq: number }): Promise<BatchRecord | null> {
-    return this.unsupported();
+  batchesList(p: { limit: number; beforeSeq?: number; keyId?: string }): Promise<BatchRecord[]> {
+    return this.fb.batchesList(p);
   }
 
-  batchesList(_p: { limit: number; beforeSeq?: number; keyId?: string }): Promise<BatchRecord[]> {
-    return this.unsupported();
+  batchJobsInsert(p: { batchSeq: number; jobs: (NewJob & { line: number })[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<{ inserted: number; stopped: InsertOutcome | null }> {
+    return this.fb.batchJobsInsert(p);
   }
 
-  batchJobsInsert(_p: { batchSeq: number; jobs: (NewJob & { line: number })[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<{ inserted: number; stopped: InsertOutcome | null }> {
-    return this.unsupported();
+  batchCancel(p: { id: string; now: number; keyId?: string }): Promise<{ batch: BatchRecord; changed: boolean } | null> {
+    return this.fb.batchCancel(p);
   }
 
-  batchCancel(_p: { id: string; now: number; keyId?: string }): Promise<{ batch: BatchRecord; changed: boolean } | null> {
-    return this.unsupported();
+  batchExpire(p: { seq: number; now: number }): Promise<boolean> {
+    return this.fb.batchExpire(p);
   }
 
-  batchExpire(_p: { seq: number; now: number }): Promise<boolean> {
-    return this.unsupported();
+  batchFail(p: { seq: number; now: number; error: ErrorInfo }): Promise<boolean> {
+    return this.fb.batchFail(p);
   }
 
-  batchFail(_p: { seq: number; now: number; error: ErrorInfo }): Promise<boolean> {
-    return this.unsupported();
+  batchJobsEnd(p: { batchSeq: number; now: number; limit: number }): Promise<number> {
+    return this.fb.batchJobsEnd(p);
   }
 
-  batchJobsEnd(_p: { batchSeq: number; now: number; limit: number }): Promise<number> {
-    return this.unsupported();
+  batchResultsPage(p: { batchSeq: number; role: 'output' | 'error'; afterSeq: number; limit: number }): Promise<BatchResultRow[]> {
+    return this.fb.batchResultsPage(p);
   }
 
-  batchResultsPage(_p: { batchSeq: number; role: 'output' | 'error'; afterSeq: number; limit: number }): Promise<BatchResultRow[]> {
-    return this.unsupported();
-  }
-
-  batchesActive(_p: { limit: number }): Promise<BatchRecord[]> {
-    return Promise.resolve([]);
+  batchesActive(p: { limit: number }): Promise<BatchRecord[]> {
+    return this.fb.batchesActive(p);
   }
 
   batchesNextExpiry(): Promise<{ seq: number; expiresAt: number } | null> {
-    return Promise.resolve(null);
+    return this.fb.batchesNextExpiry();
   }
 
-  batchesDeleteExpired(_p: { endedBefore: number; limit: number; now: number }): Promise<number> {
-    return Promise.resolve(0);
+  batchesDeleteExpired(p: { endedBefore: number; limit: number; now: number }): Promise<number> {
+    return this.fb.batchesDeleteExpired(p);
   }
 }
 
