@@ -5,7 +5,7 @@ import type { Clock } from '../src/domain.js';
 import { startHarness } from './support/harness.js';
 import { fakeEmbedding } from './support/fake-ollama.js';
 import { scoped } from './support/scoped.js';
-import { sqlite, until } from './support/util.js';
+import { rowCount, until } from './support/util.js';
 
 /**
  * The Batch API (ADR-0015) with the official `openai` client: upload, create, poll, download;
@@ -153,9 +153,8 @@ describe('the Batch API', () => {
     }
     const wrongPurpose = await client.files.create({ file: await toFile(Buffer.from(good(1) + '\n'), 'x.jsonl'), purpose: 'fine-tune' }).then(() => null, (e: unknown) => e);
     expect((wrongPurpose as InstanceType<typeof OpenAI.BadRequestError>).error).toMatchObject({ param: 'purpose' });
-    const db = sqlite(h);
-    expect(db.prepare('SELECT count(*) FROM files').pluck().get()).toBe(0);
-    expect(db.prepare('SELECT count(*) FROM file_lines').pluck().get()).toBe(0);
+    expect(await rowCount(h, 'files')).toBe(0);
+    expect(await rowCount(h, 'file_lines')).toBe(0);
     expect((await client.files.list()).data).toEqual([]);
   });
 
@@ -166,9 +165,8 @@ describe('the Batch API', () => {
     expect(err).toBeInstanceOf(OpenAI.APIError);
     expect((err as InstanceType<typeof OpenAI.APIError>).status, JSON.stringify((err as InstanceType<typeof OpenAI.APIError>).error)).toBe(413);
     expect((err as InstanceType<typeof OpenAI.APIError>).error).toMatchObject({ code: 'file_too_large', param: 'file' });
-    const db = sqlite(h);
-    expect(db.prepare('SELECT count(*) FROM files').pluck().get()).toBe(0);
-    expect(db.prepare('SELECT count(*) FROM file_lines').pluck().get()).toBe(0);
+    expect(await rowCount(h, 'files')).toBe(0);
+    expect(await rowCount(h, 'file_lines')).toBe(0);
   });
 
   it('cancel mid-batch: queued requests are cancelled, the running one finishes, the output holds what finished; the webhook says so', async () => {

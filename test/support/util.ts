@@ -30,6 +30,13 @@ export async function jobCount(h: Harness): Promise<number> {
   return (sqlite(h).prepare('select count(*) n from jobs').get() as { n: number }).n;
 }
 
+/** Rows in a table (a fixed name, never user input), read straight from the service's database (either driver). */
+export async function rowCount(h: Harness, table: 'files' | 'file_lines' | 'batches' | 'jobs'): Promise<number> {
+  const d = h.service.driver;
+  if (d instanceof PostgresDriver) return Number((await d.pool.query<{ n: string }>(`SELECT count(*) AS n FROM ${table}`)).rows[0]!.n);
+  return sqlite(h).prepare(`SELECT count(*) FROM ${table}`).pluck().get() as number;
+}
+
 /** The stored moving average of a model's run time (either driver). */
 export async function modelAvgMs(h: Harness, model: string): Promise<number | undefined> {
   const d = h.service.driver;
