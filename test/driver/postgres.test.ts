@@ -135,6 +135,54 @@ describe('postgres driver only', () => {
     }
   });
 
+  it('a batch over three instances: a chunk submitted twice goes in once; concurrent ends count exactly; the batch ends once, with one event', async () => {
+    const db = await freshDb();
+    const ds = [0, 1, 2].map((i) => new PostgresDriver({ url: db.url, instanceId: `b${i}` }));
+    const [a, b] = [ds[0]!, ds[1]!];
+    try {
+      const N = 30;
+      const fileSeq = await a.fileInsert({
+        file: { id: 'file-in', keyId: '', filename: 'in.jsonl', endpoint: '/v1/chat/completions', createdAt: T0, expiresAt: null },
+        lines: Array.from({ length: N }, (_, i) => ({ n: i + 1, customId: `c${i + 1}`, body: '{}' })),
+      });
+      expect(await a.fileFinish({ fileSeq, bytes: 2 * N, lines: N })).toBe(true);
+      const batch = (await a.batchInsert({
+        now: T0,
+        batch: {
+          id: 'batch_x', keyId: '', inputFileSeq: fileSeq, inputFileId: 'file-in', endpoint: '/v1/chat/completions', completionWindow: '24h',
+          metadata: null, webhookUrl: 'http://127.0.0.1:9/hook', priority: 0, total: N, outputFileId: 'file-out', errorFileId: 'file-err',
+          expiresAt: T0 + 86_400_000, fileExpiresAt: null,
+        },
+      }))!;
+      const chunk = (from: number, n: number) =>
+        Array.from({ length: n }, (_, i) => ({ ...newJob({ metadata: { custom_id: `c${from + i}` } }), line: from + i }));
+      // Two runners (a leader that just stepped down, and the next) submit the same lines at once.
+      const both = await Promise.all([
+        a.batchJobsInsert({ batchSeq: batch.seq, jobs: chunk(1, 15), now: T0 + 1, maxQueued: 1000 }),
+        b.batchJobsInsert({ batchSeq: batch.seq, jobs: chunk(1, 15), now: T0 + 1, maxQueued: 1000 }),
+      ]);
+      expect(both.map((r) => r.inserted).sort((x, y) => x - y)).toEqual([0, 15]);
+      expect(await b.batchJobsInsert({ batchSeq: batch.seq, jobs: chunk(16, 15), now: T0 + 2, maxQueued: 1000 })).toEqual({ inserted: 15, stopped: null });
+      // Every job claimed, then ended at once from three instances: 20 done, 10 failed.
+      const claimed = (await Promise.all(ds.map((d) => d.jobsClaim({ owner: 'w', limit: N, now: T0 + 3, leaseMs: 60_000 })))).flatMap((cs, k) => cs.map((c) => ({ c, d: ds[k]! })));
+      expect(claimed).toHaveLength(N);
+      await Promise.all(
+        claimed.map(async ({ c, d }, i) => {
+          expect(await d.jobSetWorking({ seq: c.seq, lease: c.lease, now: T0 + 4, leaseMs: 60_000 })).toBe(true);
+          if (i % 3 === 0) expect(await d.jobFail({ seq: c.seq, lease: c.lease, now: T0 + 5, error: { code: 'x', message: 'no' } })).toBe(true);
+          else expect(await d.jobComplete({ seq: c.seq, lease: c.lease, now: T0 + 5, result: { i }, artifacts: [], runMs: 1 })).toBe(true);
+        }),
+      );
+      expect(await a.batchGet({ id: 'batch_x' })).toMatchObject({ status: 'completed', submitted: N, completed: 20, failed: 10, canceled: 0, completedAt: T0 + 5 });
+      const events = await a.deliveriesClaim({ now: T0 + 6, limit: 10, perOriginLimit: 10, inlineMax: 0 });
+      expect(events.map((e) => [e.jobId, e.state])).toEqual([['batch_x', 'batch.completed']]);
+      expect((await a.batchResultsPage({ batchSeq: batch.seq, role: 'output', afterSeq: 0, limit: 100 })).length).toBe(20);
+    } finally {
+      for (const d of ds) await d.close();
+      await db.drop();
+    }
+  });
+
   it('NOTIFY payloads stay below the 8000-byte limit', async () => {
     const { payloadsOf, MAX_PAYLOAD } = await import('../../src/queue/postgres/notify.js');
     const t = Array.from({ length: 200 }, (_, n) => ({ jobId: `job-${n}`, state: 'failed' as const, n, at: T0, attempt: 1, error: { code: 'x', message: 'e'.repeat(n === 5 ? 20_000 : 10) } }));
