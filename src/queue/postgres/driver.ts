@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import os from 'node:os';
 import pg from 'pg';
-import { isTerminal, loadKey, STATE_SEQUENCE, type ErrorInfo, type JobState } from '../../domain.js';
+import { isTerminal, loadKey, type ErrorInfo, type JobState } from '../../domain.js';
 import type {
   BatchRecord,
   BatchResultRow,
@@ -38,7 +38,7 @@ import { EXPIRED_IDS_KEPT_MS, fairest, LIST_SCAN_BUDGET, limitsOf, NEVER, origin
 import { LocalNotifier, type Notifier } from '../notifier.js';
 import { StorageUnavailable, Validation } from '../../errors.js';
 import { Conn, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, SqlCache } from './db.js';
-import { ClusterNotifier } from './notify.js';
+import { ClusterNotifier, payloadsOf } from './notify.js';
 import { LeaderElection } from './leader.js';
 import { PgFilesBatches } from './files.js';
 
@@ -87,7 +87,15 @@ interface TransitionRow {
   completion_tokens: number | null;
   key_id: string;
   kind: JobKind;
+  webhook_origin: string | null;
   batch_seq: number | null;
+}
+
+/** What `foreman_record` (migration 0006) did for a transition. */
+interface Recorded {
+  rec_n: number;
+  rec_due: number | null;
+  rec_released: number;
 }
 
 interface JobRow extends TransitionRow {
@@ -133,7 +141,7 @@ const CAP_MARGIN_JOBS = 1000;
 const CAP_MARGIN_BYTES = 64 * 1024 * 1024;
 
 const TRANSITION_COLS = `seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message, model,
-  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id, kind, batch_seq`;
+  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id, kind, webhook_origin, batch_seq`;
 const RUN_COLS = 'j.created_at, j.started_at, j.finished_at, j.attempt, j.model, j.conversation_id, j.load_ms, j.prompt_tokens, j.completion_tokens';
 const EFFECTIVE = '(priority + age_boost)';
 const KEY_COLS = `id, name, concurrency, max_queued AS maxQueued, daily_limit AS dailyLimit, priority_max AS priorityMax,
@@ -141,6 +149,17 @@ const KEY_COLS = `id, name, concurrency, max_queued AS maxQueued, daily_limit AS
 const DUE_COLS = `d.id, d.job_seq AS jobSeq, d.batch_seq AS batchSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
   d.attempts, coalesce(j.id, b.id) AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}`;
 const NUM_CTX = `(j.request::jsonb #> '{options,num_ctx}')`;
+
+/** The session options of every pooled connection: the URL's own `options`, then `jit=off`. */
+export function sessionOptions(url: string): string {
+  let own: string | null = null;
+  try {
+    own = new URL(url).searchParams.get('options');
+  } catch {
+    // an unparseable URL is refused at start-up, with its own message
+  }
+  return [own, '-c jit=off'].filter(Boolean).join(' ');
+}
 
 // The SQL of the driver, one constant per statement (named @parameters; see SqlCache).
 const Q = {
@@ -152,10 +171,11 @@ const Q = {
   keyLock: `SELECT pg_advisory_xact_lock(hashtextextended('foreman-key:' || @key, 0)) AS x`,
   keyRunning: `SELECT count(*) AS n FROM jobs WHERE key_id = @key AND state IN ('loading', 'working')`,
   insertJob: `INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
-      max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for, kind, batch_seq)
+      max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for, kind, webhook_origin,
+      batch_seq)
     VALUES (@id, @state, @model, @request, @metadata, @webhook_url, @webhook_events,
       @max_attempts, @priority, @deadline_at::bigint, @run_at, @now, @now, @conversation_id, @prev_seq::bigint, @waits, @key_id, @scheduled_for::bigint, @kind,
-      @batch_seq::bigint)
+      @webhook_origin::text, @batch_seq::bigint)
     RETURNING ${TRANSITION_COLS}`,
   keyQueued: `SELECT queued + scheduled AS n FROM key_counts WHERE key_id = @key`,
   keyDayJobs: `SELECT jobs FROM key_days WHERE key_id = @key AND day = @day`,
@@ -184,10 +204,7 @@ const Q = {
   auditPage: `SELECT id, at, actor, action, target, detail FROM audit_log WHERE id < @before ORDER BY id DESC LIMIT @limit`,
   secretInsert: `INSERT INTO server_secrets (name, value) VALUES (@name, @value) ON CONFLICT (name) DO NOTHING`,
   secretGet: `SELECT value FROM server_secrets WHERE name = @name`,
-  conversationUpsert: `INSERT INTO conversations AS c (id, last_seq, created_at) VALUES (@id, @seq, @now)
-    ON CONFLICT (id) DO UPDATE SET last_seq = greatest(c.last_seq, excluded.last_seq)`,
   turnBySeq: `SELECT seq, prev_seq AS prevSeq, request, result FROM jobs WHERE seq = @seq`,
-  releaseWaiting: `UPDATE jobs SET waits = 0, run_at = @now, updated_at = @now WHERE prev_seq = @seq AND state = 'queued' AND waits = 1`,
   failWaiting: `UPDATE jobs SET state = 'failed', waits = 0, error_code = 'previous_failed', error_message = @message,
       finished_at = @now, updated_at = @now
     WHERE prev_seq = @seq AND state = 'queued' AND waits = 1 RETURNING ${TRANSITION_COLS}`,
@@ -205,15 +222,18 @@ const Q = {
   expiredInsert: `INSERT INTO expired_jobs (id, at) VALUES (@id, @at) ON CONFLICT (id) DO NOTHING`,
   expiredSweep: `DELETE FROM expired_jobs WHERE id IN (SELECT id FROM expired_jobs WHERE at < @before ORDER BY at LIMIT @limit)`,
   conversationDropIfEmpty: `DELETE FROM conversations WHERE id = @id AND NOT EXISTS (SELECT 1 FROM jobs WHERE conversation_id = @id)`,
-  insertMetadata: `INSERT INTO job_metadata (key, value, job_seq) VALUES (@key, @value, @seq)`,
+  // A new job's conversation row and its metadata, in one statement.
+  conversationAndMetadata: `WITH m AS (INSERT INTO job_metadata (key, value, job_seq)
+      SELECT k, v, @seq FROM unnest(@keys::text[], @values::text[]) AS t(k, v))
+    INSERT INTO conversations AS c (id, last_seq, created_at) VALUES (@id, @seq, @now)
+    ON CONFLICT (id) DO UPDATE SET last_seq = greatest(c.last_seq, excluded.last_seq)`,
   idemGet: `SELECT body_hash AS bodyHash, job_seq AS jobSeq, expires_at AS expiresAt FROM idempotency_keys WHERE key = @key`,
   idemDelete: `DELETE FROM idempotency_keys WHERE key = @key`,
   idemInsert: `INSERT INTO idempotency_keys (key, body_hash, job_seq, expires_at) VALUES (@key, @hash, @seq, @expires)`,
   idemSweep: `DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys WHERE expires_at <= @now LIMIT @limit)`,
   idStateBySeq: `SELECT id, state, scheduled_for AS scheduledFor FROM jobs WHERE seq = @seq`,
-  insertTransition: `INSERT INTO job_transitions (job_seq, n, state, at, attempt)
-    VALUES (@seq, (SELECT coalesce(max(n), 0) + 1 FROM job_transitions WHERE job_seq = @seq), @state, @at, @attempt)
-    RETURNING n`,
+  record: `SELECT rec_n, rec_due, rec_released
+    FROM foreman_record(@seq, @state, @now, @attempt, @url::text, @origin::text, @gone, @events::text)`,
 
   // --- claim (FOR UPDATE SKIP LOCKED: what another instance is claiming is passed over) ---
   claimPick: `SELECT j.seq, k.key_id AS keyId, a.concurrency FROM key_counts k
@@ -352,14 +372,6 @@ const Q = {
   pendingStats: `SELECT count(*) AS count, min(occurred_at) AS oldestOccurredAt FROM webhook_deliveries WHERE status = 'pending'`,
 
   // --- webhook outbox: heads of each job's line are due; a claim is a lease in the row ---
-  insertDelivery: `INSERT INTO webhook_deliveries (job_seq, state, sequence, url, origin, occurred_at, next_attempt_at, due_at)
-    VALUES (@seq, @state, @sequence, @url, @origin, @now, @now,
-      CASE WHEN EXISTS (SELECT 1 FROM webhook_deliveries WHERE job_seq = @seq AND status = 'pending' AND sequence < @sequence)
-        THEN NULL ELSE @now::bigint END)
-    ON CONFLICT (job_seq, state) DO NOTHING RETURNING due_at AS dueAt`,
-  lineRefresh: `UPDATE webhook_deliveries SET due_at = CASE WHEN id = (SELECT id FROM webhook_deliveries
-        WHERE job_seq = @seq AND status = 'pending' ORDER BY sequence, id LIMIT 1) THEN next_attempt_at END
-    WHERE job_seq = @seq AND status = 'pending'`,
   // Origins with an unclaimed due head, earliest first: the distinct origins by a loose index scan
   // of webhook_deliveries_origin_due (one step per origin), then each one's first unclaimed due
   // head (past at most its claimed rows). Cost: origins, not the backlog (ADR-0010).
@@ -368,27 +380,29 @@ const Q = {
       UNION ALL
       SELECT (SELECT w.origin FROM webhook_deliveries w WHERE w.due_at IS NOT NULL AND w.origin > o.origin ORDER BY w.origin LIMIT 1)
       FROM o WHERE o.origin IS NOT NULL)
-    SELECT o.origin, h.due_at AS dueAt FROM o
+    SELECT o.origin, h.due_at AS dueAt, a.n AS active FROM o
       CROSS JOIN LATERAL (SELECT w.due_at FROM webhook_deliveries w
         WHERE w.origin = o.origin AND w.due_at IS NOT NULL AND w.due_at <= @now AND (w.claimed_by IS NULL OR w.claimed_until <= @now)
         ORDER BY w.due_at, w.id LIMIT 1) h
-    WHERE o.origin IS NOT NULL ORDER BY h.due_at LIMIT @n`,
-  activeClaims: `SELECT origin, count(*) AS n FROM webhook_deliveries
-    WHERE claimed_by IS NOT NULL AND claimed_until > @now GROUP BY origin`,
-  claimInOrigin: `UPDATE webhook_deliveries SET claimed_by = @by, claimed_until = @until
-    WHERE id IN (SELECT id FROM webhook_deliveries
-      WHERE origin = @origin AND due_at IS NOT NULL AND due_at <= @now AND (claimed_by IS NULL OR claimed_until <= @now)
-      ORDER BY due_at, id LIMIT @n FOR UPDATE SKIP LOCKED)
-    RETURNING id`,
-  deliveryForSend: `SELECT ${DUE_COLS} FROM webhook_deliveries d LEFT JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq
-    WHERE d.id = ANY(@ids::bigint[])
-    ORDER BY d.due_at, d.id`,
-  nextOfJob: `SELECT d.id FROM (SELECT job_seq, sequence FROM webhook_deliveries WHERE id = @id) cur
-      JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.sequence > cur.sequence
-    WHERE d.status = 'pending' AND d.next_attempt_at <= @now
-    ORDER BY d.sequence, d.id LIMIT 1 FOR UPDATE OF d`,
-  claimOneDelivery: `UPDATE webhook_deliveries SET claimed_by = @by, claimed_until = @until
-    WHERE id = @id AND (claimed_by IS NULL OR claimed_until <= @now) RETURNING id`,
+      CROSS JOIN LATERAL (SELECT count(*) AS n FROM webhook_deliveries c
+        WHERE c.origin = o.origin AND c.claimed_by IS NOT NULL AND c.claimed_until > @now) a
+    WHERE o.origin IS NOT NULL AND a.n < @cap ORDER BY h.due_at LIMIT @n`,
+  claimInOrigin: `WITH got AS (UPDATE webhook_deliveries SET claimed_by = @by, claimed_until = @until
+      WHERE id IN (SELECT id FROM webhook_deliveries
+        WHERE origin = @origin AND due_at IS NOT NULL AND due_at <= @now AND (claimed_by IS NULL OR claimed_until <= @now)
+        ORDER BY due_at, id LIMIT @n FOR UPDATE SKIP LOCKED)
+      RETURNING *)
+    SELECT ${DUE_COLS} FROM got d LEFT JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq ORDER BY d.due_at, d.id`,
+  // A delivery's outcome and its line's next head, in one call (migration 0006).
+  recordDelivery: `SELECT foreman_delivery_record(@id, @now, @kind, @code::integer, @next::bigint, @error::text, @notify::text) AS seq`,
+  // The job's next event once the one before it is recorded, claimed, with what its send needs.
+  claimNextOfJob: `WITH cur AS (SELECT job_seq, sequence FROM webhook_deliveries WHERE id = @id),
+      nxt AS (SELECT d.id FROM cur JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.sequence > cur.sequence
+        WHERE d.status = 'pending' AND d.next_attempt_at <= @now
+        ORDER BY d.sequence, d.id LIMIT 1 FOR UPDATE OF d),
+      got AS (UPDATE webhook_deliveries w SET claimed_by = @by, claimed_until = @until FROM nxt
+        WHERE w.id = nxt.id AND (w.claimed_by IS NULL OR w.claimed_until <= @now) RETURNING w.*)
+    SELECT ${DUE_COLS} FROM got d JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq`,
   // When the next unclaimed head of an origin below its cap becomes due (same loose scan).
   nextDue: `WITH RECURSIVE o(origin) AS (
       (SELECT origin FROM webhook_deliveries WHERE due_at IS NOT NULL ORDER BY origin LIMIT 1)
@@ -403,21 +417,7 @@ const Q = {
     ORDER BY h.due_at LIMIT 1`,
   artifactsForEvent: `SELECT name, content_type AS contentType, size, sha256, CASE WHEN size <= @inline THEN body END AS body
     FROM artifacts WHERE job_seq = @seq ORDER BY name`,
-  deliveryDelivered: `UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = @now,
-      next_attempt_at = NULL, due_at = NULL, last_status_code = @code, last_error = NULL, claimed_by = NULL, claimed_until = NULL
-    WHERE id = @id AND status = 'pending' RETURNING job_seq AS jobSeq, origin`,
-  deliveryRetry: `UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = @next,
-      due_at = CASE WHEN due_at IS NULL THEN NULL ELSE @next::bigint END, last_status_code = @code::integer, last_error = @error,
-      claimed_by = NULL, claimed_until = NULL
-    WHERE id = @id AND status = 'pending' RETURNING job_seq AS jobSeq, origin`,
-  deliveryFailed: `UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, next_attempt_at = NULL,
-      due_at = NULL, last_status_code = @code::integer, last_error = @error, claimed_by = NULL, claimed_until = NULL
-    WHERE id = @id AND status = 'pending' RETURNING job_seq AS jobSeq, origin`,
   deliveryUnclaim: `UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until = NULL WHERE id = @id AND claimed_by = @by`,
-  goneJob: `UPDATE jobs SET webhook_gone = 1 WHERE seq = @seq`,
-  goneRest: `UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, due_at = NULL, claimed_by = NULL, claimed_until = NULL,
-      last_error = 'not sent: the receiver answered 410 Gone for an earlier event'
-    WHERE job_seq = @seq AND status = 'pending'`,
   redeliver: `UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = @now, delivered_at = NULL
     WHERE job_seq = @seq AND status <> 'pending' AND ((@state::text IS NULL AND status = 'failed') OR state = @state::text)
     RETURNING state, origin`,
@@ -426,8 +426,8 @@ const Q = {
   // and the outcome of the one before it never commit past each other unseen (under READ
   // COMMITTED each could miss the other and leave the new row never due). An advisory lock, not
   // the job's row lock, so a claim's SKIP LOCKED never passes over a queued job because of it.
+  lineRefresh: `SELECT foreman_line_refresh(@seq) AS x`,
   lineLock: `SELECT pg_advisory_xact_lock(-(@seq::bigint)) AS x`,
-  deliveryJob: `SELECT job_seq AS seq FROM webhook_deliveries WHERE id = @id`,
 };
 
 /**
@@ -450,6 +450,9 @@ export class PostgresDriver implements QueueDriver {
   private readonly deliveryLeaseMs: number;
   private closed = false;
   private claims = 0;
+  private readonly wrapped = new Map<string, string>();
+  /** The NOTIFY payload that tells the other instances a webhook slot is free (null: no cluster). */
+  private readonly slotFreed: string | null;
   /** Files and batches (ADR-0015): their SQL and method bodies are in files.ts, in this driver's transactions. */
   private readonly fb = new PgFilesBatches({
     tx: (op) => this.tx(op),
@@ -469,6 +472,9 @@ export class PostgresDriver implements QueueDriver {
       idleTimeoutMillis: 30_000,
       types: pgTypes,
       application_name: `foreman ${this.instanceId}`.slice(0, 63),
+      // Short OLTP statements: JIT compiling one (the planner's guess of a claim's cost on a
+      // young table crosses jit_above_cost) took ~100 ms per claim. ADR-0011.
+      options: sessionOptions(opts.url),
     });
     // An idle client's connection dropping (server restart) must not crash the process.
     this.pool.on('error', () => {});
@@ -480,6 +486,7 @@ export class PostgresDriver implements QueueDriver {
     this.local = opts.notifier instanceof LocalNotifier ? opts.notifier : new LocalNotifier();
     this.cluster = opts.crossInstance === false ? null : new ClusterNotifier({ url: opts.url, instanceId: this.instanceId, local: this.local, types: pgTypes });
     this.notifier = this.local;
+    this.slotFreed = this.cluster ? payloadsOf(this.instanceId, { ...noEffects(), deliveryReady: true })[0]! : null;
     this.ready = this.init();
     this.ready.catch(() => {}); // observed by recover() and every call
   }
@@ -564,49 +571,78 @@ export class PostgresDriver implements QueueDriver {
     }
   }
 
+  /**
+   * One statement on any pooled connection, in its own (implicit) transaction: a write that is a
+   * single statement needs no BEGIN and COMMIT round trips. Deadlocks run it again.
+   */
+  private async single<T>(fn: (c: Conn) => Promise<T>): Promise<T> {
+    await this.ready;
+    for (let attempt = 0; ; attempt++) {
+      const t0 = performance.now();
+      try {
+        const out = await fn(this.conn);
+        this.opts.onCommit?.(1, performance.now() - t0);
+        return out;
+      } catch (err) {
+        if (isRetryable(err) && attempt < 5) continue;
+        throw domainError(err);
+      }
+    }
+  }
+
   // --- transitions ---
 
-  private async record(c: Conn, fx: Effects, row: TransitionRow, state: JobState, now: number): Promise<void> {
-    const n = (await c.one<number>(Q.insertTransition, { seq: row.seq, state, at: now, attempt: row.attempt }))!;
-    const ev: TransitionEvent = { jobId: row.id, state, model: row.model, n, at: now, attempt: row.attempt };
+  /**
+   * A transition's effects: its transition row, what a `done` releases and its outbox row, in one
+   * call of `foreman_record` (migration 0006), unless the statement that changed the job already
+   * made it (`move`); then the events, and what a failed or canceled job's waiting turns become.
+   */
+  private async record(c: Conn, fx: Effects, row: TransitionRow, state: JobState, now: number, rec?: Recorded): Promise<void> {
+    rec ??= (await c.get<Recorded>(Q.record, {
+      seq: row.seq,
+      state,
+      now,
+      attempt: row.attempt,
+      url: row.webhook_url,
+      origin: row.webhook_origin,
+      gone: row.webhook_gone,
+      events: row.webhook_events,
+    }))!;
+    const ev: TransitionEvent = { jobId: row.id, state, model: row.model, n: rec.rec_n, at: now, attempt: row.attempt };
     if (state === 'failed') ev.error = { code: row.error_code ?? 'unknown', message: row.error_message ?? '' };
     if (isTerminal(state)) ev.run = runOf(row);
     fx.transitions.push(ev);
-    if (state === 'queued') fx.jobReady = true;
-    if (state === 'done') {
-      if ((await c.run(Q.releaseWaiting, { seq: row.seq, now })) > 0) fx.jobReady = true;
-    } else if (state === 'failed' || state === 'canceled') {
+    if (state === 'queued' || rec.rec_released > 0) fx.jobReady = true;
+    if (rec.rec_due != null) fx.deliveryReady = true;
+    if (state === 'failed' || state === 'canceled') {
       const message = `the job this one continues (${row.id}) ended ${state}`;
-      for (const w of await c.all<TransitionRow>(Q.failWaiting, { seq: row.seq, now, message })) await this.record(c, fx, w, 'failed', now);
+      await this.moveAll(c, fx, Q.failWaiting, { seq: row.seq, now, message }, 'failed', now);
     }
     // A batch's last job to end ends the batch, in the same transaction (ADR-0015).
     if (row.batch_seq !== null && isTerminal(state)) await this.fb.settle(c, fx, row.batch_seq, now);
-    if (row.webhook_url === null || row.webhook_gone === 1) return;
-    if (row.webhook_events !== null && !(JSON.parse(row.webhook_events) as string[]).includes(state)) return;
-    const origin = originOf(row.webhook_url);
-    // The job's line is changed by one transaction at a time (see lineLock).
-    await c.run(Q.lineLock, { seq: row.seq });
-    const r = await c.get<{ dueAt: number | null }>(Q.insertDelivery, {
-      seq: row.seq,
-      state,
-      sequence: STATE_SEQUENCE[state],
-      url: row.webhook_url,
-      origin,
-      now,
-    });
-    if (r?.dueAt == null) return;
-    fx.deliveryReady = true;
+  }
+
+  /** `sql` (an UPDATE … RETURNING the transition columns) and each changed job's record, in one statement. */
+  private recorded(sql: string, state: JobState): string {
+    const key = `${state}\0${sql}`;
+    let w = this.wrapped.get(key);
+    if (w === undefined) {
+      w = `WITH u AS (${sql}) SELECT u.*, r.rec_n, r.rec_due, r.rec_released FROM u
+        CROSS JOIN LATERAL foreman_record(u.seq, '${state}', @rec_now, u.attempt, u.webhook_url, u.webhook_origin, u.webhook_gone, u.webhook_events) r`;
+      this.wrapped.set(key, w);
+    }
+    return w;
   }
 
   private async move(c: Conn, fx: Effects, sql: string, params: Record<string, unknown>, state: JobState, now: number): Promise<TransitionRow | undefined> {
-    const row = await c.get<TransitionRow>(sql, params);
-    if (row) await this.record(c, fx, row, state, now);
+    const row = await c.get<TransitionRow & Recorded>(this.recorded(sql, state), { ...params, rec_now: now });
+    if (row) await this.record(c, fx, row, state, now, row);
     return row;
   }
 
   private async moveAll(c: Conn, fx: Effects, sql: string, params: Record<string, unknown>, state: JobState, now: number): Promise<string[]> {
-    const rows = await c.all<TransitionRow>(sql, params);
-    for (const r of rows) await this.record(c, fx, r, state, now);
+    const rows = await c.all<TransitionRow & Recorded>(this.recorded(sql, state), { ...params, rec_now: now });
+    for (const r of rows) await this.record(c, fx, r, state, now, r);
     return rows.map((r) => r.id);
   }
 
@@ -726,6 +762,7 @@ export class PostgresDriver implements QueueDriver {
           request,
           metadata: j.metadata === null ? null : JSON.stringify(j.metadata),
           webhook_url: j.webhookUrl,
+          webhook_origin: j.webhookUrl === null ? null : originOf(j.webhookUrl),
           webhook_events: j.webhookEvents === null ? null : JSON.stringify(j.webhookEvents),
           max_attempts: j.maxAttempts,
           priority: j.priority,
@@ -745,8 +782,8 @@ export class PostgresDriver implements QueueDriver {
         if (j.clampedFrom) {
           await this.audit(c, now, j.clampedFrom.actor, 'job.priority_clamped', j.id, { asked: j.clampedFrom.priority, given: j.priority });
         }
-        await c.run(Q.conversationUpsert, { id: row.conversation_id, seq: row.seq, now });
-        if (j.metadata) for (const [k, v] of Object.entries(j.metadata)) await c.run(Q.insertMetadata, { key: k, value: v, seq: row.seq });
+        const meta = Object.entries(j.metadata ?? {});
+        await c.run(Q.conversationAndMetadata, { id: row.conversation_id, seq: row.seq, now, keys: meta.map(([k]) => k), values: meta.map(([, v]) => v) });
         if (j.idempotency) {
           await c.run(Q.idemInsert, { key: j.idempotency.key, hash: j.idempotency.bodyHash, seq: row.seq, expires: j.idempotency.expiresAt });
         }
@@ -871,7 +908,7 @@ export class PostgresDriver implements QueueDriver {
     );
   }
 
-  jobComplete(p: {
+  async jobComplete(p: {
     seq: number;
     lease: string;
     now: number;
@@ -881,7 +918,7 @@ export class PostgresDriver implements QueueDriver {
     loadMs?: number;
     usage?: { promptTokens: number | null; completionTokens: number | null };
   }): Promise<boolean> {
-    return this.tx(async (c, fx) => {
+    const model = await this.tx(async (c, fx) => {
       const text = JSON.stringify(p.result);
       const same = p.artifacts.some((a) => a.name === 'completion' && a.body.length === Buffer.byteLength(text) && a.body.equals(Buffer.from(text)));
       const row = await this.move(
@@ -900,16 +937,20 @@ export class PostgresDriver implements QueueDriver {
         'done',
         p.now,
       );
-      if (!row) return false;
+      if (!row) return null;
       for (const a of p.artifacts) {
         const sha = createHash('sha256').update(a.body).digest('hex');
         await c.run(Q.insertArtifact, { seq: p.seq, name: a.name, type: a.contentType, size: a.body.length, sha, body: a.body, now: p.now });
       }
-      await c.run(Q.modelStat, { model: row.model, ms: p.runMs });
       const tokens = (p.usage?.promptTokens ?? 0) + (p.usage?.completionTokens ?? 0);
       if (row.key_id !== '' && tokens > 0) await c.run(Q.keyDayAddTokens, { key: row.key_id, day: Math.floor(p.now / 86_400_000), tokens });
-      return true;
+      return row.model;
     });
+    if (model === null) return false;
+    // The model's average run time, after the commit: its row is every job's of the model, and a
+    // lock on it held through the transaction's other statements made the completions take turns.
+    await this.single((c) => c.run(Q.modelStat, { model, ms: p.runMs })).catch(() => {}); // a statistic: the job is done either way
+    return true;
   }
 
   jobRetry(p: { seq: number; lease: string; now: number; runAt: number }): Promise<boolean> {
@@ -1257,36 +1298,34 @@ export class PostgresDriver implements QueueDriver {
     };
   }
 
-  deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]> {
-    if (p.limit <= 0) return Promise.resolve([]);
-    return this.tx(async (c) => {
-      const active = new Map((await c.all<{ origin: string; n: number }>(Q.activeClaims, { now: p.now })).map((r) => [r.origin, r.n]));
-      const origins = await c.all<{ origin: string }>(Q.dueOrigins, { now: p.now, n: p.limit + active.size });
-      const ids: number[] = [];
-      const until = p.now + this.deliveryLeaseMs;
-      for (const { origin } of origins) {
-        if (ids.length >= p.limit) break;
-        const room = Math.min(p.perOriginLimit - (active.get(origin) ?? 0), p.limit - ids.length);
-        if (room <= 0) continue;
-        for (const r of await c.all<{ id: number }>(Q.claimInOrigin, { by: this.instanceId, until, origin, now: p.now, n: room })) ids.push(r.id);
-      }
-      if (ids.length === 0) return [];
-      const rows = await c.all<DueRow>(Q.deliveryForSend, { ids });
+  /**
+   * No transaction around it: one read (the origins with a due head and room below the cap), then
+   * one statement per origin that claims its heads and returns what their sends need. Each claim
+   * is atomic by itself (SKIP LOCKED, the lease condition); a transaction added only round trips.
+   */
+  async deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]> {
+    if (p.limit <= 0) return [];
+    const origins = await this.read((c) => c.all<{ origin: string; active: number }>(Q.dueOrigins, { now: p.now, n: p.limit, cap: p.perOriginLimit }));
+    const rows: DueRow[] = [];
+    const until = p.now + this.deliveryLeaseMs;
+    for (const { origin, active } of origins) {
+      if (rows.length >= p.limit) break;
+      const room = Math.min(p.perOriginLimit - active, p.limit - rows.length);
+      if (room <= 0) continue;
+      rows.push(...(await this.single((c) => c.all<DueRow>(Q.claimInOrigin, { by: this.instanceId, until, origin, now: p.now, n: room }))));
+    }
+    if (rows.length === 0) return [];
+    return this.read(async (c) => {
       const out: ClaimedDelivery[] = [];
       for (const r of rows) out.push(await this.toClaimed(c, r, p.inlineMax));
       return out;
     });
   }
 
-  deliveryClaimNext(p: { afterId: number; now: number; inlineMax: number }): Promise<ClaimedDelivery | null> {
-    return this.tx(async (c) => {
-      const next = await c.one<number>(Q.nextOfJob, { id: p.afterId, now: p.now });
-      if (next === undefined) return null;
-      const got = await c.one<number>(Q.claimOneDelivery, { id: next, by: this.instanceId, until: p.now + this.deliveryLeaseMs, now: p.now });
-      if (got === undefined) return null;
-      const [r] = await c.all<DueRow>(Q.deliveryForSend, { ids: [got] });
-      return this.toClaimed(c, r!, p.inlineMax);
-    });
+  /** One statement, no transaction around it (its own); the artifacts of a `done` in a second read. */
+  async deliveryClaimNext(p: { afterId: number; now: number; inlineMax: number }): Promise<ClaimedDelivery | null> {
+    const r = await this.single((c) => c.get<DueRow>(Q.claimNextOfJob, { id: p.afterId, now: p.now, by: this.instanceId, until: p.now + this.deliveryLeaseMs }));
+    return r === undefined ? null : this.read((c) => this.toClaimed(c, r, p.inlineMax));
   }
 
   deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null> {
@@ -1295,36 +1334,19 @@ export class PostgresDriver implements QueueDriver {
 
   async deliveryRecord(p: { id: number; now: number; outcome: DeliveryOutcome }): Promise<void> {
     const o = p.outcome;
-    await this.tx(async (c, fx) => {
-      const seq = await c.one<number | null>(Q.deliveryJob, { id: p.id });
-      if (seq === undefined) return;
-      // A batch's event (no job) is alone in its line.
-      if (seq !== null) await c.run(Q.lineLock, { seq });
-      type Done = { jobSeq: number; origin: string } | undefined;
-      let row: Done;
-      switch (o.kind) {
-        case 'delivered':
-          row = await c.get(Q.deliveryDelivered, { id: p.id, now: p.now, code: o.status });
-          break;
-        case 'retry':
-          row = await c.get(Q.deliveryRetry, { id: p.id, next: o.at, code: o.status, error: o.error });
-          break;
-        case 'failed':
-        case 'gone':
-          row = await c.get(Q.deliveryFailed, { id: p.id, code: o.status, error: o.error });
-          if (row && o.kind === 'gone') {
-            await c.run(Q.goneJob, { seq: row.jobSeq });
-            await c.run(Q.goneRest, { seq: row.jobSeq });
-          }
-          break;
-      }
-      if (!row) return;
-      if (o.kind !== 'retry') {
-        await c.run(Q.lineRefresh, { seq: row.jobSeq });
-      }
-      // A slot of its origin is free (here or on another instance).
-      fx.deliveryReady = true;
-    });
+    const seq = await this.single((c) =>
+      c.one<number | null>(Q.recordDelivery, {
+        id: p.id,
+        now: p.now,
+        kind: o.kind,
+        code: o.status,
+        next: o.kind === 'retry' ? o.at : null,
+        error: o.kind === 'delivered' ? null : o.error,
+        notify: this.slotFreed,
+      }),
+    );
+    // A slot of its origin is free (here; the other instances were told by the NOTIFY).
+    if (seq != null) this.local.emit('deliveryReady');
   }
 
   async deliveryRelease(p: { id: number }): Promise<void> {
