@@ -2,7 +2,13 @@
  * The queue driver conformance suite against the PostgreSQL driver (a fresh database per test, in
  * this run's private cluster: test/support/postgres.ts), plus what only a shared driver promises.
  */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { migrate } from '../../src/queue/postgres/db.js';
 import { PostgresDriver } from '../../src/queue/postgres/driver.js';
 import { createDatabase } from '../support/postgres.js';
 import { driverConformance, newJob } from './conformance.js';
@@ -180,6 +186,39 @@ describe('postgres driver only', () => {
     } finally {
       for (const d of ds) await d.close();
       await db.drop();
+    }
+  });
+
+  it('migrations 0004 and 0007 on a database already at 0006 give the schema a fresh database gets (0004 was numbered before 0005 and 0006 were written)', async () => {
+    const all = fileURLToPath(new URL('../../migrations/postgres/', import.meta.url));
+    const early = fs.mkdtempSync(path.join(os.tmpdir(), 'foreman-migrations-'));
+    for (const f of fs.readdirSync(all)) if (!/^000[47]_/.test(f)) fs.copyFileSync(path.join(all, f), path.join(early, f));
+    const schema = async (c: pg.Client) => {
+      const rows = async (sql: string) => (await c.query(sql)).rows.map((r) => JSON.stringify(r)).sort();
+      return [
+        await rows(`SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns WHERE table_schema = 'public'`),
+        await rows(`SELECT conrelid::regclass::text AS t, pg_get_constraintdef(oid) AS d FROM pg_constraint WHERE connamespace = 'public'::regnamespace`),
+        await rows(`SELECT indexdef FROM pg_indexes WHERE schemaname = 'public'`),
+        await rows(`SELECT pg_get_triggerdef(oid) AS d FROM pg_trigger WHERE NOT tgisinternal`),
+        await rows(`SELECT proname, prosrc FROM pg_proc WHERE pronamespace = 'public'::regnamespace`),
+      ];
+    };
+    const [a, b] = [await createDatabase('foreman_order'), await createDatabase('foreman_order')];
+    const [ca, cb] = [new pg.Client({ connectionString: a.url }), new pg.Client({ connectionString: b.url })];
+    try {
+      await ca.connect();
+      await cb.connect();
+      const versions = fs.readdirSync(all).filter((f) => /^\d{4}_/.test(f)).sort().map((f) => Number(f.slice(0, 4)));
+      expect(await migrate(ca, early)).toEqual(versions.filter((v) => v !== 4 && v !== 7));
+      expect(await migrate(ca, all)).toEqual([4, 7]);
+      expect(await migrate(cb, all)).toEqual(versions);
+      expect(await schema(ca)).toEqual(await schema(cb));
+    } finally {
+      await ca.end();
+      await cb.end();
+      await a.drop();
+      await b.drop();
+      fs.rmSync(early, { recursive: true, force: true });
     }
   });
 
