@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { PostgresDriver } from '../../src/queue/postgres/driver.js';
 import { createDatabase } from '../support/postgres.js';
 import { driverConformance, newJob } from './conformance.js';
+import { UNSUPPORTED_ON_POSTGRES } from './postgres-unsupported.js';
 
 /** A template database migrated once; each test gets a copy (CREATE DATABASE … TEMPLATE is fast). */
 let template: Awaited<ReturnType<typeof createDatabase>>;
@@ -23,17 +24,6 @@ async function freshDb(): Promise<{ url: string; drop: () => Promise<void> }> {
   return createDatabase('foreman_t', template.name);
 }
 
-/**
- * Not on PostgreSQL yet: files and batches (ADR-0015). The driver refuses them with
- * `Unavailable('not_supported_on_postgres')` (ADR-0011), so these conformance tests are skipped
- * for it, and only these.
- */
-const UNSUPPORTED_ON_POSTGRES = [
-  'an upload is invisible until finished; lines come back in order; a repeated custom_id is refused by the store',
-  'lines become jobs chunk by chunk; counters follow the jobs; the last job ends the batch, in order through finalizing',
-  'cancel: unsubmitted lines count as canceled, waiting jobs end in chunks, a running one finishes; then cancelled, with its webhook event',
-  'expiry fails the waiting jobs batch_expired and ends the batch expired; expired batches go with their jobs, which the job TTL leaves alone',
-] as const;
 
 driverConformance('postgres driver', async () => {
   const db = await freshDb();
