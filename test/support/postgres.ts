@@ -57,6 +57,8 @@ export interface PostgresCluster {
   /** postgres://foreman@127.0.0.1:<port>/postgres */
   adminUrl: string;
   port: number;
+  /** The postmaster's process id (its backends are its children): CPU accounting in tools/bench-instances.ts. */
+  pid(): number | undefined;
   stop(): Promise<void>;
   restart(downMs?: number): Promise<void>;
 }
@@ -164,7 +166,7 @@ export async function startPostgresCluster(): Promise<PostgresCluster> {
     spawnServer();
     await answering();
   };
-  return { adminUrl, port, stop, restart };
+  return { adminUrl, port, pid: () => (exited ? undefined : proc.pid), stop, restart };
 }
 
 /** The admin URL of this run's cluster (set by the global setup). */
