@@ -15,6 +15,7 @@ afterAll(async () => {
 it('SIGKILL chaos on PostgreSQL, 2 instances: nothing lost, order kept, never run twice at once, one leader at a time', async () => {
   const r = await runPgChaos({ jobs: 40, kills: 4, instances: 2, seed: 4242, databaseUrl: db.url });
   const table = formatPgReport(r);
+  console.log(table);
   expect(r.kills.map((k) => k.kind), table).toEqual(['submit', 'generation', 'delivery', 'leader']);
   expect(r.submitted, table).toBe(40);
   expect(r.lost, table).toBe(0);

@@ -37,6 +37,8 @@ export interface PgChaosOptions {
   databaseUrl?: string;
   /** FOREMAN_JOB_LEASE of the instances: how long a killed instance's jobs wait for the rescuer. */
   leaseMs?: number;
+  /** Submissions are spread over this long (default: as long as the kills take, at least 6 s), so the kills find work. */
+  submitSecs?: number;
   log?: (line: string) => void;
 }
 
@@ -196,6 +198,14 @@ export async function runPgChaos(opts: PgChaosOptions): Promise<PgChaosReport> {
       await start(slot);
     };
     const live = () => slots.filter((s) => s.url !== '');
+    /** Nothing left to run or deliver: a kill that waits for work stops waiting. */
+    const idle = async (): Promise<boolean> =>
+      !submitting &&
+      (
+        await sql.query<{ n: number }>(
+          "SELECT ((SELECT count(*) FROM jobs WHERE state NOT IN ('done', 'failed', 'canceled')) + (SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'))::int AS n",
+        )
+      ).rows[0]!.n === 0;
     /** The current leader: the last `leader` log line of each live process says whether it leads. */
     const leaderSlot = (): Slot | undefined =>
       live().find((s) => {
@@ -209,7 +219,10 @@ export async function runPgChaos(opts: PgChaosOptions): Promise<PgChaosReport> {
     // The submitter: round-robin over the instances (the next live one while one is down),
     // retrying until each job gets its 202; it runs through the first kills.
     const accepted: string[] = [];
-    const submitRate = opts.jobs / 6; // jobs per second
+    // A restart takes seconds: the submissions are spread over the time the kills take (measured
+    // as they go; 4 s each to begin with), so that the later kills still find work.
+    let perKillMs = 4000;
+    const windowMs = () => (opts.submitSecs !== undefined ? opts.submitSecs * 1000 : Math.max(6000, perKillMs * opts.kills));
     let submitting = true;
     const submitter = (async () => {
       const t = Date.now();
@@ -217,8 +230,9 @@ export async function runPgChaos(opts: PgChaosOptions): Promise<PgChaosReport> {
       const worker = async () => {
         while (i < opts.jobs) {
           const n = i++;
-          const due = t + (n / submitRate) * 1000;
-          if (due > Date.now()) await sleep(due - Date.now());
+          for (let due = t + (n / opts.jobs) * windowMs(); due > Date.now(); due = t + (n / opts.jobs) * windowMs()) {
+            await sleep(Math.min(250, due - Date.now()));
+          }
           for (let tries = 0; ; tries++) {
             const slot = slots[(n + tries) % slots.length]!;
             const base = slot.url;
@@ -254,7 +268,9 @@ export async function runPgChaos(opts: PgChaosOptions): Promise<PgChaosReport> {
     })();
 
     const plan: PgKillKind[] = ['submit', 'generation', 'delivery', 'leader'];
+    const killsFrom = Date.now();
     for (let k = 0; k < opts.kills; k++) {
+      if (k > 0) perKillMs = (Date.now() - killsFrom) / k;
       let kind = plan[k % plan.length]!;
       if (kind === 'submit' && !submitting) kind = 'generation';
       let victim: Slot;
@@ -272,6 +288,7 @@ export async function runPgChaos(opts: PgChaosOptions): Promise<PgChaosReport> {
           const rows = (await sql.query<{ id: string; instance: string }>("SELECT id, instance FROM jobs WHERE state = 'working'")).rows;
           const mine = rows.filter((r) => live().some((s) => s.id === r.instance));
           if (mine.length) found = pick(mine);
+          else if (await idle()) break;
           else await sleep(10);
         }
         await sleep(10 + Math.floor(rand() * 60));
@@ -297,7 +314,12 @@ export async function runPgChaos(opts: PgChaosOptions): Promise<PgChaosReport> {
             await held;
           };
         });
-        const got = await Promise.race([seen.then(() => true), sleep(20_000).then(() => false)]);
+        let waiting = true;
+        const gaveUp = (async () => {
+          for (const end = Date.now() + 20_000; waiting && Date.now() < end && !(await idle()); ) await sleep(50);
+        })();
+        const got = await Promise.race([seen.then(() => true), gaveUp.then(() => false)]);
+        waiting = false;
         grab = null;
         const s = sender === null ? undefined : live().find((x) => x.id === sender);
         victim = s ?? pick(live());
