@@ -233,6 +233,8 @@ export async function runPgChaos(opts: PgChaosOptions): Promise<PgChaosReport> {
           for (let due = t + (n / opts.jobs) * windowMs(); due > Date.now(); due = t + (n / opts.jobs) * windowMs()) {
             await sleep(Math.min(250, due - Date.now()));
           }
+          // Each try has its own prompt: a try that was committed but never answered (killed
+          // before its 202) is another job, and the fake engine's overlap count goes by prompt.
           for (let tries = 0; ; tries++) {
             const slot = slots[(n + tries) % slots.length]!;
             const base = slot.url;
@@ -246,7 +248,7 @@ export async function runPgChaos(opts: PgChaosOptions): Promise<PgChaosReport> {
                 headers: { 'content-type': 'application/json' },
                 body: JSON.stringify({
                   model: 'llama3.2',
-                  messages: [{ role: 'user', content: `chaos ${n}` }],
+                  messages: [{ role: 'user', content: `chaos ${n}.${tries}` }],
                   state_webhook_url: `${receivers[n % receivers.length]!.url}/hook`,
                   metadata: { n: String(n) },
                 }),

@@ -127,7 +127,9 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosReport> {
         const n = i++;
         const due = started + (n / submitRate) * 1000;
         if (due > Date.now()) await sleep(due - Date.now());
-        for (;;) {
+        // Each try has its own prompt: a try that was committed but never answered (killed before
+        // its 202) is another job, and the fake engine's overlap count goes by prompt.
+        for (let tries = 0; ; tries++) {
           const url = currentUrl;
           if (!url) {
             await sleep(10);
@@ -139,7 +141,7 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosReport> {
               headers: { 'content-type': 'application/json' },
               body: JSON.stringify({
                 model: 'llama3.2',
-                messages: [{ role: 'user', content: `chaos ${n}` }],
+                messages: [{ role: 'user', content: `chaos ${n}.${tries}` }],
                 state_webhook_url: `${receivers[n % receivers.length]!.url}/hook`,
                 metadata: { n: String(n) },
               }),
