@@ -208,6 +208,7 @@ export function driverConformance(name: string, factory: DriverFactory, opts: { 
           keyId: null,
           scheduledFor: null,
           engine: null,
+          instance: null, // set by a claim
           kind: 'chat',
         });
         const vb = await view(b.id);
@@ -986,6 +987,7 @@ export function driverConformance(name: string, factory: DriverFactory, opts: { 
           keyId: null,
           scheduledFor: null,
           engine: null,
+          instance: expect.any(String), // the claiming driver's instance id (exact values: test/api.test.ts)
           kind: 'chat',
         });
         expect(await d.jobGet({ id: uuidv7() })).toBeNull();

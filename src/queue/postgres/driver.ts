@@ -1142,6 +1142,7 @@ export class PostgresDriver implements QueueDriver {
         keyId: r.key_id === '' ? null : r.key_id,
         scheduledFor: r.scheduled_for,
         engine: r.engine,
+        instance: r.instance,
       };
       return view;
     });
