@@ -110,6 +110,7 @@ export class Service {
         dataDir: config.dataDir,
         busyTimeoutMs: config.sqliteBusyTimeoutMs,
         synchronous: config.sqliteSynchronous,
+        instanceId: this.instanceId,
         onCommit,
       }));
     this.events = new JobEvents();

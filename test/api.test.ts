@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import os from 'node:os';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hello, startHarness, type Harness } from './support/harness.js';
 import type { FakeChunk, RecordedRequest } from './support/fake-ollama.js';
@@ -38,7 +39,7 @@ function expectErrorShape(body: any, status: number, actualStatus: number): void
 describe('job lifecycle and engine pass-through', () => {
   let h: Harness;
   beforeAll(async () => {
-    h = await startHarness();
+    h = await startHarness({ instanceId: 'api-instance-a' });
   });
   afterAll(async () => {
     await h.stop();
@@ -62,6 +63,8 @@ describe('job lifecycle and engine pass-through', () => {
     expect(job.metadata).toEqual(metadata);
     expect(job.error).toBeNull();
     expect(job.webhook).toBeNull();
+    // The instance that ran it (FOREMAN_INSTANCE_ID), on either driver.
+    expect(job.instance).toBe('api-instance-a');
 
     expect(job.transitions.map((t: any) => t.state)).toEqual(['queued', 'loading', 'working', 'done']);
     expect(job.transitions.map((t: any) => t.attempt)).toEqual([0, 1, 1, 1]);
@@ -185,6 +188,7 @@ describe('job lifecycle and engine pass-through', () => {
     expect(job.result).toBeNull();
     expect(job.artifacts).toEqual([]);
     expect(job.engine).toBeNull();
+    expect(job.instance).toBeNull(); // never claimed
     expect(job.transitions.map((t: any) => t.state)).toEqual(['queued', 'failed']);
     const mine = h.fake.requests.slice(before).filter((r) => r.body?.model === 'llama9');
     expect(mine).toEqual([]);
@@ -220,6 +224,8 @@ describe('engine down, then up', () => {
       return j.state === 'queued' && j.transitions.some((t: any) => t.state === 'loading') ? j : null;
     });
     expect(waiting.attempt).toBe(0);
+    // Claimed once (and given back): the claim named the instance, FOREMAN_INSTANCE_ID unset: <hostname>-<pid>.
+    expect(waiting.instance).toBe(`${os.hostname()}-${process.pid}`);
     await h.fake.start();
     const job = await h.waitForState(id, terminal);
     expect(job.state).toBe('done');

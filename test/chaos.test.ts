@@ -13,6 +13,8 @@ it('SIGKILL chaos: every accepted job finishes, every event arrives, the databas
   expect(r.eventsExpected).toBe(240);
   expect(r.eventsDelivered).toBe(240);
   expect(r.lostEvents).toBe(0);
+  expect(r.orderViolations).toBe(0);
+  expect(r.overlapping).toBe(0);
   expect(r.integrity).toBe('ok');
   expect(r.restarts).toBe(4);
 }, 120_000);

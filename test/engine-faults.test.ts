@@ -603,3 +603,31 @@ describe.skipIf(process.env.FOREMAN_TEST_DRIVER === 'postgres')('disk trouble', 
     }
   });
 });
+
+describe('a run that lost its lease', () => {
+  it('stops its engine request within a heartbeat once the job was given to another run, which finishes it', async () => {
+    const h = await startHarness({ jobLeaseMs: 1_000, engineIdleTimeoutMs: 5_000 });
+    try {
+      // First generation: 40 chunks 50 ms apart (2 s); the second answers at once.
+      h.fake.enqueue({ kind: 'ok', chunkDelayMs: 50, chunks: Array.from({ length: 40 }, (_, i) => ({ content: `t${i} ` })) });
+      const id = await h.submit(hello('lease thief'));
+      await h.waitForState(id, ['working']);
+      await sleep(200);
+      // What the rescuer does to a stalled instance's job once its lease has expired: it is queued
+      // again (claimable from that moment, here 1.5 s ahead, so the stop shows before the new run).
+      const rescued = await h.service.driver.jobsRescue({ now: Date.now() + 1_500 });
+      expect(rescued).toEqual([id]);
+      const done = await h.waitForState(id, ['done'], 10_000);
+      const gens = h.fake.requests.filter((r) => r.kind === 'chat' && r.body?.messages?.at(-1)?.content === 'lease thief');
+      expect(gens.length).toBe(2);
+      expect(gens[0]!.aborted).toBe(true); // the first run stopped (its heartbeat found the lease gone)
+      expect(gens[1]!.aborted).toBe(false);
+      expect(h.fake.stats.overlapping).toBe(0); // stopped within a heartbeat (333 ms), before the new run
+      expect(done.result.message.content).not.toContain('t39');
+      const states = (await h.api(`/jobs/${id}`)).body.transitions.map((t: { state: string }) => t.state);
+      expect(states).toEqual(['queued', 'loading', 'working', 'queued', 'loading', 'working', 'done']);
+    } finally {
+      await h.stop();
+    }
+  });
+});

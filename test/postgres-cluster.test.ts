@@ -23,12 +23,15 @@ describe('postgres cluster: 3 instances on one database', () => {
   let rcv: Receiver;
   let sql: pg.Client;
   const live = new Map<string, Spawned>();
+  /** Every instance started, killed ones included (their logs are kept). */
+  const started: { id: string; child: Spawned }[] = [];
   let env: Record<string, string>;
 
   const start = async (id: string): Promise<Spawned> => {
     const c = await spawnChild({ ...env, FOREMAN_INSTANCE_ID: id });
     await c.ready(20_000);
     live.set(id, c);
+    started.push({ id, child: c });
     return c;
   };
   const kill = async (id: string): Promise<void> => {
@@ -152,6 +155,22 @@ describe('postgres cluster: 3 instances on one database', () => {
       }
       expect(seq.at(-1)).toBe(4);
     }
+    // GET /jobs/<id> names the instance that ran each job: one of those started, and the one
+    // whose log says it finished it (a log line can be lost only with a SIGKILL right after the commit).
+    const ranBy = new Map<string, string>();
+    for (const { child } of started) for (const l of child.logs) if (l.msg === 'job done') ranBy.set(l.job_id as string, l.instance as string);
+    const names = new Set(started.map((x) => x.id));
+    const viewer = [...live.values()][0]!;
+    let matched = 0;
+    for (const id of ids) {
+      const view = (await (await fetch(`${viewer.url}/jobs/${id}`)).json()) as { instance: string | null };
+      expect(names.has(view.instance!)).toBe(true);
+      if (ranBy.has(id)) {
+        expect(view.instance).toBe(ranBy.get(id));
+        matched++;
+      }
+    }
+    expect(matched).toBeGreaterThanOrEqual(N - 2);
     const dupes = rcv.received.length - ids.length * 4;
     expect(dupes).toBeGreaterThanOrEqual(0);
     // The kills did hit running jobs: some were rescued (re-queued after their lease expired) and run again.

@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -65,18 +66,23 @@ describe('a real process', () => {
 
     const db = new Database(path.join(dir, 'foreman.db'), { readonly: true });
     const states = db.prepare('SELECT state, count(*) AS n FROM jobs GROUP BY state ORDER BY state').all();
+    // The claim names the instance: FOREMAN_INSTANCE_ID unset, <hostname>-<pid> of the process.
+    const runners = db.prepare(`SELECT DISTINCT instance FROM jobs WHERE state = 'working'`).pluck().all();
     db.close();
+    expect(runners).toEqual([`${os.hostname()}-${child.proc.pid}`]);
     expect(states).toEqual([
       { state: 'queued', n: 3 },
       { state: 'working', n: 2 },
     ]);
 
-    child = await startChild(env(dir, fake, { FOREMAN_CONCURRENCY: '2' }));
+    child = await startChild(env(dir, fake, { FOREMAN_CONCURRENCY: '2', FOREMAN_INSTANCE_ID: 'process-b' }));
     const requeued = child.logs.filter((l) => /re-queued/.test(l.msg)).map((l) => l.job_id).sort();
     expect(requeued).toEqual([ids[0], ids[1]].sort());
 
     const jobs = await waitAllDone(child.url, ids);
     expect(jobs.map((j) => j.state)).toEqual(['done', 'done', 'done', 'done', 'done']);
+    // Every job, the interrupted two included, last ran on the restarted instance: its FOREMAN_INSTANCE_ID.
+    expect(jobs.map((j) => j.instance)).toEqual(Array(5).fill('process-b'));
     // The two interrupted jobs show the interruption; the attempt it cost does not count.
     for (const j of jobs.slice(0, 2)) {
       expect(j.transitions.map((t: any) => t.state)).toEqual(['queued', 'loading', 'working', 'queued', 'loading', 'working', 'done']);

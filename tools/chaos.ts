@@ -3,12 +3,14 @@
  * job) and recording webhook receivers, submits N jobs, and SIGKILLs the service at random
  * moments (while submitting, mid-generation, mid-delivery, during a TTL sweep), restarting it
  * each time. Then it checks that nothing was lost. `npm run chaos` runs the full version; the
- * test suite runs a small one (test/chaos.test.ts).
+ * test suite runs a small one (test/chaos.test.ts). `npm run chaos -- --postgres --instances 3`
+ * runs several instances on one PostgreSQL database instead (tools/chaos-postgres.ts).
  */
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
 import Database from 'better-sqlite3';
 import { startFakeOllama } from '../test/support/fake-ollama.js';
 import { startReceiver, type Receiver } from '../test/support/receiver.js';
@@ -36,6 +38,10 @@ export interface ChaosReport {
   eventsDelivered: number;
   duplicates: number;
   lostEvents: number;
+  /** Jobs whose events arrived out of order (see orderViolations). */
+  orderViolations: number;
+  /** Generations of one job that ran at the same time (the fake engine counts them). */
+  overlapping: number;
   missingArtifacts: number;
   integrity: string;
   restarts: number;
@@ -45,7 +51,7 @@ export interface ChaosReport {
   totalSecs: number;
 }
 
-function mulberry32(seed: number) {
+export function mulberry32(seed: number) {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) >>> 0;
@@ -56,7 +62,7 @@ function mulberry32(seed: number) {
   };
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export async function runChaos(opts: ChaosOptions): Promise<ChaosReport> {
   const seed = opts.seed ?? Date.now() % 1_000_000;
@@ -121,7 +127,9 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosReport> {
         const n = i++;
         const due = started + (n / submitRate) * 1000;
         if (due > Date.now()) await sleep(due - Date.now());
-        for (;;) {
+        // Each try has its own prompt: a try that was committed but never answered (killed before
+        // its 202) is another job, and the fake engine's overlap count goes by prompt.
+        for (let tries = 0; ; tries++) {
           const url = currentUrl;
           if (!url) {
             await sleep(10);
@@ -133,7 +141,7 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosReport> {
               headers: { 'content-type': 'application/json' },
               body: JSON.stringify({
                 model: 'llama3.2',
-                messages: [{ role: 'user', content: `chaos ${n}` }],
+                messages: [{ role: 'user', content: `chaos ${n}.${tries}` }],
                 state_webhook_url: `${receivers[n % receivers.length]!.url}/hook`,
                 metadata: { n: String(n) },
               }),
@@ -228,6 +236,9 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosReport> {
     eventsDelivered: got.size,
     duplicates: all.length - got.size,
     lostEvents: expected.size - got.size,
+    // Each job's events go to one receiver: the receivers' lists one after another keep each job's arrival order.
+    orderViolations: orderViolations(receivers.flatMap((r) => r.received.map((x) => x.event ?? {})), accepted).length,
+    overlapping: fake.stats.overlapping,
     missingArtifacts,
     integrity,
     restarts,
@@ -284,6 +295,11 @@ function countPlanted(dbFile: string): number {
   return n;
 }
 
+/** Every invariant held. */
+export function chaosPassed(r: ChaosReport): boolean {
+  return r.lost === 0 && r.stuck === 0 && r.lostEvents === 0 && r.orderViolations === 0 && r.overlapping === 0 && r.missingArtifacts === 0 && r.integrity === 'ok';
+}
+
 export function formatReport(r: ChaosReport): string {
   const lines = [
     `chaos run (seed ${r.seed}, ${r.totalSecs.toFixed(1)} s)`,
@@ -298,6 +314,8 @@ export function formatReport(r: ChaosReport): string {
     `| events delivered (distinct) | ${r.eventsDelivered} |`,
     `| events lost | ${r.lostEvents} |`,
     `| duplicate deliveries (allowed) | ${r.duplicates} |`,
+    `| jobs whose events arrived out of order | ${r.orderViolations} |`,
+    `| generations of one job running twice at once | ${r.overlapping} |`,
     `| SIGKILL restarts | ${r.restarts} (${countKinds(r)}) |`,
     `| recovery time after restart (spawn → /healthz) worst / median | ${r.worstRecoveryMs} ms / ${median(r.recoveryMs)} ms |`,
     `| PRAGMA integrity_check | ${r.integrity} |`,
@@ -305,27 +323,87 @@ export function formatReport(r: ChaosReport): string {
   return lines.join('\n');
 }
 
-function countKinds(r: ChaosReport): string {
+export function countKinds(r: { kills: { kind: string }[] }): string {
   const c = new Map<string, number>();
   for (const k of r.kills) c.set(k.kind, (c.get(k.kind) ?? 0) + 1);
   return [...c].map(([k, n]) => `${n} ${k}`).join(', ');
 }
 
-function median(xs: number[]): number {
+const STATE_SEQ: Record<string, number> = { scheduled: 0, queued: 1, loading: 2, working: 3, done: 4, failed: 4, canceled: 4 };
+
+/**
+ * Jobs whose webhook events broke per-job order. `events` are one receiver's deliveries in
+ * arrival order (each job's events go to one receiver). A job's first arrivals of each state
+ * must come in state order; a crash between a receiver's answer and the record of it sends the
+ * unrecorded events again, in order (at least once), so going back is allowed only to a state
+ * already received, never to a new one out of turn.
+ */
+export function orderViolations(events: { job_id?: string; state?: string }[], ids: Iterable<string>): string[] {
+  const per = new Map<string, number[]>();
+  for (const id of ids) per.set(id, []);
+  for (const e of events) {
+    const seq = e.job_id === undefined ? undefined : per.get(e.job_id);
+    if (seq && e.state !== undefined && STATE_SEQ[e.state] !== undefined) seq.push(STATE_SEQ[e.state]!);
+  }
+  const bad: string[] = [];
+  for (const [id, seq] of per) {
+    const first = seq.filter((x, i) => seq.indexOf(x) === i);
+    let ok = first.every((x, i) => i === 0 || x > first[i - 1]!);
+    for (let i = 1; ok && i < seq.length; i++) if (seq[i]! < seq[i - 1]! && !seq.slice(0, i).includes(seq[i]!)) ok = false;
+    if (!ok) bad.push(id);
+  }
+  return bad;
+}
+
+export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.floor(s.length / 2)] ?? 0;
 }
 
-// `npm run chaos`
+// `npm run chaos [-- --postgres [--instances N]] [--jobs N] [--kills N] [--seed N]`
 if (process.argv[1] && fileURLToPath(import.meta.url) === path.resolve(process.argv[1])) {
-  const jobs = Number(process.env.CHAOS_JOBS ?? 500);
-  const kills = Number(process.env.CHAOS_KILLS ?? 12);
-  runChaos({ jobs, kills, log: (l) => console.log(l), ...(process.env.CHAOS_SEED ? { seed: Number(process.env.CHAOS_SEED) } : {}) })
-    .then((r) => {
-      console.log('');
-      console.log(formatReport(r));
-      const ok = r.lost === 0 && r.stuck === 0 && r.lostEvents === 0 && r.missingArtifacts === 0 && r.integrity === 'ok';
-      console.log(ok ? '\nPASS: nothing lost' : '\nFAIL');
+  const { values: args } = parseArgs({
+    options: {
+      postgres: { type: 'boolean', default: false },
+      instances: { type: 'string' },
+      jobs: { type: 'string' },
+      kills: { type: 'string' },
+      seed: { type: 'string' },
+    },
+  });
+  const num = (flag: string | undefined, envName: string, def: number): number => {
+    const raw = flag ?? process.env[envName];
+    const n = raw === undefined ? def : Number(raw);
+    if (!Number.isInteger(n) || n < 0) {
+      console.error(`chaos: ${flag !== undefined ? 'the flag' : envName} must be a whole number, got ${JSON.stringify(raw)}`);
+      process.exit(2);
+    }
+    return n;
+  };
+  const jobs = num(args.jobs, 'CHAOS_JOBS', 500);
+  const kills = num(args.kills, 'CHAOS_KILLS', 12);
+  const seed = args.seed ?? process.env.CHAOS_SEED;
+  const seedOpt = seed === undefined ? {} : { seed: num(seed, 'CHAOS_SEED', 0) };
+  if (args.instances !== undefined && !args.postgres) {
+    console.error('chaos: --instances needs --postgres (SQLite is one process)');
+    process.exit(2);
+  }
+  const run = args.postgres
+    ? import('./chaos-postgres.js').then(async ({ runPgChaos, formatPgReport, pgChaosPassed }) => {
+        const instances = num(args.instances, 'CHAOS_INSTANCES', 3);
+        const r = await runPgChaos({ jobs, kills, instances, log: (l) => console.log(l), ...seedOpt });
+        console.log('');
+        console.log(formatPgReport(r));
+        return pgChaosPassed(r);
+      })
+    : runChaos({ jobs, kills, log: (l) => console.log(l), ...seedOpt }).then((r) => {
+        console.log('');
+        console.log(formatReport(r));
+        return chaosPassed(r);
+      });
+  run
+    .then((ok) => {
+      console.log(ok ? '\nPASS: nothing lost' : '\nFAIL: an invariant failed (see the table)');
       process.exit(ok ? 0 : 1);
     })
     .catch((err) => {

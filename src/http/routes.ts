@@ -86,6 +86,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
       usage: { prompt_tokens: j.usage.promptTokens, completion_tokens: j.usage.completionTokens },
       key_id: j.keyId,
       engine: j.engine,
+      instance: j.instance,
       scheduled_for: iso(j.scheduledFor),
     };
   }

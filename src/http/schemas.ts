@@ -318,6 +318,9 @@ export const JobReply = Type.Object({
   usage: Type.Object({ prompt_tokens: Nullable(Type.Integer()), completion_tokens: Nullable(Type.Integer()) }),
   key_id: Nullable(Type.String({ description: 'the API key that submitted it (null: none)' })),
   engine: Nullable(Type.String({ description: 'the engine host that ran (or is running) it' })),
+  instance: Nullable(
+    Type.String({ description: 'the Foreman instance (FOREMAN_INSTANCE_ID, default <hostname>-<pid>) that ran (or is running) it; null until first claimed' }),
+  ),
   scheduled_for: Nullable(Type.String({ description: 'a scheduled job becomes queued at this time' })),
   caller_usage: Type.Optional(UsageSchema),
 });

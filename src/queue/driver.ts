@@ -554,6 +554,8 @@ export interface JobView {
   scheduledFor: number | null;
   /** The engine host that ran (or is running) it. */
   engine: string | null;
+  /** The Foreman instance (FOREMAN_INSTANCE_ID) that ran (or is running) it: set by each claim; null before the first. */
+  instance: string | null;
 }
 
 /** A claimed webhook delivery, with what the dispatcher needs to build the event body. */

@@ -42,6 +42,8 @@ interface Running {
 
 /** The abort reason used when a job is canceled (as opposed to a shutdown). */
 const CANCELED = new Error('job canceled');
+/** The lease could not be renewed: the rescuer gave the job to another run (a stall longer than the lease). */
+const LEASE_LOST = new Error('job lease lost');
 
 /**
  * The worker: claims queued jobs (with a lease per attempt), runs each through the engine (load,
@@ -107,7 +109,7 @@ export class Worker {
     const entry: Running = { job, host, abort, done: Promise.resolve() };
     this.running.set(job.seq, entry);
     host.inUse++;
-    entry.done = this.runJob(job, host, abort.signal).finally(() => {
+    entry.done = this.runJob(job, host, abort).finally(() => {
       host.inUse--;
       host.jobsRun++;
       // Only our own entry: a later attempt of the same job may have replaced it.
@@ -116,14 +118,21 @@ export class Worker {
     });
   }
 
-  private async runJob(job: ClaimedJob, host: EngineHost, signal: AbortSignal): Promise<void> {
+  private async runJob(job: ClaimedJob, host: EngineHost, abort: AbortController): Promise<void> {
+    const signal = abort.signal;
     const { driver, clock, options, pool } = this.deps;
     const engine = host.engine;
     const { seq, lease } = job;
     const log = this.deps.logger.child({ job_id: job.id, attempt: job.attempt, engine: host.name });
     log.debug({ state: 'loading', model: job.model }, 'job loading');
     const heartbeat = setInterval(() => {
-      driver.jobLeaseRenew({ seq, lease, until: clock.now() + options.leaseMs }).catch((err: unknown) => log.error({ err }, 'lease heartbeat failed'));
+      driver.jobLeaseRenew({ seq, lease, until: clock.now() + options.leaseMs }).then(
+        (held) => {
+          // Another run owns the job now (this one stalled past its lease): stop, touch nothing.
+          if (!held && !signal.aborted) abort.abort(LEASE_LOST);
+        },
+        (err: unknown) => log.error({ err }, 'lease heartbeat failed'),
+      );
     }, Math.max(50, Math.floor(options.leaseMs / 3)));
     try {
       const t0 = performance.now();
@@ -190,6 +199,10 @@ export class Worker {
     try {
       if (signal.aborted && signal.reason === CANCELED) {
         log.info({ state: 'canceled' }, 'job canceled; engine request closed');
+        return;
+      }
+      if (signal.aborted && signal.reason === LEASE_LOST) {
+        log.warn('lost the job lease (a stall longer than FOREMAN_JOB_LEASE); its run stopped, the job is left to its new owner');
         return;
       }
       if (signal.aborted) {

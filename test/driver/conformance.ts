@@ -203,6 +203,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           keyId: null,
           scheduledFor: null,
           engine: null,
+          instance: null, // set by a claim
           kind: 'chat',
         });
         const vb = await view(b.id);
@@ -981,6 +982,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           keyId: null,
           scheduledFor: null,
           engine: null,
+          instance: expect.any(String), // the claiming driver's instance id (exact values: test/api.test.ts)
           kind: 'chat',
         });
         expect(await d.jobGet({ id: uuidv7() })).toBeNull();

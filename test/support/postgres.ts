@@ -57,6 +57,8 @@ export interface PostgresCluster {
   /** postgres://foreman@127.0.0.1:<port>/postgres */
   adminUrl: string;
   port: number;
+  /** The postmaster's process id (its backends are its children): CPU accounting in tools/bench-instances.ts. */
+  pid(): number | undefined;
   stop(): Promise<void>;
   restart(downMs?: number): Promise<void>;
 }
@@ -75,7 +77,12 @@ function aptInstallPostgres(): void {
   }
 }
 
-export async function startPostgresCluster(): Promise<PostgresCluster> {
+export interface PostgresClusterOptions {
+  /** true: fsync and full-page writes on, as in production (benches); default off, for test speed. */
+  durable?: boolean;
+}
+
+export async function startPostgresCluster(opts: PostgresClusterOptions = {}): Promise<PostgresCluster> {
   let bin = postgresBinDir();
   if (!bin) {
     aptInstallPostgres();
@@ -113,11 +120,12 @@ export async function startPostgresCluster(): Promise<PostgresCluster> {
   const spawnServer = () => {
     const logFd = fs.openSync(logPath, 'a');
     if (ids.uid !== undefined) fs.fchownSync(logFd, ids.uid, ids.gid!);
-    // Tests only: fsync off for speed (the durability settings are the server's business in production).
+    // Tests: fsync off for speed (the durability settings are the server's business in production).
+    const speed = opts.durable ? [] : ['-c', 'fsync=off', '-c', 'full_page_writes=off'];
     proc = spawn(
       path.join(bin, 'postgres'),
-      ['-D', data, '-c', 'listen_addresses=127.0.0.1', '-c', `port=${port}`, '-c', `unix_socket_directories=${dir}`, '-c', 'fsync=off',
-        '-c', 'max_connections=300', '-c', 'full_page_writes=off'],
+      ['-D', data, '-c', 'listen_addresses=127.0.0.1', '-c', `port=${port}`, '-c', `unix_socket_directories=${dir}`,
+        '-c', 'max_connections=300', ...speed],
       { ...ids, cwd: dir, stdio: ['ignore', logFd, logFd] },
     );
     fs.closeSync(logFd);
@@ -164,7 +172,7 @@ export async function startPostgresCluster(): Promise<PostgresCluster> {
     spawnServer();
     await answering();
   };
-  return { adminUrl, port, stop, restart };
+  return { adminUrl, port, pid: () => (exited ? undefined : proc.pid), stop, restart };
 }
 
 /** The admin URL of this run's cluster (set by the global setup). */

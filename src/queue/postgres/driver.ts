@@ -136,6 +136,38 @@ interface DueRow extends RunRow {
   batchSeq: number | null;
 }
 
+/** The parameters of `insertJob` for one new job. */
+function insertParams(
+  j: NewJob,
+  o: { now: number; state: JobState; request: string; keyId: string; waits: number; scheduledFor: number | null },
+): Record<string, unknown> {
+  const meta = Object.entries(j.metadata ?? {});
+  return {
+    id: j.id,
+    model: j.model,
+    request: o.request,
+    metadata: j.metadata === null ? null : JSON.stringify(j.metadata),
+    webhook_url: j.webhookUrl,
+    webhook_origin: j.webhookUrl === null ? null : originOf(j.webhookUrl),
+    webhook_events: j.webhookEvents === null ? null : JSON.stringify(j.webhookEvents),
+    max_attempts: j.maxAttempts,
+    priority: j.priority,
+    deadline_at: j.deadlineAt,
+    now: o.now,
+    state: o.state,
+    run_at: o.waits ? NEVER : (o.scheduledFor ?? o.now),
+    conversation_id: j.conversationId ?? j.id,
+    prev_seq: j.previous?.seq ?? null,
+    waits: o.waits,
+    key_id: o.keyId,
+    scheduled_for: o.scheduledFor,
+    kind: j.kind ?? 'chat',
+    batch_seq: j.batchSeq ?? null,
+    keys: meta.map(([k]) => k),
+    values: meta.map(([, v]) => v),
+  };
+}
+
 /** Submits in flight at once (every instance) that the queue caps' margin allows for. */
 const CAP_MARGIN_JOBS = 1000;
 const CAP_MARGIN_BYTES = 64 * 1024 * 1024;
@@ -170,19 +202,22 @@ const Q = {
   // A key at a concurrency limit: claims of it take turns, and count its running jobs exactly.
   keyLock: `SELECT pg_advisory_xact_lock(hashtextextended('foreman-key:' || @key, 0)) AS x`,
   keyRunning: `SELECT count(*) AS n FROM jobs WHERE key_id = @key AND state IN ('loading', 'working')`,
-  insertJob: `INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
-      max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for, kind, webhook_origin,
-      batch_seq)
-    VALUES (@id, @state, @model, @request, @metadata, @webhook_url, @webhook_events,
-      @max_attempts, @priority, @deadline_at::bigint, @run_at, @now, @now, @conversation_id, @prev_seq::bigint, @waits, @key_id, @scheduled_for::bigint, @kind,
-      @webhook_origin::text, @batch_seq::bigint)
-    RETURNING ${TRANSITION_COLS}`,
+  // A new job with its metadata and its conversation's row (wrapped by \`move\`: and its record).
+  insertJob: `WITH u AS (INSERT INTO jobs (id, state, model, request, metadata, webhook_url, webhook_events,
+        max_attempts, priority, deadline_at, run_at, created_at, updated_at, conversation_id, prev_seq, waits, key_id, scheduled_for, kind, webhook_origin,
+        batch_seq)
+      VALUES (@id, @state, @model, @request, @metadata, @webhook_url, @webhook_events,
+        @max_attempts, @priority, @deadline_at::bigint, @run_at, @now, @now, @conversation_id, @prev_seq::bigint, @waits, @key_id, @scheduled_for::bigint, @kind,
+        @webhook_origin::text, @batch_seq::bigint)
+      RETURNING ${TRANSITION_COLS}),
+    m AS (INSERT INTO job_metadata (key, value, job_seq) SELECT k, v, u.seq FROM u, unnest(@keys::text[], @values::text[]) AS t(k, v)),
+    c AS (INSERT INTO conversations AS c (id, last_seq, created_at) SELECT u.conversation_id, u.seq, @now FROM u
+      ON CONFLICT (id) DO UPDATE SET last_seq = greatest(c.last_seq, excluded.last_seq))
+    SELECT * FROM u`,
   keyQueued: `SELECT queued + scheduled AS n FROM key_counts WHERE key_id = @key`,
   keyDayJobs: `SELECT jobs FROM key_days WHERE key_id = @key AND day = @day`,
   keyDayAddJob: `INSERT INTO key_days AS d (key_id, day, jobs) VALUES (@key, @day, 1)
     ON CONFLICT (key_id, day) DO UPDATE SET jobs = d.jobs + 1`,
-  keyDayAddTokens: `INSERT INTO key_days AS d (key_id, day, tokens) VALUES (@key, @day, @tokens)
-    ON CONFLICT (key_id, day) DO UPDATE SET tokens = d.tokens + excluded.tokens`,
   keyInsert: `INSERT INTO api_keys (id, name, key_hash, concurrency, max_queued, daily_limit, priority_max, created_at, updated_at)
     VALUES (@id, @name, @hash, @concurrency::integer, @maxQueued::integer, @dailyLimit::integer, @priorityMax::integer, @createdAt, @createdAt)`,
   keyByHash: `SELECT ${KEY_COLS} FROM api_keys WHERE key_hash = @hash`,
@@ -222,11 +257,6 @@ const Q = {
   expiredInsert: `INSERT INTO expired_jobs (id, at) VALUES (@id, @at) ON CONFLICT (id) DO NOTHING`,
   expiredSweep: `DELETE FROM expired_jobs WHERE id IN (SELECT id FROM expired_jobs WHERE at < @before ORDER BY at LIMIT @limit)`,
   conversationDropIfEmpty: `DELETE FROM conversations WHERE id = @id AND NOT EXISTS (SELECT 1 FROM jobs WHERE conversation_id = @id)`,
-  // A new job's conversation row and its metadata, in one statement.
-  conversationAndMetadata: `WITH m AS (INSERT INTO job_metadata (key, value, job_seq)
-      SELECT k, v, @seq FROM unnest(@keys::text[], @values::text[]) AS t(k, v))
-    INSERT INTO conversations AS c (id, last_seq, created_at) VALUES (@id, @seq, @now)
-    ON CONFLICT (id) DO UPDATE SET last_seq = greatest(c.last_seq, excluded.last_seq)`,
   idemGet: `SELECT body_hash AS bodyHash, job_seq AS jobSeq, expires_at AS expiresAt FROM idempotency_keys WHERE key = @key`,
   idemDelete: `DELETE FROM idempotency_keys WHERE key = @key`,
   idemInsert: `INSERT INTO idempotency_keys (key, body_hash, job_seq, expires_at) VALUES (@key, @hash, @seq, @expires)`,
@@ -279,10 +309,18 @@ const Q = {
   heartbeat: `UPDATE jobs SET lease_expires_at = @until WHERE seq = @seq AND lease_owner = @lease AND state IN ('loading', 'working')`,
   toWorking: `UPDATE jobs SET state = 'working', lease_expires_at = @lease_until, updated_at = @now
     WHERE seq = @seq AND state = 'loading' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`,
-  toDone: `UPDATE jobs SET state = 'done', result = @result, finished_at = @now, updated_at = @now,
-      lease_owner = NULL, lease_expires_at = NULL, load_ms = @load_ms::double precision, prompt_tokens = @prompt_tokens::integer,
-      completion_tokens = @completion_tokens::integer
-    WHERE seq = @seq AND state = 'working' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`,
+  // A finished job with its artifacts and the key's tokens of the day (wrapped by `move`).
+  complete: `WITH u AS (UPDATE jobs SET state = 'done', result = @result, finished_at = @now, updated_at = @now,
+        lease_owner = NULL, lease_expires_at = NULL, load_ms = @load_ms::double precision, prompt_tokens = @prompt_tokens::integer,
+        completion_tokens = @completion_tokens::integer
+      WHERE seq = @seq AND state = 'working' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}),
+    a AS (INSERT INTO artifacts (job_seq, name, content_type, size, sha256, body, created_at)
+      SELECT u.seq, x.name, x.type, x.size, x.sha, x.body, @now FROM u,
+        unnest(@names::text[], @types::text[], @sizes::integer[], @shas::text[], @bodies::bytea[]) AS x(name, type, size, sha, body)),
+    t AS (INSERT INTO key_days AS d (key_id, day, tokens) SELECT u.key_id, @day, @tokens::bigint FROM u
+        WHERE u.key_id <> '' AND @tokens::bigint > 0
+      ON CONFLICT (key_id, day) DO UPDATE SET tokens = d.tokens + excluded.tokens)
+    SELECT * FROM u`,
   modelStat: `INSERT INTO model_stats AS s (model, avg_ms, samples) VALUES (@model, @ms, 1)
     ON CONFLICT (model) DO UPDATE SET avg_ms = s.avg_ms + 0.2 * (excluded.avg_ms - s.avg_ms), samples = s.samples + 1`,
   toFailed: `UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message,
@@ -297,8 +335,6 @@ const Q = {
   seqStateByIdLocked: `SELECT seq, state, key_id AS keyId FROM jobs WHERE id = @id FOR UPDATE`,
   toCanceled: `UPDATE jobs SET state = 'canceled', finished_at = @now, updated_at = @now, lease_owner = NULL, lease_expires_at = NULL
     WHERE seq = @seq AND state IN ('scheduled', 'queued', 'loading', 'working') RETURNING ${TRANSITION_COLS}`,
-  insertArtifact: `INSERT INTO artifacts (job_seq, name, content_type, size, sha256, body, created_at)
-    VALUES (@seq, @name, @type, @size, @sha, @body, @now)`,
   artifactBody: `SELECT body FROM artifacts WHERE job_seq = @seq AND name = @name`,
 
   // --- maintenance ---
@@ -431,6 +467,24 @@ const Q = {
 };
 
 /**
+ * `insertJob` that inserts only far from the caps (FOREMAN_MAX_QUEUED, _BYTES, less the margin
+ * for submits in flight): the one-statement submit. No row back: the general path decides.
+ */
+const INSERT_FAR_FROM_CAPS = (() => {
+  const sql = Q.insertJob.replace(/VALUES \(([\s\S]*?)\)\n      RETURNING/,
+      `SELECT @id::text, @state::text, @model::text, @request::text, @metadata::text, @webhook_url::text, @webhook_events::text,
+        @max_attempts::integer, @priority::integer, @deadline_at::bigint, @run_at::bigint, @now::bigint, @now::bigint, @conversation_id::text,
+        @prev_seq::bigint, @waits::integer, @key_id::text, @scheduled_for::bigint, @kind::text, @webhook_origin::text,
+        @batch_seq::bigint
+      FROM job_counts q WHERE q.state = 'queued' AND q.n + 1 + @margin_jobs::bigint < @max_queued::bigint
+        AND (@max_bytes::bigint IS NULL OR q.bytes + @size::bigint + @margin_bytes::bigint < @max_bytes::bigint)
+      RETURNING`,
+  );
+  if (sql === Q.insertJob) throw new Error('insertJob has no VALUES list to turn into a guarded SELECT');
+  return sql;
+})();
+
+/**
  * The PostgreSQL driver (ADR-0011): any number of instances share one database. Every write is
  * one transaction on a pooled connection; claims take rows with FOR UPDATE SKIP LOCKED; webhook
  * claims are leases in the table. Effects are announced in process after COMMIT, and to the other
@@ -506,6 +560,11 @@ export class PostgresDriver implements QueueDriver {
     if (this.cluster) await this.cluster.start();
   }
 
+  /** No other instance listens (or none can: crossInstance off): writes need not NOTIFY. */
+  private get alone(): boolean {
+    return this.cluster === null || !this.cluster.peers;
+  }
+
   /** Whether the LISTEN connection is up (a lost one means wake-ups fall back to polling). */
   get listening(): boolean {
     return this.cluster?.connected ?? false;
@@ -540,7 +599,7 @@ export class PostgresDriver implements QueueDriver {
       try {
         await client.query('BEGIN');
         const out = await op(c, fx);
-        if (this.cluster) {
+        if (this.cluster?.peers) {
           // A job's last tokens reach other instances' watchers before its next state does.
           if (fx.transitions.length > 0 && this.cluster.deltasPending) await this.cluster.flushDeltas();
           await this.cluster.publish(client, fx);
@@ -590,6 +649,20 @@ export class PostgresDriver implements QueueDriver {
     }
   }
 
+  /**
+   * A write that is one statement, when no other instance listens (nothing to NOTIFY): in its own
+   * implicit transaction, without the BEGIN and COMMIT round trips. Effects as after a commit.
+   */
+  private async solo<T>(op: (c: Conn, fx: Effects) => Promise<T>): Promise<T> {
+    let fx = noEffects();
+    const out = await this.single((c) => {
+      fx = noEffects();
+      return op(c, fx);
+    });
+    this.announce(fx);
+    return out;
+  }
+
   // --- transitions ---
 
   /**
@@ -622,13 +695,19 @@ export class PostgresDriver implements QueueDriver {
     if (row.batch_seq !== null && isTerminal(state)) await this.fb.settle(c, fx, row.batch_seq, now);
   }
 
-  /** `sql` (an UPDATE … RETURNING the transition columns) and each changed job's record, in one statement. */
+  /**
+   * `sql` (an UPDATE … RETURNING the transition columns, or a WITH whose CTE `u` is that UPDATE and
+   * whose main query is `SELECT * FROM u`) and each changed job's record, in one statement.
+   */
   private recorded(sql: string, state: JobState): string {
     const key = `${state}\0${sql}`;
     let w = this.wrapped.get(key);
     if (w === undefined) {
-      w = `WITH u AS (${sql}) SELECT u.*, r.rec_n, r.rec_due, r.rec_released FROM u
+      const select = `SELECT u.*, r.rec_n, r.rec_due, r.rec_released FROM u
         CROSS JOIN LATERAL foreman_record(u.seq, '${state}', @rec_now, u.attempt, u.webhook_url, u.webhook_origin, u.webhook_gone, u.webhook_events) r`;
+      if (!sql.startsWith('WITH ')) w = `WITH u AS (${sql}) ${select}`;
+      else if (sql.endsWith('SELECT * FROM u')) w = `${sql.slice(0, -'SELECT * FROM u'.length)}${select}`;
+      else throw new Error('a recorded statement that is a WITH must end with SELECT * FROM u');
       this.wrapped.set(key, w);
     }
     return w;
@@ -685,7 +764,30 @@ export class PostgresDriver implements QueueDriver {
     await this.pool.end();
   }
 
-  jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<InsertOutcome[]> {
+  async jobsInsert(p: { jobs: NewJob[]; now: number; maxQueued: number; maxQueuedBytes?: number }): Promise<InsertOutcome[]> {
+    const j = p.jobs[0];
+    if (p.jobs.length === 1 && j && !j.idempotency && !j.quota && !j.previous && !j.clampedFrom && this.alone) {
+      // The common submit, with no other instance to tell: one statement, which inserts only far
+      // from the caps (else nothing, and the general path below decides).
+      const request = JSON.stringify(j.request);
+      const fx = noEffects();
+      const row = await this.single((c) =>
+        c.get<TransitionRow & Recorded>(this.recorded(INSERT_FAR_FROM_CAPS, 'queued'), {
+          ...insertParams(j, { now: p.now, state: 'queued', request, keyId: j.keyId ?? '', waits: 0, scheduledFor: null }),
+          rec_now: p.now,
+          max_queued: p.maxQueued,
+          max_bytes: p.maxQueuedBytes ?? null,
+          size: Buffer.byteLength(request, 'utf8'),
+          margin_jobs: CAP_MARGIN_JOBS,
+          margin_bytes: CAP_MARGIN_BYTES,
+        }),
+      );
+      if (row) {
+        await this.record(this.conn, fx, row, 'queued', p.now, row);
+        this.announce(fx);
+        return [{ ok: true, jobId: j.id, replayed: false, state: 'queued', scheduledFor: null }];
+      }
+    }
     return this.tx((c, fx) => this.insertJobs(c, fx, p));
   }
 
@@ -756,38 +858,14 @@ export class PostgresDriver implements QueueDriver {
           if (running) waits = 1;
         }
         const state = scheduledFor === null ? 'queued' : 'scheduled';
-        const row = (await c.get<TransitionRow>(Q.insertJob, {
-          id: j.id,
-          model: j.model,
-          request,
-          metadata: j.metadata === null ? null : JSON.stringify(j.metadata),
-          webhook_url: j.webhookUrl,
-          webhook_origin: j.webhookUrl === null ? null : originOf(j.webhookUrl),
-          webhook_events: j.webhookEvents === null ? null : JSON.stringify(j.webhookEvents),
-          max_attempts: j.maxAttempts,
-          priority: j.priority,
-          deadline_at: j.deadlineAt,
-          now,
-          state,
-          run_at: waits ? NEVER : (scheduledFor ?? now),
-          conversation_id: j.conversationId ?? j.id,
-          prev_seq: j.previous?.seq ?? null,
-          waits,
-          key_id: keyId,
-          scheduled_for: scheduledFor,
-          kind: j.kind ?? 'chat',
-          batch_seq: j.batchSeq ?? null,
-        }))!;
+        const row = (await this.move(c, fx, Q.insertJob, insertParams(j, { now, state, request, keyId, waits, scheduledFor }), state, now))!;
         if (keyId !== '' && j.quota) await c.run(Q.keyDayAddJob, { key: keyId, day: j.quota.day });
         if (j.clampedFrom) {
           await this.audit(c, now, j.clampedFrom.actor, 'job.priority_clamped', j.id, { asked: j.clampedFrom.priority, given: j.priority });
         }
-        const meta = Object.entries(j.metadata ?? {});
-        await c.run(Q.conversationAndMetadata, { id: row.conversation_id, seq: row.seq, now, keys: meta.map(([k]) => k), values: meta.map(([, v]) => v) });
         if (j.idempotency) {
           await c.run(Q.idemInsert, { key: j.idempotency.key, hash: j.idempotency.bodyHash, seq: row.seq, expires: j.idempotency.expiresAt });
         }
-        await this.record(c, fx, row, state, now);
         queued++;
         bytes += size;
         out.push({ ok: true, jobId: j.id, replayed: false, state, scheduledFor });
@@ -902,10 +980,9 @@ export class PostgresDriver implements QueueDriver {
   }
 
   jobSetWorking(p: { seq: number; lease: string; now: number; leaseMs: number }): Promise<boolean> {
-    return this.tx(
-      async (c, fx) =>
-        (await this.move(c, fx, Q.toWorking, { seq: p.seq, lease: p.lease, now: p.now, lease_until: p.now + p.leaseMs }, 'working', p.now)) !== undefined,
-    );
+    const op = async (c: Conn, fx: Effects) =>
+      (await this.move(c, fx, Q.toWorking, { seq: p.seq, lease: p.lease, now: p.now, lease_until: p.now + p.leaseMs }, 'working', p.now)) !== undefined;
+    return this.alone ? this.solo(op) : this.tx(op);
   }
 
   async jobComplete(p: {
@@ -918,34 +995,37 @@ export class PostgresDriver implements QueueDriver {
     loadMs?: number;
     usage?: { promptTokens: number | null; completionTokens: number | null };
   }): Promise<boolean> {
-    const model = await this.tx(async (c, fx) => {
-      const text = JSON.stringify(p.result);
-      const same = p.artifacts.some((a) => a.name === 'completion' && a.body.length === Buffer.byteLength(text) && a.body.equals(Buffer.from(text)));
-      const row = await this.move(
-        c,
-        fx,
-        Q.toDone,
-        {
-          seq: p.seq,
-          lease: p.lease,
-          now: p.now,
-          result: same ? RESULT_IN_ARTIFACT : text,
-          load_ms: p.loadMs ?? null,
-          prompt_tokens: p.usage?.promptTokens ?? null,
-          completion_tokens: p.usage?.completionTokens ?? null,
-        },
-        'done',
-        p.now,
-      );
-      if (!row) return null;
-      for (const a of p.artifacts) {
-        const sha = createHash('sha256').update(a.body).digest('hex');
-        await c.run(Q.insertArtifact, { seq: p.seq, name: a.name, type: a.contentType, size: a.body.length, sha, body: a.body, now: p.now });
-      }
-      const tokens = (p.usage?.promptTokens ?? 0) + (p.usage?.completionTokens ?? 0);
-      if (row.key_id !== '' && tokens > 0) await c.run(Q.keyDayAddTokens, { key: row.key_id, day: Math.floor(p.now / 86_400_000), tokens });
-      return row.model;
-    });
+    const text = JSON.stringify(p.result);
+    const same = p.artifacts.some((a) => a.name === 'completion' && a.body.length === Buffer.byteLength(text) && a.body.equals(Buffer.from(text)));
+    const tokens = (p.usage?.promptTokens ?? 0) + (p.usage?.completionTokens ?? 0);
+    // The job, its artifacts, the key's tokens of the day and the transition's record: one statement.
+    const op = async (c: Conn, fx: Effects) =>
+      (
+        await this.move(
+          c,
+          fx,
+          Q.complete,
+          {
+            seq: p.seq,
+            lease: p.lease,
+            now: p.now,
+            result: same ? RESULT_IN_ARTIFACT : text,
+            load_ms: p.loadMs ?? null,
+            prompt_tokens: p.usage?.promptTokens ?? null,
+            completion_tokens: p.usage?.completionTokens ?? null,
+            names: p.artifacts.map((a) => a.name),
+            types: p.artifacts.map((a) => a.contentType),
+            sizes: p.artifacts.map((a) => a.body.length),
+            shas: p.artifacts.map((a) => createHash('sha256').update(a.body).digest('hex')),
+            bodies: p.artifacts.map((a) => a.body),
+            day: Math.floor(p.now / 86_400_000),
+            tokens,
+          },
+          'done',
+          p.now,
+        )
+      )?.model ?? null;
+    const model = this.alone ? await this.solo(op) : await this.tx(op);
     if (model === null) return false;
     // The model's average run time, after the commit: its row is every job's of the model, and a
     // lock on it held through the transaction's other statements made the completions take turns.
@@ -1086,6 +1166,7 @@ export class PostgresDriver implements QueueDriver {
         keyId: r.key_id === '' ? null : r.key_id,
         scheduledFor: r.scheduled_for,
         engine: r.engine,
+        instance: r.instance,
       };
       return view;
     });
@@ -1342,7 +1423,7 @@ export class PostgresDriver implements QueueDriver {
         code: o.status,
         next: o.kind === 'retry' ? o.at : null,
         error: o.kind === 'delivered' ? null : o.error,
-        notify: this.slotFreed,
+        notify: this.cluster?.peers ? this.slotFreed : null,
       }),
     );
     // A slot of its origin is free (here; the other instances were told by the NOTIFY).

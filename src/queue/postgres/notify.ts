@@ -10,6 +10,9 @@ export const DELTA_CHANNEL = 'foreman_deltas';
 export const DELTA_COALESCE_MS = 75;
 /** NOTIFY refuses payloads of 8000 bytes or more; stay well below. */
 export const MAX_PAYLOAD = 7500;
+/** How often an instance says it is there (on CHANNEL), and how long a silent one still counts. */
+export const HEARTBEAT_MS = 5_000;
+export const PEER_TTL_MS = 3 * HEARTBEAT_MS + 1_000;
 
 interface Fx {
   jobReady: boolean;
@@ -21,6 +24,8 @@ interface Fx {
 /** One NOTIFY payload: who sent it, and what happened. */
 interface Message {
   i: string;
+  /** A heartbeat: 1 from a running instance, 2 from one that has just started (answer it at once). */
+  h?: 1 | 2;
   r?: 1;
   d?: 1;
   c?: string[];
@@ -64,6 +69,10 @@ export class ClusterNotifier {
   private readonly deltaListeners = new Set<(jobId: string, chunk: unknown) => void>();
   private deltas = new Map<string, unknown[]>();
   private deltaTimer: NodeJS.Timeout | null = null;
+  private heartbeat: NodeJS.Timeout | null = null;
+  /** The other instances heard from (id → when), and since when this one listens. */
+  private readonly peerSeen = new Map<string, number>();
+  private listeningSince = 0;
 
   constructor(
     private readonly o: { url: string; instanceId: string; local: LocalNotifier; types: pg.CustomTypesConfig; fallbackMs?: number },
@@ -94,6 +103,12 @@ export class ClusterNotifier {
     }
     this.client = client;
     this.connected = true;
+    this.listeningSince = Date.now();
+    this.beat(2);
+    if (!this.heartbeat) {
+      this.heartbeat = setInterval(() => this.beat(1), HEARTBEAT_MS);
+      this.heartbeat.unref();
+    }
     if (this.poll) clearInterval(this.poll);
     this.poll = null;
     // Whatever was announced while we were away: look again.
@@ -131,11 +146,37 @@ export class ClusterNotifier {
       return;
     }
     if (m.i === this.o.instanceId) return; // announced locally already, after our own commit
+    this.peerSeen.set(m.i, Date.now());
+    if (m.h === 2) this.beat(1); // a new instance learns at once that this one is here
     const n = this.o.local;
     if (m.d) n.emit('deliveryReady');
     if (m.r) n.emit('jobReady');
     for (const e of m.t ?? []) n.emit('stateChanged', e);
     for (const id of m.c ?? []) n.emit('cancelRequested', id);
+  }
+
+  /** Says on CHANNEL that this instance is here (outside any transaction: it changes nothing). */
+  private beat(h: 1 | 2): void {
+    const c = this.client;
+    if (!c) return;
+    c.query('SELECT pg_notify($1, $2)', [CHANNEL, JSON.stringify({ i: this.o.instanceId, h })]).catch(() => {});
+  }
+
+  /**
+   * Whether another instance may be listening: then effects are sent by NOTIFY. Alone on the
+   * database, an instance sends none (a round trip per write saved). It counts as not alone while
+   * its own LISTEN connection is down, for its first heartbeat period (the others' answers to its
+   * hello are on their way), and for PEER_TTL_MS after it last heard another instance.
+   */
+  get peers(): boolean {
+    if (!this.connected) return true;
+    const now = Date.now();
+    if (now - this.listeningSince < HEARTBEAT_MS) return true;
+    for (const [id, at] of this.peerSeen) {
+      if (now - at < PEER_TTL_MS) return true;
+      this.peerSeen.delete(id);
+    }
+    return false;
   }
 
   /** Subscribes to other instances' token deltas. */
@@ -150,7 +191,7 @@ export class ClusterNotifier {
    * with a connection is only a missed token of a live view, the stored result is whole).
    */
   relayDelta(jobId: string, chunk: unknown): void {
-    if (!this.connected) return;
+    if (!this.connected || !this.peers) return;
     let list = this.deltas.get(jobId);
     if (!list) this.deltas.set(jobId, (list = []));
     list.push(chunk);
@@ -219,6 +260,8 @@ export class ClusterNotifier {
     this.deltaTimer = null;
     if (this.retry) clearTimeout(this.retry);
     if (this.poll) clearInterval(this.poll);
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    this.heartbeat = null;
     this.retry = this.poll = null;
     const c = this.client;
     this.client = null;

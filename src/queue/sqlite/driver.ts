@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import os from 'node:os';
 import { createHash } from 'node:crypto';
 import type { Statement } from 'better-sqlite3';
 import { isTerminal, loadKey, STATE_SEQUENCE, type ErrorInfo, type JobState } from '../../domain.js';
@@ -51,6 +52,8 @@ export interface SqliteDriverOptions {
   notifier?: Notifier;
   /** Observes each group commit (metrics). */
   onCommit?: (size: number, ms: number) => void;
+  /** This process (FOREMAN_INSTANCE_ID): `jobs.instance` of the jobs it claims. */
+  instanceId?: string;
 }
 
 /** The columns a transition statement returns. */
@@ -79,6 +82,7 @@ interface TransitionRow {
 interface JobRow extends TransitionRow {
   scheduled_for: number | null;
   engine: string | null;
+  instance: string | null;
   state: JobState;
   waits: number;
   prev_id: string | null;
@@ -152,7 +156,11 @@ export class SqliteDriver implements QueueDriver {
   /** The key the last claim served (its `last_served` mark is the highest): a fair-share hint. */
   private lastServedKey: string | null = null;
 
+  /** `jobs.instance` of the jobs this driver claims. */
+  readonly instanceId: string;
+
   constructor(opts: SqliteDriverOptions) {
+    this.instanceId = opts.instanceId ?? `${os.hostname()}-${process.pid}`;
     fs.mkdirSync(opts.dataDir, { recursive: true });
     this.lock = lockDataDir(opts.dataDir);
     try {
@@ -401,7 +409,7 @@ export class SqliteDriver implements QueueDriver {
           ? this.pickForHost(host, models!, resident!, p.now)
           : (s.claimPick.get({ now: p.now }) as { seq: number; keyId: string; numCtx?: unknown } | undefined);
         if (!pick) break;
-        const r = s.claimOne.get({ seq: pick.seq, owner, now: p.now, lease: p.now + p.leaseMs, engine: host?.name ?? null }) as Row;
+        const r = s.claimOne.get({ seq: pick.seq, owner, now: p.now, lease: p.now + p.leaseMs, engine: host?.name ?? null, instance: this.instanceId }) as Row;
         // The key served last already has the highest mark: serving it again changes nothing.
         if (pick.keyId !== this.lastServedKey) {
           s.keyServed.run(pick.keyId);
@@ -656,6 +664,7 @@ export class SqliteDriver implements QueueDriver {
         keyId: r.key_id === '' ? null : r.key_id,
         scheduledFor: r.scheduled_for,
         engine: r.engine,
+        instance: r.instance,
       };
     });
   }

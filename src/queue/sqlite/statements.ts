@@ -131,7 +131,7 @@ export function prepareStatements(db: DB) {
     claimOne: p(`UPDATE jobs SET state = 'loading', attempt = attempt + 1,
         lease_owner = @owner || ':' || seq || ':' || (attempt + 1),
         lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now,
-        engine = coalesce(@engine, engine)
+        engine = coalesce(@engine, engine), instance = @instance
       WHERE seq = @seq AND state = 'queued'
       RETURNING ${TRANSITION_COLS}, request, max_attempts, lease_owner, prev_seq`),
     keyServed: p(`UPDATE key_counts SET last_served = (SELECT coalesce(max(last_served), 0) + 1 FROM key_counts) WHERE key_id = ?`),
@@ -207,7 +207,7 @@ export function prepareStatements(db: DB) {
     // --- reads ---
     jobById: p(`SELECT seq, id, state, model, priority, deadline_at, request, metadata, webhook_url, webhook_events,
         webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message,
-        conversation_id, waits, load_ms, prompt_tokens, completion_tokens, key_id, scheduled_for, engine, kind, batch_seq,
+        conversation_id, waits, load_ms, prompt_tokens, completion_tokens, key_id, scheduled_for, engine, instance, kind, batch_seq,
         (SELECT p.id FROM jobs p WHERE p.seq = jobs.prev_seq) AS prev_id
       FROM jobs WHERE id = ?`),
     transitions: p(`SELECT state, at, attempt FROM job_transitions WHERE job_seq = ? ORDER BY n`),
