@@ -58,6 +58,7 @@ CREATE TABLE batches (
   ending            text CHECK (ending IN ('cancel', 'expire', 'fail')),  -- why it is winding down
   metadata          text,                           -- JSON object of strings
   webhook_url       text,
+  webhook_origin    text,                           -- its scheme://host[:port] (the per-receiver cap's key), set by the driver
   priority          integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
   total             integer NOT NULL CHECK (total >= 0),
   submitted         integer NOT NULL DEFAULT 0,     -- lines made into jobs so far
@@ -84,7 +85,8 @@ CREATE TABLE batches (
   CHECK ((status = 'completed') = (completed_at IS NOT NULL)),
   CHECK ((status = 'failed') = (failed_at IS NOT NULL)),
   CHECK ((status = 'expired') = (expired_at IS NOT NULL)),
-  CHECK ((status = 'cancelled') = (cancelled_at IS NOT NULL))
+  CHECK ((status = 'cancelled') = (cancelled_at IS NOT NULL)),
+  CHECK ((webhook_url IS NULL) = (webhook_origin IS NULL))
 );
 ALTER TABLE files ADD FOREIGN KEY (batch_seq) REFERENCES batches (seq) ON DELETE CASCADE;
 CREATE INDEX batches_key_seq ON batches (key_id, seq);
@@ -119,21 +121,6 @@ CREATE INDEX jobs_batch_queued ON jobs (batch_seq, seq) WHERE batch_seq IS NOT N
 DROP INDEX jobs_finished;
 CREATE INDEX jobs_finished_solo ON jobs (finished_at) WHERE state IN ('done', 'failed', 'canceled') AND batch_seq IS NULL;
 
--- A batch's progress, counted in the transaction that ends each of its jobs (when the statement
--- that ended it ends), so a poll reads one row and the driver's transition code, right after,
--- finds the batch's last job. The WHEN clause is tested before the trigger is queued: a job of no
--- batch costs nothing more.
-CREATE FUNCTION jobs_batch_counts() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  UPDATE batches SET completed = completed + (NEW.state = 'done')::int, failed = failed + (NEW.state = 'failed')::int,
-      canceled = canceled + (NEW.state = 'canceled')::int
-    WHERE seq = NEW.batch_seq;
-  RETURN NULL;
-END $$;
-CREATE TRIGGER jobs_batch_counts AFTER UPDATE OF state ON jobs
-  FOR EACH ROW WHEN (NEW.batch_seq IS NOT NULL AND OLD.state IS DISTINCT FROM NEW.state AND NEW.state IN ('done', 'failed', 'canceled'))
-  EXECUTE FUNCTION jobs_batch_counts();
-
 -- --- the outbox: a row is a job's state event (job_seq) or a batch's terminal event (batch_seq) ---
 -- No foreign key on batch_seq (it would fire on every job's delivery insert): a batch's rows are
 -- deleted with the batch, by the driver.
@@ -148,3 +135,50 @@ ALTER TABLE webhook_deliveries ADD CONSTRAINT webhook_deliveries_subject CHECK (
 );
 -- One event of each type per batch (partial: job events do not maintain it).
 CREATE UNIQUE INDEX webhook_deliveries_batch ON webhook_deliveries (batch_seq, state) WHERE batch_seq IS NOT NULL;
+
+-- Settling: every line accounted for and every job ended → the batch's final status (a batch that
+-- ran to the end passes through finalizing to completed), and its webhook row, due at once.
+-- Called by the trigger below in the transaction that ended the batch's last job, and by the
+-- driver in the one that began an ending (cancel, expiry, failure). `settled`: the status it
+-- ended in (NULL: not yet, or already); `due`: its webhook row's due time (NULL: none).
+CREATE FUNCTION foreman_batch_settle(p_seq bigint, p_now bigint, OUT settled text, OUT due bigint) LANGUAGE plpgsql AS $$
+DECLARE
+  v_url text;
+  v_origin text;
+BEGIN
+  UPDATE batches SET
+      status = CASE ending WHEN 'cancel' THEN 'cancelled' WHEN 'expire' THEN 'expired' WHEN 'fail' THEN 'failed' ELSE 'finalizing' END,
+      cancelled_at = CASE WHEN ending = 'cancel' THEN p_now END,
+      expired_at = CASE WHEN ending = 'expire' THEN p_now END,
+      failed_at = CASE WHEN ending = 'fail' THEN p_now END,
+      finalizing_at = CASE WHEN ending IS NULL THEN p_now END
+    WHERE seq = p_seq AND status IN ('validating', 'in_progress', 'cancelling') AND completed + failed + canceled = total
+      AND (ending IS NOT NULL OR submitted = total)
+    RETURNING status, webhook_url, webhook_origin INTO settled, v_url, v_origin;
+  IF settled IS NULL THEN RETURN; END IF;
+  IF settled = 'finalizing' THEN
+    UPDATE batches SET status = 'completed', completed_at = p_now WHERE seq = p_seq AND status = 'finalizing';
+    settled := 'completed';
+  END IF;
+  IF v_url IS NULL THEN RETURN; END IF;
+  INSERT INTO webhook_deliveries AS d (batch_seq, state, sequence, url, origin, occurred_at, next_attempt_at, due_at)
+    VALUES (p_seq, 'batch.' || settled, 0, v_url, v_origin, p_now, p_now, p_now)
+    ON CONFLICT (batch_seq, state) WHERE batch_seq IS NOT NULL DO NOTHING
+    RETURNING d.due_at INTO due;
+END $$;
+
+-- A batch's progress, counted in the statement that ends each of its jobs, and the batch ended
+-- with its last job: in that job's transaction whatever wrote it (a worker's completion, a cancel,
+-- a deadline, a batch's own ending), so a poll reads one row and a batch never stays unsettled.
+-- The WHEN clause is tested before the trigger is queued: a job of no batch costs nothing more.
+CREATE FUNCTION jobs_batch_counts() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE batches SET completed = completed + (NEW.state = 'done')::int, failed = failed + (NEW.state = 'failed')::int,
+      canceled = canceled + (NEW.state = 'canceled')::int
+    WHERE seq = NEW.batch_seq;
+  PERFORM foreman_batch_settle(NEW.batch_seq, NEW.finished_at);
+  RETURN NULL;
+END $$;
+CREATE TRIGGER jobs_batch_counts AFTER UPDATE OF state ON jobs
+  FOR EACH ROW WHEN (NEW.batch_seq IS NOT NULL AND OLD.state IS DISTINCT FROM NEW.state AND NEW.state IN ('done', 'failed', 'canceled'))
+  EXECUTE FUNCTION jobs_batch_counts();

@@ -189,6 +189,37 @@ describe('postgres driver only', () => {
     }
   });
 
+  it("a batch job's end settles its batch in the same statement, whatever wrote it (here a bare UPDATE, in its own transaction)", async () => {
+    const db = await freshDb();
+    const d = new PostgresDriver({ url: db.url, crossInstance: false });
+    try {
+      const fileSeq = await d.fileInsert({
+        file: { id: 'file-1', keyId: '', filename: 'in.jsonl', endpoint: '/v1/embeddings', createdAt: T0, expiresAt: null },
+        lines: [{ n: 1, customId: 'only', body: '{}' }],
+      });
+      await d.fileFinish({ fileSeq, bytes: 2, lines: 1 });
+      const b = (await d.batchInsert({
+        now: T0,
+        batch: {
+          id: 'batch_1', keyId: '', inputFileSeq: fileSeq, inputFileId: 'file-1', endpoint: '/v1/embeddings', completionWindow: '24h',
+          metadata: null, webhookUrl: 'http://127.0.0.1:9/b', priority: 0, total: 1, outputFileId: 'file-o', errorFileId: 'file-e',
+          expiresAt: T0 + 86_400_000, fileExpiresAt: null,
+        },
+      }))!;
+      const job = { ...newJob({ kind: 'embed', request: { model: 'm1', input: 'x' } }), line: 1 };
+      expect(await d.batchJobsInsert({ batchSeq: b.seq, jobs: [job], now: T0 + 1, maxQueued: 10 })).toEqual({ inserted: 1, stopped: null });
+      await d.pool.query(`UPDATE jobs SET state = 'canceled', finished_at = $2, updated_at = $2 WHERE id = $1`, [job.id, T0 + 5]);
+      expect(await d.batchGet({ id: 'batch_1' })).toMatchObject({ status: 'completed', canceled: 1, finalizingAt: T0 + 5, completedAt: T0 + 5 });
+      const [ev] = await d.deliveriesClaim({ now: T0 + 6, limit: 10, perOriginLimit: 10, inlineMax: 0 });
+      expect(ev).toMatchObject({ jobId: 'batch_1', state: 'batch.completed', origin: 'http://127.0.0.1:9', occurredAt: T0 + 5 });
+      // A status the batch may not go to is refused by the database (OpenAI's edges only).
+      await expect(d.pool.query(`UPDATE batches SET status = 'in_progress' WHERE id = 'batch_1'`)).rejects.toThrow(/illegal batch status transition/);
+    } finally {
+      await d.close();
+      await db.drop();
+    }
+  });
+
   it('migrations 0004 and 0007 on a database already at 0006 give the schema a fresh database gets (0004 was numbered before 0005 and 0006 were written)', async () => {
     const all = fileURLToPath(new URL('../../migrations/postgres/', import.meta.url));
     const early = fs.mkdtempSync(path.join(os.tmpdir(), 'foreman-migrations-'));

@@ -691,8 +691,8 @@ export class PostgresDriver implements QueueDriver {
       const message = `the job this one continues (${row.id}) ended ${state}`;
       await this.moveAll(c, fx, Q.failWaiting, { seq: row.seq, now, message }, 'failed', now);
     }
-    // A batch's last job to end ends the batch, in the same transaction (ADR-0015).
-    if (row.batch_seq !== null && isTerminal(state)) await this.fb.settle(c, fx, row.batch_seq, now);
+    // A batch's last job to end ended the batch in the same statement (ADR-0015, migration 0004): its event is due.
+    if (row.batch_seq !== null && isTerminal(state)) await this.fb.jobEnded(c, fx, row.batch_seq);
   }
 
   /**

@@ -87,9 +87,9 @@ const Q = {
 
   // --- batches ---
   batchInsert: `INSERT INTO batches (id, key_id, input_file_id, input_file_seq, endpoint, completion_window, metadata, webhook_url,
-      priority, total, output_file_id, error_file_id, created_at, expires_at)
+      webhook_origin, priority, total, output_file_id, error_file_id, created_at, expires_at)
     VALUES (@id, @keyId, @inputFileId, @inputFileSeq, @endpoint, @completionWindow, @metadata::text, @webhookUrl::text,
-      @priority, @total, @outputFileId, @errorFileId, @now, @expiresAt) RETURNING seq`,
+      @webhookOrigin::text, @priority, @total, @outputFileId, @errorFileId, @now, @expiresAt) RETURNING seq`,
   outputFileInsert: `INSERT INTO files (id, key_id, purpose, filename, bytes, lines, status, batch_seq, role, created_at, expires_at)
     VALUES (@id, @keyId, 'batch_output', @filename, NULL, 0, 'processed', @batchSeq, @role, @now, @expiresAt::bigint)`,
   batchById: `SELECT ${BATCH_COLS} FROM batches WHERE id = @id`,
@@ -116,21 +116,11 @@ const Q = {
     WHERE seq = @seq AND status IN ('validating', 'in_progress') AND ending IS NULL RETURNING seq`,
   batchFail: `UPDATE batches SET ending = 'fail', failed = failed + total - submitted, errors = @errors
     WHERE seq = @seq AND status IN ('validating', 'in_progress') AND ending IS NULL RETURNING seq`,
-  // Settling: every line accounted for and every job ended → the batch's final status, in the
-  // transaction that ended its last job. A batch that ran to the end passes through finalizing.
-  batchSettle: `UPDATE batches SET
-      status = CASE ending WHEN 'cancel' THEN 'cancelled' WHEN 'expire' THEN 'expired' WHEN 'fail' THEN 'failed' ELSE 'finalizing' END,
-      cancelled_at = CASE WHEN ending = 'cancel' THEN @now::bigint END,
-      expired_at = CASE WHEN ending = 'expire' THEN @now::bigint END,
-      failed_at = CASE WHEN ending = 'fail' THEN @now::bigint END,
-      finalizing_at = CASE WHEN ending IS NULL THEN @now::bigint END
-    WHERE seq = @seq AND status IN ('validating', 'in_progress', 'cancelling') AND completed + failed + canceled = total
-      AND (ending IS NOT NULL OR submitted = total)
-    RETURNING status, webhook_url AS url`,
-  batchComplete: `UPDATE batches SET status = 'completed', completed_at = @now WHERE seq = @seq AND status = 'finalizing'`,
-  insertBatchDelivery: `INSERT INTO webhook_deliveries (batch_seq, state, sequence, url, origin, occurred_at, next_attempt_at, due_at)
-    VALUES (@seq, @state, 0, @url, @origin, @now, @now, @now)
-    ON CONFLICT (batch_seq, state) WHERE batch_seq IS NOT NULL DO NOTHING RETURNING due_at AS dueAt`,
+  // Settling (migration 0004): the batch's final status and its webhook row, if every line is
+  // accounted for and every job ended.
+  batchSettle: `SELECT settled, due FROM foreman_batch_settle(@seq, @now)`,
+  // A batch job ended: did its batch end with it (in the same statement), with an event due?
+  batchEventDue: `SELECT 1 AS x FROM webhook_deliveries WHERE batch_seq = @seq AND due_at IS NOT NULL LIMIT 1`,
   // The waiting jobs of an ending batch (locked first: a job's row before its batch's).
   waitingLocked: `SELECT seq FROM jobs WHERE batch_seq = @seq AND state IN ('scheduled', 'queued') ORDER BY seq LIMIT @limit FOR UPDATE`,
   batchResultsOutput: `SELECT ${RESULT_COLS} FROM jobs j
@@ -270,6 +260,7 @@ export class PgFilesBatches {
         completionWindow: n.completionWindow,
         metadata: n.metadata === null ? null : JSON.stringify(n.metadata),
         webhookUrl: n.webhookUrl,
+        webhookOrigin: n.webhookUrl === null ? null : originOf(n.webhookUrl),
         priority: n.priority,
         total: n.total,
         outputFileId: n.outputFileId,
@@ -411,22 +402,22 @@ export class PgFilesBatches {
   }
 
   /**
-   * Ends a batch whose every line is accounted for and every job ended, and queues its webhook
-   * event (ADR-0015). Runs in the transaction that ended the last job, or that began the ending:
-   * the driver's transition code calls it for every terminal transition of a batch job.
+   * Ends a batch whose every line is accounted for and every job ended, with its webhook row
+   * (ADR-0015), in the transaction that began its ending. The end of its last job settles it in
+   * the database (the progress trigger of migration 0004), whichever statement ended the job.
    */
   async settle(c: Conn, fx: Effects, batchSeq: number, now: number): Promise<void> {
-    const r = await c.get<{ status: string; url: string | null }>(Q.batchSettle, { seq: batchSeq, now });
-    if (r === undefined) return;
-    let status = r.status;
-    if (status === 'finalizing') {
-      await c.run(Q.batchComplete, { seq: batchSeq, now });
-      status = 'completed';
-    }
-    if (!r.url) return;
-    const d = await c.get<{ dueAt: number | null }>(Q.insertBatchDelivery, { seq: batchSeq, state: `batch.${status}`, url: r.url, origin: originOf(r.url), now });
-    if (d?.dueAt == null) return;
-    fx.deliveryReady = true;
+    const r = await c.get<{ settled: string | null; due: number | null }>(Q.batchSettle, { seq: batchSeq, now });
+    if (r?.due != null) fx.deliveryReady = true;
+  }
+
+  /**
+   * After a batch job's terminal transition (the driver's transition code): if that ended the
+   * batch and its event is due, the dispatcher is told. The batch itself was settled by the
+   * statement that ended the job; this is only the wake-up.
+   */
+  async jobEnded(c: Conn, fx: Effects, batchSeq: number): Promise<void> {
+    if ((await c.one<number>(Q.batchEventDue, { seq: batchSeq })) === 1) fx.deliveryReady = true;
   }
 
   /** A claimed batch event (its row has no job): the batch, as it ended, is the event's body. */
