@@ -131,6 +131,12 @@ export interface QueueDriver {
   /** When the next unclaimed delivery of an origin below its cap becomes due, or null. */
   deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null>;
   deliveryRecord(p: { id: number; now: number; outcome: DeliveryOutcome }): Promise<void>;
+  /**
+   * Optional, for a driver whose claim is a commit of its own (PostgreSQL): records a delivered
+   * event and claims the same job's next event, if due, in one step. The dispatcher then uses it
+   * instead of `deliveryClaimNext` beside `deliveryRecord`. `next` is null if there is none.
+   */
+  deliveryRecordClaimNext?(p: { id: number; now: number; status: number; inlineMax: number }): Promise<{ recorded: boolean; next: ClaimedDelivery | null }>;
   /** Un-claims a delivery without recording an attempt (shutdown): it stays due. */
   deliveryRelease(p: { id: number }): Promise<void>;
   /** Makes a job's failed deliveries (or the one for `state`) pending again; returns their states. */

@@ -155,6 +155,18 @@ export class Dispatcher {
     const attempts = d.attempts + 1;
     const log = logger.child({ job_id: d.jobId, event_id: event.event_id, attempts });
     const outcome = this.outcomeOf(attempt, attempts, now);
+    if (outcome.kind === 'delivered' && driver.deliveryRecordClaimNext && !this.stopCtl.signal.aborted) {
+      // One step: the record and the claim of the job's next event (its send follows at once).
+      try {
+        const { next } = await driver.deliveryRecordClaimNext({ id: d.id, now, status: outcome.status, inlineMax: options.inlineArtifactMaxBytes });
+        this.deps.onOutcome?.('delivered', (now - d.occurredAt) / 1000);
+        this.logOutcome(log, outcome, now);
+        return { next, recorded: Promise.resolve() };
+      } catch (err) {
+        log.error({ err }, 'could not record the webhook attempt; retrying');
+        // Below: the record with retries, and the next event's claim on its own.
+      }
+    }
     // Recording can fail (disk full, locked): keep the delivery held, with backoff, until the
     // outcome is stored. Never send it again meanwhile (ADR-0007).
     const recorded = retryStorage(() => driver.deliveryRecord({ id: d.id, now, outcome }), {

@@ -1176,6 +1176,36 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(await claimDeliveries(at(1700))).toEqual([]);
       });
 
+      it('deliveryRecordClaimNext (where offered): the record and the next event\'s claim in one step; a chained failure is retried in turn', async (ctx) => {
+        if (!d.deliveryRecordClaimNext) return ctx.skip();
+        const id = await insertOne(at(1000), { webhookUrl: HOOK, metadata: { a: '1' } });
+        const c = await claimOne(at(1100));
+        expect(await d.jobSetWorking({ seq: c.seq, lease: c.lease, now: at(1200), leaseMs: 1_000 })).toBe(true);
+        const [queued] = await claimDeliveries(at(1300), { perOriginLimit: 1 });
+        const one = await d.deliveryRecordClaimNext({ id: queued!.id, now: at(1400), status: 200, inlineMax: 1024 });
+        expect(one.recorded).toBe(true);
+        expect(one.next).toMatchObject({ jobId: id, state: 'loading', sequence: 2, attempts: 0, origin: ORIGIN, metadata: { a: '1' }, run: null });
+        // Held: the ordinary claim does not hand it out again, though it heads the line now.
+        expect(await claimDeliveries(at(1401))).toEqual([]);
+        // Recorded already: a second record changes nothing and claims nothing.
+        expect(await d.deliveryRecordClaimNext({ id: queued!.id, now: at(1402), status: 200, inlineMax: 1024 })).toEqual({ recorded: false, next: null });
+        const two = await d.deliveryRecordClaimNext({ id: one.next!.id, now: at(1500), status: 200, inlineMax: 1024 });
+        expect(two.next).toMatchObject({ state: 'working', sequence: 3 });
+        // The chained `working` fails: retried at its backoff, by the ordinary claim.
+        await d.deliveryRecord({ id: two.next!.id, now: at(1600), outcome: { kind: 'retry', at: at(5000), status: 500, error: 'HTTP 500' } });
+        expect(await claimDeliveries(at(4999))).toEqual([]);
+        const again = await claimDeliveries(at(5000));
+        expect(again.map((x) => [x.jobId, x.state, x.attempts])).toEqual([[id, 'working', 1]]);
+        const three = await d.deliveryRecordClaimNext({ id: again[0]!.id, now: at(5100), status: 200, inlineMax: 1024 });
+        expect(three).toEqual({ recorded: true, next: null });
+        expect((await deliveriesOf(id)).map((x) => [x.state, x.status, x.attempts, x.deliveredAt])).toEqual([
+          ['queued', 'delivered', 1, at(1400)],
+          ['loading', 'delivered', 1, at(1500)],
+          ['working', 'delivered', 2, at(5100)],
+        ]);
+        expect(await claimDeliveries(at(6000))).toEqual([]);
+      });
+
       it('deliveryClaimNext: a chained event that fails is retried at its backoff, in turn', async () => {
         const id = await insertOne(at(0), { webhookUrl: HOOK });
         await claimOne(at(10));

@@ -298,14 +298,17 @@ const Q = {
     WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND model = @model AND waits = 0 FOR UPDATE SKIP LOCKED)
     RETURNING ${TRANSITION_COLS}`,
   modelAvg: `SELECT avg_ms FROM model_stats WHERE model = @model`,
-  claimOne: `UPDATE jobs SET state = 'loading', attempt = attempt + 1,
-      lease_owner = @owner || ':' || seq || ':' || (attempt + 1),
-      lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now,
-      engine = coalesce(@engine::text, engine), instance = @instance
-    WHERE seq = @seq AND state = 'queued'
-    RETURNING ${TRANSITION_COLS}, request, max_attempts, lease_owner, prev_seq`,
-  keyServed: `INSERT INTO key_served AS s (key_id, last_served) VALUES (@key, (SELECT coalesce(max(last_served), 0) + 1 FROM key_served))
-    ON CONFLICT (key_id) DO UPDATE SET last_served = excluded.last_served`,
+  // A claim, and its key's turn in the fair share (wrapped by \`move\`'s \`recorded\`: and its record).
+  claimOne: `WITH u AS (UPDATE jobs SET state = 'loading', attempt = attempt + 1,
+        lease_owner = @owner || ':' || seq || ':' || (attempt + 1),
+        lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now,
+        engine = coalesce(@engine::text, engine), instance = @instance
+      WHERE seq = @seq AND state = 'queued'
+      RETURNING ${TRANSITION_COLS}, request, max_attempts, lease_owner, prev_seq),
+    s AS (INSERT INTO key_served AS s (key_id, last_served)
+        SELECT u.key_id, (SELECT coalesce(max(last_served), 0) + 1 FROM key_served) FROM u
+      ON CONFLICT (key_id) DO UPDATE SET last_served = excluded.last_served)
+    SELECT * FROM u`,
   heartbeat: `UPDATE jobs SET lease_expires_at = @until WHERE seq = @seq AND lease_owner = @lease AND state IN ('loading', 'working')`,
   toWorking: `UPDATE jobs SET state = 'working', lease_expires_at = @lease_until, updated_at = @now
     WHERE seq = @seq AND state = 'loading' AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`,
@@ -431,6 +434,10 @@ const Q = {
     SELECT ${DUE_COLS} FROM got d LEFT JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq ORDER BY d.due_at, d.id`,
   // A delivery's outcome and its line's next head, in one call (migration 0006).
   recordDelivery: `SELECT foreman_delivery_record(@id, @now, @kind, @code::integer, @next::bigint, @error::text, @notify::text) AS seq`,
+  recordDeliveredClaimNext: `SELECT recorded, id, job_seq AS jobSeq, state, sequence, url, origin, occurred_at AS occurredAt,
+      attempts, job_id AS jobId, metadata, error_code AS errorCode, error_message AS errorMessage, created_at, started_at,
+      finished_at, attempt, model, conversation_id, load_ms, prompt_tokens, completion_tokens
+    FROM foreman_delivery_record_next(@id, @now, 'delivered', @code::integer, NULL, NULL, @notify::text, @by, @until)`,
   // The job's next event once the one before it is recorded, claimed, with what its send needs.
   claimNextOfJob: `WITH cur AS (SELECT job_seq, sequence FROM webhook_deliveries WHERE id = @id),
       nxt AS (SELECT d.id FROM cur JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.sequence > cur.sequence
@@ -874,58 +881,85 @@ export class PostgresDriver implements QueueDriver {
     }
   }
 
-  jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number; engine?: ClaimHost }): Promise<ClaimedJob[]> {
+  async jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number; engine?: ClaimHost }): Promise<ClaimedJob[]> {
     const owner = `${this.instanceId}/${p.owner}.${++this.claims}`;
-    return this.tx(async (c, fx) => {
-      type Row = TransitionRow & { request: string; max_attempts: number; lease_owner: string; prev_seq: number | null };
-      const rows: Row[] = [];
-      const host = p.engine;
-      const resident = host ? new Set(host.resident) : null;
-      // Keys found at their concurrency under lock (another instance took the last slot).
-      const skip: string[] = [];
-      for (let tries = 0; rows.length < p.limit && tries < p.limit * 3 + 10; tries++) {
-        const pick = host
-          ? await this.pickForHost(c, host, resident!, p.now, skip)
-          : await c.get<{ seq: number; keyId: string; numCtx?: unknown; concurrency: number | null }>(Q.claimPick, { now: p.now, skip });
-        if (!pick) break;
-        if (pick.concurrency !== null) {
-          // The key's slots: exact under the key's lock (the counters are only committed state).
-          await c.run(Q.keyLock, { key: pick.keyId });
-          if (((await c.one<number>(Q.keyRunning, { key: pick.keyId })) ?? 0) >= pick.concurrency) {
-            skip.push(pick.keyId);
-            continue;
-          }
+    if (this.alone) {
+      // Alone on the database: the pick is a read and each claim one statement, no transaction
+      // (a job another claim of this instance took meanwhile is not claimable any more: the
+      // claim's own WHERE says so). A key with a concurrency limit needs its lock: a transaction.
+      const fx = noEffects();
+      try {
+        const got = await this.claimSome(this.conn, fx, p, owner, false);
+        if (got !== null) return got;
+      } catch (err) {
+        throw domainError(err);
+      } finally {
+        this.announce(fx);
+      }
+    }
+    return this.tx(async (c, fx) => (await this.claimSome(c, fx, p, owner, true))!);
+  }
+
+  /** Claims up to `p.limit` jobs; null when, outside a transaction, a key with a concurrency limit came first. */
+  private async claimSome(
+    c: Conn,
+    fx: Effects,
+    p: { limit: number; now: number; leaseMs: number; engine?: ClaimHost },
+    owner: string,
+    inTx: boolean,
+  ): Promise<ClaimedJob[] | null> {
+    type Row = TransitionRow & Recorded & { request: string; max_attempts: number; lease_owner: string; prev_seq: number | null };
+    const rows: Row[] = [];
+    const host = p.engine;
+    const resident = host ? new Set(host.resident) : null;
+    // Keys found at their concurrency under lock (another instance took the last slot).
+    const skip: string[] = [];
+    for (let tries = 0; rows.length < p.limit && tries < p.limit * 3 + 10; tries++) {
+      const pick = host
+        ? await this.pickForHost(c, host, resident!, p.now, skip)
+        : await c.get<{ seq: number; keyId: string; numCtx?: unknown; concurrency: number | null }>(Q.claimPick, { now: p.now, skip });
+      if (!pick) break;
+      if (pick.concurrency !== null) {
+        if (!inTx) {
+          if (rows.length === 0) return null;
+          break;
         }
-        const r = await c.get<Row>(Q.claimOne, {
-          seq: pick.seq,
-          owner,
-          now: p.now,
-          lease: p.now + p.leaseMs,
-          engine: host?.name ?? null,
-          instance: this.instanceId,
-        });
-        if (!r) continue;
-        await c.run(Q.keyServed, { key: pick.keyId });
-        if (host) resident!.add(loadKey(r.model, pick.numCtx));
-        await this.record(c, fx, r, 'loading', p.now);
-        rows.push(r);
+        // The key's slots: exact under the key's lock (the counters are only committed state).
+        await c.run(Q.keyLock, { key: pick.keyId });
+        if (((await c.one<number>(Q.keyRunning, { key: pick.keyId })) ?? 0) >= pick.concurrency) {
+          skip.push(pick.keyId);
+          continue;
+        }
       }
-      const out: ClaimedJob[] = [];
-      for (const r of rows) {
-        out.push({
-          seq: r.seq,
-          id: r.id,
-          kind: r.kind,
-          model: r.model,
-          request: JSON.parse(r.request) as Record<string, unknown>,
-          attempt: r.attempt,
-          maxAttempts: r.max_attempts,
-          lease: r.lease_owner,
-          history: r.prev_seq === null ? [] : await this.historyBefore(c, r.prev_seq),
-        });
-      }
-      return out;
-    });
+      const r = await c.get<Row>(this.recorded(Q.claimOne, 'loading'), {
+        seq: pick.seq,
+        owner,
+        now: p.now,
+        rec_now: p.now,
+        lease: p.now + p.leaseMs,
+        engine: host?.name ?? null,
+        instance: this.instanceId,
+      });
+      if (!r) continue;
+      if (host) resident!.add(loadKey(r.model, pick.numCtx));
+      await this.record(c, fx, r, 'loading', p.now, r);
+      rows.push(r);
+    }
+    const out: ClaimedJob[] = [];
+    for (const r of rows) {
+      out.push({
+        seq: r.seq,
+        id: r.id,
+        kind: r.kind,
+        model: r.model,
+        request: JSON.parse(r.request) as Record<string, unknown>,
+        attempt: r.attempt,
+        maxAttempts: r.max_attempts,
+        lease: r.lease_owner,
+        history: r.prev_seq === null ? [] : await this.historyBefore(c, r.prev_seq),
+      });
+    }
+    return out;
   }
 
   /** The model-aware pick for one host (ADR-0012): the policy is `shared.ts`'s; these are its lookups. */
@@ -1428,6 +1462,22 @@ export class PostgresDriver implements QueueDriver {
     );
     // A slot of its origin is free (here; the other instances were told by the NOTIFY).
     if (seq != null) this.local.emit('deliveryReady');
+  }
+
+  /** The record of a delivered event and the claim of its job's next one: one statement (migration 0007). */
+  async deliveryRecordClaimNext(p: { id: number; now: number; status: number; inlineMax: number }): Promise<{ recorded: boolean; next: ClaimedDelivery | null }> {
+    const r = (await this.single((c) =>
+      c.get<DueRow & { recorded: boolean; id: number | null }>(Q.recordDeliveredClaimNext, {
+        id: p.id,
+        now: p.now,
+        code: p.status,
+        notify: this.cluster?.peers ? this.slotFreed : null,
+        by: this.instanceId,
+        until: p.now + this.deliveryLeaseMs,
+      }),
+    ))!;
+    if (r.recorded) this.local.emit('deliveryReady');
+    return { recorded: r.recorded, next: r.id === null ? null : await this.read((c) => this.toClaimed(c, r, p.inlineMax)) };
   }
 
   async deliveryRelease(p: { id: number }): Promise<void> {
