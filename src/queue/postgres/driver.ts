@@ -1396,7 +1396,7 @@ export class PostgresDriver implements QueueDriver {
   // --- webhook outbox (a claim is a lease in the row: claimed_by, claimed_until) ---
 
   private async toClaimed(c: Conn, r: DueRow, inlineMax: number): Promise<ClaimedDelivery> {
-    if (r.batchSeq !== null) return this.fb.batchEvent(c, { ...r, batchSeq: r.batchSeq });
+    if (r.batchSeq != null) return this.fb.batchEvent(c, { ...r, batchSeq: r.batchSeq });
     return {
       id: r.id,
       jobId: r.jobId,
