@@ -220,7 +220,7 @@ describe('postgres driver only', () => {
     }
   });
 
-  it('migrations 0004 and 0007 on a database already at 0006 give the schema a fresh database gets (0004 was numbered before 0005 and 0006 were written)', async () => {
+  it('migrations 0004 and 0007 on a database migrated without them (to 0006, 0008, …) give the schema a fresh database gets', async () => {
     const all = fileURLToPath(new URL('../../migrations/postgres/', import.meta.url));
     const early = fs.mkdtempSync(path.join(os.tmpdir(), 'foreman-migrations-'));
     for (const f of fs.readdirSync(all)) if (!/^000[47]_/.test(f)) fs.copyFileSync(path.join(all, f), path.join(early, f));
