@@ -379,18 +379,24 @@ const Q = {
   jobById: `SELECT seq, id, state, model, priority, deadline_at, request, metadata, webhook_url, webhook_events,
       webhook_gone, attempt, max_attempts, created_at, started_at, finished_at, updated_at, result, error_code, error_message,
       conversation_id, waits, load_ms, prompt_tokens, completion_tokens, key_id, scheduled_for, engine, instance, kind,
-      (SELECT p.id FROM jobs p WHERE p.seq = jobs.prev_seq) AS prev_id
+      (SELECT p.id FROM jobs p WHERE p.seq = jobs.prev_seq) AS prev_id,
+      -- Its transitions, artifacts and deliveries in the same statement: one snapshot (a claim
+      -- committed between two reads could otherwise show its transition without its instance).
+      (SELECT coalesce(json_agg(json_build_object('state', t.state, 'at', t.at, 'attempt', t.attempt) ORDER BY t.n), '[]')
+        FROM job_transitions t WHERE t.job_seq = jobs.seq) AS transitions_json,
+      (SELECT coalesce(json_agg(json_build_object('name', a.name, 'contentType', a.content_type, 'size', a.size, 'sha256', a.sha256)
+          ORDER BY a.name), '[]')
+        FROM artifacts a WHERE a.job_seq = jobs.seq) AS artifacts_json,
+      (SELECT coalesce(json_agg(json_build_object('id', d.id, 'state', d.state, 'sequence', d.sequence, 'status', d.status,
+          'attempts', d.attempts, 'lastStatusCode', d.last_status_code, 'lastError', d.last_error, 'nextAttemptAt', d.next_attempt_at,
+          'deliveredAt', d.delivered_at, 'occurredAt', d.occurred_at) ORDER BY d.sequence, d.id), '[]')
+        FROM webhook_deliveries d WHERE d.job_seq = jobs.seq) AS deliveries_json
     FROM jobs WHERE id = @id`,
-  transitions: `SELECT state, at, attempt FROM job_transitions WHERE job_seq = @seq ORDER BY n`,
   transitionsSince: `SELECT t.n, t.state, t.at, t.attempt, j.error_code, j.error_message, j.created_at, j.started_at, j.finished_at,
       j.attempt AS run_attempt, j.model, j.conversation_id, j.load_ms, j.prompt_tokens, j.completion_tokens
     FROM job_transitions t JOIN jobs j ON j.seq = t.job_seq WHERE j.id = @id AND t.n > @after ORDER BY t.n`,
-  artifactMetas: `SELECT name, content_type AS contentType, size, sha256 FROM artifacts WHERE job_seq = @seq ORDER BY name`,
   artifact: `SELECT a.name, a.content_type AS contentType, a.size, a.sha256, a.body
     FROM artifacts a JOIN jobs j ON j.seq = a.job_seq WHERE j.id = @id AND a.name = @name`,
-  deliveries: `SELECT id, state, sequence, status, attempts, last_status_code AS lastStatusCode, last_error AS lastError,
-      next_attempt_at AS nextAttemptAt, delivered_at AS deliveredAt, occurred_at AS occurredAt
-    FROM webhook_deliveries WHERE job_seq = @seq ORDER BY sequence, id`,
   queueAheadHigher: `SELECT model, count(*) AS n FROM jobs WHERE state = 'queued' AND ${EFFECTIVE} > @eff GROUP BY model`,
   queueAheadMine: `SELECT model, count(*) AS n FROM jobs
     WHERE key_id = @key AND state = 'queued' AND ${EFFECTIVE} = @eff AND seq < @seq GROUP BY model`,
@@ -1162,14 +1168,12 @@ export class PostgresDriver implements QueueDriver {
 
   jobGet(p: { id: string }): Promise<JobView | null> {
     return this.read(async (c) => {
-      const r = await c.get<JobRow>(Q.jobById, { id: p.id });
+      const r = await c.get<
+        JobRow & { transitions_json: JobView['transitions']; artifacts_json: ArtifactMeta[]; deliveries_json: DeliveryView[] }
+      >(Q.jobById, { id: p.id });
       if (!r) return null;
-      const [transitions, artifacts, deliveries, result] = await Promise.all([
-        c.all<JobView['transitions'][number]>(Q.transitions, { seq: r.seq }),
-        c.all<ArtifactMeta>(Q.artifactMetas, { seq: r.seq }),
-        c.all<DeliveryView>(Q.deliveries, { seq: r.seq }),
-        this.resultOf(c, r.seq, r.result),
-      ]);
+      const result = await this.resultOf(c, r.seq, r.result);
+      const { transitions_json: transitions, artifacts_json: artifacts, deliveries_json: deliveries } = r;
       const view: JobView = {
         seq: r.seq,
         id: r.id,
