@@ -570,6 +570,7 @@ describe('GET /jobs listing', () => {
       job_id: ids[29],
       key_id: null,
       engine: null,
+      instance: null, // never claimed yet
       state: 'queued',
       model: 'llama3.2',
       priority: 0,

@@ -173,6 +173,7 @@ export const jobRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps) =
           job_id: r.id,
           key_id: r.keyId,
           engine: r.engine,
+          instance: r.instance,
           state: r.state,
           model: r.model,
           priority: r.priority,

@@ -247,6 +247,7 @@ export const ListItem = Type.Object({
   job_id: Type.String(),
   key_id: Type.Union([Type.String(), Type.Null()]),
   engine: Type.Union([Type.String(), Type.Null()], { description: 'the engine host that ran it' }),
+  instance: Type.Union([Type.String(), Type.Null()], { description: 'the Foreman instance that ran it (FOREMAN_INSTANCE_ID)' }),
   state: JobStateSchema,
   model: Type.String(),
   priority: Type.Integer(),

@@ -630,6 +630,8 @@ export interface ListedJob {
   seq: number;
   keyId: string | null;
   engine: string | null;
+  /** The instance that ran, or is running, the job (FOREMAN_INSTANCE_ID); null before its first claim. */
+  instance: string | null;
   id: string;
   state: JobState;
   model: string;

@@ -1004,8 +1004,10 @@ export function driverConformance(name: string, factory: DriverFactory): void {
 
         const all = await d.jobsList({ limit: 10 });
         expect(ids(all)).toEqual([f, e, c, b, a]);
-        expect(all[4]).toEqual({ seq: await seqOf(a), id: a, state: 'done', model: 'm1', priority: 0, attempt: 1, metadata: { batch: 'b1', user: 'u1' }, createdAt: at(1000), finishedAt: at(6002), keyId: null, engine: null });
-        expect(all[3]).toEqual({ seq: await seqOf(b), id: b, state: 'loading', model: 'm2', priority: 4, attempt: 1, metadata: { batch: 'b1', user: 'u2' }, createdAt: at(2000), finishedAt: null, keyId: null, engine: null });
+        expect(all[4]).toEqual({ seq: await seqOf(a), id: a, state: 'done', model: 'm1', priority: 0, attempt: 1, metadata: { batch: 'b1', user: 'u1' }, createdAt: at(1000), finishedAt: at(6002), keyId: null, engine: null, instance: (await view(a)).instance });
+        expect(all[3]).toEqual({ seq: await seqOf(b), id: b, state: 'loading', model: 'm2', priority: 4, attempt: 1, metadata: { batch: 'b1', user: 'u2' }, createdAt: at(2000), finishedAt: null, keyId: null, engine: null, instance: (await view(b)).instance });
+        expect((await view(a)).instance).toEqual(expect.stringMatching(/./)); // the claiming driver's id
+        expect(all[0]!.instance).toBeNull(); // never claimed
         expect(all[1]!.metadata).toBeNull();
 
         expect(ids(await d.jobsList({ state: 'queued', limit: 10 }))).toEqual([f, e, c]);

@@ -1376,7 +1376,7 @@ export class PostgresDriver implements QueueDriver {
       params.engine = f.engine;
     }
     const sql = `SELECT j.seq, j.id, j.state, j.model, j.priority, j.attempt, j.metadata, j.created_at AS createdAt,
-        j.finished_at AS finishedAt, nullif(j.key_id, '') AS keyId, j.engine
+        j.finished_at AS finishedAt, nullif(j.key_id, '') AS keyId, j.engine, j.instance
       FROM ${from} ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
       ORDER BY ${seqCol} DESC LIMIT @limit`;
     const rows = (await c.all<Omit<ListedJob, 'metadata'> & { metadata: string | null }>(sql, params)).map((r) => ({

@@ -836,7 +836,7 @@ export class SqliteDriver implements QueueDriver {
       params.engine = f.engine;
     }
     const sql = `SELECT j.seq, j.id, j.state, j.model, j.priority, j.attempt, j.metadata, j.created_at AS createdAt,
-        j.finished_at AS finishedAt, nullif(j.key_id, '') AS keyId, j.engine
+        j.finished_at AS finishedAt, nullif(j.key_id, '') AS keyId, j.engine, j.instance
       FROM ${from} ${where.length ? `WHERE ${where.join(' AND ')}` : ''}
       ORDER BY ${seqCol} DESC LIMIT @limit`;
     // A handful of shapes, each prepared once; the cache is bounded (least recently used out).
