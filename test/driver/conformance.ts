@@ -1208,6 +1208,25 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(await claimDeliveries(at(6000))).toEqual([]);
       });
 
+      it('the next event is never claimed past an earlier one that is not due yet (events stamped by another clock)', async () => {
+        const id = await insertOne(at(1000), { webhookUrl: HOOK });
+        // loading stamped at 3000 by one clock, working at 2000 by another.
+        const c = await claimOne(at(3000));
+        expect(await d.jobSetWorking({ seq: c.seq, lease: c.lease, now: at(2000), leaseMs: 10_000 })).toBe(true);
+        const [queued] = await claimDeliveries(at(1100));
+        expect(queued!.state).toBe('queued');
+        // Acknowledged at 2500: loading (due 3000) is next in line; working must wait behind it.
+        expect(await d.deliveryClaimNext({ afterId: queued!.id, now: at(2500), inlineMax: 1024 })).toBeNull();
+        if (d.deliveryRecordClaimNext) {
+          expect(await d.deliveryRecordClaimNext({ id: queued!.id, now: at(2500), status: 200, inlineMax: 1024 })).toEqual({ recorded: true, next: null });
+        } else {
+          await d.deliveryRecord({ id: queued!.id, now: at(2500), outcome: { kind: 'delivered', status: 200 } });
+        }
+        expect(await claimDeliveries(at(2999))).toEqual([]);
+        const next = await claimDeliveries(at(3000));
+        expect(next.map((x) => [x.jobId, x.state])).toEqual([[id, 'loading']]);
+      });
+
       it('deliveryClaimNext: a chained event that fails is retried at its backoff, in turn', async () => {
         const id = await insertOne(at(0), { webhookUrl: HOOK });
         await claimOne(at(10));

@@ -91,6 +91,9 @@ interface TransitionRow {
   batch_seq: number | null;
 }
 
+/** A claimed job's row, as the claim returns it. */
+type ClaimRow = TransitionRow & Recorded & { request: string; max_attempts: number; lease_owner: string; prev_seq: number | null };
+
 /** What `foreman_record` (migration 0006) did for a transition. */
 interface Recorded {
   rec_n: number;
@@ -303,7 +306,7 @@ const Q = {
         lease_owner = @owner || ':' || seq || ':' || (attempt + 1),
         lease_expires_at = @lease, started_at = coalesce(started_at, @now), updated_at = @now,
         engine = coalesce(@engine::text, engine), instance = @instance
-      WHERE seq = @seq AND state = 'queued'
+      WHERE seq = @seq AND state = 'queued' AND run_at <= @now AND waits = 0 AND (deadline_at IS NULL OR deadline_at > @now)
       RETURNING ${TRANSITION_COLS}, request, max_attempts, lease_owner, prev_seq),
     s AS (INSERT INTO key_served AS s (key_id, last_served)
         SELECT u.key_id, (SELECT coalesce(max(last_served), 0) + 1 FROM key_served) FROM u
@@ -445,12 +448,16 @@ const Q = {
       finished_at, attempt, model, conversation_id, load_ms, prompt_tokens, completion_tokens
     FROM foreman_delivery_record_next(@id, @now, 'delivered', @code::integer, NULL, NULL, @notify::text, @by, @until)`,
   // The job's next event once the one before it is recorded, claimed, with what its send needs.
-  claimNextOfJob: `WITH cur AS (SELECT job_seq, sequence FROM webhook_deliveries WHERE id = @id),
-      nxt AS (SELECT d.id FROM cur JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.sequence > cur.sequence
-        WHERE d.status = 'pending' AND d.next_attempt_at <= @now
+  // The event right after the acknowledged one in its job's line: the lowest pending event other
+  // than it, and only if that comes after it and is due by now (never one past an earlier event
+  // that is not due yet, or pending again after a redelivery).
+  claimNextOfJob: `WITH cur AS (SELECT id, job_seq, sequence FROM webhook_deliveries WHERE id = @id),
+      nxt AS (SELECT d.id, d.sequence, d.next_attempt_at FROM cur JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.id <> cur.id
+        WHERE d.status = 'pending'
         ORDER BY d.sequence, d.id LIMIT 1 FOR UPDATE OF d),
-      got AS (UPDATE webhook_deliveries w SET claimed_by = @by, claimed_until = @until FROM nxt
-        WHERE w.id = nxt.id AND (w.claimed_by IS NULL OR w.claimed_until <= @now) RETURNING w.*)
+      got AS (UPDATE webhook_deliveries w SET claimed_by = @by, claimed_until = @until FROM nxt, cur
+        WHERE w.id = nxt.id AND nxt.sequence > cur.sequence AND nxt.next_attempt_at <= @now
+          AND (w.claimed_by IS NULL OR w.claimed_until <= @now) RETURNING w.*)
     SELECT ${DUE_COLS} FROM got d JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq`,
   // When the next unclaimed head of an origin below its cap becomes due (same loose scan).
   nextDue: `WITH RECURSIVE o(origin) AS (
@@ -705,7 +712,13 @@ export class PostgresDriver implements QueueDriver {
       await this.moveAll(c, fx, Q.failWaiting, { seq: row.seq, now, message }, 'failed', now);
     }
     // A batch's last job to end ended the batch in the same statement (ADR-0015, migration 0004): its event is due.
-    if (row.batch_seq !== null && isTerminal(state)) await this.fb.jobEnded(c, fx, row.batch_seq);
+    if (row.batch_seq !== null && isTerminal(state)) {
+      // A read after the transition; in a single-statement write (alone) that statement has
+      // committed already, so a failure here must not fail the write: wake the dispatcher instead.
+      await this.fb.jobEnded(c, fx, row.batch_seq).catch(() => {
+        fx.deliveryReady = true;
+      });
+    }
   }
 
   /**
@@ -914,58 +927,91 @@ export class PostgresDriver implements QueueDriver {
     owner: string,
     inTx: boolean,
   ): Promise<ClaimedJob[] | null> {
-    type Row = TransitionRow & Recorded & { request: string; max_attempts: number; lease_owner: string; prev_seq: number | null };
-    const rows: Row[] = [];
+    const rows: ClaimRow[] = [];
     const host = p.engine;
     const resident = host ? new Set(host.resident) : null;
     // Keys found at their concurrency under lock (another instance took the last slot).
     const skip: string[] = [];
     for (let tries = 0; rows.length < p.limit && tries < p.limit * 3 + 10; tries++) {
-      const pick = host
-        ? await this.pickForHost(c, host, resident!, p.now, skip)
-        : await c.get<{ seq: number; keyId: string; numCtx?: unknown; concurrency: number | null }>(Q.claimPick, { now: p.now, skip });
-      if (!pick) break;
-      if (pick.concurrency !== null) {
-        if (!inTx) {
-          if (rows.length === 0) return null;
-          break;
-        }
-        // The key's slots: exact under the key's lock (the counters are only committed state).
-        await c.run(Q.keyLock, { key: pick.keyId });
-        if (((await c.one<number>(Q.keyRunning, { key: pick.keyId })) ?? 0) >= pick.concurrency) {
-          skip.push(pick.keyId);
-          continue;
-        }
+      let step: 'claimed' | 'again' | 'none' | 'needs-tx';
+      try {
+        step = await this.claimStep(c, fx, p, owner, inTx, host, resident, skip, rows);
+      } catch (err) {
+        // Outside a transaction each claim has committed: hand those out rather than leave them
+        // held until their lease expires. Inside one, the whole claim rolls back.
+        if (inTx || rows.length === 0) throw err;
+        break;
       }
-      const r = await c.get<Row>(this.recorded(Q.claimOne, 'loading'), {
-        seq: pick.seq,
-        owner,
-        now: p.now,
-        rec_now: p.now,
-        lease: p.now + p.leaseMs,
-        engine: host?.name ?? null,
-        instance: this.instanceId,
-      });
-      if (!r) continue;
-      if (host) resident!.add(loadKey(r.model, pick.numCtx));
-      await this.record(c, fx, r, 'loading', p.now, r);
-      rows.push(r);
+      if (step === 'none') break;
+      if (step === 'needs-tx') {
+        if (rows.length === 0) return null;
+        break;
+      }
     }
     const out: ClaimedJob[] = [];
-    for (const r of rows) {
-      out.push({
-        seq: r.seq,
-        id: r.id,
-        kind: r.kind,
-        model: r.model,
-        request: JSON.parse(r.request) as Record<string, unknown>,
-        attempt: r.attempt,
-        maxAttempts: r.max_attempts,
-        lease: r.lease_owner,
-        history: r.prev_seq === null ? [] : await this.historyBefore(c, r.prev_seq),
-      });
+    try {
+      for (const r of rows) {
+        out.push({
+          seq: r.seq,
+          id: r.id,
+          kind: r.kind,
+          model: r.model,
+          request: JSON.parse(r.request) as Record<string, unknown>,
+          attempt: r.attempt,
+          maxAttempts: r.max_attempts,
+          lease: r.lease_owner,
+          history: r.prev_seq === null ? [] : await this.historyBefore(c, r.prev_seq),
+        });
+      }
+    } catch (err) {
+      if (!inTx) {
+        // Claimed and committed, but not runnable without their history: give them back now.
+        for (const r of rows) await this.jobRelease({ seq: r.seq, lease: r.lease_owner, now: p.now }).catch(() => {});
+      }
+      throw err;
     }
     return out;
+  }
+
+  /** One pick and claim of `claimSome`. */
+  private async claimStep(
+    c: Conn,
+    fx: Effects,
+    p: { now: number; leaseMs: number },
+    owner: string,
+    inTx: boolean,
+    host: ClaimHost | undefined,
+    resident: Set<string> | null,
+    skip: string[],
+    rows: ClaimRow[],
+  ): Promise<'claimed' | 'again' | 'none' | 'needs-tx'> {
+    const pick = host
+      ? await this.pickForHost(c, host, resident!, p.now, skip)
+      : await c.get<{ seq: number; keyId: string; numCtx?: unknown; concurrency: number | null }>(Q.claimPick, { now: p.now, skip });
+    if (!pick) return 'none';
+    if (pick.concurrency !== null) {
+      if (!inTx) return 'needs-tx';
+      // The key's slots: exact under the key's lock (the counters are only committed state).
+      await c.run(Q.keyLock, { key: pick.keyId });
+      if (((await c.one<number>(Q.keyRunning, { key: pick.keyId })) ?? 0) >= pick.concurrency) {
+        skip.push(pick.keyId);
+        return 'again';
+      }
+    }
+    const r = await c.get<ClaimRow>(this.recorded(Q.claimOne, 'loading'), {
+      seq: pick.seq,
+      owner,
+      now: p.now,
+      rec_now: p.now,
+      lease: p.now + p.leaseMs,
+      engine: host?.name ?? null,
+      instance: this.instanceId,
+    });
+    if (!r) return 'again';
+    if (host) resident!.add(loadKey(r.model, pick.numCtx));
+    rows.push(r);
+    await this.record(c, fx, r, 'loading', p.now, r);
+    return 'claimed';
   }
 
   /** The model-aware pick for one host (ADR-0012): the policy is `shared.ts`'s; these are its lookups. */
@@ -1434,11 +1480,23 @@ export class PostgresDriver implements QueueDriver {
       rows.push(...(await this.single((c) => c.all<DueRow>(Q.claimInOrigin, { by: this.instanceId, until, origin, now: p.now, n: room }))));
     }
     if (rows.length === 0) return [];
-    return this.read(async (c) => {
-      const out: ClaimedDelivery[] = [];
-      for (const r of rows) out.push(await this.toClaimed(c, r, p.inlineMax));
-      return out;
-    });
+    try {
+      return await this.read(async (c) => {
+        const out: ClaimedDelivery[] = [];
+        for (const r of rows) out.push(await this.toClaimed(c, r, p.inlineMax));
+        return out;
+      });
+    } catch (err) {
+      // Claimed (committed) but not sendable: give them back at once rather than at lease expiry.
+      await this.unclaim(rows.map((r) => r.id));
+      throw err;
+    }
+  }
+
+  /** Best effort: this instance's claims of these deliveries are dropped (they stay due). */
+  private async unclaim(ids: number[]): Promise<void> {
+    for (const id of ids) await this.single((c) => c.run(Q.deliveryUnclaim, { id, by: this.instanceId })).catch(() => {});
+    this.local.emit('deliveryReady');
   }
 
   /** One statement, no transaction around it (its own); the artifacts of a `done` in a second read. */
@@ -1481,7 +1539,14 @@ export class PostgresDriver implements QueueDriver {
       }),
     ))!;
     if (r.recorded) this.local.emit('deliveryReady');
-    return { recorded: r.recorded, next: r.id === null ? null : await this.read((c) => this.toClaimed(c, r, p.inlineMax)) };
+    if (r.id === null) return { recorded: r.recorded, next: null };
+    const id = r.id;
+    try {
+      return { recorded: r.recorded, next: await this.read((c) => this.toClaimed(c, r, p.inlineMax)) };
+    } catch (err) {
+      await this.unclaim([id]); // the next event stays due, for the ordinary claim
+      throw err;
+    }
   }
 
   async deliveryRelease(p: { id: number }): Promise<void> {

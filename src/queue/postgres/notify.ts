@@ -73,6 +73,8 @@ export class ClusterNotifier {
   /** The other instances heard from (id → when), and since when this one listens. */
   private readonly peerSeen = new Map<string, number>();
   private listeningSince = 0;
+  /** When this instance last heard its own heartbeat come back (the LISTEN connection works). */
+  private selfHeard = 0;
 
   constructor(
     private readonly o: { url: string; instanceId: string; local: LocalNotifier; types: pg.CustomTypesConfig; fallbackMs?: number },
@@ -84,7 +86,13 @@ export class ClusterNotifier {
 
   private async connect(): Promise<void> {
     if (this.stopped) return;
-    const client = new pg.Client({ connectionString: this.o.url, types: this.o.types, application_name: `foreman listen ${this.o.instanceId}`.slice(0, 63) });
+    const client = new pg.Client({
+      connectionString: this.o.url,
+      types: this.o.types,
+      application_name: `foreman listen ${this.o.instanceId}`.slice(0, 63),
+      // A connection that died without a FIN (a half-open socket) is noticed by TCP keepalive.
+      keepAlive: true,
+    });
     client.on('error', () => this.lost(client));
     client.on('end', () => this.lost(client));
     client.on('notification', (m) => (m.channel === DELTA_CHANNEL ? this.receiveDeltas(m.payload) : this.receive(m.payload)));
@@ -145,7 +153,10 @@ export class ClusterNotifier {
     } catch {
       return;
     }
-    if (m.i === this.o.instanceId) return; // announced locally already, after our own commit
+    if (m.i === this.o.instanceId) {
+      if (m.h) this.selfHeard = Date.now();
+      return; // announced locally already, after our own commit
+    }
     this.peerSeen.set(m.i, Date.now());
     if (m.h === 2) this.beat(1); // a new instance learns at once that this one is here
     const n = this.o.local;
@@ -165,13 +176,17 @@ export class ClusterNotifier {
   /**
    * Whether another instance may be listening: then effects are sent by NOTIFY. Alone on the
    * database, an instance sends none (a round trip per write saved). It counts as not alone while
-   * its own LISTEN connection is down, for its first heartbeat period (the others' answers to its
-   * hello are on their way), and for PEER_TTL_MS after it last heard another instance.
+   * its own LISTEN connection is down or its own heartbeats stop coming back, for its first
+   * heartbeat period (the others' answers to its hello are on their way), and for PEER_TTL_MS
+   * after it last heard another instance.
    */
   get peers(): boolean {
     if (!this.connected) return true;
     const now = Date.now();
     if (now - this.listeningSince < HEARTBEAT_MS) return true;
+    // Its own heartbeats no longer come back: the connection may be half-open and deaf, so what
+    // it hears proves nothing. Not alone, until they do again.
+    if (now - this.selfHeard > PEER_TTL_MS) return true;
     for (const [id, at] of this.peerSeen) {
       if (now - at < PEER_TTL_MS) return true;
       this.peerSeen.delete(id);

@@ -276,11 +276,13 @@ export function prepareStatements(db: DB) {
     // The job's next pending event after a delivered one (sent without waiting for the record).
     nextOfJob: p(`SELECT d.id, d.job_seq AS jobSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
         d.attempts, j.id AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}
-      FROM (SELECT job_seq, sequence FROM webhook_deliveries WHERE id = @id) cur
-        JOIN webhook_deliveries d ON d.job_seq = cur.job_seq AND d.sequence > cur.sequence
+      FROM (SELECT id, job_seq, sequence FROM webhook_deliveries WHERE id = @id) cur
+        -- The lowest pending event other than the acknowledged one, only if it comes after it and
+        -- is due: never one past an earlier event not due yet, or pending again (a redelivery).
+        JOIN webhook_deliveries d ON d.id = (SELECT w.id FROM webhook_deliveries w
+          WHERE w.job_seq = cur.job_seq AND w.status = 'pending' AND w.id <> cur.id ORDER BY w.sequence, w.id LIMIT 1)
         JOIN jobs j ON j.seq = d.job_seq
-      WHERE d.status = 'pending' AND d.next_attempt_at <= @now
-      ORDER BY d.sequence, d.id LIMIT 1`),
+      WHERE d.sequence > cur.sequence AND d.next_attempt_at <= @now`),
     nextInOrigin: p(`SELECT id, due_at AS dueAt FROM webhook_deliveries INDEXED BY webhook_deliveries_origin_due
       WHERE origin = @origin AND due_at IS NOT NULL ORDER BY due_at, id LIMIT @n`),
     // Bodies only for the artifacts small enough to travel inline in an event.
