@@ -22,7 +22,7 @@ import { startFakeOllama } from '../test/support/fake-ollama.js';
 import { startReceiver, type Receiver } from '../test/support/receiver.js';
 import { spawnChild, type Spawned } from '../test/support/child.js';
 import { startPostgresCluster, type PostgresCluster } from '../test/support/postgres.js';
-import { countKinds, median, mulberry32, orderViolations, sleep } from './chaos.js';
+import { countKinds, median, mulberry32, orderViolations, sleep, submitUntilAccepted } from './chaos.js';
 
 export type PgKillKind = 'submit' | 'generation' | 'delivery' | 'leader';
 
@@ -233,36 +233,9 @@ export async function runPgChaos(opts: PgChaosOptions): Promise<PgChaosReport> {
           for (let due = t + (n / opts.jobs) * windowMs(); due > Date.now(); due = t + (n / opts.jobs) * windowMs()) {
             await sleep(Math.min(250, due - Date.now()));
           }
-          // Each try has its own prompt: a try that was committed but never answered (killed
-          // before its 202) is another job, and the fake engine's overlap count goes by prompt.
-          for (let tries = 0; ; tries++) {
-            const slot = slots[(n + tries) % slots.length]!;
-            const base = slot.url;
-            if (!base) {
-              await sleep(5);
-              continue;
-            }
-            try {
-              const res = await fetch(`${base}/jobs`, {
-                method: 'POST',
-                headers: { 'content-type': 'application/json' },
-                body: JSON.stringify({
-                  model: 'llama3.2',
-                  messages: [{ role: 'user', content: `chaos ${n}.${tries}` }],
-                  state_webhook_url: `${receivers[n % receivers.length]!.url}/hook`,
-                  metadata: { n: String(n) },
-                }),
-              });
-              const body = (await res.json()) as { job_id?: string };
-              if (res.status === 202 && body.job_id) {
-                accepted.push(body.job_id);
-                break;
-              }
-            } catch {
-              /* killed under us: no 202, so try again (on the next instance) */
-            }
-            await sleep(10);
-          }
+          accepted.push(
+            await submitUntilAccepted(n, (tries) => slots[(n + tries) % slots.length]!.url, `${receivers[n % receivers.length]!.url}/hook`),
+          );
         }
       };
       await Promise.all(Array.from({ length: 8 }, worker));

@@ -64,6 +64,39 @@ export function mulberry32(seed: number) {
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/**
+ * Submits chaos job `n` until an instance answers 202, and returns its id. `urlFor(tries)` names
+ * the instance for each try (null: none is up yet, wait). Each try has its own prompt: a try that
+ * was committed but never answered (killed before its 202) is another job, and the fake engine's
+ * overlap count goes by prompt.
+ */
+export async function submitUntilAccepted(n: number, urlFor: (tries: number) => string | null, hookUrl: string): Promise<string> {
+  for (let tries = 0; ; tries++) {
+    const base = urlFor(tries);
+    if (!base) {
+      await sleep(10);
+      continue;
+    }
+    try {
+      const res = await fetch(`${base}/jobs`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({
+          model: 'llama3.2',
+          messages: [{ role: 'user', content: `chaos ${n}.${tries}` }],
+          state_webhook_url: hookUrl,
+          metadata: { n: String(n) },
+        }),
+      });
+      const body = (await res.json()) as { job_id?: string };
+      if (res.status === 202 && body.job_id) return body.job_id;
+    } catch {
+      /* killed under us: no 202, so try again (on the next instance, if there are several) */
+    }
+    await sleep(10);
+  }
+}
+
 export async function runChaos(opts: ChaosOptions): Promise<ChaosReport> {
   const seed = opts.seed ?? Date.now() % 1_000_000;
   const rand = mulberry32(seed);
@@ -127,35 +160,7 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosReport> {
         const n = i++;
         const due = started + (n / submitRate) * 1000;
         if (due > Date.now()) await sleep(due - Date.now());
-        // Each try has its own prompt: a try that was committed but never answered (killed before
-        // its 202) is another job, and the fake engine's overlap count goes by prompt.
-        for (let tries = 0; ; tries++) {
-          const url = currentUrl;
-          if (!url) {
-            await sleep(10);
-            continue;
-          }
-          try {
-            const res = await fetch(`${url}/jobs`, {
-              method: 'POST',
-              headers: { 'content-type': 'application/json' },
-              body: JSON.stringify({
-                model: 'llama3.2',
-                messages: [{ role: 'user', content: `chaos ${n}.${tries}` }],
-                state_webhook_url: `${receivers[n % receivers.length]!.url}/hook`,
-                metadata: { n: String(n) },
-              }),
-            });
-            const body = (await res.json()) as { job_id?: string };
-            if (res.status === 202 && body.job_id) {
-              accepted.push(body.job_id);
-              break;
-            }
-          } catch {
-            /* the service was killed under us: this submission got no 202, try again */
-          }
-          await sleep(10);
-        }
+        accepted.push(await submitUntilAccepted(n, () => currentUrl, `${receivers[n % receivers.length]!.url}/hook`));
       }
     };
     await Promise.all(Array.from({ length: 8 }, worker));

@@ -13,6 +13,16 @@ export const NEVER = 253402300799000; // 9999-12-31
 export const EXPIRED_IDS_KEPT_MS = 30 * 86_400_000;
 /** `jobs.result` when the result is the job's `completion` artifact, stored once there. */
 export const RESULT_IN_ARTIFACT = '{"$foreman":"completion-artifact"}';
+
+/**
+ * What `jobs.result` stores for a completion: the result's JSON, or RESULT_IN_ARTIFACT when the
+ * `completion` artifact is that very text (the completion is stored once, hardening finding 12).
+ */
+export function storedResult(result: unknown, artifacts: { name: string; body: Buffer }[]): string {
+  const text = JSON.stringify(result);
+  const same = artifacts.some((a) => a.name === 'completion' && a.body.length === Buffer.byteLength(text) && a.body.equals(Buffer.from(text)));
+  return same ? RESULT_IN_ARTIFACT : text;
+}
 /** At most this many index entries are read to answer one listing (hardening finding 10). */
 export const LIST_SCAN_BUDGET = 20_000;
 

@@ -34,7 +34,7 @@ import type {
   QueueSnapshot,
   TransitionEvent,
 } from '../driver.js';
-import { EXPIRED_IDS_KEPT_MS, fairest, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, type Candidate } from '../shared.js';
+import { EXPIRED_IDS_KEPT_MS, fairest, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, storedResult, type Candidate } from '../shared.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
 import { StorageUnavailable, Validation } from '../../errors.js';
 import { Conn, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, SqlCache } from './db.js';
@@ -1081,8 +1081,6 @@ export class PostgresDriver implements QueueDriver {
     loadMs?: number;
     usage?: { promptTokens: number | null; completionTokens: number | null };
   }): Promise<boolean> {
-    const text = JSON.stringify(p.result);
-    const same = p.artifacts.some((a) => a.name === 'completion' && a.body.length === Buffer.byteLength(text) && a.body.equals(Buffer.from(text)));
     const tokens = (p.usage?.promptTokens ?? 0) + (p.usage?.completionTokens ?? 0);
     // The job, its artifacts, the key's tokens of the day and the transition's record: one statement.
     const op = async (c: Conn, fx: Effects) =>
@@ -1095,7 +1093,7 @@ export class PostgresDriver implements QueueDriver {
             seq: p.seq,
             lease: p.lease,
             now: p.now,
-            result: same ? RESULT_IN_ARTIFACT : text,
+            result: storedResult(p.result, p.artifacts),
             load_ms: p.loadMs ?? null,
             prompt_tokens: p.usage?.promptTokens ?? null,
             completion_tokens: p.usage?.completionTokens ?? null,

@@ -37,7 +37,7 @@ import type {
   NewBatch,
   NewFile,
 } from '../driver.js';
-import { EXPIRED_IDS_KEPT_MS, fairest, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, type Candidate } from '../shared.js';
+import { EXPIRED_IDS_KEPT_MS, fairest, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, storedResult, type Candidate } from '../shared.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
 import { Conflict, Validation } from '../../errors.js';
 import { lockDataDir, migrate, openDatabase, type DB } from './db.js';
@@ -508,10 +508,6 @@ export class SqliteDriver implements QueueDriver {
   }): Promise<boolean> {
     const s = this.s;
     return this.write((fx) => {
-      // The completion is stored once (hardening finding 12): when the `completion` artifact is
-      // the result itself, the column holds only a reference to it.
-      const text = JSON.stringify(p.result);
-      const same = p.artifacts.some((a) => a.name === 'completion' && a.body.length === Buffer.byteLength(text) && a.body.equals(Buffer.from(text)));
       const row = this.move(
         fx,
         s.toDone,
@@ -519,7 +515,7 @@ export class SqliteDriver implements QueueDriver {
           seq: p.seq,
           lease: p.lease,
           now: p.now,
-          result: same ? RESULT_IN_ARTIFACT : text,
+          result: storedResult(p.result, p.artifacts),
           load_ms: p.loadMs ?? null,
           prompt_tokens: p.usage?.promptTokens ?? null,
           completion_tokens: p.usage?.completionTokens ?? null,
