@@ -118,9 +118,11 @@ export interface QueueDriver {
    * Claims up to `limit` due deliveries: the head of each job's line only, none already
    * claimed, at most `perOriginLimit` claimed per receiver origin. A claimed delivery stays
    * claimed until `deliveryRecord` or `deliveryRelease`. Cost does not depend on how many
-   * deliveries wait (ADR-0010).
+   * deliveries wait (ADR-0010). `nextDueAt`, when fewer than `limit` were claimed: what
+   * `deliveriesNextDueAt` would then say of the heads not yet due (null: none, or `limit` claimed),
+   * so a dispatcher learns when to look again in the same step.
    */
-  deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]>;
+  deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<{ deliveries: ClaimedDelivery[]; nextDueAt: number | null }>;
   /**
    * After delivery `afterId` was acknowledged by its receiver: claims the same job's next pending
    * event, if it is due, so it can be sent at once, without waiting for the first outcome to be

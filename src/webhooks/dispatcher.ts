@@ -100,15 +100,15 @@ export class Dispatcher {
     const { driver, clock, options } = this.deps;
     const free = options.concurrency - this.inflight.size;
     if (free <= 0) return options.pollIntervalMs; // woken when an attempt ends
-    const claimed = await driver.deliveriesClaim({
+    // One step: the claim, and when the first head not claimed now falls due.
+    const { deliveries, nextDueAt: next } = await driver.deliveriesClaim({
       now: clock.now(),
       limit: free,
       perOriginLimit: options.perOriginConcurrency,
       inlineMax: options.inlineArtifactMaxBytes,
     });
-    for (const d of claimed) this.launch(d);
-    if (claimed.length === free) return 0;
-    const next = await driver.deliveriesNextDueAt({ perOriginLimit: options.perOriginConcurrency });
+    for (const d of deliveries) this.launch(d);
+    if (deliveries.length === free) return 0;
     return next === null ? options.pollIntervalMs : Math.min(options.pollIntervalMs, Math.max(0, next - clock.now()));
   }
 

@@ -120,8 +120,8 @@ export function driverConformance(name: string, factory: DriverFactory): void {
       return c;
     }
 
-    const claimDeliveries = (now: number, o: { limit?: number; perOriginLimit?: number; inlineMax?: number } = {}): Promise<ClaimedDelivery[]> =>
-      d.deliveriesClaim({ now, limit: o.limit ?? 10, perOriginLimit: o.perOriginLimit ?? 10, inlineMax: o.inlineMax ?? 1024 });
+    const claimDeliveries = async (now: number, o: { limit?: number; perOriginLimit?: number; inlineMax?: number } = {}): Promise<ClaimedDelivery[]> =>
+      (await d.deliveriesClaim({ now, limit: o.limit ?? 10, perOriginLimit: o.perOriginLimit ?? 10, inlineMax: o.inlineMax ?? 1024 })).deliveries;
 
     const deliveriesOf = async (id: string): Promise<DeliveryView[]> => (await view(id)).deliveries;
     const statusesOf = async (id: string): Promise<[JobState, string][]> =>
@@ -1270,6 +1270,26 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(await statusesOf(e)).toEqual([['queued', 'delivered']]);
       });
 
+      it('deliveriesClaim says, in the same step, when the first head it did not claim falls due', async () => {
+        const raw = (now: number, limit = 10) => d.deliveriesClaim({ now, limit, perOriginLimit: 10, inlineMax: 0 });
+        expect(await raw(at(0))).toEqual({ deliveries: [], nextDueAt: null }); // nothing owed
+        const a = await insertOne(at(0), { webhookUrl: 'http://127.0.0.1:9/a', webhookEvents: ['queued'] });
+        const [qa] = (await raw(at(10))).deliveries;
+        await d.deliveryRecord({ id: qa!.id, now: at(20), outcome: { kind: 'retry', at: at(5000), status: 503, error: 'HTTP 503' } });
+        const b = await insertOne(at(30), { webhookUrl: 'http://127.0.0.1:10/b', webhookEvents: ['queued'] });
+        const c = await insertOne(at(31), { webhookUrl: 'http://127.0.0.1:11/c', webhookEvents: ['queued'] });
+        // Two claimed now, one origin's head later: the claim says when.
+        const first = await raw(at(40));
+        expect(first.deliveries.map((x) => x.jobId)).toEqual([b, c]);
+        expect(first.nextDueAt).toBe(at(5000));
+        // As many claimed as asked for: no answer (the dispatcher asks again at once).
+        expect(await raw(at(4999), 1)).toEqual({ deliveries: [], nextDueAt: at(5000) });
+        const due = await raw(at(5000), 1);
+        expect(due.deliveries.map((x) => [x.jobId, x.attempts])).toEqual([[a, 1]]);
+        expect(due.nextDueAt).toBeNull();
+        expect(await raw(at(5001))).toEqual({ deliveries: [], nextDueAt: null });
+      });
+
       it('the per-origin cap frees up as attempts end', async () => {
         const a = await insertOne(at(0), { webhookUrl: 'http://127.0.0.1:9/a', webhookEvents: ['queued'] });
         const b = await insertOne(at(1), { webhookUrl: 'http://127.0.0.1:9/b', webhookEvents: ['queued'] });
@@ -1907,10 +1927,10 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         await d.jobSetWorking({ seq: running.seq, lease: running.lease, now: at(60), leaseMs: 1000 });
         await d.jobComplete({ seq: running.seq, lease: running.lease, now: at(61), result: { ok: 1 }, artifacts: [], runMs: 1 });
         expect(await d.batchGet({ id: b.id })).toMatchObject({ status: 'cancelled', completed: 1, canceled: 4, cancelledAt: at(61) });
-        const [ev] = await d.deliveriesClaim({ now: at(62), limit: 10, perOriginLimit: 8, inlineMax: 0 });
+        const [ev] = (await d.deliveriesClaim({ now: at(62), limit: 10, perOriginLimit: 8, inlineMax: 0 })).deliveries;
         expect(ev).toMatchObject({ jobId: b.id, state: 'batch.cancelled', url: HOOK, origin: ORIGIN, occurredAt: at(61), batch: { id: b.id, status: 'cancelled' } });
         await d.deliveryRecord({ id: ev!.id, now: at(63), outcome: { kind: 'delivered', status: 200 } });
-        expect(await d.deliveriesClaim({ now: at(64), limit: 10, perOriginLimit: 8, inlineMax: 0 })).toEqual([]);
+        expect(await d.deliveriesClaim({ now: at(64), limit: 10, perOriginLimit: 8, inlineMax: 0 })).toEqual({ deliveries: [], nextDueAt: null });
         expect((await d.batchCancel({ id: b.id, now: at(70) }))!.changed).toBe(false);
       });
 

@@ -180,7 +180,7 @@ describe('postgres driver only', () => {
         }),
       );
       expect(await a.batchGet({ id: 'batch_x' })).toMatchObject({ status: 'completed', submitted: N, completed: 20, failed: 10, canceled: 0, completedAt: T0 + 5 });
-      const events = await a.deliveriesClaim({ now: T0 + 6, limit: 10, perOriginLimit: 10, inlineMax: 0 });
+      const events = (await a.deliveriesClaim({ now: T0 + 6, limit: 10, perOriginLimit: 10, inlineMax: 0 })).deliveries;
       expect(events.map((e) => [e.jobId, e.state])).toEqual([['batch_x', 'batch.completed']]);
       expect((await a.batchResultsPage({ batchSeq: batch.seq, role: 'output', afterSeq: 0, limit: 100 })).length).toBe(20);
     } finally {
@@ -210,7 +210,7 @@ describe('postgres driver only', () => {
       expect(await d.batchJobsInsert({ batchSeq: b.seq, jobs: [job], now: T0 + 1, maxQueued: 10 })).toEqual({ inserted: 1, stopped: null });
       await d.pool.query(`UPDATE jobs SET state = 'canceled', finished_at = $2, updated_at = $2 WHERE id = $1`, [job.id, T0 + 5]);
       expect(await d.batchGet({ id: 'batch_1' })).toMatchObject({ status: 'completed', canceled: 1, finalizingAt: T0 + 5, completedAt: T0 + 5 });
-      const [ev] = await d.deliveriesClaim({ now: T0 + 6, limit: 10, perOriginLimit: 10, inlineMax: 0 });
+      const [ev] = (await d.deliveriesClaim({ now: T0 + 6, limit: 10, perOriginLimit: 10, inlineMax: 0 })).deliveries;
       expect(ev).toMatchObject({ jobId: 'batch_1', state: 'batch.completed', origin: 'http://127.0.0.1:9', occurredAt: T0 + 5 });
       // A status the batch may not go to is refused by the database (OpenAI's edges only).
       await expect(d.pool.query(`UPDATE batches SET status = 'in_progress' WHERE id = 'batch_1'`)).rejects.toThrow(/illegal batch status transition/);

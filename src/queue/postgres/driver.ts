@@ -137,6 +137,8 @@ interface DueRow extends RunRow {
   errorMessage: string | null;
   /** A batch's event (ADR-0015): its row has no job. */
   batchSeq: number | null;
+  /** A `done` event's artifacts when the statement read them (ARTS); absent: read them apart. */
+  arts?: { name: string; contentType: string; size: number; sha256: string; body: string | null }[] | null;
 }
 
 /** The parameters of `insertJob` for one new job. */
@@ -183,6 +185,8 @@ const KEY_COLS = `id, name, concurrency, max_queued AS maxQueued, daily_limit AS
   created_at AS createdAt, updated_at AS updatedAt, revoked_at AS revokedAt`;
 const DUE_COLS = `d.id, d.job_seq AS jobSeq, d.batch_seq AS batchSeq, d.state, d.sequence, d.url, d.origin, d.occurred_at AS occurredAt,
   d.attempts, coalesce(j.id, b.id) AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}`;
+/** A `done` event's artifacts, read with its claim (migration 0011): `[{name, contentType, size, sha256, body: base64 | null}]`. */
+const ARTS = 'foreman_event_artifacts(d.job_seq, d.state, @inline) AS arts';
 const NUM_CTX = `(j.request::jsonb #> '{options,num_ctx}')`;
 
 /** The session options of every pooled connection: the URL's own `options`, then `jit=off`. */
@@ -295,12 +299,12 @@ const Q = {
     WHERE (x.request::jsonb #> '{options,num_ctx}') IS NOT DISTINCT FROM to_jsonb(@ctx::numeric) LIMIT 1`,
   lockQueued: `SELECT seq FROM jobs WHERE seq = @seq AND state = 'queued' FOR UPDATE SKIP LOCKED`,
   // The key's slot, checked under its row lock: two instances never both take a key's last slot.
-  modelQueued: `SELECT queued FROM model_queue WHERE model = @model`,
   queuedModels: `SELECT model FROM model_queue WHERE queued > 0 ORDER BY model`,
   failQueuedModel: `UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
     WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND model = @model AND waits = 0 FOR UPDATE SKIP LOCKED)
     RETURNING ${TRANSITION_COLS}`,
-  modelAvg: `SELECT avg_ms FROM model_stats WHERE model = @model`,
+  // What a model's queue holds, for the load-cost tiebreak: its queued count and mean run time.
+  modelWork: `SELECT (SELECT queued FROM model_queue WHERE model = @model) AS queued, (SELECT avg_ms FROM model_stats WHERE model = @model) AS avgMs`,
   // A claim, and its key's turn in the fair share (wrapped by \`move\`'s \`recorded\`: and its record).
   claimOne: `WITH u AS (UPDATE jobs SET state = 'loading', attempt = attempt + 1,
         lease_owner = @owner || ':' || seq || ':' || (attempt + 1),
@@ -420,33 +424,38 @@ const Q = {
   pendingStats: `SELECT count(*) AS count, min(occurred_at) AS oldestOccurredAt FROM webhook_deliveries WHERE status = 'pending'`,
 
   // --- webhook outbox: heads of each job's line are due; a claim is a lease in the row ---
-  // Origins with an unclaimed due head, earliest first: the distinct origins by a loose index scan
-  // of webhook_deliveries_origin_due (one step per origin), then each one's first unclaimed due
-  // head (past at most its claimed rows). Cost: origins, not the backlog (ADR-0010).
-  dueOrigins: `WITH RECURSIVE o(origin) AS (
+  // The whole claim in one statement: the origins with an unclaimed head and room below the cap
+  // (the distinct origins by a loose index scan of webhook_deliveries_origin_due, one step per
+  // origin, then each one's first unclaimed head; cost: origins, not the backlog, ADR-0010), each one's due heads up to its room claimed (SKIP LOCKED, the lease
+  // condition), what their sends need, and, on every row, when the first head not due yet falls
+  // due (nextDue). One row with a NULL id when nothing was claimed.
+  claimDue: `WITH RECURSIVE o(origin) AS (
       (SELECT origin FROM webhook_deliveries WHERE due_at IS NOT NULL ORDER BY origin LIMIT 1)
       UNION ALL
       SELECT (SELECT w.origin FROM webhook_deliveries w WHERE w.due_at IS NOT NULL AND w.origin > o.origin ORDER BY w.origin LIMIT 1)
-      FROM o WHERE o.origin IS NOT NULL)
-    SELECT o.origin, h.due_at AS dueAt, a.n AS active FROM o
+      FROM o WHERE o.origin IS NOT NULL),
+    heads AS MATERIALIZED (SELECT o.origin, h.due_at, a.n AS active FROM o
       CROSS JOIN LATERAL (SELECT w.due_at FROM webhook_deliveries w
-        WHERE w.origin = o.origin AND w.due_at IS NOT NULL AND w.due_at <= @now AND (w.claimed_by IS NULL OR w.claimed_until <= @now)
+        WHERE w.origin = o.origin AND w.due_at IS NOT NULL AND (w.claimed_by IS NULL OR w.claimed_until <= @now)
         ORDER BY w.due_at, w.id LIMIT 1) h
       CROSS JOIN LATERAL (SELECT count(*) AS n FROM webhook_deliveries c
         WHERE c.origin = o.origin AND c.claimed_by IS NOT NULL AND c.claimed_until > @now) a
-    WHERE o.origin IS NOT NULL AND a.n < @cap ORDER BY h.due_at LIMIT @n`,
-  claimInOrigin: `WITH got AS (UPDATE webhook_deliveries SET claimed_by = @by, claimed_until = @until
-      WHERE id IN (SELECT id FROM webhook_deliveries
-        WHERE origin = @origin AND due_at IS NOT NULL AND due_at <= @now AND (claimed_by IS NULL OR claimed_until <= @now)
-        ORDER BY due_at, id LIMIT @n FOR UPDATE SKIP LOCKED)
-      RETURNING *)
-    SELECT ${DUE_COLS} FROM got d LEFT JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq ORDER BY d.due_at, d.id`,
+      WHERE o.origin IS NOT NULL AND a.n < @cap),
+    pick AS (SELECT x.id FROM (SELECT * FROM heads WHERE due_at <= @now ORDER BY due_at LIMIT @n) hh
+      CROSS JOIN LATERAL (SELECT w.id, w.due_at FROM webhook_deliveries w
+        WHERE w.origin = hh.origin AND w.due_at IS NOT NULL AND w.due_at <= @now AND (w.claimed_by IS NULL OR w.claimed_until <= @now)
+        ORDER BY w.due_at, w.id LIMIT least(@cap - hh.active, @n) FOR UPDATE SKIP LOCKED) x
+      ORDER BY x.due_at, x.id LIMIT @n),
+    got AS (UPDATE webhook_deliveries w SET claimed_by = @by, claimed_until = @until FROM pick WHERE w.id = pick.id RETURNING w.*)
+    SELECT (SELECT min(due_at) FROM heads WHERE due_at > @now) AS nextDue, ${DUE_COLS}, ${ARTS}
+    FROM (SELECT 1) one LEFT JOIN (got d LEFT JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq) ON true
+    ORDER BY d.due_at, d.id`,
   // A delivery's outcome and its line's next head, in one call (migration 0006).
   recordDelivery: `SELECT foreman_delivery_record(@id, @now, @kind, @code::integer, @next::bigint, @error::text, @notify::text) AS seq`,
   recordDeliveredClaimNext: `SELECT recorded, id, job_seq AS jobSeq, state, sequence, url, origin, occurred_at AS occurredAt,
       attempts, job_id AS jobId, metadata, error_code AS errorCode, error_message AS errorMessage, created_at, started_at,
-      finished_at, attempt, model, conversation_id, load_ms, prompt_tokens, completion_tokens
-    FROM foreman_delivery_record_next(@id, @now, 'delivered', @code::integer, NULL, NULL, @notify::text, @by, @until)`,
+      finished_at, attempt, model, conversation_id, load_ms, prompt_tokens, completion_tokens, arts
+    FROM foreman_delivered_next(@id, @now, @code::integer, @notify::text, @by, @until, @inline)`,
   // The job's next event once the one before it is recorded, claimed, with what its send needs.
   // The event right after the acknowledged one in its job's line: the lowest pending event other
   // than it, and only if that comes after it and is due by now (never one past an earlier event
@@ -458,7 +467,7 @@ const Q = {
       got AS (UPDATE webhook_deliveries w SET claimed_by = @by, claimed_until = @until FROM nxt, cur
         WHERE w.id = nxt.id AND nxt.sequence > cur.sequence AND nxt.next_attempt_at <= @now
           AND (w.claimed_by IS NULL OR w.claimed_until <= @now) RETURNING w.*)
-    SELECT ${DUE_COLS} FROM got d JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq`,
+    SELECT ${DUE_COLS}, ${ARTS} FROM got d JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq`,
   // When the next unclaimed head of an origin below its cap becomes due (same loose scan).
   nextDue: `WITH RECURSIVE o(origin) AS (
       (SELECT origin FROM webhook_deliveries WHERE due_at IS NOT NULL ORDER BY origin LIMIT 1)
@@ -1035,7 +1044,8 @@ export class PostgresDriver implements QueueDriver {
     if (sameLoad.length > 0) return fairest(sameLoad);
     const work = new Map<string, number>();
     for (const m of new Set(first.atTop.map((x) => x.model))) {
-      work.set(m, queuedWork(await c.one<number>(Q.modelQueued, { model: m }), await c.one<number>(Q.modelAvg, { model: m })));
+      const w = (await c.get<{ queued: number | null; avgMs: number | null }>(Q.modelWork, { model: m }))!;
+      work.set(m, queuedWork(w.queued ?? undefined, w.avgMs ?? undefined));
     }
     return pickByLoadCost(first.atTop, host, work);
   }
@@ -1445,6 +1455,13 @@ export class PostgresDriver implements QueueDriver {
 
   private async toClaimed(c: Conn, r: DueRow, inlineMax: number): Promise<ClaimedDelivery> {
     if (r.batchSeq != null) return this.fb.batchEvent(c, { ...r, batchSeq: r.batchSeq });
+    const artifacts = r.state === 'done' && !r.arts ? await c.all<ArtifactMeta & { body: Buffer | null }>(Q.artifactsForEvent, { inline: inlineMax, seq: r.jobSeq }) : [];
+    return this.jobEvent(r, artifacts);
+  }
+
+  /** A job event's send, from a row that carries its artifacts (`arts`) or with `artifacts` read apart. */
+  private jobEvent(r: DueRow, artifacts: (ArtifactMeta & { body: Buffer | null })[]): ClaimedDelivery {
+    if (r.state === 'done' && r.arts) artifacts = r.arts.map((a) => ({ ...a, body: a.body === null ? null : Buffer.from(a.body, 'base64') }));
     return {
       id: r.id,
       jobId: r.jobId,
@@ -1456,32 +1473,18 @@ export class PostgresDriver implements QueueDriver {
       attempts: r.attempts,
       metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
       error: r.state === 'failed' ? { code: r.errorCode ?? 'unknown', message: r.errorMessage ?? '' } : null,
-      artifacts: r.state === 'done' ? await c.all<ArtifactMeta & { body: Buffer | null }>(Q.artifactsForEvent, { inline: inlineMax, seq: r.jobSeq }) : [],
+      artifacts: r.state === 'done' ? artifacts : [],
       run: isTerminal(r.state) ? runOf(r) : null,
     };
   }
 
-  /**
-   * No transaction around it: one read (the origins with a due head and room below the cap), then
-   * one statement per origin that claims its heads and returns what their sends need. Each claim
-   * is atomic by itself (SKIP LOCKED, the lease condition); a transaction added only round trips.
-   */
-  async deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]> {
-    if (p.limit <= 0) return [];
-    const origins = await this.read((c) => c.all<{ origin: string; active: number }>(Q.dueOrigins, { now: p.now, n: p.limit, cap: p.perOriginLimit }));
-    const rows: DueRow[] = [];
-    const until = p.now + this.deliveryLeaseMs;
-    for (const { origin, active } of origins) {
-      if (rows.length >= p.limit) break;
-      const room = Math.min(p.perOriginLimit - active, p.limit - rows.length);
-      if (room <= 0) continue;
-      rows.push(...(await this.single((c) => c.all<DueRow>(Q.claimInOrigin, { by: this.instanceId, until, origin, now: p.now, n: room }))));
-    }
-    if (rows.length === 0) return [];
+  /** The sends of claimed rows: at once for job events (their rows carry all), with a read for a batch's. */
+  private async claimedOf(rows: DueRow[], inlineMax: number): Promise<ClaimedDelivery[]> {
+    if (rows.every((r) => r.batchSeq == null && (r.state !== 'done' || r.arts))) return rows.map((r) => this.jobEvent(r, []));
     try {
       return await this.read(async (c) => {
         const out: ClaimedDelivery[] = [];
-        for (const r of rows) out.push(await this.toClaimed(c, r, p.inlineMax));
+        for (const r of rows) out.push(await this.toClaimed(c, r, inlineMax));
         return out;
       });
     } catch (err) {
@@ -1489,6 +1492,27 @@ export class PostgresDriver implements QueueDriver {
       await this.unclaim(rows.map((r) => r.id));
       throw err;
     }
+  }
+
+  /**
+   * One statement, no transaction around it (claimDue): the claim is atomic by itself (SKIP
+   * LOCKED, the lease condition), and says when the first head not claimed falls due.
+   */
+  async deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<{ deliveries: ClaimedDelivery[]; nextDueAt: number | null }> {
+    if (p.limit <= 0) return { deliveries: [], nextDueAt: null };
+    const got = await this.single((c) =>
+      c.all<Omit<DueRow, 'id'> & { id: number | null; nextDue: number | null }>(Q.claimDue, {
+        now: p.now,
+        n: p.limit,
+        cap: p.perOriginLimit,
+        by: this.instanceId,
+        until: p.now + this.deliveryLeaseMs,
+        inline: p.inlineMax,
+      }),
+    );
+    const rows = got.filter((r): r is typeof r & { id: number } => r.id !== null);
+    const nextDueAt = rows.length < p.limit ? (got[0]?.nextDue ?? null) : null;
+    return { deliveries: rows.length === 0 ? [] : await this.claimedOf(rows, p.inlineMax), nextDueAt };
   }
 
   /** Best effort: this instance's claims of these deliveries are dropped (they stay due). */
@@ -1499,8 +1523,10 @@ export class PostgresDriver implements QueueDriver {
 
   /** One statement, no transaction around it (its own); the artifacts of a `done` in a second read. */
   async deliveryClaimNext(p: { afterId: number; now: number; inlineMax: number }): Promise<ClaimedDelivery | null> {
-    const r = await this.single((c) => c.get<DueRow>(Q.claimNextOfJob, { id: p.afterId, now: p.now, by: this.instanceId, until: p.now + this.deliveryLeaseMs }));
-    return r === undefined ? null : this.read((c) => this.toClaimed(c, r, p.inlineMax));
+    const r = await this.single((c) =>
+      c.get<DueRow>(Q.claimNextOfJob, { id: p.afterId, now: p.now, by: this.instanceId, until: p.now + this.deliveryLeaseMs, inline: p.inlineMax }),
+    );
+    return r === undefined ? null : ((await this.claimedOf([r], p.inlineMax))[0] ?? null);
   }
 
   deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null> {
@@ -1534,17 +1560,14 @@ export class PostgresDriver implements QueueDriver {
         notify: this.cluster?.peers ? this.slotFreed : null,
         by: this.instanceId,
         until: p.now + this.deliveryLeaseMs,
+        inline: p.inlineMax,
       }),
     ))!;
-    if (r.recorded) this.local.emit('deliveryReady');
+    // No local wake for the slot this frees: the dispatcher's chain either goes on with `next`
+    // (the origin's count is unchanged) or ends, and its end wakes the dispatcher.
     if (r.id === null) return { recorded: r.recorded, next: null };
-    const id = r.id;
-    try {
-      return { recorded: r.recorded, next: await this.read((c) => this.toClaimed(c, r, p.inlineMax)) };
-    } catch (err) {
-      await this.unclaim([id]); // the next event stays due, for the ordinary claim
-      throw err;
-    }
+    // A next event not sendable is given back at once; it stays due, for the ordinary claim.
+    return { recorded: r.recorded, next: (await this.claimedOf([r], p.inlineMax))[0] ?? null };
   }
 
   async deliveryRelease(p: { id: number }): Promise<void> {

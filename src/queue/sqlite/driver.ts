@@ -868,11 +868,12 @@ export class SqliteDriver implements QueueDriver {
 
   // --- webhook outbox ---
 
-  async deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]> {
+  async deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<{ deliveries: ClaimedDelivery[]; nextDueAt: number | null }> {
     const claimed = await this.claimDue(p);
+    const nextDueAt = claimed.length < p.limit ? await this.deliveriesNextDueAt({ perOriginLimit: p.perOriginLimit }) : null;
     // An event is sent only once the state change it reports is on disk.
     if (claimed.length > 0) await this.group.whenDurable();
-    return claimed;
+    return { deliveries: claimed, nextDueAt };
   }
 
   private claimDue(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<ClaimedDelivery[]> {
