@@ -253,6 +253,35 @@ describe('postgres driver only', () => {
     }
   });
 
+  it("a 410 recorded while the job changes state waits for the job's row: no deadlock", async () => {
+    const db = await freshDb();
+    const d = new PostgresDriver({ url: db.url, instanceId: 'inst-a', crossInstance: false });
+    const c = new pg.Client({ connectionString: db.url });
+    try {
+      await c.connect();
+      const j = newJob({ webhookUrl: 'http://127.0.0.1:9/h' });
+      await d.jobsInsert({ jobs: [j], now: T0, maxQueued: 10 });
+      const [ev] = (await d.deliveriesClaim({ now: T0 + 1, limit: 10, perOriginLimit: 10, inlineMax: 0 })).deliveries;
+      // A transition in flight holds the job's row and takes the line's lock next (foreman_record).
+      await c.query('BEGIN');
+      const { seq } = (await c.query<{ seq: string }>('UPDATE jobs SET updated_at = updated_at WHERE id = $1 RETURNING seq', [j.id])).rows[0]!;
+      const gone = d.deliveryRecord({ id: ev!.id, now: T0 + 2, outcome: { kind: 'gone', status: 410, error: 'HTTP 410' } });
+      await new Promise((r) => setTimeout(r, 300)); // the record is waiting by now
+      const t0 = performance.now();
+      await c.query('SELECT pg_advisory_xact_lock($1)', [-Number(seq)]); // line lock first: a deadlock (1 s)
+      const waited = performance.now() - t0;
+      await c.query('COMMIT');
+      await gone;
+      expect(waited).toBeLessThan(500);
+      const view = (await d.jobGet({ id: j.id }))!;
+      expect(view.deliveries.map((x) => [x.state, x.status, x.lastStatusCode])).toEqual([['queued', 'failed', 410]]);
+    } finally {
+      await c.end();
+      await d.close();
+      await db.drop();
+    }
+  });
+
   it('NOTIFY payloads stay below the 8000-byte limit', async () => {
     const { payloadsOf, MAX_PAYLOAD } = await import('../../src/queue/postgres/notify.js');
     const t = Array.from({ length: 200 }, (_, n) => ({ jobId: `job-${n}`, state: 'failed' as const, n, at: T0, attempt: 1, error: { code: 'x', message: 'e'.repeat(n === 5 ? 20_000 : 10) } }));

@@ -450,8 +450,8 @@ const Q = {
     SELECT (SELECT min(due_at) FROM heads WHERE due_at > @now) AS nextDue, ${DUE_COLS}, ${ARTS}
     FROM (SELECT 1) one LEFT JOIN (got d LEFT JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq) ON true
     ORDER BY d.due_at, d.id`,
-  // A delivery's outcome and its line's next head, in one call (migration 0006).
-  recordDelivery: `SELECT foreman_delivery_record(@id, @now, @kind, @code::integer, @next::bigint, @error::text, @notify::text) AS seq`,
+  // A delivery's outcome and its line's next head, in one call (migrations 0006, 0012).
+  recordDelivery: `SELECT foreman_delivery_outcome(@id, @now, @kind, @code::integer, @next::bigint, @error::text, @notify::text) AS seq`,
   recordDeliveredClaimNext: `SELECT recorded, id, job_seq AS jobSeq, state, sequence, url, origin, occurred_at AS occurredAt,
       attempts, job_id AS jobId, metadata, error_code AS errorCode, error_message AS errorMessage, created_at, started_at,
       finished_at, attempt, model, conversation_id, load_ms, prompt_tokens, completion_tokens, arts
