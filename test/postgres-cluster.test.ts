@@ -142,6 +142,9 @@ describe('postgres cluster: 3 instances on one database', () => {
     expect(pending).toBe(0);
     // No job ran on two instances at once (the fake counts overlapping generations of one job).
     expect(fake.stats.overlapping).toBe(0);
+    // The host's 4 slots (FOREMAN_CONCURRENCY) are shared by the three instances, not 4 each.
+    expect(fake.stats.maxConcurrent).toBeGreaterThanOrEqual(2);
+    expect(fake.stats.maxConcurrent).toBeLessThanOrEqual(4);
     // Each job's events, in order: every state first arrives after all earlier ones. A crash
     // between a receiver's answer and the record sends the unrecorded events again, in order
     // (at least once): such a replay starts over at the first unrecorded one.

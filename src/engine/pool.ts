@@ -251,6 +251,7 @@ export class EnginePool {
       resident: [...h.resident.keys()].map((n) => loadKey(n, h.ctxOf.get(n) ?? null)),
       loadMs,
       affinityMaxWaitMs: this.options.affinityMaxWaitMs,
+      slots: h.spec.slots,
     };
   }
 

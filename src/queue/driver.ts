@@ -385,6 +385,13 @@ export interface ClaimHost {
   loadMs: Record<string, number>;
   /** How long a job may be passed over to save a model swap; 0 turns affinity off (FIFO). */
   affinityMaxWaitMs: number;
+  /**
+   * The host's slots across every instance. A driver shared by several instances (PostgreSQL)
+   * claims for the host at most this many less the jobs running on it anywhere (their `engine`),
+   * counted under the host's lock, and wakes the worker (`jobReady`) when a job ends elsewhere
+   * after a claim was cut short so. One process (SQLite) counts its own: the worker's `limit`.
+   */
+  slots?: number;
 }
 
 export interface NewJob {

@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { migrate } from '../../src/queue/postgres/db.js';
+import type { ClaimHost } from '../../src/queue/driver.js';
 import { PostgresDriver } from '../../src/queue/postgres/driver.js';
 import { createDatabase } from '../support/postgres.js';
 import { driverConformance, newJob } from './conformance.js';
@@ -250,6 +251,42 @@ describe('postgres driver only', () => {
       await a.drop();
       await b.drop();
       fs.rmSync(early, { recursive: true, force: true });
+    }
+  });
+
+  it("a host's slots are shared by the instances: a claim takes only what is free on it anywhere, and is woken when a job ends elsewhere", async () => {
+    const db = await freshDb();
+    const [a, b] = [new PostgresDriver({ url: db.url, instanceId: 'inst-a' }), new PostgresDriver({ url: db.url, instanceId: 'inst-b' })];
+    const host = (name: string): ClaimHost => ({ name, models: ['m1'], resident: [], loadMs: {}, affinityMaxWaitMs: 0, slots: 3 });
+    const claim = (d: PostgresDriver, limit: number, h: ClaimHost, now: number) => d.jobsClaim({ owner: 'w', limit, now, leaseMs: 60_000, engine: h });
+    try {
+      await Promise.all([a.ready, b.ready]);
+      await a.jobsInsert({ jobs: Array.from({ length: 8 }, () => newJob()), now: T0, maxQueued: 100 });
+      const onA = await claim(a, 2, host('gpu1'), T0 + 1);
+      expect(onA.length).toBe(2);
+      // b's worker has all 3 of its own slots free; 2 of the host's are taken on a.
+      expect((await claim(b, 3, host('gpu1'), T0 + 2)).length).toBe(1);
+      expect(await claim(b, 2, host('gpu1'), T0 + 3)).toEqual([]);
+      expect(await claim(a, 1, host('gpu1'), T0 + 3)).toEqual([]);
+      // Another host's slots are its own.
+      expect((await claim(b, 3, host('gpu2'), T0 + 4)).length).toBe(3);
+      // A job that ends on a wakes b's worker, whose claim then takes the freed slot.
+      const woken = new Promise<void>((resolve) => {
+        const off = b.notifier.on('jobReady', () => {
+          off();
+          resolve();
+        });
+      });
+      const j = onA[0]!;
+      expect(await a.jobSetWorking({ seq: j.seq, lease: j.lease, now: T0 + 5, leaseMs: 60_000 })).toBe(true);
+      expect(await a.jobComplete({ seq: j.seq, lease: j.lease, now: T0 + 5, result: { ok: 1 }, artifacts: [], runMs: 1 })).toBe(true);
+      await woken;
+      expect((await claim(b, 3, host('gpu1'), T0 + 6)).length).toBe(1);
+      expect(await claim(b, 3, host('gpu1'), T0 + 7)).toEqual([]);
+    } finally {
+      await a.close();
+      await b.close();
+      await db.drop();
     }
   });
 

@@ -187,6 +187,8 @@ const DUE_COLS = `d.id, d.job_seq AS jobSeq, d.batch_seq AS batchSeq, d.state, d
   d.attempts, coalesce(j.id, b.id) AS jobId, j.metadata, j.error_code AS errorCode, j.error_message AS errorMessage, ${RUN_COLS}`;
 /** A `done` event's artifacts, read with its claim (migration 0011): `[{name, contentType, size, sha256, body: base64 | null}]`. */
 const ARTS = 'foreman_event_artifacts(d.job_seq, d.state, @inline) AS arts';
+/** The first key of the engine hosts' advisory locks ('fmEH'). */
+const HOST_LOCK_SPACE = 0x666d4548;
 const NUM_CTX = `(j.request::jsonb #> '{options,num_ctx}')`;
 
 /** The session options of every pooled connection: the URL's own `options`, then `jit=off`. */
@@ -298,6 +300,11 @@ const Q = {
       ORDER BY j.priority + j.age_boost DESC, j.seq LIMIT 64) x
     WHERE (x.request::jsonb #> '{options,num_ctx}') IS NOT DISTINCT FROM to_jsonb(@ctx::numeric) LIMIT 1`,
   lockQueued: `SELECT seq FROM jobs WHERE seq = @seq AND state = 'queued' FOR UPDATE SKIP LOCKED`,
+  // An engine host's slots are counted across instances under this transaction lock (the two-key
+  // form: its own key space, apart from the job lines' one-key locks), by its running jobs
+  // (jobs_running: at most the cluster's slots, whatever the table holds).
+  hostLock: `SELECT pg_advisory_xact_lock(${HOST_LOCK_SPACE}, hashtext(@name)) AS x`,
+  hostRunning: `SELECT count(*)::integer AS n FROM jobs WHERE state IN ('loading', 'working') AND lease_expires_at IS NOT NULL AND engine = @name`,
   // The key's slot, checked under its row lock: two instances never both take a key's last slot.
   queuedModels: `SELECT model FROM model_queue WHERE queued > 0 ORDER BY model`,
   failQueuedModel: `UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
@@ -569,6 +576,13 @@ export class PostgresDriver implements QueueDriver {
     this.local = opts.notifier instanceof LocalNotifier ? opts.notifier : new LocalNotifier();
     this.cluster = opts.crossInstance === false ? null : new ClusterNotifier({ url: opts.url, instanceId: this.instanceId, local: this.local, types: pgTypes });
     this.notifier = this.local;
+    this.local.on('stateChanged', (e) => {
+      // A job that ends or goes back to the queue (anywhere) frees its host's slot.
+      if (this.hostWaiting && (isTerminal(e.state) || e.state === 'queued')) {
+        this.hostWaiting = false;
+        this.local.emit('jobReady');
+      }
+    });
     this.slotFreed = this.cluster ? payloadsOf(this.instanceId, { ...noEffects(), deliveryReady: true })[0]! : null;
     this.ready = this.init();
     this.ready.catch(() => {}); // observed by recover() and every call
@@ -590,6 +604,9 @@ export class PostgresDriver implements QueueDriver {
   }
 
   /** No other instance listens (or none can: crossInstance off): writes need not NOTIFY. */
+  /** A claim was cut short by a host's slots in use elsewhere: the next job to end anywhere wakes the worker. */
+  private hostWaiting = false;
+
   private get alone(): boolean {
     return this.cluster === null || !this.cluster.peers;
   }
@@ -911,6 +928,17 @@ export class PostgresDriver implements QueueDriver {
 
   async jobsClaim(p: { owner: string; limit: number; now: number; leaseMs: number; engine?: ClaimHost }): Promise<ClaimedJob[]> {
     const owner = `${this.instanceId}/${p.owner}.${++this.claims}`;
+    const host = p.engine;
+    if (host?.slots !== undefined && !this.alone) {
+      // Other instances use the same hosts: this host's free slots are its slots less its jobs
+      // running anywhere, counted and taken under the host's lock.
+      return this.tx(async (c, fx) => {
+        await c.run(Q.hostLock, { name: host.name });
+        const room = Math.min(p.limit, host.slots! - ((await c.one<number>(Q.hostRunning, { name: host.name })) ?? 0));
+        if (room < p.limit) this.hostWaiting = true;
+        return room <= 0 ? [] : (await this.claimSome(c, fx, { ...p, limit: room }, owner, true))!;
+      });
+    }
     if (this.alone) {
       // Alone on the database: the pick is a read and each claim one statement, no transaction
       // (a job another claim of this instance took meanwhile is not claimable any more: the
