@@ -166,6 +166,10 @@ describe('jobs table', () => {
     // Newest first, 20 a page.
     await textWhere(rows.first(), (t) => t.includes(ids[21]!), 'the newest job first');
     expect(await rows.count()).toBe(20);
+    // Where each ran: the engine host and the instance, as GET /jobs says.
+    const newest = (await h.api(`/jobs/${ids[21]}`)).body;
+    expect(newest.engine).toEqual(expect.any(String));
+    await text(rows.first().locator('[data-testid="job-ran-on"]'), `${newest.engine} · ${newest.instance}`);
     await page.click('[data-testid="page-older"]');
     await textWhere(rows.first(), (t) => t.includes(ids[1]!), 'page 2 starts with the 21st newest');
     expect(await rows.count()).toBe(2);
@@ -206,6 +210,9 @@ describe('job detail', () => {
 
     // Done: the stored result replaces the live text.
     await text(page.locator('[data-testid="job-state"]'), 'done', 15_000);
+    const ran = (await h.api(`/jobs/${id}`)).body;
+    await text(page.locator('[data-testid="job-engine"]'), ran.engine);
+    await text(page.locator('[data-testid="job-instance"]'), ran.instance);
     await text(page.locator('[data-testid="result-output"] .content'), `echo: ${words}`);
     await text(page.locator('[data-testid="result-output"] .thinking'), 'Let me think.');
     await text(page.locator('[data-testid="transition"]').nth(3).locator('.badge'), 'done');

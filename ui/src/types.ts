@@ -14,6 +14,9 @@ export interface ListItem {
   created_at: string;
   finished_at: string | null;
   status_url: string;
+  /** The engine host and the Foreman instance that ran (or run) it; null until claimed. */
+  engine: string | null;
+  instance: string | null;
 }
 
 export interface ListReply {
@@ -57,6 +60,8 @@ export interface Job {
   waiting_for_previous: boolean;
   load_ms: number | null;
   usage: { prompt_tokens: number | null; completion_tokens: number | null };
+  engine: string | null;
+  instance: string | null;
 }
 
 export interface Readyz {

@@ -162,6 +162,16 @@ export function JobDetail({ id }: { id: string }) {
           )}
           <dt>deadline</dt>
           <dd>{fmtTime(j.deadline)}</dd>
+          <dt>ran on</dt>
+          <dd>
+            <span data-testid="job-engine">{j.engine ?? '—'}</span>
+            {j.instance && (
+              <span class="muted">
+                {' '}
+                by instance <span data-testid="job-instance">{j.instance}</span>
+              </span>
+            )}
+          </dd>
           <dt>load</dt>
           <dd>{fmtMs(j.load_ms)}</dd>
           <dt>tokens</dt>

@@ -111,6 +111,7 @@ export function Jobs({ query }: { query: URLSearchParams }) {
               <th>model</th>
               <th class="num">priority</th>
               <th class="num">attempt</th>
+              <th>ran on</th>
               <th>created</th>
               <th>finished</th>
               <th>metadata</th>
@@ -128,6 +129,10 @@ export function Jobs({ query }: { query: URLSearchParams }) {
                 <td>{j.model}</td>
                 <td class="num">{j.priority}</td>
                 <td class="num">{j.attempt}</td>
+                <td data-testid="job-ran-on">
+                  {j.engine ?? '—'}
+                  {j.instance && <span class="muted"> · {j.instance}</span>}
+                </td>
                 <td title={j.created_at}>
                   {fmtTime(j.created_at)} <span class="muted">({ago(j.created_at, now)})</span>
                 </td>
