@@ -2,8 +2,8 @@
  * `npm run bench:instances`: throughput with 1, 2 and 3 Foreman instances on one PostgreSQL
  * database. Starts a private PostgreSQL server (fsync and synchronous_commit on, as in
  * production), a zero-latency fake Ollama and a webhook receiver; then, for each instance count
- * N, a fresh database and N instances (child processes, each with FOREMAN_CONCURRENCY slots on
- * the one fake engine), a short warm-up, then `--n` jobs submitted round-robin over the
+ * N, a fresh database and N instances (child processes sharing the one fake engine's
+ * FOREMAN_CONCURRENCY slots: a host's slots are counted across instances, ADR-0011), a short warm-up, then `--n` jobs submitted round-robin over the
  * instances with every state subscribed, until every job's `done` event has arrived. It prints
  * submit req/s, end-to-end jobs/s and the CPU seconds of the Foreman processes and of
  * PostgreSQL (the postmaster and every backend, including ended ones), per run.
@@ -232,7 +232,7 @@ async function main(): Promise<void> {
     cpus <= 2
       ? `NOTE: this machine has ${cpus} cores. Every instance, PostgreSQL, the fake engine and this client share them, so more instances show the overhead of coordination, not scale-out.`
       : `Note: every instance, PostgreSQL, the fake engine and this client share this machine's ${cpus} cores; with few cores the figures show coordination overhead, not scale-out.`;
-  console.log(`bench:instances: ${N} jobs per run, instances ${COUNTS.join(', ')}, FOREMAN_CONCURRENCY=${CONCURRENCY} per instance, ${CLIENTS} client connections, node ${process.version}, ${cpus} cpus`);
+  console.log(`bench:instances: ${N} jobs per run, instances ${COUNTS.join(', ')}, FOREMAN_CONCURRENCY=${CONCURRENCY} (the fake host's slots, shared by the instances), ${CLIENTS} client connections, node ${process.version}, ${cpus} cpus`);
   console.log(note);
   const server = await startPostgresCluster({ durable: true });
   const fake = await startFakeOllama();
@@ -262,7 +262,7 @@ async function main(): Promise<void> {
   console.log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
   for (const r of results) {
     console.log(
-      `| ${r.instances} | ${r.instances * CONCURRENCY} | ${f(r.submitRate, 0)} | ${f(r.submitP50)} / ${f(r.submitP99)} | ${f(r.e2eRate, 0)} (${f(r.e2eSecs)} s) | ${f(r.e2eRate / base.e2eRate, 2)}× | ${f(r.foremanCpu)} | ${f(r.postgresCpu)} | ${f(((r.foremanCpu + r.postgresCpu) * 1000) / N)} | ${f(r.benchCpu)} | ${r.outOfOrder} | ${r.perInstance} |`,
+      `| ${r.instances} | ${CONCURRENCY} (shared) | ${f(r.submitRate, 0)} | ${f(r.submitP50)} / ${f(r.submitP99)} | ${f(r.e2eRate, 0)} (${f(r.e2eSecs)} s) | ${f(r.e2eRate / base.e2eRate, 2)}× | ${f(r.foremanCpu)} | ${f(r.postgresCpu)} | ${f(((r.foremanCpu + r.postgresCpu) * 1000) / N)} | ${f(r.benchCpu)} | ${r.outOfOrder} | ${r.perInstance} |`,
     );
   }
   console.log('');

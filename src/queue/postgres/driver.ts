@@ -931,7 +931,13 @@ export class PostgresDriver implements QueueDriver {
     const host = p.engine;
     if (host?.slots !== undefined && !this.alone) {
       // Other instances use the same hosts: this host's free slots are its slots less its jobs
-      // running anywhere, counted and taken under the host's lock.
+      // running anywhere, counted and taken under the host's lock. A read first, without the
+      // lock: when every instance waits for the one slot a job just freed, the losers stop here.
+      const busy = (await this.read((c) => c.one<number>(Q.hostRunning, { name: host.name }))) ?? 0;
+      if (busy >= host.slots!) {
+        this.hostWaiting = true;
+        return [];
+      }
       return this.tx(async (c, fx) => {
         await c.run(Q.hostLock, { name: host.name });
         const room = Math.min(p.limit, host.slots! - ((await c.one<number>(Q.hostRunning, { name: host.name })) ?? 0));
