@@ -20,6 +20,8 @@ function cpuSeconds(pid: number): number {
 }
 import { seedJobs } from './seed.js';
 import Database from 'better-sqlite3';
+import pg from 'pg';
+import { startPostgresCluster } from '../test/support/postgres.js';
 
 const N_SUBMIT = Number(process.env.BENCH_SUBMIT ?? 5000);
 const N_E2E = Number(process.env.BENCH_E2E ?? 2000);
@@ -280,12 +282,26 @@ async function runBatch(): Promise<Row[]> {
   const n = Number(process.env.BENCH_BATCH ?? 10_000);
   const fake = await startFakeOllama();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'foreman-bench-batch-'));
+  // BENCH_POSTGRES=1: the same run against a private PostgreSQL server (fsync and
+  // synchronous_commit on), a fresh database.
+  const server = process.env.BENCH_POSTGRES ? await startPostgresCluster({ durable: true }) : null;
+  let databaseUrl: string | null = null;
+  if (server) {
+    const admin = new pg.Client({ connectionString: server.adminUrl });
+    await admin.connect();
+    await admin.query('CREATE DATABASE foreman_batch_bench');
+    await admin.end();
+    const u = new URL(server.adminUrl);
+    u.pathname = '/foreman_batch_bench';
+    databaseUrl = u.toString();
+  }
   const child = await startChild({
     FOREMAN_DATA_DIR: dir,
     FOREMAN_OLLAMA_URL: fake.url,
     FOREMAN_LOG_LEVEL: 'warn',
     FOREMAN_CONCURRENCY: process.env.BENCH_CONCURRENCY ?? '4',
     FOREMAN_MAX_QUEUED: '1000000',
+    ...(databaseUrl ? { FOREMAN_DATABASE_URL: databaseUrl } : {}),
   });
   const pid = child.proc.pid!;
   const pool = new Pool(child.url, { connections: 8 });
@@ -307,8 +323,22 @@ async function runBatch(): Promise<Row[]> {
   const uploadMs = performance.now() - t0;
   const rssAfterUpload = peakRssMiB(pid);
 
-  const db = new Database(path.join(dir, 'foreman.db'), { readonly: true, fileMustExist: true });
-  const submitted = db.prepare('SELECT submitted FROM batches WHERE id = ?').pluck();
+  // How many of the batch's lines are jobs, read from the store itself.
+  let submitted: (id: string) => Promise<number>;
+  let closeStore: () => Promise<void>;
+  if (databaseUrl) {
+    const c = new pg.Client({ connectionString: databaseUrl });
+    await c.connect();
+    submitted = async (id) => Number((await c.query<{ n: string }>('SELECT submitted AS n FROM batches WHERE id = $1', [id])).rows[0]?.n ?? 0);
+    closeStore = () => c.end();
+  } else {
+    const db = new Database(path.join(dir, 'foreman.db'), { readonly: true, fileMustExist: true });
+    const q = db.prepare('SELECT submitted FROM batches WHERE id = ?').pluck();
+    submitted = async (id) => q.get(id) as number;
+    closeStore = async () => {
+      db.close();
+    };
+  }
   t0 = performance.now();
   const created = await json('/v1/batches', 'POST', { input_file_id: file.id, endpoint: '/v1/chat/completions', completion_window: '24h' });
   if (created.status !== 200) throw new Error(`batch create answered ${created.status}`);
@@ -328,7 +358,7 @@ async function runBatch(): Promise<Row[]> {
       await new Promise((r) => setTimeout(r, 5));
     }
   })();
-  while ((submitted.get(id) as number) < n) await new Promise((r) => setTimeout(r, 10));
+  while ((await submitted(id)) < n) await new Promise((r) => setTimeout(r, 10));
   const queuedMs = performance.now() - t0;
   phase = 'running';
   let b = created.body;
@@ -342,13 +372,15 @@ async function runBatch(): Promise<Row[]> {
   const out = await pool.request({ path: `/v1/files/${b.output_file_id}/content`, method: 'GET' });
   const outLines = (await out.body.text()).split('\n').filter(Boolean).length;
   const rss = peakRssMiB(pid);
-  db.close();
+  await closeStore();
   child.proc.kill('SIGTERM');
   await child.exited;
   await pool.close();
   await fake.close();
+  await server?.stop();
   fs.rmSync(dir, { recursive: true, force: true });
   return [
+    ['store', server ? 'PostgreSQL (private server, fsync and synchronous_commit on)' : 'SQLite (synchronous=FULL)'],
     [`upload + validation (${n.toLocaleString('en')} lines, ${f(content.length / 1048576, 1)} MiB)`, `${f(uploadMs / 1000)} s`],
     ['batch created → every line a queued job', `${f(queuedMs / 1000)} s`],
     [`batch created → completed (${outLines.toLocaleString('en')} output lines, FOREMAN_CONCURRENCY=${process.env.BENCH_CONCURRENCY ?? '4'})`, `${f(e2eMs / 1000)} s (${f(n / (e2eMs / 1000), 0)} requests/s)`],
