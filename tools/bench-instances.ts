@@ -24,7 +24,7 @@ import { Pool } from 'undici';
 import { startFakeOllama, type FakeOllama } from '../test/support/fake-ollama.js';
 import { startReceiver, type Receiver } from '../test/support/receiver.js';
 import { spawnChild, type Spawned } from '../test/support/child.js';
-import { startPostgresCluster } from '../test/support/postgres.js';
+import { startPostgresCluster, type PostgresCluster } from '../test/support/postgres.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -109,18 +109,12 @@ interface RunResult {
 
 async function runWith(
   count: number,
-  server: { adminUrl: string; pid: () => number | undefined },
+  server: PostgresCluster,
   fake: FakeOllama,
   receiver: Receiver,
 ): Promise<RunResult> {
-  const dbName = `bench_instances_${count}`;
-  const admin = new pg.Client({ connectionString: server.adminUrl });
-  await admin.connect();
-  await admin.query(`DROP DATABASE IF EXISTS ${dbName} WITH (FORCE)`);
-  await admin.query(`CREATE DATABASE ${dbName}`);
-  const u = new URL(server.adminUrl);
-  u.pathname = `/${dbName}`;
-  const url = u.toString();
+  const db = await server.database(`bench_instances_${count}`);
+  const url = db.url;
   const children: Spawned[] = [];
   const pools: Pool[] = [];
   try {
@@ -221,8 +215,7 @@ async function runWith(
     for (const c of children) c.proc.kill('SIGTERM');
     await Promise.all(children.map((c) => c.exited));
     await Promise.all(pools.map((p) => p.close()));
-    await admin.query(`DROP DATABASE IF EXISTS ${dbName} WITH (FORCE)`).catch(() => {});
-    await admin.end();
+    await db.drop().catch(() => {});
   }
 }
 

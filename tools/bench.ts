@@ -285,16 +285,7 @@ async function runBatch(): Promise<Row[]> {
   // BENCH_POSTGRES=1: the same run against a private PostgreSQL server (fsync and
   // synchronous_commit on), a fresh database.
   const server = process.env.BENCH_POSTGRES ? await startPostgresCluster({ durable: true }) : null;
-  let databaseUrl: string | null = null;
-  if (server) {
-    const admin = new pg.Client({ connectionString: server.adminUrl });
-    await admin.connect();
-    await admin.query('CREATE DATABASE foreman_batch_bench');
-    await admin.end();
-    const u = new URL(server.adminUrl);
-    u.pathname = '/foreman_batch_bench';
-    databaseUrl = u.toString();
-  }
+  const databaseUrl = server ? (await server.database('foreman_batch_bench')).url : null;
   const child = await startChild({
     FOREMAN_DATA_DIR: dir,
     FOREMAN_OLLAMA_URL: fake.url,

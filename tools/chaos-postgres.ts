@@ -112,13 +112,7 @@ export async function runPgChaos(opts: PgChaosOptions): Promise<PgChaosReport> {
       log('starting a private PostgreSQL server…');
       const server: PostgresCluster = await startPostgresCluster();
       cleanups.push(() => server.stop());
-      const admin = new pg.Client({ connectionString: server.adminUrl });
-      await admin.connect();
-      await admin.query('CREATE DATABASE foreman_chaos');
-      await admin.end();
-      const u = new URL(server.adminUrl);
-      u.pathname = '/foreman_chaos';
-      url = u.toString();
+      url = (await server.database('foreman_chaos')).url;
     }
     const sql = new pg.Client({ connectionString: url });
     await sql.connect();

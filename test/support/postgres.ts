@@ -61,6 +61,8 @@ export interface PostgresCluster {
   pid(): number | undefined;
   stop(): Promise<void>;
   restart(downMs?: number): Promise<void>;
+  /** A fresh, empty database `name` on this server (an older one of that name is dropped first). */
+  database(name: string): Promise<{ url: string; drop: () => Promise<void> }>;
 }
 
 /** initdb + postgres in a temporary directory; resolves once the server answers. */
@@ -172,7 +174,22 @@ export async function startPostgresCluster(opts: PostgresClusterOptions = {}): P
     spawnServer();
     await answering();
   };
-  return { adminUrl, port, pid: () => (exited ? undefined : proc.pid), stop, restart };
+  const admin = async (...statements: string[]): Promise<void> => {
+    const c = new pg.Client({ connectionString: adminUrl });
+    await c.connect();
+    try {
+      for (const q of statements) await c.query(q);
+    } finally {
+      await c.end();
+    }
+  };
+  const database = async (name: string): Promise<{ url: string; drop: () => Promise<void> }> => {
+    await admin(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`, `CREATE DATABASE ${name}`);
+    const u = new URL(adminUrl);
+    u.pathname = `/${name}`;
+    return { url: u.toString(), drop: () => admin(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) };
+  };
+  return { adminUrl, port, pid: () => (exited ? undefined : proc.pid), stop, restart, database };
 }
 
 /** The admin URL of this run's cluster (set by the global setup). */
