@@ -616,6 +616,11 @@ export interface TransitionEvent {
   error?: ErrorInfo;
   /** For terminal states: how the run went. */
   run?: RunSummary;
+  /**
+   * When the job ends or goes back to the queue after running: the engine host whose slot it
+   * frees (PostgreSQL; an instance waiting for that host's slot is woken by it).
+   */
+  engine?: string;
 }
 
 export interface ListFilter {

@@ -269,14 +269,22 @@ describe('postgres driver only', () => {
       expect(await claim(b, 2, host('gpu1'), T0 + 3)).toEqual([]);
       expect(await claim(a, 1, host('gpu1'), T0 + 3)).toEqual([]);
       // Another host's slots are its own.
-      expect((await claim(b, 3, host('gpu2'), T0 + 4)).length).toBe(3);
-      // A job that ends on a wakes b's worker, whose claim then takes the freed slot.
+      const onGpu2 = await claim(b, 3, host('gpu2'), T0 + 4);
+      expect(onGpu2.length).toBe(3);
+      let wakes = 0;
       const woken = new Promise<void>((resolve) => {
-        const off = b.notifier.on('jobReady', () => {
-          off();
+        b.notifier.on('jobReady', () => {
+          wakes++;
           resolve();
         });
       });
+      // A job ending on gpu2 frees none of gpu1's slots: b's worker, waiting for gpu1, sleeps on.
+      const g = onGpu2[0]!;
+      expect(await b.jobSetWorking({ seq: g.seq, lease: g.lease, now: T0 + 5, leaseMs: 60_000 })).toBe(true);
+      expect(await b.jobComplete({ seq: g.seq, lease: g.lease, now: T0 + 5, result: { ok: 1 }, artifacts: [], runMs: 1 })).toBe(true);
+      await new Promise((r) => setTimeout(r, 300));
+      expect(wakes).toBe(0);
+      // A job that ends on a, on gpu1, wakes b's worker, whose claim then takes the freed slot.
       const j = onA[0]!;
       expect(await a.jobSetWorking({ seq: j.seq, lease: j.lease, now: T0 + 5, leaseMs: 60_000 })).toBe(true);
       expect(await a.jobComplete({ seq: j.seq, lease: j.lease, now: T0 + 5, result: { ok: 1 }, artifacts: [], runMs: 1 })).toBe(true);

@@ -89,6 +89,7 @@ interface TransitionRow {
   kind: JobKind;
   webhook_origin: string | null;
   batch_seq: number | null;
+  engine: string | null;
 }
 
 /** A claimed job's row, as the claim returns it. */
@@ -178,7 +179,7 @@ const CAP_MARGIN_JOBS = 1000;
 const CAP_MARGIN_BYTES = 64 * 1024 * 1024;
 
 const TRANSITION_COLS = `seq, id, attempt, webhook_url, webhook_events, webhook_gone, error_code, error_message, model,
-  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id, kind, webhook_origin, batch_seq`;
+  created_at, started_at, finished_at, conversation_id, load_ms, prompt_tokens, completion_tokens, key_id, kind, webhook_origin, batch_seq, engine`;
 const RUN_COLS = 'j.created_at, j.started_at, j.finished_at, j.attempt, j.model, j.conversation_id, j.load_ms, j.prompt_tokens, j.completion_tokens';
 const EFFECTIVE = '(priority + age_boost)';
 const KEY_COLS = `id, name, concurrency, max_queued AS maxQueued, daily_limit AS dailyLimit, priority_max AS priorityMax,
@@ -577,11 +578,9 @@ export class PostgresDriver implements QueueDriver {
     this.cluster = opts.crossInstance === false ? null : new ClusterNotifier({ url: opts.url, instanceId: this.instanceId, local: this.local, types: pgTypes });
     this.notifier = this.local;
     this.local.on('stateChanged', (e) => {
-      // A job that ends or goes back to the queue (anywhere) frees its host's slot.
-      if (this.hostWaiting && (isTerminal(e.state) || e.state === 'queued')) {
-        this.hostWaiting = false;
-        this.local.emit('jobReady');
-      }
+      // A job that ends or goes back to the queue (here or on another instance) frees a slot of
+      // its host: wake the worker if it waits for that host.
+      if (e.engine !== undefined && this.hostWaiting.delete(e.engine)) this.local.emit('jobReady');
     });
     this.slotFreed = this.cluster ? payloadsOf(this.instanceId, { ...noEffects(), deliveryReady: true })[0]! : null;
     this.ready = this.init();
@@ -604,8 +603,8 @@ export class PostgresDriver implements QueueDriver {
   }
 
   /** No other instance listens (or none can: crossInstance off): writes need not NOTIFY. */
-  /** A claim was cut short by a host's slots in use elsewhere: the next job to end anywhere wakes the worker. */
-  private hostWaiting = false;
+  /** Hosts a claim was cut short on (their slots in use elsewhere): a job that frees one wakes the worker. */
+  private readonly hostWaiting = new Set<string>();
 
   private get alone(): boolean {
     return this.cluster === null || !this.cluster.peers;
@@ -730,6 +729,8 @@ export class PostgresDriver implements QueueDriver {
     const ev: TransitionEvent = { jobId: row.id, state, model: row.model, n: rec.rec_n, at: now, attempt: row.attempt };
     if (state === 'failed') ev.error = { code: row.error_code ?? 'unknown', message: row.error_message ?? '' };
     if (isTerminal(state)) ev.run = runOf(row);
+    // A slot of this host is free now (if the job held one: it ran, and ends or is queued again).
+    if ((isTerminal(state) || state === 'queued') && row.engine !== null && row.started_at !== null) ev.engine = row.engine;
     fx.transitions.push(ev);
     if (state === 'queued' || rec.rec_released > 0) fx.jobReady = true;
     if (rec.rec_due != null) fx.deliveryReady = true;
@@ -935,13 +936,13 @@ export class PostgresDriver implements QueueDriver {
       // lock: when every instance waits for the one slot a job just freed, the losers stop here.
       const busy = (await this.read((c) => c.one<number>(Q.hostRunning, { name: host.name }))) ?? 0;
       if (busy >= host.slots!) {
-        this.hostWaiting = true;
+        this.hostWaiting.add(host.name);
         return [];
       }
       return this.tx(async (c, fx) => {
         await c.run(Q.hostLock, { name: host.name });
         const room = Math.min(p.limit, host.slots! - ((await c.one<number>(Q.hostRunning, { name: host.name })) ?? 0));
-        if (room < p.limit) this.hostWaiting = true;
+        if (room < p.limit) this.hostWaiting.add(host.name);
         return room <= 0 ? [] : (await this.claimSome(c, fx, { ...p, limit: room }, owner, true))!;
       });
     }
