@@ -434,9 +434,10 @@ const Q = {
   // --- webhook outbox: heads of each job's line are due; a claim is a lease in the row ---
   // The whole claim in one statement: the origins with an unclaimed head and room below the cap
   // (the distinct origins by a loose index scan of webhook_deliveries_origin_due, one step per
-  // origin, then each one's first unclaimed head; cost: origins, not the backlog, ADR-0010), each one's due heads up to its room claimed (SKIP LOCKED, the lease
-  // condition), what their sends need, and, on every row, when the first head not due yet falls
-  // due (nextDue). One row with a NULL id when nothing was claimed.
+  // origin, then each one's first unclaimed head; cost: origins, not the backlog, ADR-0010), each
+  // one's due heads up to its room claimed (SKIP LOCKED, the lease condition), what their sends
+  // need, and, on every row, when the first head not due yet falls due (nextDue). One row with a
+  // NULL id when nothing was claimed.
   claimDue: `WITH RECURSIVE o(origin) AS (
       (SELECT origin FROM webhook_deliveries WHERE due_at IS NOT NULL ORDER BY origin LIMIT 1)
       UNION ALL
@@ -602,10 +603,10 @@ export class PostgresDriver implements QueueDriver {
     if (this.cluster) await this.cluster.start();
   }
 
-  /** No other instance listens (or none can: crossInstance off): writes need not NOTIFY. */
   /** Hosts a claim was cut short on (their slots in use elsewhere): a job that frees one wakes the worker. */
   private readonly hostWaiting = new Set<string>();
 
+  /** No other instance listens (or none can: crossInstance off): writes need not NOTIFY. */
   private get alone(): boolean {
     return this.cluster === null || !this.cluster.peers;
   }
@@ -1556,7 +1557,7 @@ export class PostgresDriver implements QueueDriver {
     this.local.emit('deliveryReady');
   }
 
-  /** One statement, no transaction around it (its own); the artifacts of a `done` in a second read. */
+  /** One statement, no transaction around it (its own), a `done` event's artifacts included. */
   async deliveryClaimNext(p: { afterId: number; now: number; inlineMax: number }): Promise<ClaimedDelivery | null> {
     const r = await this.single((c) =>
       c.get<DueRow>(Q.claimNextOfJob, { id: p.afterId, now: p.now, by: this.instanceId, until: p.now + this.deliveryLeaseMs, inline: p.inlineMax }),
