@@ -1,5 +1,5 @@
-import { loadKey } from '../domain.js';
-import type { ApiKeyLimits, ClaimHost, RunSummary } from './driver.js';
+import { isTerminal, loadKey, type JobState } from '../domain.js';
+import type { ApiKeyLimits, ArtifactMeta, BatchEventType, BatchRecord, BatchResultRow, ClaimedDelivery, ClaimedJob, ClaimHost, JobKind, RunSummary } from './driver.js';
 
 /**
  * What both drivers share that is not SQL: stored markers, row mappings, and the model-aware
@@ -52,6 +52,116 @@ export const runOf = (r: RunRow): RunSummary => ({
   promptTokens: r.prompt_tokens,
   completionTokens: r.completion_tokens,
   conversationId: r.conversation_id,
+});
+
+/** A claimed job's row, as both drivers' claims return it. */
+export interface ClaimedJobRow {
+  seq: number;
+  id: string;
+  kind: JobKind;
+  model: string;
+  request: string;
+  attempt: number;
+  max_attempts: number;
+  lease_owner: string;
+  prev_seq: number | null;
+}
+
+export const claimedJobOf = (r: ClaimedJobRow, history: Record<string, unknown>[]): ClaimedJob => ({
+  seq: r.seq,
+  id: r.id,
+  kind: r.kind,
+  model: r.model,
+  request: JSON.parse(r.request) as Record<string, unknown>,
+  attempt: r.attempt,
+  maxAttempts: r.max_attempts,
+  lease: r.lease_owner,
+  history,
+});
+
+/** A job event's outbox row joined to its job: what its send needs. */
+export interface JobEventRow extends RunRow {
+  id: number;
+  jobId: string;
+  state: JobState;
+  sequence: number;
+  url: string;
+  origin: string;
+  occurredAt: number;
+  attempts: number;
+  metadata: string | null;
+  errorCode: string | null;
+  errorMessage: string | null;
+}
+
+/** A job event's send; `artifacts`: a `done` event's (ignored for any other state). */
+export const jobEventOf = (r: JobEventRow, artifacts: (ArtifactMeta & { body: Buffer | null })[]): ClaimedDelivery => ({
+  id: r.id,
+  jobId: r.jobId,
+  state: r.state,
+  sequence: r.sequence,
+  url: r.url,
+  origin: r.origin,
+  occurredAt: r.occurredAt,
+  attempts: r.attempts,
+  metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+  error: r.state === 'failed' ? { code: r.errorCode ?? 'unknown', message: r.errorMessage ?? '' } : null,
+  artifacts: r.state === 'done' ? artifacts : [],
+  run: isTerminal(r.state) ? runOf(r) : null,
+});
+
+/** A batch's row as both stores keep it: metadata and errors as JSON text. */
+export type BatchRow = Omit<BatchRecord, 'metadata' | 'errors'> & { metadata: string | null; errors: string | null };
+
+export const batchOf = (row: BatchRow | null | undefined): BatchRecord | null =>
+  row == null
+    ? null
+    : {
+        ...row,
+        metadata: row.metadata === null ? null : (JSON.parse(row.metadata) as Record<string, string>),
+        errors: row.errors === null ? null : (JSON.parse(row.errors) as BatchRecord['errors']),
+      };
+
+/** A batch's terminal event's send (ADR-0015): its row has no job; the batch, as it ended, is its body. */
+export const batchEventOf = (
+  r: { id: number; jobId: string; state: string; sequence: number; url: string; origin: string; occurredAt: number; attempts: number },
+  batch: BatchRecord | null,
+): ClaimedDelivery => ({
+  id: r.id,
+  jobId: r.jobId,
+  state: r.state as BatchEventType,
+  sequence: r.sequence,
+  url: r.url,
+  origin: r.origin,
+  occurredAt: r.occurredAt,
+  attempts: r.attempts,
+  metadata: null,
+  error: null,
+  artifacts: [],
+  run: null,
+  batch,
+});
+
+/** A batch job's row, as both drivers read a page of a batch's results. */
+export type BatchResultDbRow = Omit<BatchResultRow, 'metadata' | 'error' | 'result'> & {
+  metadata: string | null;
+  errorCode: string | null;
+  errorMessage: string | null;
+};
+
+/** One result line; `result`: the job's stored result, read by the driver (it may be an artifact). */
+export const batchResultOf = (r: BatchResultDbRow, result: unknown): BatchResultRow => ({
+  seq: r.seq,
+  jobId: r.jobId,
+  metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
+  state: r.state,
+  model: r.model,
+  result,
+  error: r.errorCode === null ? null : { code: r.errorCode, message: r.errorMessage ?? '' },
+  createdAt: r.createdAt,
+  finishedAt: r.finishedAt,
+  promptTokens: r.promptTokens,
+  completionTokens: r.completionTokens,
 });
 
 export const limitsOf = (k: ApiKeyLimits): ApiKeyLimits => ({

@@ -34,7 +34,7 @@ import type {
   QueueSnapshot,
   TransitionEvent,
 } from '../driver.js';
-import { EXPIRED_IDS_KEPT_MS, fairest, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, storedResult, type Candidate } from '../shared.js';
+import { claimedJobOf, EXPIRED_IDS_KEPT_MS, fairest, jobEventOf, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, storedResult, type Candidate, type JobEventRow, type RunRow } from '../shared.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
 import { StorageUnavailable, Validation } from '../../errors.js';
 import { Conn, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, SqlCache } from './db.js';
@@ -118,28 +118,12 @@ interface JobRow extends TransitionRow {
   result: string | null;
 }
 
-type RunRow = Pick<
-  TransitionRow,
-  'created_at' | 'started_at' | 'finished_at' | 'attempt' | 'model' | 'conversation_id' | 'load_ms' | 'prompt_tokens' | 'completion_tokens'
->;
-
-interface DueRow extends RunRow {
-  id: number;
+interface DueRow extends JobEventRow {
   jobSeq: number;
-  state: JobState;
-  sequence: number;
-  url: string;
-  origin: string;
-  occurredAt: number;
-  attempts: number;
-  jobId: string;
-  metadata: string | null;
-  errorCode: string | null;
-  errorMessage: string | null;
   /** A batch's event (ADR-0015): its row has no job. */
   batchSeq: number | null;
-  /** A `done` event's artifacts when the statement read them (ARTS); absent: read them apart. */
-  arts?: { name: string; contentType: string; size: number; sha256: string; body: string | null }[] | null;
+  /** A `done` event's artifacts, read with the claim (ARTS); null for any other state. */
+  arts: { name: string; contentType: string; size: number; sha256: string; body: string | null }[] | null;
 }
 
 /** The parameters of `insertJob` for one new job. */
@@ -489,8 +473,6 @@ const Q = {
     WHERE o.origin IS NOT NULL
       AND (SELECT count(*) FROM webhook_deliveries c WHERE c.origin = o.origin AND c.claimed_by IS NOT NULL) < @cap
     ORDER BY h.due_at LIMIT 1`,
-  artifactsForEvent: `SELECT name, content_type AS contentType, size, sha256, CASE WHEN size <= @inline THEN body END AS body
-    FROM artifacts WHERE job_seq = @seq ORDER BY name`,
   deliveryUnclaim: `UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until = NULL WHERE id = @id AND claimed_by = @by`,
   redeliver: `UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = @now, delivered_at = NULL
     WHERE job_seq = @seq AND status <> 'pending' AND ((@state::text IS NULL AND status = 'failed') OR state = @state::text)
@@ -996,17 +978,7 @@ export class PostgresDriver implements QueueDriver {
     const out: ClaimedJob[] = [];
     try {
       for (const r of rows) {
-        out.push({
-          seq: r.seq,
-          id: r.id,
-          kind: r.kind,
-          model: r.model,
-          request: JSON.parse(r.request) as Record<string, unknown>,
-          attempt: r.attempt,
-          maxAttempts: r.max_attempts,
-          lease: r.lease_owner,
-          history: r.prev_seq === null ? [] : await this.historyBefore(c, r.prev_seq),
-        });
+        out.push(claimedJobOf(r, r.prev_seq === null ? [] : await this.historyBefore(c, r.prev_seq)));
       }
     } catch (err) {
       if (!inTx) {
@@ -1489,38 +1461,18 @@ export class PostgresDriver implements QueueDriver {
 
   // --- webhook outbox (a claim is a lease in the row: claimed_by, claimed_until) ---
 
-  private async toClaimed(c: Conn, r: DueRow, inlineMax: number): Promise<ClaimedDelivery> {
-    if (r.batchSeq != null) return this.fb.batchEvent(c, { ...r, batchSeq: r.batchSeq });
-    const artifacts = r.state === 'done' && !r.arts ? await c.all<ArtifactMeta & { body: Buffer | null }>(Q.artifactsForEvent, { inline: inlineMax, seq: r.jobSeq }) : [];
-    return this.jobEvent(r, artifacts);
+  /** A job event's send: its row carries its artifacts (`arts`, read with the claim). */
+  private jobEvent(r: DueRow): ClaimedDelivery {
+    return jobEventOf(r, (r.arts ?? []).map((a) => ({ ...a, body: a.body === null ? null : Buffer.from(a.body, 'base64') })));
   }
 
-  /** A job event's send, from a row that carries its artifacts (`arts`) or with `artifacts` read apart. */
-  private jobEvent(r: DueRow, artifacts: (ArtifactMeta & { body: Buffer | null })[]): ClaimedDelivery {
-    if (r.state === 'done' && r.arts) artifacts = r.arts.map((a) => ({ ...a, body: a.body === null ? null : Buffer.from(a.body, 'base64') }));
-    return {
-      id: r.id,
-      jobId: r.jobId,
-      state: r.state,
-      sequence: r.sequence,
-      url: r.url,
-      origin: r.origin,
-      occurredAt: r.occurredAt,
-      attempts: r.attempts,
-      metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
-      error: r.state === 'failed' ? { code: r.errorCode ?? 'unknown', message: r.errorMessage ?? '' } : null,
-      artifacts: r.state === 'done' ? artifacts : [],
-      run: isTerminal(r.state) ? runOf(r) : null,
-    };
-  }
-
-  /** The sends of claimed rows: at once for job events (their rows carry all), with a read for a batch's. */
-  private async claimedOf(rows: DueRow[], inlineMax: number): Promise<ClaimedDelivery[]> {
-    if (rows.every((r) => r.batchSeq == null && (r.state !== 'done' || r.arts))) return rows.map((r) => this.jobEvent(r, []));
+  /** The sends of claimed rows: at once for job events, with a read for a batch's (the batch as it ended). */
+  private async claimedOf(rows: DueRow[]): Promise<ClaimedDelivery[]> {
+    if (rows.every((r) => r.batchSeq == null)) return rows.map((r) => this.jobEvent(r));
     try {
       return await this.read(async (c) => {
         const out: ClaimedDelivery[] = [];
-        for (const r of rows) out.push(await this.toClaimed(c, r, inlineMax));
+        for (const r of rows) out.push(r.batchSeq == null ? this.jobEvent(r) : await this.fb.batchEvent(c, { ...r, batchSeq: r.batchSeq }));
         return out;
       });
     } catch (err) {
@@ -1548,7 +1500,7 @@ export class PostgresDriver implements QueueDriver {
     );
     const rows = got.filter((r): r is typeof r & { id: number } => r.id !== null);
     const nextDueAt = rows.length < p.limit ? (got[0]?.nextDue ?? null) : null;
-    return { deliveries: rows.length === 0 ? [] : await this.claimedOf(rows, p.inlineMax), nextDueAt };
+    return { deliveries: rows.length === 0 ? [] : await this.claimedOf(rows), nextDueAt };
   }
 
   /** Best effort: this instance's claims of these deliveries are dropped (they stay due). */
@@ -1562,7 +1514,7 @@ export class PostgresDriver implements QueueDriver {
     const r = await this.single((c) =>
       c.get<DueRow>(Q.claimNextOfJob, { id: p.afterId, now: p.now, by: this.instanceId, until: p.now + this.deliveryLeaseMs, inline: p.inlineMax }),
     );
-    return r === undefined ? null : ((await this.claimedOf([r], p.inlineMax))[0] ?? null);
+    return r === undefined ? null : ((await this.claimedOf([r]))[0] ?? null);
   }
 
   deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null> {
@@ -1603,7 +1555,7 @@ export class PostgresDriver implements QueueDriver {
     // (the origin's count is unchanged) or ends, and its end wakes the dispatcher.
     if (r.id === null) return { recorded: r.recorded, next: null };
     // A next event not sendable is given back at once; it stays due, for the ordinary claim.
-    return { recorded: r.recorded, next: (await this.claimedOf([r], p.inlineMax))[0] ?? null };
+    return { recorded: r.recorded, next: (await this.claimedOf([r]))[0] ?? null };
   }
 
   async deliveryRelease(p: { id: number }): Promise<void> {

@@ -1,7 +1,6 @@
 import type { ErrorInfo, JobState } from '../../domain.js';
 import { Conflict, Validation } from '../../errors.js';
 import type {
-  BatchEventType,
   BatchRecord,
   BatchResultRow,
   ClaimedDelivery,
@@ -12,9 +11,10 @@ import type {
   NewFile,
   NewJob,
 } from '../driver.js';
-import { originOf, RESULT_IN_ARTIFACT } from '../shared.js';
+import { batchEventOf, batchOf, batchResultOf, originOf, RESULT_IN_ARTIFACT, type BatchResultDbRow, type BatchRow } from '../shared.js';
 import type { Conn } from './db.js';
 import type { Effects } from './driver.js';
+import { ACTIVE, BATCH_COLS, FILE_COLS } from '../batch-columns.js';
 
 /**
  * Files and batches (the Batch API, ADR-0015) on PostgreSQL: the SQL and the method bodies of
@@ -41,18 +41,6 @@ export interface PgFilesHost {
   transitionCols: string;
 }
 
-const FILE_COLS = `seq, id, nullif(key_id, '') AS keyId, purpose, filename, bytes, lines, endpoint, status, batch_seq AS batchSeq, role,
-  created_at AS createdAt, expires_at AS expiresAt`;
-
-const BATCH_COLS = `seq, id, nullif(key_id, '') AS keyId, input_file_id AS inputFileId, input_file_seq AS inputFileSeq, endpoint,
-  completion_window AS completionWindow, status, ending, metadata, webhook_url AS webhookUrl, priority, total, submitted,
-  last_line AS lastLine, completed, failed, canceled, errors, output_file_id AS outputFileId, error_file_id AS errorFileId,
-  created_at AS createdAt, expires_at AS expiresAt, in_progress_at AS inProgressAt, finalizing_at AS finalizingAt,
-  completed_at AS completedAt, failed_at AS failedAt, expired_at AS expiredAt, cancelling_at AS cancellingAt,
-  cancelled_at AS cancelledAt`;
-
-/** The partial index batches_active's condition. */
-const ACTIVE = "status IN ('validating', 'in_progress', 'cancelling', 'finalizing')";
 const ENDED_AT = 'coalesce(completed_at, failed_at, expired_at, cancelled_at)';
 
 const RESULT_COLS = `j.seq, j.id AS jobId, j.metadata, j.state, j.model, j.result, a.body AS artifact, j.error_code AS errorCode,
@@ -144,17 +132,6 @@ const Q = {
   batchDeliveriesDelete: `DELETE FROM webhook_deliveries WHERE batch_seq = @seq`,
   batchDelete: `DELETE FROM batches WHERE seq = @seq`,
 };
-
-type BatchRow = BatchRecord & { metadata: string | null; errors: string | null };
-
-function batchOf(row: BatchRow | undefined): BatchRecord | null {
-  if (row === undefined) return null;
-  return {
-    ...row,
-    metadata: row.metadata === null ? null : (JSON.parse(row.metadata) as Record<string, string>),
-    errors: row.errors === null ? null : (JSON.parse(row.errors) as BatchRecord['errors']),
-  };
-}
 
 const linesParams = (fileSeq: number, lines: FileLine[]) => ({
   seq: fileSeq,
@@ -358,30 +335,16 @@ export class PgFilesBatches {
   }
 
   batchResultsPage(p: { batchSeq: number; role: 'output' | 'error'; afterSeq: number; limit: number }): Promise<BatchResultRow[]> {
-    type Row = Omit<BatchResultRow, 'metadata' | 'error' | 'result'> & {
-      metadata: string | null;
-      result: string | null;
-      artifact: Buffer | null;
-      errorCode: string | null;
-      errorMessage: string | null;
-    };
+    type Row = BatchResultDbRow & { result: string | null; artifact: Buffer | null };
     const sql = p.role === 'output' ? Q.batchResultsOutput : Q.batchResultsError;
     return this.h.read(async (c) =>
-      (await c.all<Row>(sql, { seq: p.batchSeq, after: p.afterSeq, limit: p.limit, marker: RESULT_IN_ARTIFACT })).map((r) => ({
-        seq: r.seq,
-        jobId: r.jobId,
-        metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
-        state: r.state,
-        model: r.model,
-        // A result stored once, as the completion artifact (RESULT_IN_ARTIFACT), is read from there.
-        result:
+      (await c.all<Row>(sql, { seq: p.batchSeq, after: p.afterSeq, limit: p.limit, marker: RESULT_IN_ARTIFACT })).map((r) =>
+        batchResultOf(
+          r,
+          // A result stored once, as the completion artifact (RESULT_IN_ARTIFACT), is read from there.
           r.result === null ? null : r.result !== RESULT_IN_ARTIFACT ? (JSON.parse(r.result) as unknown) : r.artifact === null ? null : (JSON.parse(r.artifact.toString('utf8')) as unknown),
-        error: r.errorCode === null ? null : { code: r.errorCode, message: r.errorMessage ?? '' },
-        createdAt: r.createdAt,
-        finishedAt: r.finishedAt,
-        promptTokens: r.promptTokens,
-        completionTokens: r.completionTokens,
-      })),
+        ),
+      ),
     );
   }
 
@@ -425,20 +388,6 @@ export class PgFilesBatches {
     c: Conn,
     r: { id: number; jobId: string; state: string; sequence: number; url: string; origin: string; occurredAt: number; attempts: number; batchSeq: number },
   ): Promise<ClaimedDelivery> {
-    return {
-      id: r.id,
-      jobId: r.jobId,
-      state: r.state as BatchEventType,
-      sequence: r.sequence,
-      url: r.url,
-      origin: r.origin,
-      occurredAt: r.occurredAt,
-      attempts: r.attempts,
-      metadata: null,
-      error: null,
-      artifacts: [],
-      run: null,
-      batch: batchOf(await c.get<BatchRow>(Q.batchBySeq, { seq: r.batchSeq })),
-    };
+    return batchEventOf(r, batchOf(await c.get<BatchRow>(Q.batchBySeq, { seq: r.batchSeq })));
   }
 }

@@ -29,7 +29,6 @@ import type {
   AuditEntry,
   KeyUsage,
   JobKind,
-  BatchEventType,
   BatchRecord,
   BatchResultRow,
   FileLine,
@@ -37,7 +36,7 @@ import type {
   NewBatch,
   NewFile,
 } from '../driver.js';
-import { EXPIRED_IDS_KEPT_MS, fairest, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, storedResult, type Candidate } from '../shared.js';
+import { batchEventOf, batchOf, batchResultOf, claimedJobOf, EXPIRED_IDS_KEPT_MS, fairest, jobEventOf, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, storedResult, type BatchResultDbRow, type BatchRow, type Candidate, type JobEventRow } from '../shared.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
 import { Conflict, Validation } from '../../errors.js';
 import { lockDataDir, migrate, openDatabase, type DB } from './db.js';
@@ -98,26 +97,10 @@ interface JobRow extends TransitionRow {
   result: string | null;
 }
 
-/** The job columns a run summary is made of. */
-type RunRow = Pick<
-  TransitionRow,
-  'created_at' | 'started_at' | 'finished_at' | 'attempt' | 'model' | 'conversation_id' | 'load_ms' | 'prompt_tokens' | 'completion_tokens'
->;
 
-interface DueRow extends RunRow {
-  id: number;
+interface DueRow extends JobEventRow {
   jobSeq: number;
   batchSeq: number | null;
-  state: JobState;
-  sequence: number;
-  url: string;
-  origin: string;
-  occurredAt: number;
-  attempts: number;
-  jobId: string;
-  metadata: string | null;
-  errorCode: string | null;
-  errorMessage: string | null;
 }
 
 const LIST_CACHE_MAX = 64;
@@ -419,17 +402,7 @@ export class SqliteDriver implements QueueDriver {
         this.record(fx, r, 'loading', p.now);
         rows.push(r);
       }
-      return rows.map((r) => ({
-        seq: r.seq,
-        id: r.id,
-        kind: r.kind,
-        model: r.model,
-        request: JSON.parse(r.request) as Record<string, unknown>,
-        attempt: r.attempt,
-        maxAttempts: r.max_attempts,
-        lease: r.lease_owner,
-        history: r.prev_seq === null ? [] : this.historyBefore(r.prev_seq),
-      }));
+      return rows.map((r) => claimedJobOf(r, r.prev_seq === null ? [] : this.historyBefore(r.prev_seq)));
     });
   }
 
@@ -908,36 +881,9 @@ export class SqliteDriver implements QueueDriver {
     bump(this.inflightPerOrigin, r.origin, 1);
     if (r.batchSeq != null) {
       // A batch's terminal event (ADR-0015): the batch as it ended is the event's body.
-      return {
-        id: r.id,
-        jobId: r.jobId,
-        state: r.state as unknown as BatchEventType,
-        sequence: r.sequence,
-        url: r.url,
-        origin: r.origin,
-        occurredAt: r.occurredAt,
-        attempts: r.attempts,
-        metadata: null,
-        error: null,
-        artifacts: [],
-        run: null,
-        batch: this.batchOf(this.b.batchBySeq.get(r.batchSeq)),
-      };
+      return batchEventOf(r, this.batchOf(this.b.batchBySeq.get(r.batchSeq)));
     }
-    return {
-      id: r.id,
-      jobId: r.jobId,
-      state: r.state,
-      sequence: r.sequence,
-      url: r.url,
-      origin: r.origin,
-      occurredAt: r.occurredAt,
-      attempts: r.attempts,
-      metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
-      error: r.state === 'failed' ? { code: r.errorCode ?? 'unknown', message: r.errorMessage ?? '' } : null,
-      artifacts: r.state === 'done' ? (this.s.artifactsForEvent.all(inlineMax, r.jobSeq) as (ArtifactMeta & { body: Buffer | null })[]) : [],
-      run: isTerminal(r.state) ? runOf(r) : null,
-    };
+    return jobEventOf(r, r.state === 'done' ? (this.s.artifactsForEvent.all(inlineMax, r.jobSeq) as (ArtifactMeta & { body: Buffer | null })[]) : []);
   }
 
   async deliveryClaimNext(p: { afterId: number; now: number; inlineMax: number }): Promise<ClaimedDelivery | null> {
@@ -1196,14 +1142,9 @@ export class SqliteDriver implements QueueDriver {
     ]);
   }
 
+  /** A batch from its row as better-sqlite3 returns it (`unknown`). */
   private batchOf(r: unknown): BatchRecord | null {
-    if (r === undefined || r === null) return null;
-    const row = r as BatchRecord & { metadata: string | null; errors: string | null };
-    return {
-      ...row,
-      metadata: row.metadata === null ? null : (JSON.parse(row.metadata) as Record<string, string>),
-      errors: row.errors === null ? null : (JSON.parse(row.errors) as BatchRecord['errors']),
-    };
+    return batchOf(r as BatchRow | undefined);
   }
 
   batchInsert(p: { batch: NewBatch; now: number }): Promise<BatchRecord | null> {
@@ -1320,25 +1261,8 @@ export class SqliteDriver implements QueueDriver {
   batchResultsPage(p: { batchSeq: number; role: 'output' | 'error'; afterSeq: number; limit: number }): Promise<BatchResultRow[]> {
     return this.read(() =>
       (
-        this.b.batchResults.all({ seq: p.batchSeq, after: p.afterSeq, role: p.role, limit: p.limit }) as (Omit<BatchResultRow, 'metadata' | 'error' | 'result'> & {
-          metadata: string | null;
-          result: string | null;
-          errorCode: string | null;
-          errorMessage: string | null;
-        })[]
-      ).map((r) => ({
-        seq: r.seq,
-        jobId: r.jobId,
-        metadata: r.metadata === null ? null : (JSON.parse(r.metadata) as Record<string, string>),
-        state: r.state,
-        model: r.model,
-        result: this.resultOf(r.seq, r.result),
-        error: r.errorCode === null ? null : { code: r.errorCode, message: r.errorMessage ?? '' },
-        createdAt: r.createdAt,
-        finishedAt: r.finishedAt,
-        promptTokens: r.promptTokens,
-        completionTokens: r.completionTokens,
-      })),
+        this.b.batchResults.all({ seq: p.batchSeq, after: p.afterSeq, role: p.role, limit: p.limit }) as (BatchResultDbRow & { result: string | null })[]
+      ).map((r) => batchResultOf(r, this.resultOf(r.seq, r.result))),
     );
   }
 
