@@ -109,8 +109,17 @@ export class Worker {
     const entry: Running = { job, host, abort, done: Promise.resolve() };
     this.running.set(job.seq, entry);
     host.inUse++;
-    entry.done = this.runJob(job, host, abort).finally(() => {
+    let slotHeld = true;
+    // The host's slot is free once the engine's answer is in: the next job's claim and load
+    // overlap this one's save (ADR-0012). At most once per job.
+    const freeSlot = () => {
+      if (!slotHeld) return;
+      slotHeld = false;
       host.inUse--;
+      this.loop.wake.notify();
+    };
+    entry.done = this.runJob(job, host, abort, freeSlot).finally(() => {
+      freeSlot();
       host.jobsRun++;
       // Only our own entry: a later attempt of the same job may have replaced it.
       if (this.running.get(job.seq) === entry) this.running.delete(job.seq);
@@ -118,7 +127,7 @@ export class Worker {
     });
   }
 
-  private async runJob(job: ClaimedJob, host: EngineHost, abort: AbortController): Promise<void> {
+  private async runJob(job: ClaimedJob, host: EngineHost, abort: AbortController, freeSlot: () => void): Promise<void> {
     const signal = abort.signal;
     const { driver, clock, options, pool } = this.deps;
     const engine = host.engine;
@@ -139,14 +148,28 @@ export class Worker {
       await engine.load(job.model, { keepAlive: job.request.keep_alive, signal, kind: job.kind });
       const loadMs = Math.round((performance.now() - t0) * 1000) / 1000;
       pool.loaded(host, job.model, loadMs, (job.request.options as { num_ctx?: unknown } | undefined)?.num_ctx);
-      if (!(await driver.jobSetWorking({ seq, lease, now: clock.now(), leaseMs: options.leaseMs }))) {
-        log.warn('lost the job lease before working; leaving it to its new owner');
-        return;
-      }
-      log.debug({ state: 'working', load_ms: loadMs }, 'job working');
+      // The generation starts while `working` commits (a round trip less per job); its chunks
+      // reach watchers only once it has, and a lost lease stops it.
+      // (A storage error on `working` is thrown once the generation ends, and the job released.)
+      const working = driver.jobSetWorking({ seq, lease, now: clock.now(), leaseMs: options.leaseMs }).then((ok) => {
+        if (!ok && !signal.aborted) abort.abort(LEASE_LOST);
+        return ok;
+      });
+      working.catch(() => {}); // awaited below, whatever happens
       const tRun = performance.now();
       const { onChunk: watch, onFirstToken } = this.deps;
       let first = true;
+      let held: ChatChunk[] | null = watch ? [] : null;
+      if (held) {
+        void working.then(
+          (ok) => {
+            const chunks = held ?? [];
+            held = null;
+            if (ok) for (const c of chunks) watch!(job.id, c);
+          },
+          () => {},
+        );
+      }
       const onChunk =
         watch || onFirstToken
           ? (jobId: string, c: ChatChunk) => {
@@ -154,19 +177,32 @@ export class Worker {
                 first = false;
                 onFirstToken?.(job.model, (performance.now() - tRun) / 1000);
               }
-              watch?.(jobId, c);
+              if (held) held.push(c);
+              else watch?.(jobId, c);
             }
           : undefined;
       let response: Record<string, unknown> & { prompt_eval_count?: number; eval_count?: number };
-      if (job.kind === 'embed') {
-        // An embedding job (ADR-0015): one /api/embed call; the vectors are the result.
-        response = { ...(await engine.embed(job.request, { signal })) };
-      } else {
-        // A continuation sends the conversation so far, then its own messages (ADR-0016).
-        const request =
-          job.history.length === 0 ? job.request : { ...job.request, messages: [...job.history, ...((job.request.messages as unknown[] | undefined) ?? [])] };
-        response = { ...(await engine.chat(request, { signal, ...(onChunk ? { onChunk: (c: ChatChunk) => onChunk(job.id, c) } : {}) })) };
+      try {
+        if (job.kind === 'embed') {
+          // An embedding job (ADR-0015): one /api/embed call; the vectors are the result.
+          response = { ...(await engine.embed(job.request, { signal })) };
+        } else {
+          // A continuation sends the conversation so far, then its own messages (ADR-0016).
+          const request =
+            job.history.length === 0 ? job.request : { ...job.request, messages: [...job.history, ...((job.request.messages as unknown[] | undefined) ?? [])] };
+          response = { ...(await engine.chat(request, { signal, ...(onChunk ? { onChunk: (c: ChatChunk) => onChunk(job.id, c) } : {}) })) };
+        }
+      } catch (err) {
+        // `working` first: its storage error is the one to handle (the job goes back).
+        await working;
+        throw err;
       }
+      if (!(await working)) {
+        log.warn('lost the job lease before working; leaving it to its new owner');
+        return;
+      }
+      log.debug({ state: 'working', load_ms: loadMs }, 'job working');
+      freeSlot();
       const result = { ...response, foreman: { load_ms: loadMs } };
       const body = Buffer.from(JSON.stringify(result), 'utf8');
       const runMs = loadMs + (performance.now() - tRun);
