@@ -7,10 +7,12 @@ import http from 'node:http';
 import { VERSION } from '../src/version.js';
 import { Validator } from '@seriousme/openapi-schema-validator';
 import { Ollama } from 'ollama';
+import pg from 'pg';
 import { request } from 'undici';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { defaultChunks } from './support/fake-ollama.js';
 import { hello, startHarness, type Harness } from './support/harness.js';
+import { createDatabase } from './support/postgres.js';
 import { sleep, until } from './support/util.js';
 
 // ---------------------------------------------------------------------------
@@ -404,6 +406,53 @@ describe('SSE: GET /jobs/:id/events', () => {
     }
     expect(chatRequestsFor(h, text).length).toBe(1);
     await until('all watchers gone', async () => h.service.events.watchers(id) === 0, 2_000);
+  });
+});
+
+describe('SSE: the generation starts while `working` commits (PostgreSQL, the commit held back)', () => {
+  let h: Harness;
+  let db: { url: string; drop: () => Promise<void> };
+  const open: SseClient[] = [];
+  beforeAll(async () => {
+    db = await createDatabase();
+    h = await startHarness({ engineIdleTimeoutMs: 30_000, databaseUrl: db.url });
+  });
+  afterAll(async () => {
+    for (const c of open.splice(0)) c.close();
+    await h.stop();
+    await db.drop();
+  });
+
+  it('streams no delta before `working`, though every chunk came while its commit waited', async () => {
+    h.fake.setLoadDelay(400);
+    h.fake.enqueue({ kind: 'ok', chunkDelayMs: 0 });
+    const id = await h.submit(hello('held back'));
+    const c = await SseClient.open(`${h.url}/jobs/${id}/events`);
+    open.push(c);
+    await until('loading', () => c.states().length >= 2);
+    // The job's row locked by another session while the model loads: `working` waits for it.
+    const blocker = new pg.Client({ connectionString: db.url });
+    await blocker.connect();
+    try {
+      await blocker.query('BEGIN');
+      await blocker.query('SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE', [id]);
+      // The generation ran meanwhile: the engine answered in full, and nothing reached the watcher.
+      await until('the engine answered', () => h.fake.requests.some((r) => r.kind === 'chat' && r.body?.messages?.at(-1)?.content === 'held back'));
+      await sleep(600);
+      expect(c.events().map((f) => (f.type === 'delta' ? 'delta' : f.data.state))).toEqual(['queued', 'loading']);
+      await blocker.query('ROLLBACK');
+    } finally {
+      await blocker.end();
+    }
+    await c.ends(10_000);
+    expect(c.events().map((f) => (f.type === 'delta' ? 'delta' : f.data.state))).toEqual([
+      'queued',
+      'loading',
+      'working',
+      ...defaultChunks('held back').map(() => 'delta'),
+      'done',
+    ]);
+    expect(c.deltas().map((f) => f.data)).toEqual(defaultChunks('held back'));
   });
 });
 
