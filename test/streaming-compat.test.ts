@@ -456,6 +456,43 @@ describe('SSE: the generation starts while `working` commits (PostgreSQL, the co
   });
 });
 
+describe('A slot is free once the engine has answered (PostgreSQL, the save held back)', () => {
+  let h: Harness;
+  let db: { url: string; drop: () => Promise<void> };
+  beforeAll(async () => {
+    db = await createDatabase();
+    h = await startHarness({ concurrency: 1, engineIdleTimeoutMs: 30_000, databaseUrl: db.url });
+  });
+  afterAll(async () => {
+    await h.stop();
+    await db.drop();
+  });
+
+  it("the next job's generation runs while the previous one's result is saved, never beside its generation", async () => {
+    h.fake.enqueue({ kind: 'ok', chunkDelayMs: 100 }, { kind: 'ok', chunkDelayMs: 0 });
+    const a = await h.submit(hello('first'));
+    const b = await h.submit(hello('second'));
+    const state = async (id: string) => ((await h.api(`/jobs/${id}`)).body as { state: string }).state;
+    await until('first working', async () => (await state(a)) === 'working');
+    // The first job's row locked by another session: its save waits once its generation ends.
+    const blocker = new pg.Client({ connectionString: db.url });
+    await blocker.connect();
+    try {
+      await blocker.query('BEGIN');
+      await blocker.query('SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE', [a]);
+      // The second job is claimed, loaded and generated meanwhile, on the one slot.
+      await h.fake.waitForRequests(1, (r) => r.kind === 'chat' && r.body?.messages?.at(-1)?.content === 'second', 10_000);
+      expect(await state(a)).toBe('working');
+      await blocker.query('ROLLBACK');
+    } finally {
+      await blocker.end();
+    }
+    await until('both done', async () => (await state(a)) === 'done' && (await state(b)) === 'done');
+    // One request at a time on the host all along: the slot was the engine's, not the save's.
+    expect(h.fake.stats.maxConcurrent).toBe(1);
+  });
+});
+
 describe('SSE keep-alive and cancel', () => {
   let h: Harness;
   beforeAll(async () => {
