@@ -429,7 +429,7 @@ describe('SSE: the generation starts while `working` commits (PostgreSQL, the co
     const id = await h.submit(hello('held back'));
     const c = await SseClient.open(`${h.url}/jobs/${id}/events`);
     open.push(c);
-    await until('loading', () => c.states().length >= 2);
+    await until('loading', async () => c.states().length >= 2);
     // The job's row locked by another session while the model loads: `working` waits for it.
     const blocker = new pg.Client({ connectionString: db.url });
     await blocker.connect();
@@ -437,7 +437,7 @@ describe('SSE: the generation starts while `working` commits (PostgreSQL, the co
       await blocker.query('BEGIN');
       await blocker.query('SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE', [id]);
       // The generation ran meanwhile: the engine answered in full, and nothing reached the watcher.
-      await until('the engine answered', () => h.fake.requests.some((r) => r.kind === 'chat' && r.body?.messages?.at(-1)?.content === 'held back'));
+      await until('the engine answered', async () => h.fake.requests.some((r) => r.kind === 'chat' && r.body?.messages?.at(-1)?.content === 'held back'));
       await sleep(600);
       expect(c.events().map((f) => (f.type === 'delta' ? 'delta' : f.data.state))).toEqual(['queued', 'loading']);
       await blocker.query('ROLLBACK');
