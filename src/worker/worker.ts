@@ -119,11 +119,10 @@ export class Worker {
       this.loop.wake.notify();
     };
     entry.done = this.runJob(job, host, abort, freeSlot).finally(() => {
-      freeSlot();
+      freeSlot(); // wakes the loop, unless the slot was freed (and the loop woken) already
       host.jobsRun++;
       // Only our own entry: a later attempt of the same job may have replaced it.
       if (this.running.get(job.seq) === entry) this.running.delete(job.seq);
-      this.loop.wake.notify();
     });
   }
 
@@ -163,7 +162,7 @@ export class Worker {
       if (held) {
         void working.then(
           (ok) => {
-            const chunks = held ?? [];
+            const chunks = held!;
             held = null;
             if (ok) for (const c of chunks) watch!(job.id, c);
           },

@@ -188,6 +188,9 @@ export function sessionOptions(url: string): string {
 }
 
 // The SQL of the driver, one constant per statement (named @parameters; see SqlCache).
+/** A model's moving average run time, merged into its row (`model_stats AS s`). */
+const MODEL_STAT_MERGE = 'ON CONFLICT (model) DO UPDATE SET avg_ms = s.avg_ms + 0.2 * (excluded.avg_ms - s.avg_ms), samples = s.samples + 1';
+
 const Q = {
   // The committed counts (kept at COMMIT by a deferred trigger, migration 0003).
   countQueued: `SELECT n, bytes FROM job_counts WHERE state = 'queued'`,
@@ -323,8 +326,7 @@ const Q = {
         WHERE u.key_id <> '' AND @tokens::bigint > 0
       ON CONFLICT (key_id, day) DO UPDATE SET tokens = d.tokens + excluded.tokens)
     SELECT * FROM u`,
-  modelStat: `INSERT INTO model_stats AS s (model, avg_ms, samples) VALUES (@model, @ms, 1)
-    ON CONFLICT (model) DO UPDATE SET avg_ms = s.avg_ms + 0.2 * (excluded.avg_ms - s.avg_ms), samples = s.samples + 1`,
+  modelStat: `INSERT INTO model_stats AS s (model, avg_ms, samples) VALUES (@model, @ms, 1) ${MODEL_STAT_MERGE}`,
   toFailed: `UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message,
       finished_at = @now, updated_at = @now, lease_owner = NULL, lease_expires_at = NULL
     WHERE seq = @seq AND state IN ('loading', 'working') AND lease_owner = @lease RETURNING ${TRANSITION_COLS}`,
@@ -493,8 +495,7 @@ const Q = {
  */
 const COMPLETE_WITH_STAT = (() => {
   const sql = Q.complete.replace(/\n    SELECT \* FROM u$/, `,
-    s AS (INSERT INTO model_stats AS s (model, avg_ms, samples) SELECT u.model, @ms::double precision, 1 FROM u
-      ON CONFLICT (model) DO UPDATE SET avg_ms = s.avg_ms + 0.2 * (excluded.avg_ms - s.avg_ms), samples = s.samples + 1)
+    s AS (INSERT INTO model_stats AS s (model, avg_ms, samples) SELECT u.model, @ms::double precision, 1 FROM u ${MODEL_STAT_MERGE})
     SELECT * FROM u`);
   if (sql === Q.complete) throw new Error('complete does not end with SELECT * FROM u');
   return sql;
