@@ -122,7 +122,27 @@ export interface QueueDriver {
    * `deliveriesNextDueAt` would then say of the heads not yet due (null: none, or `limit` claimed),
    * so a dispatcher learns when to look again in the same step.
    */
-  deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<{ deliveries: ClaimedDelivery[]; nextDueAt: number | null }>;
+  deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<{
+    deliveries: ClaimedDelivery[];
+    nextDueAt: number | null;
+    /**
+     * False when no origin with an unclaimed due or future head was at its cap: then an attempt
+     * that ends frees no room a claim could use now. Absent: unknown (claim again after each).
+     */
+    capped?: boolean;
+  }>;
+  /**
+   * Optional (ADR-0017): while attached, each transition that writes a job event's row due at once
+   * writes it claimed by this instance (the per-origin cap allowing) when `want()` says yes, and
+   * the ids of those rows are announced as `deliveriesClaimed` after the commit. Returns the detach.
+   */
+  deliveriesClaimOnWrite?(p: { perOriginLimit: number; want: () => boolean }): () => void;
+  /**
+   * Optional, with `deliveriesClaimOnWrite`: the sends of rows claimed on write (in `ids` order),
+   * those still claimed by this instance for at least half their lease and pending; the others are
+   * left to their lease and the ordinary claim.
+   */
+  deliveriesClaimed?(p: { ids: number[]; now: number; inlineMax: number }): Promise<ClaimedDelivery[]>;
   /**
    * After delivery `afterId` was acknowledged by its receiver: claims the same job's next pending
    * event, if it is due, so it can be sent at once, without waiting for the first outcome to be

@@ -10,6 +10,8 @@ export interface QueueEvents {
   jobReady: [];
   /** An outbox row became due. */
   deliveryReady: [];
+  /** Outbox rows written claimed by this instance (ADR-0017): in process only. */
+  deliveriesClaimed: [ids: number[]];
   /** A state change committed. */
   stateChanged: [TransitionEvent];
   /** A running job was canceled: whoever runs it should stop. */

@@ -73,7 +73,20 @@ export class Dispatcher {
   private readonly stopCtl = new AbortController();
   private readonly loop: Loop;
   private readonly random: () => number;
-  private readonly unsubscribe: () => void;
+  private readonly unsubscribe: (() => void)[];
+  /** Rows the driver claimed for this dispatcher as transitions wrote them (ADR-0017), not yet sent. */
+  private readonly held: number[] = [];
+  private detach: (() => void) | null = null;
+  /**
+   * Whether the next tick runs the claim: a row became due unclaimed, the last claim was cut short
+   * by room, or an origin was at its cap when an attempt ended. Otherwise a wake-up (an attempt
+   * that ended, rows claimed on write) costs no statement.
+   */
+  private claimWanted = true;
+  /** The last claim found an origin at its cap (or could not tell): each attempt's end claims again. */
+  private capped = true;
+  /** When to claim again (a head falls due, or the poll interval), whatever else happens. */
+  private claimAt = 0;
 
   constructor(private readonly deps: DispatcherDeps) {
     const o = deps.options;
@@ -89,27 +102,72 @@ export class Dispatcher {
       keepAliveTimeout: 4_000,
     });
     this.loop = new Loop('webhook dispatcher', () => this.tick(), deps.logger, o.pollIntervalMs);
-    this.unsubscribe = deps.driver.notifier.on('deliveryReady', this.loop.wake.notify);
+    const { notifier } = deps.driver;
+    this.unsubscribe = [
+      notifier.on('deliveryReady', () => {
+        this.claimWanted = true;
+        this.loop.wake.notify();
+      }),
+      notifier.on('deliveriesClaimed', (ids) => {
+        this.held.push(...ids);
+        this.loop.wake.notify();
+      }),
+    ];
   }
 
   start(): void {
+    const { driver, options } = this.deps;
+    // Rows written claimed for this dispatcher only while it has room for them (ADR-0017).
+    this.detach =
+      driver.deliveriesClaimOnWrite?.({
+        perOriginLimit: options.perOriginConcurrency,
+        want: () => !this.loop.stopped && this.inflight.size + this.held.length < options.concurrency,
+      }) ?? null;
     this.loop.start();
   }
 
   private async tick(): Promise<number> {
     const { driver, clock, options } = this.deps;
-    const free = options.concurrency - this.inflight.size;
+    let free = options.concurrency - this.inflight.size;
     if (free <= 0) return options.pollIntervalMs; // woken when an attempt ends
+    if (this.held.length > 0 && driver.deliveriesClaimed) {
+      // Rows claimed on write: their sends, read in one statement (no commit).
+      const ids = this.held.splice(0, free);
+      let sends: ClaimedDelivery[];
+      try {
+        sends = await driver.deliveriesClaimed({ ids, now: clock.now(), inlineMax: options.inlineArtifactMaxBytes });
+      } catch (err) {
+        this.held.unshift(...ids);
+        throw err;
+      }
+      for (const d of sends) this.launch(d);
+      // One not sendable any more (its lease nearly over, or recorded elsewhere) is the ordinary claim's.
+      if (sends.length < ids.length) this.claimWanted = true;
+      free -= sends.length;
+      if (free <= 0) return options.pollIntervalMs; // woken when an attempt ends
+    }
+    const now = clock.now();
+    if (!this.claimWanted && now < this.claimAt) return this.claimAt - now;
+    this.claimWanted = false;
     // One step: the claim, and when the first head not claimed now falls due.
-    const { deliveries, nextDueAt: next } = await driver.deliveriesClaim({
-      now: clock.now(),
+    const { deliveries, nextDueAt: next, capped } = await driver.deliveriesClaim({
+      now,
       limit: free,
       perOriginLimit: options.perOriginConcurrency,
       inlineMax: options.inlineArtifactMaxBytes,
+    }).catch((err: unknown) => {
+      this.claimWanted = true;
+      throw err;
     });
+    this.capped = capped ?? true;
     for (const d of deliveries) this.launch(d);
-    if (deliveries.length === free) return 0;
-    return next === null ? options.pollIntervalMs : Math.min(options.pollIntervalMs, Math.max(0, next - clock.now()));
+    if (deliveries.length === free) {
+      this.claimWanted = true;
+      return 0;
+    }
+    const delay = next === null ? options.pollIntervalMs : Math.min(options.pollIntervalMs, Math.max(0, next - clock.now()));
+    this.claimAt = clock.now() + delay;
+    return delay;
   }
 
   private launch(d: ClaimedDelivery): void {
@@ -117,6 +175,8 @@ export class Dispatcher {
       .catch((err: unknown) => this.deps.logger.error({ err, job_id: d.jobId }, 'webhook delivery crashed'))
       .finally(() => {
         this.inflight.delete(p);
+        // Its origin's room (and a slot) is free: worth a claim only if something waited for it.
+        if (this.capped) this.claimWanted = true;
         this.loop.wake.notify();
       });
     this.inflight.add(p);
@@ -280,8 +340,11 @@ export class Dispatcher {
 
   /** Stops claiming; waits up to graceMs for attempts in flight, then aborts them (they stay pending). */
   async stop(graceMs: number): Promise<void> {
+    this.detach?.();
     await this.loop.stop();
-    this.unsubscribe();
+    for (const off of this.unsubscribe) off();
+    // Rows claimed on write and never sent: given back, so they are due again at once.
+    for (const id of this.held.splice(0)) await this.deps.driver.deliveryRelease({ id }).catch(() => {});
     const all = Promise.allSettled([...this.inflight]);
     let timer: NodeJS.Timeout | undefined;
     await Promise.race([all, new Promise<void>((r) => (timer = setTimeout(r, graceMs)))]);

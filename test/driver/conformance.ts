@@ -1208,6 +1208,71 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(await claimDeliveries(at(6000))).toEqual([]);
       });
 
+      it('deliveriesClaimOnWrite (where offered): a due event is written claimed and announced, within the origin cap and while wanted', async (ctx) => {
+        if (!d.deliveriesClaimOnWrite || !d.deliveriesClaimed) return ctx.skip();
+        let want = true;
+        const claimed: number[][] = [];
+        let ready = 0;
+        d.notifier.on('deliveriesClaimed', (ids) => claimed.push([...ids]));
+        d.notifier.on('deliveryReady', () => ready++);
+        const detach = d.deliveriesClaimOnWrite({ perOriginLimit: 2, want: () => want });
+        const a = await insertOne(at(1000), { webhookUrl: HOOK, metadata: { k: 'a' } });
+        expect(claimed).toEqual([[expect.any(Number)]]);
+        expect(ready).toBe(0);
+        const idA = claimed[0]![0]!;
+        // Claimed already: the ordinary claim passes it over.
+        expect(await claimDeliveries(at(1001))).toEqual([]);
+        expect(await d.deliveriesClaimed({ ids: [idA], now: at(1002), inlineMax: 1024 })).toEqual([
+          { id: idA, jobId: a, state: 'queued', sequence: 1, url: HOOK, origin: ORIGIN, occurredAt: at(1000), attempts: 0, metadata: { k: 'a' }, error: null, artifacts: [], run: null },
+        ]);
+        const b = await insertOne(at(1010), { webhookUrl: HOOK });
+        expect(claimed).toHaveLength(2);
+        const idB = claimed[1]![0]!;
+        // The origin's cap (two claimed): the third is written due, unclaimed, and announced as due.
+        const c = await insertOne(at(1020), { webhookUrl: HOOK });
+        expect(claimed).toHaveLength(2);
+        expect(ready).toBe(1);
+        expect((await claimDeliveries(at(1021), { perOriginLimit: 3 })).map((x) => x.jobId)).toEqual([c]);
+        // A job's later event, behind its pending `queued`: written waiting, neither claimed nor due.
+        const ca = await claimOne(at(1030));
+        expect(ca.id).toBe(a);
+        expect(claimed).toHaveLength(2);
+        expect(ready).toBe(1);
+        // Not wanted, or detached: written due, as without it.
+        want = false;
+        await insertOne(at(1040), { webhookUrl: 'http://127.0.0.1:9/other' });
+        want = true;
+        detach();
+        await insertOne(at(1050), { webhookUrl: 'http://127.0.0.1:9/other' });
+        expect(claimed).toHaveLength(2);
+        expect(ready).toBe(3);
+        // At send time: a row recorded meanwhile is not handed out; one whose lease is (nearly) over neither.
+        await d.deliveryRecord({ id: idA, now: at(1100), outcome: { kind: 'delivered', status: 200 } });
+        expect((await d.deliveriesClaimed({ ids: [idA, idB], now: at(1101), inlineMax: 1024 })).map((x) => [x.id, x.jobId])).toEqual([[idB, b]]);
+        const late = at(1010) + 3_600_000;
+        expect(await d.deliveriesClaimed({ ids: [idB], now: late, inlineMax: 1024 })).toEqual([]);
+        // Its lease over, the ordinary claim takes it.
+        expect((await claimDeliveries(late)).map((x) => x.id)).toContain(idB);
+      });
+
+      it('deliveriesClaim says whether an origin it left rows of was at its cap (where the driver can tell)', async (ctx) => {
+        const claim = (now: number, perOriginLimit: number) => d.deliveriesClaim({ now, limit: 10, perOriginLimit, inlineMax: 0 });
+        const none = await claim(at(0), 1);
+        if (none.capped === undefined) return ctx.skip();
+        expect(none).toEqual({ deliveries: [], nextDueAt: null, capped: false });
+        await insertOne(at(10), { webhookUrl: HOOK, webhookEvents: ['queued'] });
+        await insertOne(at(11), { webhookUrl: HOOK, webhookEvents: ['queued'] });
+        // One of two claimed at a cap of one: the other waits for room.
+        const one = await claim(at(20), 1);
+        expect(one.deliveries).toHaveLength(1);
+        expect(one.capped).toBe(true);
+        await d.deliveryRecord({ id: one.deliveries[0]!.id, now: at(30), outcome: { kind: 'delivered', status: 200 } });
+        // The last one, below a cap of two: nothing waits for room.
+        const two = await claim(at(40), 2);
+        expect(two.deliveries).toHaveLength(1);
+        expect(two.capped).toBe(false);
+      });
+
       it('the next event is never claimed past an earlier one that is not due yet (events stamped by another clock)', async () => {
         const id = await insertOne(at(1000), { webhookUrl: HOOK });
         // loading stamped at 3000 by one clock, working at 2000 by another.
@@ -1218,7 +1283,11 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         // Acknowledged at 2500: loading (due 3000) is next in line; working must wait behind it.
         expect(await d.deliveryClaimNext({ afterId: queued!.id, now: at(2500), inlineMax: 1024 })).toBeNull();
         if (d.deliveryRecordClaimNext) {
+          let ready = 0;
+          d.notifier.on('deliveryReady', () => ready++);
           expect(await d.deliveryRecordClaimNext({ id: queued!.id, now: at(2500), status: 200, inlineMax: 1024 })).toEqual({ recorded: true, next: null });
+          // The head it left unclaimed is announced as due (a dispatcher learns when to claim it).
+          expect(ready).toBe(1);
         } else {
           await d.deliveryRecord({ id: queued!.id, now: at(2500), outcome: { kind: 'delivered', status: 200 } });
         }
@@ -1271,7 +1340,10 @@ export function driverConformance(name: string, factory: DriverFactory): void {
       });
 
       it('deliveriesClaim says, in the same step, when the first head it did not claim falls due', async () => {
-        const raw = (now: number, limit = 10) => d.deliveriesClaim({ now, limit, perOriginLimit: 10, inlineMax: 0 });
+        const raw = async (now: number, limit = 10) => {
+          const { deliveries, nextDueAt } = await d.deliveriesClaim({ now, limit, perOriginLimit: 10, inlineMax: 0 });
+          return { deliveries, nextDueAt };
+        };
         expect(await raw(at(0))).toEqual({ deliveries: [], nextDueAt: null }); // nothing owed
         const a = await insertOne(at(0), { webhookUrl: 'http://127.0.0.1:9/a', webhookEvents: ['queued'] });
         const [qa] = (await raw(at(10))).deliveries;
@@ -1930,7 +2002,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         const [ev] = (await d.deliveriesClaim({ now: at(62), limit: 10, perOriginLimit: 8, inlineMax: 0 })).deliveries;
         expect(ev).toMatchObject({ jobId: b.id, state: 'batch.cancelled', url: HOOK, origin: ORIGIN, occurredAt: at(61), batch: { id: b.id, status: 'cancelled' } });
         await d.deliveryRecord({ id: ev!.id, now: at(63), outcome: { kind: 'delivered', status: 200 } });
-        expect(await d.deliveriesClaim({ now: at(64), limit: 10, perOriginLimit: 8, inlineMax: 0 })).toEqual({ deliveries: [], nextDueAt: null });
+        expect(await d.deliveriesClaim({ now: at(64), limit: 10, perOriginLimit: 8, inlineMax: 0 })).toMatchObject({ deliveries: [], nextDueAt: null });
         expect((await d.batchCancel({ id: b.id, now: at(70) }))!.changed).toBe(false);
       });
 

@@ -65,8 +65,10 @@ export interface Effects {
   deliveryReady: boolean;
   transitions: TransitionEvent[];
   canceled: string[];
+  /** Outbox rows this write claimed for this instance's dispatcher (ADR-0017). */
+  claimed: number[];
 }
-const noEffects = (): Effects => ({ jobReady: false, deliveryReady: false, transitions: [], canceled: [] });
+const noEffects = (): Effects => ({ jobReady: false, deliveryReady: false, transitions: [], canceled: [], claimed: [] });
 
 interface TransitionRow {
   seq: number;
@@ -95,11 +97,13 @@ interface TransitionRow {
 /** A claimed job's row, as the claim returns it. */
 type ClaimRow = TransitionRow & Recorded & { request: string; max_attempts: number; lease_owner: string; prev_seq: number | null };
 
-/** What `foreman_record` (migration 0006) did for a transition. */
+/** What `foreman_record` (migration 0006) or `foreman_record_claim` (0014) did for a transition. */
 interface Recorded {
   rec_n: number;
   rec_due: number | null;
   rec_released: number;
+  /** The outbox row's id when it was written claimed by this instance (0014). */
+  rec_claimed?: number | null;
 }
 
 interface JobRow extends TransitionRow {
@@ -429,28 +433,35 @@ const Q = {
       UNION ALL
       SELECT (SELECT w.origin FROM webhook_deliveries w WHERE w.due_at IS NOT NULL AND w.origin > o.origin ORDER BY w.origin LIMIT 1)
       FROM o WHERE o.origin IS NOT NULL),
-    heads AS MATERIALIZED (SELECT o.origin, h.due_at, a.n AS active FROM o
+    every AS MATERIALIZED (SELECT o.origin, h.due_at, a.n AS active FROM o
       CROSS JOIN LATERAL (SELECT w.due_at FROM webhook_deliveries w
         WHERE w.origin = o.origin AND w.due_at IS NOT NULL AND (w.claimed_by IS NULL OR w.claimed_until <= @now)
         ORDER BY w.due_at, w.id LIMIT 1) h
       CROSS JOIN LATERAL (SELECT count(*) AS n FROM webhook_deliveries c
         WHERE c.origin = o.origin AND c.claimed_by IS NOT NULL AND c.claimed_until > @now) a
-      WHERE o.origin IS NOT NULL AND a.n < @cap),
-    pick AS (SELECT x.id FROM (SELECT * FROM heads WHERE due_at <= @now ORDER BY due_at LIMIT @n) hh
+      WHERE o.origin IS NOT NULL),
+    heads AS (SELECT * FROM every WHERE active < @cap),
+    pick AS (SELECT x.id, hh.origin FROM (SELECT * FROM heads WHERE due_at <= @now ORDER BY due_at LIMIT @n) hh
       CROSS JOIN LATERAL (SELECT w.id, w.due_at FROM webhook_deliveries w
         WHERE w.origin = hh.origin AND w.due_at IS NOT NULL AND w.due_at <= @now AND (w.claimed_by IS NULL OR w.claimed_until <= @now)
         ORDER BY w.due_at, w.id LIMIT least(@cap - hh.active, @n) FOR UPDATE SKIP LOCKED) x
       ORDER BY x.due_at, x.id LIMIT @n),
     got AS (UPDATE webhook_deliveries w SET claimed_by = @by, claimed_until = @until FROM pick WHERE w.id = pick.id RETURNING w.*)
-    SELECT (SELECT min(due_at) FROM heads WHERE due_at > @now) AS nextDue, ${DUE_COLS}, ${ARTS}
+    SELECT (SELECT min(due_at) FROM heads WHERE due_at > @now) AS nextDue,
+      EXISTS (SELECT 1 FROM every e WHERE e.active + (SELECT count(*) FROM pick p WHERE p.origin = e.origin) >= @cap) AS capped,
+      ${DUE_COLS}, ${ARTS}
     FROM (SELECT 1) one LEFT JOIN (got d LEFT JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq) ON true
     ORDER BY d.due_at, d.id`,
+  // Rows this instance claimed on write (ADR-0017), still its own for at least half the lease, with what their sends need.
+  claimedMine: `SELECT ${DUE_COLS}, ${ARTS} FROM webhook_deliveries d JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq
+    WHERE d.id = ANY(@ids::bigint[]) AND d.status = 'pending' AND d.claimed_by = @by AND d.claimed_until >= @fresh
+    ORDER BY array_position(@ids::bigint[], d.id)`,
   // A delivery's outcome and its line's next head, in one call (migrations 0006, 0012).
   recordDelivery: `SELECT foreman_delivery_outcome(@id, @now, @kind, @code::integer, @next::bigint, @error::text, @notify::text) AS seq`,
   recordDeliveredClaimNext: `SELECT recorded, id, job_seq AS jobSeq, state, sequence, url, origin, occurred_at AS occurredAt,
       attempts, job_id AS jobId, metadata, error_code AS errorCode, error_message AS errorMessage, created_at, started_at,
-      finished_at, attempt, model, conversation_id, load_ms, prompt_tokens, completion_tokens, arts
-    FROM foreman_delivered_next(@id, @now, @code::integer, @notify::text, @by, @until, @inline)`,
+      finished_at, attempt, model, conversation_id, load_ms, prompt_tokens, completion_tokens, arts, head_left AS headLeft
+    FROM foreman_delivered_claim_next(@id, @now, @code::integer, @notify::text, @by, @until, @inline)`,
   // The job's next event once the one before it is recorded, claimed, with what its send needs.
   // The event right after the acknowledged one in its job's line: the lowest pending event other
   // than it, and only if that comes after it and is due by now (never one past an earlier event
@@ -537,6 +548,8 @@ export class PostgresDriver implements QueueDriver {
   private readonly cluster: ClusterNotifier | null;
   private readonly local: LocalNotifier;
   private readonly deliveryLeaseMs: number;
+  /** The local dispatcher, while it takes rows claimed on write (ADR-0017). */
+  private claimOnWrite: { perOriginLimit: number; want: () => boolean } | null = null;
   private closed = false;
   private claims = 0;
   private readonly wrapped = new Map<string, string>();
@@ -616,6 +629,7 @@ export class PostgresDriver implements QueueDriver {
   private announce(fx: Effects): void {
     const n = this.local;
     if (fx.deliveryReady) n.emit('deliveryReady');
+    if (fx.claimed.length > 0) n.emit('deliveriesClaimed', fx.claimed);
     if (fx.jobReady) n.emit('jobReady');
     for (const e of fx.transitions) n.emit('stateChanged', e);
     for (const id of fx.canceled) n.emit('cancelRequested', id);
@@ -731,7 +745,8 @@ export class PostgresDriver implements QueueDriver {
     if ((isTerminal(state) || state === 'queued') && row.engine !== null && row.started_at !== null) ev.engine = row.engine;
     fx.transitions.push(ev);
     if (state === 'queued' || rec.rec_released > 0) fx.jobReady = true;
-    if (rec.rec_due != null) fx.deliveryReady = true;
+    if (rec.rec_claimed != null) fx.claimed.push(rec.rec_claimed);
+    else if (rec.rec_due != null) fx.deliveryReady = true;
     if (state === 'failed' || state === 'canceled') {
       const message = `the job this one continues (${row.id}) ended ${state}`;
       await this.moveAll(c, fx, Q.failWaiting, { seq: row.seq, now, message }, 'failed', now);
@@ -754,8 +769,9 @@ export class PostgresDriver implements QueueDriver {
     const key = `${state}\0${sql}`;
     let w = this.wrapped.get(key);
     if (w === undefined) {
-      const select = `SELECT u.*, r.rec_n, r.rec_due, r.rec_released FROM u
-        CROSS JOIN LATERAL foreman_record(u.seq, '${state}', @rec_now, u.attempt, u.webhook_url, u.webhook_origin, u.webhook_gone, u.webhook_events) r`;
+      const select = `SELECT u.*, r.rec_n, r.rec_due, r.rec_released, r.rec_claimed FROM u
+        CROSS JOIN LATERAL foreman_record_claim(u.seq, '${state}', @rec_now, u.attempt, u.webhook_url, u.webhook_origin, u.webhook_gone,
+          u.webhook_events, @rec_by::text, @rec_until::bigint, @rec_cap::integer) r`;
       if (!sql.startsWith('WITH ')) w = `WITH u AS (${sql}) ${select}`;
       else if (sql.endsWith('SELECT * FROM u')) w = `${sql.slice(0, -'SELECT * FROM u'.length)}${select}`;
       else throw new Error('a recorded statement that is a WITH must end with SELECT * FROM u');
@@ -764,14 +780,21 @@ export class PostgresDriver implements QueueDriver {
     return w;
   }
 
+  /** The parameters of `foreman_record_claim` beyond the row's: who claims a due event on write, if anybody (ADR-0017). */
+  private recordParams(now: number): Record<string, unknown> {
+    const w = this.claimOnWrite;
+    const by = w !== null && w.want() ? this.instanceId : null;
+    return { rec_now: now, rec_by: by, rec_until: now + this.deliveryLeaseMs, rec_cap: w?.perOriginLimit ?? 0 };
+  }
+
   private async move(c: Conn, fx: Effects, sql: string, params: Record<string, unknown>, state: JobState, now: number): Promise<TransitionRow | undefined> {
-    const row = await c.get<TransitionRow & Recorded>(this.recorded(sql, state), { ...params, rec_now: now });
+    const row = await c.get<TransitionRow & Recorded>(this.recorded(sql, state), { ...params, ...this.recordParams(now) });
     if (row) await this.record(c, fx, row, state, now, row);
     return row;
   }
 
   private async moveAll(c: Conn, fx: Effects, sql: string, params: Record<string, unknown>, state: JobState, now: number): Promise<string[]> {
-    const rows = await c.all<TransitionRow & Recorded>(this.recorded(sql, state), { ...params, rec_now: now });
+    const rows = await c.all<TransitionRow & Recorded>(this.recorded(sql, state), { ...params, ...this.recordParams(now) });
     for (const r of rows) await this.record(c, fx, r, state, now, r);
     return rows.map((r) => r.id);
   }
@@ -825,7 +848,7 @@ export class PostgresDriver implements QueueDriver {
       const row = await this.single((c) =>
         c.get<TransitionRow & Recorded>(this.recorded(INSERT_FAR_FROM_CAPS, 'queued'), {
           ...insertParams(j, { now: p.now, state: 'queued', request, keyId: j.keyId ?? '', waits: 0, scheduledFor: null }),
-          rec_now: p.now,
+          ...this.recordParams(p.now),
           max_queued: p.maxQueued,
           max_bytes: p.maxQueuedBytes ?? null,
           size: Buffer.byteLength(request, 'utf8'),
@@ -1034,7 +1057,7 @@ export class PostgresDriver implements QueueDriver {
       seq: pick.seq,
       owner,
       now: p.now,
-      rec_now: p.now,
+      ...this.recordParams(p.now),
       lease: p.now + p.leaseMs,
       engine: host?.name ?? null,
       instance: this.instanceId,
@@ -1505,10 +1528,15 @@ export class PostgresDriver implements QueueDriver {
    * One statement, no transaction around it (claimDue): the claim is atomic by itself (SKIP
    * LOCKED, the lease condition), and says when the first head not claimed falls due.
    */
-  async deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<{ deliveries: ClaimedDelivery[]; nextDueAt: number | null }> {
+  async deliveriesClaim(p: {
+    now: number;
+    limit: number;
+    perOriginLimit: number;
+    inlineMax: number;
+  }): Promise<{ deliveries: ClaimedDelivery[]; nextDueAt: number | null; capped?: boolean }> {
     if (p.limit <= 0) return { deliveries: [], nextDueAt: null };
     const got = await this.single((c) =>
-      c.all<Omit<DueRow, 'id'> & { id: number | null; nextDue: number | null }>(Q.claimDue, {
+      c.all<Omit<DueRow, 'id'> & { id: number | null; nextDue: number | null; capped: boolean }>(Q.claimDue, {
         now: p.now,
         n: p.limit,
         cap: p.perOriginLimit,
@@ -1519,7 +1547,24 @@ export class PostgresDriver implements QueueDriver {
     );
     const rows = got.filter((r): r is typeof r & { id: number } => r.id !== null);
     const nextDueAt = rows.length < p.limit ? (got[0]?.nextDue ?? null) : null;
-    return { deliveries: rows.length === 0 ? [] : await this.claimedOf(rows), nextDueAt };
+    return { deliveries: rows.length === 0 ? [] : await this.claimedOf(rows), nextDueAt, capped: got[0]?.capped ?? true };
+  }
+
+  deliveriesClaimOnWrite(p: { perOriginLimit: number; want: () => boolean }): () => void {
+    const w = { perOriginLimit: p.perOriginLimit, want: p.want };
+    this.claimOnWrite = w;
+    return () => {
+      if (this.claimOnWrite === w) this.claimOnWrite = null;
+    };
+  }
+
+  /** A read, no commit: the claim was made by the write that inserted each row. */
+  async deliveriesClaimed(p: { ids: number[]; now: number; inlineMax: number }): Promise<ClaimedDelivery[]> {
+    if (p.ids.length === 0) return [];
+    const rows = await this.read((c) =>
+      c.all<DueRow>(Q.claimedMine, { ids: p.ids, by: this.instanceId, fresh: p.now + this.deliveryLeaseMs / 2, inline: p.inlineMax }),
+    );
+    return rows.length === 0 ? [] : this.claimedOf(rows);
   }
 
   /** Best effort: this instance's claims of these deliveries are dropped (they stay due). */
@@ -1560,7 +1605,7 @@ export class PostgresDriver implements QueueDriver {
   /** The record of a delivered event and the claim of its job's next one: one statement (migration 0007). */
   async deliveryRecordClaimNext(p: { id: number; now: number; status: number; inlineMax: number }): Promise<{ recorded: boolean; next: ClaimedDelivery | null }> {
     const r = (await this.single((c) =>
-      c.get<DueRow & { recorded: boolean; id: number | null }>(Q.recordDeliveredClaimNext, {
+      c.get<DueRow & { recorded: boolean; id: number | null; headLeft: boolean }>(Q.recordDeliveredClaimNext, {
         id: p.id,
         now: p.now,
         code: p.status,
@@ -1571,7 +1616,9 @@ export class PostgresDriver implements QueueDriver {
       }),
     ))!;
     // No local wake for the slot this frees: the dispatcher's chain either goes on with `next`
-    // (the origin's count is unchanged) or ends, and its end wakes the dispatcher.
+    // (the origin's count is unchanged) or ends, and its end wakes the dispatcher. A head of the
+    // line left unclaimed (after a redelivery, or held elsewhere) is due for the ordinary claim.
+    if (r.headLeft) this.local.emit('deliveryReady');
     if (r.id === null) return { recorded: r.recorded, next: null };
     // A next event not sendable is given back at once; it stays due, for the ordinary claim.
     return { recorded: r.recorded, next: (await this.claimedOf([r]))[0] ?? null };
