@@ -12,6 +12,11 @@ import { migrate } from '../../src/queue/postgres/db.js';
 import type { ClaimHost } from '../../src/queue/driver.js';
 import { PostgresDriver } from '../../src/queue/postgres/driver.js';
 import { createDatabase } from '../support/postgres.js';
+import { startReceiver } from '../support/receiver.js';
+import { pino } from 'pino';
+import { Dispatcher } from '../../src/webhooks/dispatcher.js';
+import { blockListOf } from '../../src/webhooks/ssrf.js';
+import { systemClock } from '../../src/domain.js';
 import { driverConformance, newJob } from './conformance.js';
 
 /** A template database migrated once; each test gets a copy (CREATE DATABASE … TEMPLATE is fast). */
@@ -334,5 +339,85 @@ describe('postgres driver only', () => {
     expect(ps.length).toBeGreaterThan(1);
     for (const p of ps) expect(Buffer.byteLength(p)).toBeLessThanOrEqual(MAX_PAYLOAD);
     expect(ps.flatMap((p) => (JSON.parse(p) as { t: unknown[] }).t).length).toBe(200);
+  });
+});
+
+describe('the dispatcher on PostgreSQL (ADR-0017)', () => {
+  it("sends a job's events claimed on write, with no claim statement, and claims the ordinary way while it has no room", async () => {
+    const db = await freshDb();
+    const driver = new PostgresDriver({ url: db.url, instanceId: 'disp-a', crossInstance: false });
+    const gate: { open: () => void; p: Promise<void> } = (() => {
+      let open!: () => void;
+      const p = new Promise<void>((r) => (open = r));
+      return { open, p };
+    })();
+    let holdFirst = true;
+    const receiver = await startReceiver(async () => {
+      if (holdFirst) {
+        holdFirst = false;
+        await gate.p;
+      }
+      return 200;
+    });
+    // The real driver, with its calls counted (a spy, not a stand-in).
+    const calls = { deliveriesClaim: 0, deliveriesClaimed: 0 };
+    const counted = new Proxy(driver, {
+      get(target, prop, recv) {
+        const v = Reflect.get(target, prop, recv);
+        if (typeof v !== 'function') return v;
+        if (prop === 'deliveriesClaim' || prop === 'deliveriesClaimed') {
+          return (...args: unknown[]) => {
+            calls[prop]++;
+            return (v as (...a: unknown[]) => unknown).apply(target, args);
+          };
+        }
+        return (v as (...a: unknown[]) => unknown).bind(target);
+      },
+    });
+    const dispatcher = new Dispatcher({
+      driver: counted,
+      clock: systemClock,
+      logger: pino({ level: 'silent' }),
+      options: {
+        concurrency: 1,
+        perOriginConcurrency: 8,
+        timeoutMs: 5_000,
+        backoffBaseMs: 100,
+        backoffMaxMs: 1_000,
+        retryAfterMaxMs: 1_000,
+        maxAttempts: 3,
+        blockPrivate: false,
+        allow: blockListOf([]),
+        self: () => null,
+        inlineArtifactMaxBytes: 1024,
+        secrets: [],
+        userAgent: 'foreman-test',
+        pollIntervalMs: 60_000,
+        artifactUrl: () => 'http://127.0.0.1:1/unused',
+      },
+    });
+    try {
+      await driver.ready;
+      dispatcher.start();
+      const claimsAtStart = calls.deliveriesClaim; // the first tick looks once
+      const [a, b] = [newJob({ webhookUrl: `${receiver.url}/a`, webhookEvents: ['queued'] }), newJob({ webhookUrl: `${receiver.url}/b`, webhookEvents: ['queued'] })];
+      await driver.jobsInsert({ jobs: [a], now: Date.now(), maxQueued: 100 });
+      // a's event goes out claimed on write, and its receiver holds it: the dispatcher (one slot) is full.
+      await receiver.waitFor((r) => r.length === 1);
+      expect(calls).toEqual({ deliveriesClaim: claimsAtStart, deliveriesClaimed: 1 });
+      // b's event is written while there is no room: due and unclaimed, for the ordinary claim.
+      await driver.jobsInsert({ jobs: [b], now: Date.now(), maxQueued: 100 });
+      expect((await driver.jobGet({ id: b.id }))!.deliveries.map((x) => x.status)).toEqual(['pending']);
+      gate.open();
+      const got = await receiver.waitFor((r) => r.length === 2);
+      expect(got.map((r) => r.event.job_id)).toEqual([a.id, b.id]);
+      expect(calls.deliveriesClaimed).toBe(1);
+      expect(calls.deliveriesClaim).toBeGreaterThan(claimsAtStart);
+    } finally {
+      await dispatcher.stop(1_000);
+      await receiver.close();
+      await driver.close();
+      await db.drop();
+    }
   });
 });
