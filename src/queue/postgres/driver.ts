@@ -97,13 +97,13 @@ interface TransitionRow {
 /** A claimed job's row, as the claim returns it. */
 type ClaimRow = TransitionRow & Recorded & { request: string; max_attempts: number; lease_owner: string; prev_seq: number | null };
 
-/** What `foreman_record` (migration 0006) or `foreman_record_claim` (0014) did for a transition. */
+/** What `foreman_record_claim` (migration 0014) did for a transition. */
 interface Recorded {
   rec_n: number;
   rec_due: number | null;
   rec_released: number;
-  /** The outbox row's id when it was written claimed by this instance (0014). */
-  rec_claimed?: number | null;
+  /** The outbox row's id when it was written claimed by this instance. */
+  rec_claimed: number | null;
 }
 
 interface JobRow extends TransitionRow {
@@ -263,8 +263,6 @@ const Q = {
   idemInsert: `INSERT INTO idempotency_keys (key, body_hash, job_seq, expires_at) VALUES (@key, @hash, @seq, @expires)`,
   idemSweep: `DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys WHERE expires_at <= @now LIMIT @limit)`,
   idStateBySeq: `SELECT id, state, scheduled_for AS scheduledFor FROM jobs WHERE seq = @seq`,
-  record: `SELECT rec_n, rec_due, rec_released
-    FROM foreman_record(@seq, @state, @now, @attempt, @url::text, @origin::text, @gone, @events::text)`,
 
   // --- claim (FOR UPDATE SKIP LOCKED: what another instance is claiming is passed over) ---
   claimPick: `SELECT j.seq, k.key_id AS keyId, a.concurrency FROM key_counts k
@@ -723,30 +721,20 @@ export class PostgresDriver implements QueueDriver {
   // --- transitions ---
 
   /**
-   * A transition's effects: its transition row, what a `done` releases and its outbox row, in one
-   * call of `foreman_record` (migration 0006), unless the statement that changed the job already
-   * made it (`move`); then the events, and what a failed or canceled job's waiting turns become.
+   * A transition's effects, once the statement that changed the job has recorded it (`recorded`:
+   * its transition row, what a `done` releases and its outbox row): the events, and what a failed
+   * or canceled job's waiting turns become.
    */
-  private async record(c: Conn, fx: Effects, row: TransitionRow, state: JobState, now: number, rec?: Recorded): Promise<void> {
-    rec ??= (await c.get<Recorded>(Q.record, {
-      seq: row.seq,
-      state,
-      now,
-      attempt: row.attempt,
-      url: row.webhook_url,
-      origin: row.webhook_origin,
-      gone: row.webhook_gone,
-      events: row.webhook_events,
-    }))!;
-    const ev: TransitionEvent = { jobId: row.id, state, model: row.model, n: rec.rec_n, at: now, attempt: row.attempt };
+  private async record(c: Conn, fx: Effects, row: TransitionRow & Recorded, state: JobState, now: number): Promise<void> {
+    const ev: TransitionEvent = { jobId: row.id, state, model: row.model, n: row.rec_n, at: now, attempt: row.attempt };
     if (state === 'failed') ev.error = { code: row.error_code ?? 'unknown', message: row.error_message ?? '' };
     if (isTerminal(state)) ev.run = runOf(row);
     // A slot of this host is free now (if the job held one: it ran, and ends or is queued again).
     if ((isTerminal(state) || state === 'queued') && row.engine !== null && row.started_at !== null) ev.engine = row.engine;
     fx.transitions.push(ev);
-    if (state === 'queued' || rec.rec_released > 0) fx.jobReady = true;
-    if (rec.rec_claimed != null) fx.claimed.push(rec.rec_claimed);
-    else if (rec.rec_due != null) fx.deliveryReady = true;
+    if (state === 'queued' || row.rec_released > 0) fx.jobReady = true;
+    if (row.rec_claimed != null) fx.claimed.push(row.rec_claimed);
+    else if (row.rec_due != null) fx.deliveryReady = true;
     if (state === 'failed' || state === 'canceled') {
       const message = `the job this one continues (${row.id}) ended ${state}`;
       await this.moveAll(c, fx, Q.failWaiting, { seq: row.seq, now, message }, 'failed', now);
@@ -789,13 +777,13 @@ export class PostgresDriver implements QueueDriver {
 
   private async move(c: Conn, fx: Effects, sql: string, params: Record<string, unknown>, state: JobState, now: number): Promise<TransitionRow | undefined> {
     const row = await c.get<TransitionRow & Recorded>(this.recorded(sql, state), { ...params, ...this.recordParams(now) });
-    if (row) await this.record(c, fx, row, state, now, row);
+    if (row) await this.record(c, fx, row, state, now);
     return row;
   }
 
   private async moveAll(c: Conn, fx: Effects, sql: string, params: Record<string, unknown>, state: JobState, now: number): Promise<string[]> {
     const rows = await c.all<TransitionRow & Recorded>(this.recorded(sql, state), { ...params, ...this.recordParams(now) });
-    for (const r of rows) await this.record(c, fx, r, state, now, r);
+    for (const r of rows) await this.record(c, fx, r, state, now);
     return rows.map((r) => r.id);
   }
 
@@ -857,7 +845,7 @@ export class PostgresDriver implements QueueDriver {
         }),
       );
       if (row) {
-        await this.record(this.conn, fx, row, 'queued', p.now, row);
+        await this.record(this.conn, fx, row, 'queued', p.now);
         this.announce(fx);
         return [{ ok: true, jobId: j.id, replayed: false, state: 'queued', scheduledFor: null }];
       }
@@ -1065,7 +1053,7 @@ export class PostgresDriver implements QueueDriver {
     if (!r) return 'again';
     if (host) resident!.add(loadKey(r.model, pick.numCtx));
     rows.push(r);
-    await this.record(c, fx, r, 'loading', p.now, r);
+    await this.record(c, fx, r, 'loading', p.now);
     return 'claimed';
   }
 
@@ -1564,7 +1552,7 @@ export class PostgresDriver implements QueueDriver {
     const rows = await this.read((c) =>
       c.all<DueRow>(Q.claimedMine, { ids: p.ids, by: this.instanceId, fresh: p.now + this.deliveryLeaseMs / 2, inline: p.inlineMax }),
     );
-    return rows.length === 0 ? [] : this.claimedOf(rows);
+    return this.claimedOf(rows);
   }
 
   /** Best effort: this instance's claims of these deliveries are dropped (they stay due). */
