@@ -42,6 +42,9 @@ const oneOf = <T extends string>(env: string, def: T, values: readonly T[]) =>
  * Every setting: its variable, default, type and range. Parsing, validation and the error
  * messages all come from this one table; README.md documents the same variables.
  */
+/** What FOREMAN_INSTANCE_ID may be. */
+const INSTANCE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
 export const ConfigSchema = Type.Object({
   host: str('FOREMAN_HOST', '127.0.0.1', 1),
   port: int('FOREMAN_PORT', '8080', 0, 65535),
@@ -49,7 +52,7 @@ export const ConfigSchema = Type.Object({
   // Set: the PostgreSQL driver, shared by every instance on that database (ADR-0011). Unset: SQLite in FOREMAN_DATA_DIR.
   databaseUrl: Type.Optional(Type.String(meta('FOREMAN_DATABASE_URL', undefined, 'dburl'))),
   databasePool: int('FOREMAN_DATABASE_POOL', '10', 1, 1000),
-  // Unset: hostname-pid.
+  // Unset: hostname-pid. Set: INSTANCE_ID.
   instanceId: Type.Optional(str('FOREMAN_INSTANCE_ID', undefined, 1)),
   publicUrl: url('FOREMAN_PUBLIC_URL', undefined),
   ollamaUrl: url('FOREMAN_OLLAMA_URL', 'http://127.0.0.1:11434'),
@@ -167,7 +170,10 @@ function parseOne(spec: Spec, raw: string): unknown {
       if (u.protocol !== 'postgres:' && u.protocol !== 'postgresql:') {
         throw new ConfigError(spec.env, `must be a postgres:// URL, not ${u.protocol}//…`);
       }
-      if (u.hostname === '') throw new ConfigError(spec.env, 'names no host (expected postgres://user:password@host:port/database)');
+      // postgres:///db?host=/run/postgresql (a Unix socket) names its host in the query.
+      if (u.hostname === '' && !u.searchParams.get('host')) {
+        throw new ConfigError(spec.env, 'names no host (expected postgres://user:password@host:port/database, or ?host=/socket/dir)');
+      }
       return raw;
     }
     case 'int': {
@@ -235,6 +241,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   }
   if ((out.webhookBackoffMaxMs as number) < (out.webhookBackoffBaseMs as number)) {
     throw new ConfigError('FOREMAN_WEBHOOK_BACKOFF_MAX', 'must not be smaller than FOREMAN_WEBHOOK_BACKOFF_BASE');
+  }
+  // An instance id is part of every lease it takes (`<id>/…`) and of every NOTIFY it sends.
+  if (out.instanceId !== undefined && !INSTANCE_ID.test(out.instanceId as string)) {
+    throw new ConfigError('FOREMAN_INSTANCE_ID', 'must be 1 to 64 letters, digits, ".", "_" or "-", starting with a letter or digit');
   }
   if (!Value.Check(ConfigSchema, out)) {
     const first = Value.Errors(ConfigSchema, out).First();

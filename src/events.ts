@@ -11,6 +11,8 @@ export type JobListener = (e: JobEvent) => void;
  */
 export class JobEvents {
   private readonly listeners = new Map<string, Set<JobListener>>();
+  /** Of each watched job, the last state change passed on (its place in the job's log). */
+  private readonly lastN = new Map<string, number>();
 
   subscribe(jobId: string, fn: JobListener): () => void {
     let set = this.listeners.get(jobId);
@@ -18,7 +20,10 @@ export class JobEvents {
     set.add(fn);
     return () => {
       set.delete(fn);
-      if (set.size === 0 && this.listeners.get(jobId) === set) this.listeners.delete(jobId);
+      if (set.size === 0 && this.listeners.get(jobId) === set) {
+        this.listeners.delete(jobId);
+        this.lastN.delete(jobId);
+      }
     };
   }
 
@@ -26,7 +31,16 @@ export class JobEvents {
     return this.listeners.get(jobId)?.size ?? 0;
   }
 
+  /** The watched jobs, each with the last state change passed on to its watchers (0: none yet). */
+  watched(): { jobId: string; after: number }[] {
+    return [...this.listeners.keys()].map((jobId) => ({ jobId, after: this.lastN.get(jobId) ?? 0 }));
+  }
+
+  /** A committed state change; one a watched job's watchers were already given (a re-read after `resync`) is not passed on twice. */
   transition = (event: TransitionEvent): void => {
+    if (!this.listeners.has(event.jobId)) return;
+    if (event.n <= (this.lastN.get(event.jobId) ?? 0)) return;
+    this.lastN.set(event.jobId, event.n);
     this.emit(event.jobId, { type: 'state', event });
   };
 

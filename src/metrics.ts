@@ -189,6 +189,8 @@ export class Metrics {
 
   /** A committed state change (from the driver's notifier). */
   transition = (e: TransitionEvent): void => {
+    // Each instance counts what it committed: summed over instances, every job once.
+    if (e.remote) return;
     const model = e.model ?? '';
     if (e.n === 1) this.submitted.inc({ model });
     const r = e.run;

@@ -75,6 +75,7 @@ export class Service {
   private stopped: Promise<void> | null = null;
   private readonly unsubscribe: () => void;
   private readonly unsubscribeDeltas: () => void;
+  private readonly unsubscribeResync: () => void;
   private readonly unsubscribeMetrics: () => void;
   readonly metrics: Metrics;
   /** Group commits so far: how many, how many writes they carried, and their time (logged at stop). */
@@ -104,6 +105,11 @@ export class Service {
             // Longer than any webhook attempt: a live instance's claim never expires under it.
             deliveryLeaseMs: Math.max(5_000, 3 * config.webhookTimeoutMs),
             onCommit,
+            onDuplicateId: (id) =>
+              logger.error(
+                { instance: id },
+                'FOREMAN_INSTANCE_ID: another running process uses this instance id; each instance needs its own (one may re-queue or release the other\'s work)',
+              ),
           })
         : undefined) ??
       new SqliteDriver({
@@ -116,6 +122,16 @@ export class Service {
     this.events = new JobEvents();
     this.unsubscribe = driver.notifier.on('stateChanged', this.events.transition);
     this.unsubscribeDeltas = driver instanceof PostgresDriver ? driver.onRemoteDelta((jobId, chunk) => this.events.delta(jobId, chunk as ChatChunk)) : () => {};
+    // State changes announced while this instance could not hear (its LISTEN connection was
+    // down): every watched job's are read again, and only the ones its watchers lack go on.
+    this.unsubscribeResync = driver.notifier.on('resync', () => {
+      for (const { jobId, after } of this.events.watched()) {
+        this.jobs.transitionsSince(jobId, after).then(
+          (missed) => missed.forEach(this.events.transition),
+          (err: unknown) => logger.warn({ err, job_id: jobId }, 'could not re-read a watched job after the LISTEN connection came back'),
+        );
+      }
+    });
     this.keys = new Keys(driver, clock, config.adminToken);
     this.artifactUrls = new ArtifactUrls(() => this.publicUrl, clock);
     this.jobs = new Jobs(driver, clock, {
@@ -313,6 +329,7 @@ export class Service {
       await this.pool.stop();
       this.unsubscribe();
       this.unsubscribeDeltas();
+      this.unsubscribeResync();
       this.unsubscribeMetrics();
       await this.driver.close();
       const c = this.commits;

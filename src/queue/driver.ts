@@ -641,6 +641,8 @@ export interface TransitionEvent {
    * frees (PostgreSQL; an instance waiting for that host's slot is woken by it).
    */
   engine?: string;
+  /** Committed by another instance (heard by NOTIFY): watchers want it, this instance's metrics do not. */
+  remote?: true;
 }
 
 export interface ListFilter {

@@ -16,6 +16,11 @@ export interface QueueEvents {
   stateChanged: [TransitionEvent];
   /** A running job was canceled: whoever runs it should stop. */
   cancelRequested: [jobId: string];
+  /**
+   * Other instances' announcements may have been missed (the LISTEN connection was lost and is
+   * back): whoever waits for a job's state changes reads them again. Never from SQLite.
+   */
+  resync: [];
 }
 
 export type QueueEventName = keyof QueueEvents;

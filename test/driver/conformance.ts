@@ -1255,6 +1255,22 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect((await claimDeliveries(late)).map((x) => x.id)).toContain(idB);
       });
 
+      it('deliveriesClaimOnWrite (where offered): a transition of many jobs at once (a deadline sweep) claims none of their events; they are announced due', async (ctx) => {
+        if (!d.deliveriesClaimOnWrite || !d.deliveriesClaimed) return ctx.skip();
+        const claimed: number[][] = [];
+        let ready = 0;
+        d.notifier.on('deliveriesClaimed', (ids) => claimed.push([...ids]));
+        d.notifier.on('deliveryReady', () => ready++);
+        const a = await insertOne(at(0), { webhookUrl: HOOK, webhookEvents: ['failed'], deadlineAt: at(100) });
+        const b = await insertOne(at(1), { webhookUrl: HOOK, webhookEvents: ['failed'], deadlineAt: at(100) });
+        const detach = d.deliveriesClaimOnWrite({ perOriginLimit: 100, want: () => true });
+        expect((await d.jobsFailPastDeadline({ now: at(200) })).sort()).toEqual([a, b].sort());
+        detach();
+        expect(claimed).toEqual([]);
+        expect(ready).toBe(1);
+        expect((await claimDeliveries(at(201))).map((x) => [x.jobId, x.state]).sort()).toEqual([[a, 'failed'], [b, 'failed']].sort());
+      });
+
       it('deliveriesClaim says whether an origin it left rows of was at its cap (where the driver can tell)', async (ctx) => {
         const claim = (now: number, perOriginLimit: number) => d.deliveriesClaim({ now, limit: 10, perOriginLimit, inlineMax: 0 });
         const none = await claim(at(0), 1);

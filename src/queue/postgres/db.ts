@@ -85,11 +85,40 @@ export function domainError(err: unknown): unknown {
   return err;
 }
 
-/** `postgres://user:secret@host/db` with the password masked, for messages and logs. */
+/**
+ * What the server does about a client that vanished without closing its connection (a host lost
+ * or cut off): TCP keepalive probes from the server after 10 s of silence, every 5 s, 3 of them,
+ * so its session ends (and its advisory locks, the maintenance leadership among them, and row
+ * locks go) ~25 s after the last packet, not after the kernel's default two hours; and no session
+ * sits idle inside a transaction for more than a minute (the driver never waits on the network
+ * inside one, so only a stopped or lost process does). The URL's own `options` come after these
+ * and may change them.
+ */
+export const SESSION_DEFAULTS = [
+  '-c tcp_keepalives_idle=10',
+  '-c tcp_keepalives_interval=5',
+  '-c tcp_keepalives_count=3',
+  '-c idle_in_transaction_session_timeout=60s',
+];
+
+/** The session options of every connection (pooled, LISTEN and leader): SESSION_DEFAULTS, the URL's own `options`, then `jit=off`. */
+export function sessionOptions(url: string): string {
+  let own: string | null = null;
+  try {
+    own = new URL(url).searchParams.get('options');
+  } catch {
+    // an unparseable URL is refused at start-up, with its own message
+  }
+  return [...SESSION_DEFAULTS, own, '-c jit=off'].filter(Boolean).join(' ');
+}
+
+/** `postgres://user:secret@host/db?password=…` with every password masked, for messages and logs. */
 export function redactUrl(url: string): string {
   try {
     const u = new URL(url);
     if (u.password) u.password = '***';
+    // pg also takes the password (and a client key's) from the query string.
+    for (const k of [...u.searchParams.keys()]) if (/password/i.test(k)) u.searchParams.set(k, '***');
     return u.toString();
   } catch {
     return '(unparseable URL)';

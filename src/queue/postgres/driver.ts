@@ -37,7 +37,7 @@ import type {
 import { claimedJobOf, EXPIRED_IDS_KEPT_MS, fairest, jobEventOf, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, storedResult, type Candidate, type JobEventRow, type RunRow } from '../shared.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
 import { StorageUnavailable, Validation } from '../../errors.js';
-import { Conn, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, SqlCache } from './db.js';
+import { Conn, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, sessionOptions, SqlCache } from './db.js';
 import { ClusterNotifier, payloadsOf } from './notify.js';
 import { LeaderElection } from './leader.js';
 import { PgFilesBatches } from './files.js';
@@ -57,6 +57,10 @@ export interface PostgresDriverOptions {
   notifier?: Notifier;
   /** Observes each write transaction (metrics). */
   onCommit?: (size: number, ms: number) => void;
+  /** How often instances say on the channel that they are there (default 5 s; tests make it short). */
+  heartbeatMs?: number;
+  /** Another live process was heard using this instance id. */
+  onDuplicateId?: (instanceId: string) => void;
 }
 
 /** What one write did that somebody should hear about once it has committed. */
@@ -180,16 +184,6 @@ const ARTS = 'foreman_event_artifacts(d.job_seq, d.state, @inline) AS arts';
 const HOST_LOCK_SPACE = 0x666d4548;
 const NUM_CTX = `(j.request::jsonb #> '{options,num_ctx}')`;
 
-/** The session options of every pooled connection: the URL's own `options`, then `jit=off`. */
-export function sessionOptions(url: string): string {
-  let own: string | null = null;
-  try {
-    own = new URL(url).searchParams.get('options');
-  } catch {
-    // an unparseable URL is refused at start-up, with its own message
-  }
-  return [own, '-c jit=off'].filter(Boolean).join(' ');
-}
 
 // The SQL of the driver, one constant per statement (named @parameters; see SqlCache).
 /** A model's moving average run time, merged into its row (`model_stats AS s`). */
@@ -575,6 +569,9 @@ export class PostgresDriver implements QueueDriver {
       // Short OLTP statements: JIT compiling one (the planner's guess of a claim's cost on a
       // young table crosses jit_above_cost) took ~100 ms per claim. ADR-0011.
       options: sessionOptions(opts.url),
+      // And the client notices a server that vanished (it probes after 10 s of silence).
+      keepAlive: true,
+      keepAliveInitialDelayMillis: 10_000,
     });
     // An idle client's connection dropping (server restart) must not crash the process.
     this.pool.on('error', () => {});
@@ -584,14 +581,24 @@ export class PostgresDriver implements QueueDriver {
     this.pool.on('connect', (client) => client.on('error', () => {}));
     this.conn = new Conn(this.pool, this.sql);
     this.local = opts.notifier instanceof LocalNotifier ? opts.notifier : new LocalNotifier();
-    this.cluster = opts.crossInstance === false ? null : new ClusterNotifier({ url: opts.url, instanceId: this.instanceId, local: this.local, types: pgTypes });
+    this.cluster =
+      opts.crossInstance === false
+        ? null
+        : new ClusterNotifier({
+            url: opts.url,
+            instanceId: this.instanceId,
+            local: this.local,
+            types: pgTypes,
+            ...(opts.heartbeatMs !== undefined ? { heartbeatMs: opts.heartbeatMs } : {}),
+            ...(opts.onDuplicateId ? { onDuplicateId: opts.onDuplicateId } : {}),
+          });
     this.notifier = this.local;
     this.local.on('stateChanged', (e) => {
       // A job that ends or goes back to the queue (here or on another instance) frees a slot of
       // its host: wake the worker if it waits for that host.
       if (e.engine !== undefined && this.hostWaiting.delete(e.engine)) this.local.emit('jobReady');
     });
-    this.slotFreed = this.cluster ? payloadsOf(this.instanceId, { ...noEffects(), deliveryReady: true })[0]! : null;
+    this.slotFreed = this.cluster ? payloadsOf(this.cluster.sender, { ...noEffects(), deliveryReady: true })[0]! : null;
     this.ready = this.init();
     this.ready.catch(() => {}); // observed by recover() and every call
   }
@@ -782,7 +789,9 @@ export class PostgresDriver implements QueueDriver {
   }
 
   private async moveAll(c: Conn, fx: Effects, sql: string, params: Record<string, unknown>, state: JobState, now: number): Promise<string[]> {
-    const rows = await c.all<TransitionRow & Recorded>(this.recorded(sql, state), { ...params, ...this.recordParams(now) });
+    // Many rows at once (a sweep, a promotion, a rescue): the dispatcher's room is for a few, so
+    // none of their events is claimed on write; they are announced due and claimed as it can.
+    const rows = await c.all<TransitionRow & Recorded>(this.recorded(sql, state), { ...params, ...this.recordParams(now), rec_by: null });
     for (const r of rows) await this.record(c, fx, r, state, now);
     return rows.map((r) => r.id);
   }

@@ -1,6 +1,8 @@
+import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import type { TransitionEvent } from '../driver.js';
 import type { LocalNotifier } from '../notifier.js';
+import { sessionOptions } from './db.js';
 
 /** The channel every instance LISTENs on. */
 export const CHANNEL = 'foreman_events';
@@ -12,7 +14,7 @@ export const DELTA_COALESCE_MS = 75;
 export const MAX_PAYLOAD = 7500;
 /** How often an instance says it is there (on CHANNEL), and how long a silent one still counts. */
 export const HEARTBEAT_MS = 5_000;
-export const PEER_TTL_MS = 3 * HEARTBEAT_MS + 1_000;
+const peerTtl = (heartbeatMs: number) => 3 * heartbeatMs + 1_000;
 
 interface Fx {
   jobReady: boolean;
@@ -23,6 +25,7 @@ interface Fx {
 
 /** One NOTIFY payload: who sent it, and what happened. */
 interface Message {
+  /** The sender: its instance id, `#`, and a nonce of its process (two processes never share one). */
   i: string;
   /** A heartbeat: 1 from a running instance, 2 from one that has just started (answer it at once). */
   h?: 1 | 2;
@@ -33,9 +36,9 @@ interface Message {
 }
 
 /** Splits effects into payloads below MAX_PAYLOAD bytes (an event too big alone loses its error message's tail). */
-export function payloadsOf(instanceId: string, fx: Fx): string[] {
+export function payloadsOf(sender: string, fx: Fx): string[] {
   const out: string[] = [];
-  const base: Message = { i: instanceId };
+  const base: Message = { i: sender };
   if (fx.jobReady) base.r = 1;
   if (fx.deliveryReady) base.d = 1;
   if (fx.canceled.length) base.c = [...fx.canceled];
@@ -48,7 +51,7 @@ export function payloadsOf(instanceId: string, fx: Fx): string[] {
     const next = { ...cur, t: [...(cur.t ?? []), e] };
     if (size(next) > MAX_PAYLOAD && (cur.t?.length ?? 0) > 0) {
       out.push(JSON.stringify(cur));
-      cur = { i: instanceId, t: [e] };
+      cur = { i: sender, t: [e] };
     } else cur = next;
   }
   if (cur.r || cur.d || cur.c || cur.t?.length) out.push(JSON.stringify(cur));
@@ -58,7 +61,9 @@ export function payloadsOf(instanceId: string, fx: Fx): string[] {
 /**
  * Carries a driver's effects to the other instances: NOTIFY inside the writing transaction (so
  * only a commit sends it), LISTEN on a dedicated connection that reconnects by itself. While that
- * connection is down, a slow poll stands in: `jobReady` and `deliveryReady` every `fallbackMs`.
+ * connection is down, a slow poll stands in: `jobReady` and `deliveryReady` every `fallbackMs`;
+ * once it is back, `resync` tells watchers that state changes may have gone by unheard. A
+ * connection that stays up but no longer hears its own heartbeats (deaf) is dropped and made again.
  */
 export class ClusterNotifier {
   private client: pg.Client | null = null;
@@ -75,10 +80,32 @@ export class ClusterNotifier {
   private listeningSince = 0;
   /** When this instance last heard its own heartbeat come back (the LISTEN connection works). */
   private selfHeard = 0;
+  /** Whether a LISTEN connection was up before (a new one then may have missed something). */
+  private listenedBefore = false;
+  /** This process's name on the channel: the instance id and a nonce. */
+  readonly sender: string;
+  private readonly heartbeatMs: number;
+  private readonly peerTtlMs: number;
+  /** Instance ids already reported as used by another process too. */
+  private readonly duplicatesSeen = new Set<string>();
 
   constructor(
-    private readonly o: { url: string; instanceId: string; local: LocalNotifier; types: pg.CustomTypesConfig; fallbackMs?: number },
-  ) {}
+    private readonly o: {
+      url: string;
+      instanceId: string;
+      local: LocalNotifier;
+      types: pg.CustomTypesConfig;
+      fallbackMs?: number;
+      /** HEARTBEAT_MS unless given (tests). */
+      heartbeatMs?: number;
+      /** Another live process uses this instance id (a misconfiguration: its leases would be taken for ours). */
+      onDuplicateId?: (instanceId: string) => void;
+    },
+  ) {
+    this.sender = `${o.instanceId}#${randomBytes(4).toString('hex')}`;
+    this.heartbeatMs = o.heartbeatMs ?? HEARTBEAT_MS;
+    this.peerTtlMs = peerTtl(this.heartbeatMs);
+  }
 
   async start(): Promise<void> {
     await this.connect();
@@ -90,8 +117,11 @@ export class ClusterNotifier {
       connectionString: this.o.url,
       types: this.o.types,
       application_name: `foreman listen ${this.o.instanceId}`.slice(0, 63),
-      // A connection that died without a FIN (a half-open socket) is noticed by TCP keepalive.
+      // A connection that died without a FIN (a half-open socket) is noticed by TCP keepalive,
+      // and one that stays up but deaf by the heartbeats (see `beat`).
+      options: sessionOptions(this.o.url),
       keepAlive: true,
+      keepAliveInitialDelayMillis: 10_000,
     });
     client.on('error', () => this.lost(client));
     client.on('end', () => this.lost(client));
@@ -114,7 +144,7 @@ export class ClusterNotifier {
     this.listeningSince = Date.now();
     this.beat(2);
     if (!this.heartbeat) {
-      this.heartbeat = setInterval(() => this.beat(1), HEARTBEAT_MS);
+      this.heartbeat = setInterval(() => this.tick(), this.heartbeatMs);
       this.heartbeat.unref();
     }
     if (this.poll) clearInterval(this.poll);
@@ -122,6 +152,20 @@ export class ClusterNotifier {
     // Whatever was announced while we were away: look again.
     this.o.local.emit('jobReady');
     this.o.local.emit('deliveryReady');
+    if (this.listenedBefore) this.o.local.emit('resync');
+    this.listenedBefore = true;
+  }
+
+  /** Every heartbeat period: a connection whose own heartbeats stopped coming back is deaf; else say we are here. */
+  private tick(): void {
+    const c = this.client;
+    if (!c) return;
+    if (Date.now() - Math.max(this.selfHeard, this.listeningSince) > this.peerTtlMs) {
+      this.lost(c);
+      void c.end().catch(() => {});
+      return;
+    }
+    this.beat(1);
   }
 
   private lost(client: pg.Client | null): void {
@@ -153,16 +197,20 @@ export class ClusterNotifier {
     } catch {
       return;
     }
-    if (m.i === this.o.instanceId) {
+    if (m.i === this.sender) {
       if (m.h) this.selfHeard = Date.now();
       return; // announced locally already, after our own commit
+    }
+    if (m.h && m.i.slice(0, m.i.lastIndexOf('#')) === this.o.instanceId && !this.duplicatesSeen.has(m.i)) {
+      this.duplicatesSeen.add(m.i);
+      this.o.onDuplicateId?.(this.o.instanceId);
     }
     this.peerSeen.set(m.i, Date.now());
     if (m.h === 2) this.beat(1); // a new instance learns at once that this one is here
     const n = this.o.local;
     if (m.d) n.emit('deliveryReady');
     if (m.r) n.emit('jobReady');
-    for (const e of m.t ?? []) n.emit('stateChanged', e);
+    for (const e of m.t ?? []) n.emit('stateChanged', { ...e, remote: true });
     for (const id of m.c ?? []) n.emit('cancelRequested', id);
   }
 
@@ -170,25 +218,25 @@ export class ClusterNotifier {
   private beat(h: 1 | 2): void {
     const c = this.client;
     if (!c) return;
-    c.query('SELECT pg_notify($1, $2)', [CHANNEL, JSON.stringify({ i: this.o.instanceId, h })]).catch(() => {});
+    c.query('SELECT pg_notify($1, $2)', [CHANNEL, JSON.stringify({ i: this.sender, h })]).catch(() => {});
   }
 
   /**
    * Whether another instance may be listening: then effects are sent by NOTIFY. Alone on the
    * database, an instance sends none (a round trip per write saved). It counts as not alone while
    * its own LISTEN connection is down or its own heartbeats stop coming back, for its first
-   * heartbeat period (the others' answers to its hello are on their way), and for PEER_TTL_MS
-   * after it last heard another instance.
+   * heartbeat period (the others' answers to its hello are on their way), and for three heartbeat
+   * periods (and a second) after it last heard another instance.
    */
   get peers(): boolean {
     if (!this.connected) return true;
     const now = Date.now();
-    if (now - this.listeningSince < HEARTBEAT_MS) return true;
+    if (now - this.listeningSince < this.heartbeatMs) return true;
     // Its own heartbeats no longer come back: the connection may be half-open and deaf, so what
     // it hears proves nothing. Not alone, until they do again.
-    if (now - this.selfHeard > PEER_TTL_MS) return true;
+    if (now - this.selfHeard > this.peerTtlMs) return true;
     for (const [id, at] of this.peerSeen) {
-      if (now - at < PEER_TTL_MS) return true;
+      if (now - at < this.peerTtlMs) return true;
       this.peerSeen.delete(id);
     }
     return false;
@@ -237,14 +285,14 @@ export class ClusterNotifier {
         const n = Buffer.byteLength(JSON.stringify(ch));
         if (n > MAX_PAYLOAD - 300) continue; // a single oversized chunk: watchers elsewhere miss it, the result is whole
         if (size + n > MAX_PAYLOAD - 300 && cur.length) {
-          payloads.push(JSON.stringify({ i: this.o.instanceId, j, c: cur }));
+          payloads.push(JSON.stringify({ i: this.sender, j, c: cur }));
           cur = [];
           size = 0;
         }
         cur.push(ch);
         size += n + 1;
       }
-      if (cur.length) payloads.push(JSON.stringify({ i: this.o.instanceId, j, c: cur }));
+      if (cur.length) payloads.push(JSON.stringify({ i: this.sender, j, c: cur }));
     }
     if (payloads.length === 0) return Promise.resolve();
     return c
@@ -260,13 +308,13 @@ export class ClusterNotifier {
     } catch {
       return;
     }
-    if (m.i === this.o.instanceId) return;
+    if (m.i === this.sender) return;
     for (const ch of m.c) for (const fn of this.deltaListeners) fn(m.j, ch);
   }
 
   /** Queues the NOTIFYs in the caller's transaction. */
   async publish(client: pg.ClientBase, fx: Fx): Promise<void> {
-    for (const p of payloadsOf(this.o.instanceId, fx)) await client.query('SELECT pg_notify($1, $2)', [CHANNEL, p]);
+    for (const p of payloadsOf(this.sender, fx)) await client.query('SELECT pg_notify($1, $2)', [CHANNEL, p]);
   }
 
   async stop(): Promise<void> {
