@@ -571,7 +571,9 @@ describe('request validation', () => {
 describe('TTL sweep', () => {
   let h: Harness;
   beforeAll(async () => {
-    h = await startHarness({ jobTtlMs: 50, concurrency: 1 });
+    // Long enough that the finished job is still there when the test first reads it (on a
+    // loaded machine 50 ms was not: the cleaner's own timer swept it first).
+    h = await startHarness({ jobTtlMs: 1_000, concurrency: 1, engineIdleTimeoutMs: 30_000 });
   });
   afterAll(async () => {
     await h.stop();
@@ -587,7 +589,7 @@ describe('TTL sweep', () => {
     await h.waitForState(runningId, ['working']);
     const queuedId = await h.submit(hello('waits'));
 
-    await sleep(100);
+    await sleep(1_100);
     await h.service.sweepNow();
 
     const gone = await h.api(`/jobs/${doneId}`);

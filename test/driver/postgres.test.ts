@@ -334,7 +334,9 @@ describe('postgres driver only', () => {
 
   it('NOTIFY payloads stay below the 8000-byte limit', async () => {
     const { payloadsOf, MAX_PAYLOAD } = await import('../../src/queue/postgres/notify.js');
-    const t = Array.from({ length: 200 }, (_, n) => ({ jobId: `job-${n}`, state: 'failed' as const, n, at: T0, attempt: 1, error: { code: 'x', message: 'e'.repeat(n === 5 ? 20_000 : 10) } }));
+    // Two long messages: one of plain letters, one of control characters (six bytes each as JSON).
+    const message = (n: number) => (n === 5 ? 'e'.repeat(20_000) : n === 7 ? '\u0001'.repeat(20_000) : 'e'.repeat(10));
+    const t = Array.from({ length: 200 }, (_, n) => ({ jobId: `job-${n}`, state: 'failed' as const, n, at: T0, attempt: 1, error: { code: 'x', message: message(n) } }));
     const ps = payloadsOf('me', { jobReady: true, deliveryReady: false, transitions: t, canceled: [] });
     expect(ps.length).toBeGreaterThan(1);
     for (const p of ps) expect(Buffer.byteLength(p)).toBeLessThanOrEqual(MAX_PAYLOAD);

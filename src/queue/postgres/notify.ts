@@ -45,8 +45,9 @@ export function payloadsOf(sender: string, fx: Fx): string[] {
   let cur: Message = base;
   const size = (m: Message) => Buffer.byteLength(JSON.stringify(m));
   for (let e of fx.transitions) {
-    if (Buffer.byteLength(JSON.stringify(e)) > MAX_PAYLOAD - 200 && e.error) {
-      e = { ...e, error: { code: e.error.code, message: e.error.message.slice(0, 2000) } };
+    // Cut by the bytes it takes as JSON (a control character takes six), halving until it fits.
+    for (let keep = 2000; e.error && e.error.message !== '' && Buffer.byteLength(JSON.stringify(e)) > MAX_PAYLOAD - 200; keep = Math.floor(keep / 2)) {
+      e = { ...e, error: { code: e.error.code, message: e.error.message.slice(0, Math.min(keep, e.error.message.length - 1)) } };
     }
     const next = { ...cur, t: [...(cur.t ?? []), e] };
     if (size(next) > MAX_PAYLOAD && (cur.t?.length ?? 0) > 0) {
