@@ -133,11 +133,28 @@ export class Worker {
     const { seq, lease } = job;
     const log = this.deps.logger.child({ job_id: job.id, attempt: job.attempt, engine: host.name });
     log.debug({ state: 'loading', model: job.model }, 'job loading');
+    // The fence: a run whose lease could not be renewed (storage unreachable) stops shortly before
+    // the lease it last had runs out, since from then on the rescuer may give the job to another
+    // run (on another instance). A renewal that succeeds moves the fence.
+    const fenceMargin = Math.min(1_000, Math.floor(options.leaseMs / 10));
+    let fence: NodeJS.Timeout | null = null;
+    const armFence = (leaseUntil: number) => {
+      if (fence) clearTimeout(fence);
+      fence = setTimeout(() => {
+        if (signal.aborted) return;
+        log.warn('could not renew the job lease before it ran out; its run stopped');
+        abort.abort(LEASE_LOST);
+      }, Math.max(0, leaseUntil - fenceMargin - clock.now()));
+      fence.unref();
+    };
+    armFence(clock.now() + options.leaseMs);
     const heartbeat = setInterval(() => {
-      driver.jobLeaseRenew({ seq, lease, until: clock.now() + options.leaseMs }).then(
+      const until = clock.now() + options.leaseMs;
+      driver.jobLeaseRenew({ seq, lease, until }).then(
         (held) => {
           // Another run owns the job now (this one stalled past its lease): stop, touch nothing.
           if (!held && !signal.aborted) abort.abort(LEASE_LOST);
+          else if (held && !signal.aborted) armFence(until);
         },
         (err: unknown) => log.error({ err }, 'lease heartbeat failed'),
       );
@@ -225,6 +242,7 @@ export class Worker {
       await this.handleFailure(job, host, err, signal, log);
     } finally {
       clearInterval(heartbeat);
+      if (fence) clearTimeout(fence);
     }
   }
 
