@@ -48,7 +48,8 @@ async function driver(url: string, instanceId: string, extra: { onDuplicateId?: 
 async function service(url: string, d: PostgresDriver): Promise<{ url: string; fake: FakeOllama; svc: Service }> {
   const fake = await startFakeOllama({ loadDelayMs: 60_000 });
   cleanups.push(() => fake.close());
-  const config = testConfig({ ollamaUrl: fake.url, databaseUrl: url, instanceId: d.instanceId });
+  // The load outlasts the test: only a cancel (or a lost lease) ends it.
+  const config = testConfig({ ollamaUrl: fake.url, databaseUrl: url, instanceId: d.instanceId, engineIdleTimeoutMs: 120_000 });
   const svc = new Service({ config, logger: pino({ level: 'silent' }), driver: d });
   const base = await svc.start();
   cleanups.unshift(() => svc.stop()); // stopped before its driver is closed
@@ -88,7 +89,7 @@ describe('the LISTEN connection', () => {
     const url = await database();
     const a = await driver(url, 'inst-a');
     const b = await driver(url, 'inst-b');
-    const { url: base } = await service(url, a);
+    const { url: base, fake } = await service(url, a);
     const r = await fetch(`${base}/jobs`, {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
@@ -111,6 +112,9 @@ describe('the LISTEN connection', () => {
       { id: 3, state: 'canceled' },
     ]);
     expect(await listenPid(a)).not.toBe(deafPid);
+    // The cancel A did not hear stops its run too (its lease, renewed at the resync, is gone),
+    // long before the next heartbeat (a third of the 60 s lease).
+    await waitFor(() => fake.requests.some((q) => q.kind === 'load' && q.aborted), 3_000);
   });
 
   it('two live processes with one instance id: each reports the other, and hears its announcements (not taken for its own)', async () => {

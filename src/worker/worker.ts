@@ -38,6 +38,8 @@ interface Running {
   host: EngineHost;
   abort: AbortController;
   done: Promise<void>;
+  /** Renews the lease at once (a run whose job is no longer its own stops). */
+  renew?: () => void;
 }
 
 /** The abort reason used when a job is canceled (as opposed to a shutdown). */
@@ -64,6 +66,9 @@ export class Worker {
     const n = deps.driver.notifier;
     this.unsubscribe.push(n.on('jobReady', this.loop.wake.notify));
     this.unsubscribe.push(n.on('cancelRequested', (id) => this.abortJob(id)));
+    // Announcements may have been missed (a cancel among them): every run renews its lease now,
+    // and one whose job was canceled or taken meanwhile stops.
+    this.unsubscribe.push(n.on('resync', () => this.running.forEach((r) => r.renew?.())));
     deps.health.onUp(this.loop.wake.notify);
   }
 
@@ -118,7 +123,7 @@ export class Worker {
       host.inUse--;
       this.loop.wake.notify();
     };
-    entry.done = this.runJob(job, host, abort, freeSlot).finally(() => {
+    entry.done = this.runJob(job, host, abort, freeSlot, entry).finally(() => {
       freeSlot(); // wakes the loop, unless the slot was freed (and the loop woken) already
       host.jobsRun++;
       // Only our own entry: a later attempt of the same job may have replaced it.
@@ -126,7 +131,7 @@ export class Worker {
     });
   }
 
-  private async runJob(job: ClaimedJob, host: EngineHost, abort: AbortController, freeSlot: () => void): Promise<void> {
+  private async runJob(job: ClaimedJob, host: EngineHost, abort: AbortController, freeSlot: () => void, entry: Running): Promise<void> {
     const signal = abort.signal;
     const { driver, clock, options, pool } = this.deps;
     const engine = host.engine;
@@ -148,17 +153,19 @@ export class Worker {
       fence.unref();
     };
     armFence(clock.now() + options.leaseMs);
-    const heartbeat = setInterval(() => {
+    const renew = () => {
       const until = clock.now() + options.leaseMs;
       driver.jobLeaseRenew({ seq, lease, until }).then(
         (held) => {
-          // Another run owns the job now (this one stalled past its lease): stop, touch nothing.
+          // The job is no longer this run's (canceled, or rescued after a stall past its lease): stop, touch nothing.
           if (!held && !signal.aborted) abort.abort(LEASE_LOST);
           else if (held && !signal.aborted) armFence(until);
         },
         (err: unknown) => log.error({ err }, 'lease heartbeat failed'),
       );
-    }, Math.max(50, Math.floor(options.leaseMs / 3)));
+    };
+    entry.renew = renew;
+    const heartbeat = setInterval(renew, Math.max(50, Math.floor(options.leaseMs / 3)));
     try {
       const t0 = performance.now();
       await engine.load(job.model, { keepAlive: job.request.keep_alive, signal, kind: job.kind });
@@ -255,7 +262,7 @@ export class Worker {
         return;
       }
       if (signal.aborted && signal.reason === LEASE_LOST) {
-        log.warn('lost the job lease (a stall longer than FOREMAN_JOB_LEASE); its run stopped, the job is left to its new owner');
+        log.warn('lost the job lease (the job was canceled elsewhere, or rescued after a stall longer than FOREMAN_JOB_LEASE); its run stopped, the job is left as it is');
         return;
       }
       if (signal.aborted) {
