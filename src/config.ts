@@ -38,13 +38,13 @@ const oneOf = <T extends string>(env: string, def: T, values: readonly T[]) =>
     meta(env, def, 'enum'),
   );
 
+/** What FOREMAN_INSTANCE_ID may be. */
+const INSTANCE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
 /**
  * Every setting: its variable, default, type and range. Parsing, validation and the error
  * messages all come from this one table; README.md documents the same variables.
  */
-/** What FOREMAN_INSTANCE_ID may be. */
-const INSTANCE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-
 export const ConfigSchema = Type.Object({
   host: str('FOREMAN_HOST', '127.0.0.1', 1),
   port: int('FOREMAN_PORT', '8080', 0, 65535),

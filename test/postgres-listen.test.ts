@@ -81,8 +81,11 @@ function watchStates(url: string): { states: { id: number; state: string }[]; en
   return { states, ended };
 }
 
+/** What the tests look at inside a driver: its pool, its LISTEN connection, whether it thinks it is alone. */
+const inside = (d: PostgresDriver) => d as unknown as { pool: pg.Pool; cluster: { client: pg.Client }; alone: boolean };
+
 const listenPid = async (d: PostgresDriver): Promise<number> =>
-  ((await (d as unknown as { cluster: { client: pg.Client } }).cluster.client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid);
+  (await inside(d).cluster.client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
 
 describe('the LISTEN connection', () => {
   it('goes deaf: it is made again, and a watcher gets the state change it missed meanwhile, once', async () => {
@@ -100,9 +103,9 @@ describe('the LISTEN connection', () => {
     const watch = watchStates(`${base}/jobs/${id}/events`);
     await waitFor(() => watch.states.length === 2, 5_000); // queued, loading (the load takes a minute)
     // B knows A is there (so its writes NOTIFY), then A's LISTEN connection stops hearing.
-    await waitFor(() => !(b as unknown as { alone: boolean }).alone, 5_000);
+    await waitFor(() => !inside(b).alone, 5_000);
     const deafPid = await listenPid(a);
-    await (a as unknown as { cluster: { client: pg.Client } }).cluster.client.query('UNLISTEN *');
+    await inside(a).cluster.client.query('UNLISTEN *');
     // Canceled on B while A hears nothing: without a new connection and a re-read, A's watcher would wait forever.
     expect(await b.jobCancel({ id, now: Date.now() })).toMatchObject({ canceled: true });
     await Promise.race([watch.ended, sleep(8_000).then(() => Promise.reject(new Error('the watcher never heard the cancel')))]);
@@ -126,7 +129,7 @@ describe('the LISTEN connection', () => {
     expect(dup.sort()).toEqual(['x:same', 'y:same']);
     const heard: string[] = [];
     y.notifier.on('stateChanged', (e) => heard.push(`${e.jobId}:${e.state}:${e.remote === true}`));
-    await waitFor(() => !(x as unknown as { alone: boolean }).alone, 5_000);
+    await waitFor(() => !inside(x).alone, 5_000);
     const [out] = await x.jobsInsert({ jobs: [newJob({ model: 'llama3.2' })], now: Date.now(), maxQueued: 1000 });
     const id = out?.ok ? out.jobId : '';
     await waitFor(() => heard.length === 1, 5_000);
@@ -140,7 +143,7 @@ describe('the LISTEN connection', () => {
     const { url: base } = await service(url, a);
     const heard: string[] = [];
     a.notifier.on('stateChanged', (e) => e.remote && heard.push(e.state));
-    await waitFor(() => !(b as unknown as { alone: boolean }).alone, 5_000);
+    await waitFor(() => !inside(b).alone, 5_000);
     // A job taken in on B and canceled there: A hears both (its worker may claim it meanwhile: that transition is A's).
     const [out] = await b.jobsInsert({ jobs: [newJob({ model: 'llama3.2' })], now: Date.now(), maxQueued: 1000 });
     const id = out?.ok ? out.jobId : '';
@@ -158,8 +161,8 @@ describe('session settings', () => {
     const url = await database();
     const a = await driver(url, 'inst-a');
     const show = async (c: { query: pg.Client['query'] }, name: string) => ((await c.query<Record<string, string>>(`SHOW ${name}`)).rows[0]![name]);
-    const pool = (a as unknown as { pool: pg.Pool }).pool;
-    const listen = (a as unknown as { cluster: { client: pg.Client } }).cluster.client;
+    const pool = inside(a).pool;
+    const listen = inside(a).cluster.client;
     for (const c of [pool, listen]) {
       expect(await show(c, 'tcp_keepalives_idle')).toBe('10');
       expect(await show(c, 'tcp_keepalives_interval')).toBe('5');
@@ -172,7 +175,7 @@ describe('session settings', () => {
     const b = new PostgresDriver({ url: own, instanceId: 'inst-b', crossInstance: false });
     cleanups.push(() => b.close());
     await b.ready;
-    expect(await show((b as unknown as { pool: pg.Pool }).pool, 'idle_in_transaction_session_timeout')).toBe('5s');
+    expect(await show(inside(b).pool, 'idle_in_transaction_session_timeout')).toBe('5s');
   });
 
   it('a password in the query string is never printed either', async () => {

@@ -123,7 +123,7 @@ export class Worker {
       host.inUse--;
       this.loop.wake.notify();
     };
-    entry.done = this.runJob(job, host, abort, freeSlot, entry).finally(() => {
+    entry.done = this.runJob(entry, freeSlot).finally(() => {
       freeSlot(); // wakes the loop, unless the slot was freed (and the loop woken) already
       host.jobsRun++;
       // Only our own entry: a later attempt of the same job may have replaced it.
@@ -131,7 +131,8 @@ export class Worker {
     });
   }
 
-  private async runJob(job: ClaimedJob, host: EngineHost, abort: AbortController, freeSlot: () => void, entry: Running): Promise<void> {
+  private async runJob(entry: Running, freeSlot: () => void): Promise<void> {
+    const { job, host, abort } = entry;
     const signal = abort.signal;
     const { driver, clock, options, pool } = this.deps;
     const engine = host.engine;
@@ -157,9 +158,10 @@ export class Worker {
       const until = clock.now() + options.leaseMs;
       driver.jobLeaseRenew({ seq, lease, until }).then(
         (held) => {
+          if (signal.aborted) return;
+          if (held) armFence(until);
           // The job is no longer this run's (canceled, or rescued after a stall past its lease): stop, touch nothing.
-          if (!held && !signal.aborted) abort.abort(LEASE_LOST);
-          else if (held && !signal.aborted) armFence(until);
+          else abort.abort(LEASE_LOST);
         },
         (err: unknown) => log.error({ err }, 'lease heartbeat failed'),
       );

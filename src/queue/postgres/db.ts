@@ -112,6 +112,14 @@ export function sessionOptions(url: string): string {
   return [...SESSION_DEFAULTS, own, '-c jit=off'].filter(Boolean).join(' ');
 }
 
+/**
+ * What every connection (pooled, LISTEN, leader) is made with: the URL, the session options, and
+ * TCP keepalive from this side too (it probes a server that went silent after 10 s).
+ */
+export function connectionConfig(url: string): { connectionString: string; options: string; keepAlive: true; keepAliveInitialDelayMillis: number } {
+  return { connectionString: url, options: sessionOptions(url), keepAlive: true, keepAliveInitialDelayMillis: 10_000 };
+}
+
 /** `postgres://user:secret@host/db?password=…` with every password masked, for messages and logs. */
 export function redactUrl(url: string): string {
   try {

@@ -37,7 +37,7 @@ import type {
 import { claimedJobOf, EXPIRED_IDS_KEPT_MS, fairest, jobEventOf, LIST_SCAN_BUDGET, limitsOf, NEVER, originOf, pickByLoadCost, pickWithoutLookups, queuedWork, RESULT_IN_ARTIFACT, runOf, sameLoadProbes, storedResult, type Candidate, type JobEventRow, type RunRow } from '../shared.js';
 import { LocalNotifier, type Notifier } from '../notifier.js';
 import { StorageUnavailable, Validation } from '../../errors.js';
-import { Conn, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, sessionOptions, SqlCache } from './db.js';
+import { Conn, connectionConfig, domainError, isConnectionError, isRetryable, migrate, pgTypes, redactUrl, SqlCache } from './db.js';
 import { ClusterNotifier, payloadsOf } from './notify.js';
 import { LeaderElection } from './leader.js';
 import { PgFilesBatches } from './files.js';
@@ -560,18 +560,15 @@ export class PostgresDriver implements QueueDriver {
     this.instanceId = opts.instanceId ?? `${os.hostname()}-${process.pid}`;
     this.deliveryLeaseMs = opts.deliveryLeaseMs ?? 60_000;
     this.pool = new pg.Pool({
-      connectionString: opts.url,
+      // Its session options include jit=off: short OLTP statements, and JIT compiling one (the
+      // planner's guess of a claim's cost on a young table crosses jit_above_cost) took ~100 ms
+      // per claim. ADR-0011.
+      ...connectionConfig(opts.url),
       max: opts.poolSize ?? 10,
       connectionTimeoutMillis: opts.connectTimeoutMs ?? 5_000,
       idleTimeoutMillis: 30_000,
       types: pgTypes,
       application_name: `foreman ${this.instanceId}`.slice(0, 63),
-      // Short OLTP statements: JIT compiling one (the planner's guess of a claim's cost on a
-      // young table crosses jit_above_cost) took ~100 ms per claim. ADR-0011.
-      options: sessionOptions(opts.url),
-      // And the client notices a server that vanished (it probes after 10 s of silence).
-      keepAlive: true,
-      keepAliveInitialDelayMillis: 10_000,
     });
     // An idle client's connection dropping (server restart) must not crash the process.
     this.pool.on('error', () => {});
@@ -1548,10 +1545,9 @@ export class PostgresDriver implements QueueDriver {
   }
 
   deliveriesClaimOnWrite(p: { perOriginLimit: number; want: () => boolean }): () => void {
-    const w = { perOriginLimit: p.perOriginLimit, want: p.want };
-    this.claimOnWrite = w;
+    this.claimOnWrite = p;
     return () => {
-      if (this.claimOnWrite === w) this.claimOnWrite = null;
+      if (this.claimOnWrite === p) this.claimOnWrite = null;
     };
   }
 

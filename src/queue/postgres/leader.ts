@@ -1,5 +1,5 @@
 import pg from 'pg';
-import { sessionOptions } from './db.js';
+import { connectionConfig } from './db.js';
 
 /** The advisory lock the maintenance leader holds ('foreman-leader'). */
 export const LEADER_LOCK = 7_466_371_054_321;
@@ -52,16 +52,13 @@ export class LeaderElection {
     try {
       if (!this.client) {
         const c = new pg.Client({
-          connectionString: this.o.url,
+          // The server ends a vanished leader's session (and with it the lock) by its own TCP
+          // keepalive, ~25 s after the last packet (SESSION_DEFAULTS); this side probes too.
+          ...connectionConfig(this.o.url),
           application_name: `foreman leader ${this.o.instanceId}`.slice(0, 63),
           connectionTimeoutMillis: 5000,
           // A round that gets no answer (a server that vanished) ends in 5 s, and the leader steps down.
           query_timeout: 5000,
-          // The server ends a vanished leader's session (and with it the lock) by its own TCP
-          // keepalive, ~25 s after the last packet (SESSION_DEFAULTS); this side probes too.
-          options: sessionOptions(this.o.url),
-          keepAlive: true,
-          keepAliveInitialDelayMillis: 10_000,
         });
         c.on('error', () => {
           if (this.client === c) this.drop();

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import type { TransitionEvent } from '../driver.js';
 import type { LocalNotifier } from '../notifier.js';
-import { sessionOptions } from './db.js';
+import { connectionConfig } from './db.js';
 
 /** The channel every instance LISTENs on. */
 export const CHANNEL = 'foreman_events';
@@ -44,10 +44,14 @@ export function payloadsOf(sender: string, fx: Fx): string[] {
   if (fx.canceled.length) base.c = [...fx.canceled];
   let cur: Message = base;
   const size = (m: Message) => Buffer.byteLength(JSON.stringify(m));
+  const tooBig = (e: TransitionEvent) => Buffer.byteLength(JSON.stringify(e)) > MAX_PAYLOAD - 200;
   for (let e of fx.transitions) {
-    // Cut by the bytes it takes as JSON (a control character takes six), halving until it fits.
-    for (let keep = 2000; e.error && e.error.message !== '' && Buffer.byteLength(JSON.stringify(e)) > MAX_PAYLOAD - 200; keep = Math.floor(keep / 2)) {
-      e = { ...e, error: { code: e.error.code, message: e.error.message.slice(0, Math.min(keep, e.error.message.length - 1)) } };
+    if (e.error && tooBig(e)) {
+      // Cut by the bytes it takes as JSON (a control character takes six): 2,000 characters, then halved until it fits.
+      let message = e.error.message.slice(0, 2000);
+      const cut = () => ({ ...e, error: { code: e.error!.code, message } });
+      while (message !== '' && tooBig(cut())) message = message.slice(0, message.length >> 1);
+      e = cut();
     }
     const next = { ...cur, t: [...(cur.t ?? []), e] };
     if (size(next) > MAX_PAYLOAD && (cur.t?.length ?? 0) > 0) {
@@ -115,14 +119,11 @@ export class ClusterNotifier {
   private async connect(): Promise<void> {
     if (this.stopped) return;
     const client = new pg.Client({
-      connectionString: this.o.url,
+      // A connection that died without a FIN (a half-open socket) is noticed by TCP keepalive,
+      // and one that stays up but deaf by the heartbeats (see `tick`).
+      ...connectionConfig(this.o.url),
       types: this.o.types,
       application_name: `foreman listen ${this.o.instanceId}`.slice(0, 63),
-      // A connection that died without a FIN (a half-open socket) is noticed by TCP keepalive,
-      // and one that stays up but deaf by the heartbeats (see `beat`).
-      options: sessionOptions(this.o.url),
-      keepAlive: true,
-      keepAliveInitialDelayMillis: 10_000,
     });
     client.on('error', () => this.lost(client));
     client.on('end', () => this.lost(client));
