@@ -227,6 +227,19 @@ describe('model-aware scheduling', () => {
 });
 
 describe('the pool as Ollama sees it', () => {
+  it('keeps a model its job loaded resident when the host lists nothing in /api/ps: the next jobs of it are no loads', async () => {
+    const a = await fake({ models: ['llama3.2'], listLoaded: false });
+    const h = await pool([{ f: a, name: 'gpu1' }], { engineHealthIntervalMs: 60_000 });
+    for (const text of ['one', 'two', 'three']) await h.waitForState(await h.submit(job(text, 'llama3.2')), ['done']);
+    const engines = await until('gpu1 to have its slot back', async () => {
+      const e = (await h.api('/engines')).body.engines;
+      return e[0].slots_in_use === 0 ? e : null;
+    });
+    // Each job still sends its load (Ollama answers a resident model's at once); one counts as a load.
+    expect(a.requests.filter((r) => r.kind === 'load').length).toBe(3);
+    expect(engines.map((e: any) => [e.name, e.jobs_run, e.loads, e.resident_models])).toEqual([['gpu1', 3, 1, []]]);
+  });
+
   it('merges /api/tags by name and lists /api/ps with each host; GET /engines describes every host', async () => {
     const a = await fake({ models: ['llama3.2', 'qwen3'] });
     const b = await fake({ models: ['mistral', 'llama3.2'] });

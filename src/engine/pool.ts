@@ -188,10 +188,12 @@ export class EnginePool {
     }
   }
 
-  private setResident(h: EngineHost, models: ModelEntry[]): void {
+  /** What `/api/ps` lists is resident; `loaded`, a model whose load just answered, stays so whatever the list says. */
+  private setResident(h: EngineHost, models: ModelEntry[], loaded?: string): void {
     const now = this.clock.now();
     const next = new Map<string, number>();
     for (const m of models) for (const n of modelNames(String(m.name ?? m.model ?? ''))) next.set(n, h.resident.get(n) ?? now);
+    if (loaded !== undefined) for (const n of modelNames(loaded)) next.set(n, h.resident.get(n) ?? now);
     h.resident = next;
     for (const n of [...h.ctxOf.keys()]) if (!next.has(n)) h.ctxOf.delete(n);
     h.ps = models;
@@ -271,10 +273,13 @@ export class EnginePool {
     h.loadCount.set(model, (h.loadCount.get(model) ?? 0) + 1);
     const prev = h.loadMs.get(model);
     h.loadMs.set(model, prev === undefined ? ms : prev + 0.3 * (ms - prev));
-    // The host may have evicted another model to make room: learn which from /api/ps.
+    // The host may have evicted another model to make room: learn which from /api/ps. The model
+    // just loaded stays resident even when the list lacks it: its load answered, and an
+    // Ollama-compatible server that lists nothing there (or a list that lags) would otherwise
+    // make every later job of the model count as a load and look up the load-cost step's figures.
     void h.reader.passthrough('/api/ps').then(
       (ps) => {
-        if (ps.status === 200) this.setResident(h, (JSON.parse(ps.body.toString('utf8')) as { models?: ModelEntry[] }).models ?? []);
+        if (ps.status === 200) this.setResident(h, (JSON.parse(ps.body.toString('utf8')) as { models?: ModelEntry[] }).models ?? [], model);
       },
       () => undefined,
     );

@@ -195,7 +195,9 @@ export const fairest = <C extends Candidate>(cs: C[]): C =>
 /**
  * The policy's first steps: only the best effective priority; among those, a job queued longer
  * than the max wait (no starvation), else one whose load is resident (no swap). Without such a
- * pick, `atTop` is what the later steps choose from.
+ * pick, `atTop` is what the later steps choose from. When every job at the top asks for one
+ * model and none could share a resident load, the later steps have nothing to weigh (one model,
+ * one load cost): the fair share picks here, without their lookups.
  */
 export function pickWithoutLookups<C extends Candidate>(all: C[], host: ClaimHost, resident: Set<string>, now: number): { pick: C } | { atTop: C[] } {
   const top = Math.max(...all.map((c) => c.eff));
@@ -204,6 +206,7 @@ export function pickWithoutLookups<C extends Candidate>(all: C[], host: ClaimHos
   if (overdue.length > 0) return { pick: fairest(overdue) };
   const warm = atTop.filter((c) => resident.has(loadKey(c.model, c.numCtx)));
   if (warm.length > 0) return { pick: fairest(warm) };
+  if (atTop.every((c) => c.model === atTop[0]!.model) && sameLoadProbes(atTop, resident).length === 0) return { pick: fairest(atTop) };
   return { atTop };
 }
 

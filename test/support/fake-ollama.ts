@@ -60,6 +60,8 @@ export interface FakeOllamaOptions {
   swapMs?: number;
   /** false: `/api/tags` lists nothing (as some Ollama-compatible servers do), though `models` are served. */
   listModels?: boolean;
+  /** false: `/api/ps` lists nothing (as some Ollama-compatible servers do), though models load. */
+  listLoaded?: boolean;
 }
 
 /** What the fake saw of its own load: swaps, and requests in flight at once. */
@@ -625,7 +627,7 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
     }
     if (path === '/api/ps' && get) {
       sendJson(st, 200, {
-        models: [...loaded.entries()].map(([name, at]) => ({
+        models: [...(opts.listLoaded === false ? [] : loaded.entries())].map(([name, at]) => ({
           name,
           model: name,
           size: modelSize(name),
