@@ -8,6 +8,7 @@ import type { AddressInfo } from 'node:net';
 import { pino, type Logger } from 'pino';
 import { engineHostsOf, isLoopbackHost, type Config } from './config.js';
 import { blockListOf } from './webhooks/ssrf.js';
+import { measureOffset, OffsetClock } from './clock.js';
 import { systemClock, type Clock } from './domain.js';
 import type { ChatChunk, ChatEngine } from './engine/engine.js';
 import { EnginePool } from './engine/pool.js';
@@ -32,10 +33,21 @@ import { Worker } from './worker/worker.js';
 import { VERSION } from './version.js';
 import { Metrics } from './metrics.js';
 
+/** How often an instance on a shared database reads the server's clock again, and what counts as a change. */
+const CLOCK_CHECK_MS = 60_000;
+const CLOCK_STEP_MS = 100;
+/** An offset this large is logged as a warning (the machine's clock is off). */
+const CLOCK_WARN_MS = 1_000;
+
 export interface ServiceOptions {
   config: Config;
   logger?: Logger;
   clock?: Clock;
+  /**
+   * Keep time on the database server's clock, when the driver is shared by several instances
+   * (ADR-0011, "Time"). Default: only when `clock` is not given (the system clock).
+   */
+  alignClock?: boolean;
   engine?: ChatEngine;
   random?: () => number;
   /** A driver made by the caller (tests); by default the SQLite driver in FOREMAN_DATA_DIR. */
@@ -57,6 +69,9 @@ export class Service {
   private stepDown: (() => Promise<void>) | null = null;
   private leaderChange: Promise<void> = Promise.resolve();
   readonly clock: Clock;
+  private readonly timeKeeper: OffsetClock;
+  private readonly alignClock: boolean;
+  private clockTimer: NodeJS.Timeout | null = null;
   readonly driver: QueueDriver;
   readonly jobs: Jobs;
   readonly keys: Keys;
@@ -83,7 +98,9 @@ export class Service {
 
   constructor(opts: ServiceOptions) {
     const config = (this.config = opts.config);
-    const clock = (this.clock = opts.clock ?? systemClock);
+    // Every part reads this clock; on a shared database start() sets it to the server's time.
+    const clock = (this.clock = this.timeKeeper = new OffsetClock(opts.clock ?? systemClock));
+    this.alignClock = opts.alignClock ?? opts.clock === undefined;
     this.publicUrl = config.publicUrl;
     const onCommit = (ops: number, ms: number) => {
       this.commits.groups++;
@@ -257,6 +274,12 @@ export class Service {
 
   async start(): Promise<string> {
     const t0 = performance.now();
+    const serverTime = this.driver.serverTime?.bind(this.driver);
+    if (this.alignClock && serverTime) {
+      await this.keepServerTime(serverTime, true);
+      this.clockTimer = setInterval(() => void this.keepServerTime(serverTime, false), CLOCK_CHECK_MS);
+      this.clockTimer.unref();
+    }
     const { requeued } = await this.driver.recover({ now: this.clock.now() });
     if (this.keys.enabled) {
       // Signed artifact URLs (ADR-0013): the configured secret, or one generated once and kept
@@ -297,7 +320,7 @@ export class Service {
       this.batches.start();
     }
     this.logger.info(
-      { url: this.url, public_url: this.publicUrl, driver: this.driver.name, requeued: requeued.length, startup_ms: Math.round(performance.now() - t0) },
+      { url: this.url, public_url: this.publicUrl, driver: this.driver.name, requeued: requeued.length, clock_offset_ms: this.timeKeeper.offsetMs, startup_ms: Math.round(performance.now() - t0) },
       `foreman listening on ${this.url}`,
     );
     return this.url;
@@ -306,6 +329,31 @@ export class Service {
   /** Runs a TTL sweep now, to completion (tests, tools). */
   sweepNow(): Promise<number> {
     return this.ttlCleaner.sweepNow();
+  }
+
+  /**
+   * The database server's time, read through this instance's clock (ADR-0011, "Time"): at start
+   * the offset is set, and then each check moves it when it changed by 100 ms or more (the
+   * machine's clock was stepped), not for the jitter of a round trip.
+   */
+  private async keepServerTime(serverTime: () => Promise<number>, first: boolean): Promise<void> {
+    let m: { offsetMs: number; rttMs: number };
+    try {
+      m = await measureOffset(this.timeKeeper.base, serverTime);
+    } catch (err) {
+      if (first) throw err;
+      this.logger.warn({ err }, "could not read the database server's clock; keeping the last offset");
+      return;
+    }
+    const was = this.timeKeeper.offsetMs;
+    if (!first && Math.abs(m.offsetMs - was) < CLOCK_STEP_MS) return;
+    this.timeKeeper.offsetMs = m.offsetMs;
+    const fields = { clock_offset_ms: m.offsetMs, round_trip_ms: m.rttMs, ...(first ? {} : { previous_offset_ms: was }) };
+    if (Math.abs(m.offsetMs) >= CLOCK_WARN_MS) {
+      this.logger.warn(fields, "this machine's clock differs from the database server's; this instance keeps the server's time");
+    } else if (!first) {
+      this.logger.info(fields, "this machine's clock moved against the database server's; the offset follows");
+    }
   }
 
   /**
@@ -320,6 +368,7 @@ export class Service {
       const force = setTimeout(() => this.app.server.closeAllConnections(), this.config.shutdownGraceMs);
       await closing;
       clearTimeout(force);
+      if (this.clockTimer) clearInterval(this.clockTimer);
       if (this.stepDown) await this.stepDown();
       await this.leaderChange;
       await this.maintainer.stop();

@@ -30,6 +30,11 @@ export interface QueueDriver {
    * process is always the leader (an exclusive driver). Returns a function that steps down.
    */
   leadership?(onChange: (leader: boolean) => void): () => Promise<void>;
+  /**
+   * Shared drivers only: the database server's clock now (ms since the epoch). The instances
+   * keep time on it, so leases and due times mean the same on every one (ADR-0011, "Time").
+   */
+  serverTime?(): Promise<number>;
 
   // --- jobs: submit and claim ---
   /** `maxQueuedBytes`: the queued jobs' stored requests may not exceed this many bytes together. */

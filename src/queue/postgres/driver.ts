@@ -824,6 +824,11 @@ export class PostgresDriver implements QueueDriver {
     return this.read(async (c) => (await c.one<number>('SELECT 1 AS one')) === 1);
   }
 
+  async serverTime(): Promise<number> {
+    // clock_timestamp(): the time of this read, not of the transaction's start (now()).
+    return this.read(async (c) => (await c.one<number>('SELECT (extract(epoch FROM clock_timestamp()) * 1000)::float8 AS ms'))!);
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
