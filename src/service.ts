@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { ArtifactUrls } from './artifact-urls.js';
 import { Keys } from './jobs/keys.js';
 import { Files } from './jobs/files.js';
@@ -38,6 +38,12 @@ const CLOCK_CHECK_MS = 60_000;
 const CLOCK_STEP_MS = 100;
 /** An offset this large is logged as a warning (the machine's clock is off). */
 const CLOCK_WARN_MS = 1_000;
+
+/** The engine hosts as the instances compare them (ADR-0011): names, URLs and slots, hashed (a URL may carry a password). */
+function enginesFingerprint(config: Config): string {
+  const hosts = engineHostsOf(config).map((h) => [h.name, h.url, h.slots]);
+  return createHash('sha256').update(JSON.stringify(hosts.sort())).digest('base64url').slice(0, 16);
+}
 
 export interface ServiceOptions {
   config: Config;
@@ -126,6 +132,12 @@ export class Service {
               logger.error(
                 { instance: id },
                 'FOREMAN_INSTANCE_ID: another running process uses this instance id; each instance needs its own (one may re-queue or release the other\'s work)',
+              ),
+            engines: enginesFingerprint(config),
+            onEnginesDiffer: (id) =>
+              logger.error(
+                { instance: id },
+                'FOREMAN_ENGINES: another instance lists other engine hosts (names, URLs or slots); give every instance the same ones (the leader decides for all whether a model can run and whether the engines are out, from its own hosts)',
               ),
           })
         : undefined) ??

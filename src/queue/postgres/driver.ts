@@ -61,6 +61,9 @@ export interface PostgresDriverOptions {
   heartbeatMs?: number;
   /** Another live process was heard using this instance id. */
   onDuplicateId?: (instanceId: string) => void;
+  /** This instance's engine hosts as a fingerprint: instances heard with another are reported to `onEnginesDiffer`. */
+  engines?: string;
+  onEnginesDiffer?: (instanceId: string) => void;
 }
 
 /** What one write did that somebody should hear about once it has committed. */
@@ -588,6 +591,8 @@ export class PostgresDriver implements QueueDriver {
             types: pgTypes,
             ...(opts.heartbeatMs !== undefined ? { heartbeatMs: opts.heartbeatMs } : {}),
             ...(opts.onDuplicateId ? { onDuplicateId: opts.onDuplicateId } : {}),
+            ...(opts.engines !== undefined ? { engines: opts.engines } : {}),
+            ...(opts.onEnginesDiffer ? { onEnginesDiffer: opts.onEnginesDiffer } : {}),
           });
     this.notifier = this.local;
     this.local.on('stateChanged', (e) => {
