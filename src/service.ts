@@ -354,7 +354,8 @@ export class Service {
       m = await measureOffset(this.timeKeeper.base, serverTime);
     } catch (err) {
       if (first) throw err;
-      this.logger.warn({ err }, "could not read the database server's clock; keeping the last offset");
+      // A read that a shutdown overtook is not worth a warning.
+      if (this.stopped === null) this.logger.warn({ err }, "could not read the database server's clock; keeping the last offset");
       return;
     }
     const was = this.timeKeeper.offsetMs;
