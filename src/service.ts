@@ -74,8 +74,8 @@ export class Service {
   leader = false;
   private stepDown: (() => Promise<void>) | null = null;
   private leaderChange: Promise<void> = Promise.resolve();
-  readonly clock: Clock;
-  private readonly timeKeeper: OffsetClock;
+  /** Every part's clock; on a shared database start() sets it to the server's time. */
+  readonly clock: OffsetClock;
   private readonly alignClock: boolean;
   private clockTimer: NodeJS.Timeout | null = null;
   readonly driver: QueueDriver;
@@ -104,8 +104,7 @@ export class Service {
 
   constructor(opts: ServiceOptions) {
     const config = (this.config = opts.config);
-    // Every part reads this clock; on a shared database start() sets it to the server's time.
-    const clock = (this.clock = this.timeKeeper = new OffsetClock(opts.clock ?? systemClock));
+    const clock = (this.clock = new OffsetClock(opts.clock ?? systemClock));
     this.alignClock = opts.alignClock ?? opts.clock === undefined;
     this.publicUrl = config.publicUrl;
     const onCommit = (ops: number, ms: number) => {
@@ -332,7 +331,7 @@ export class Service {
       this.batches.start();
     }
     this.logger.info(
-      { url: this.url, public_url: this.publicUrl, driver: this.driver.name, requeued: requeued.length, clock_offset_ms: this.timeKeeper.offsetMs, startup_ms: Math.round(performance.now() - t0) },
+      { url: this.url, public_url: this.publicUrl, driver: this.driver.name, requeued: requeued.length, clock_offset_ms: this.clock.offsetMs, startup_ms: Math.round(performance.now() - t0) },
       `foreman listening on ${this.url}`,
     );
     return this.url;
@@ -351,16 +350,16 @@ export class Service {
   private async keepServerTime(serverTime: () => Promise<number>, first: boolean): Promise<void> {
     let m: { offsetMs: number; rttMs: number };
     try {
-      m = await measureOffset(this.timeKeeper.base, serverTime);
+      m = await measureOffset(this.clock.base, serverTime);
     } catch (err) {
       if (first) throw err;
       // A read that a shutdown overtook is not worth a warning.
       if (this.stopped === null) this.logger.warn({ err }, "could not read the database server's clock; keeping the last offset");
       return;
     }
-    const was = this.timeKeeper.offsetMs;
+    const was = this.clock.offsetMs;
     if (!first && Math.abs(m.offsetMs - was) < CLOCK_STEP_MS) return;
-    this.timeKeeper.offsetMs = m.offsetMs;
+    this.clock.offsetMs = m.offsetMs;
     const fields = { clock_offset_ms: m.offsetMs, round_trip_ms: m.rttMs, ...(first ? {} : { previous_offset_ms: was }) };
     if (Math.abs(m.offsetMs) >= CLOCK_WARN_MS) {
       this.logger.warn(fields, "this machine's clock differs from the database server's; this instance keeps the server's time");

@@ -11,20 +11,12 @@ import { Service } from '../src/service.js';
 import { startFakeOllama } from './support/fake-ollama.js';
 import { testConfig } from './support/harness.js';
 import { createDatabase } from './support/postgres.js';
-import { sleep } from './support/util.js';
+import { sleep, until } from './support/util.js';
 
 const cleanups: (() => Promise<void>)[] = [];
 afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c().catch(() => {});
 });
-
-async function waitFor(pred: () => boolean, timeoutMs: number): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!pred()) {
-    if (Date.now() > end) throw new Error(`not so within ${timeoutMs} ms`);
-    await sleep(10);
-  }
-}
 
 const AHEAD_MS = 10 * 60_000;
 
@@ -66,17 +58,14 @@ describe('time across instances', () => {
     // A leads maintenance (it starts first), and its one slot is taken by a job of its own, so
     // B runs the next one.
     const a = await instance(db.url, 'a', ['mistral', 'llama3.2'], { clock: ahead, alignClock: true });
-    await waitFor(() => a.svc.leader, 5_000);
+    await until('a.svc.leader', async () => a.svc.leader, 5_000);
     expect(Math.abs(a.svc.clock.now() - Date.now())).toBeLessThan(2_000);
     const own = await submit(a.base, 'mistral');
-    for (let i = 0; (await jobOf(a.base, own)).state !== 'loading'; i++) {
-      if (i > 200) throw new Error('A never ran its own job');
-      await sleep(10);
-    }
+    await until('A to run its own job', async () => (await jobOf(a.base, own)).state === 'loading');
     const b = await instance(db.url, 'b', ['mistral', 'llama3.2']);
     expect(b.svc.leader).toBe(false);
     const id = await submit(b.base, 'llama3.2');
-    // Three of the rescuer's rounds (every half lease) and more than a lease: by A's own clock,
+    // Five of the rescuer's rounds (every half lease), more than two leases: by A's own clock,
     // B's lease ran out ten minutes ago all along.
     await sleep(2_500);
     for (const [jobId, by] of [

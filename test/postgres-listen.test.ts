@@ -16,15 +16,7 @@ import { newJob } from './driver/conformance.js';
 import { startFakeOllama, type FakeOllama } from './support/fake-ollama.js';
 import { testConfig } from './support/harness.js';
 import { createDatabase } from './support/postgres.js';
-import { sleep } from './support/util.js';
-
-async function waitFor(pred: () => boolean, timeoutMs: number): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!pred()) {
-    if (Date.now() > end) throw new Error(`not so within ${timeoutMs} ms`);
-    await sleep(10);
-  }
-}
+import { sleep, until } from './support/util.js';
 
 const cleanups: (() => Promise<void>)[] = [];
 afterEach(async () => {
@@ -105,9 +97,9 @@ describe('the LISTEN connection', () => {
     expect(r.status).toBe(202);
     const { job_id: id } = (await r.json()) as { job_id: string };
     const watch = watchStates(`${base}/jobs/${id}/events`);
-    await waitFor(() => watch.states.length === 2, 5_000); // queued, loading (the load takes a minute)
+    await until('watch.states.length === 2', async () => watch.states.length === 2, 5_000); // queued, loading (the load takes a minute)
     // B knows A is there (so its writes NOTIFY), then A's LISTEN connection stops hearing.
-    await waitFor(() => !inside(b).alone, 5_000);
+    await until('!inside(b).alone', async () => !inside(b).alone, 5_000);
     const deafPid = await listenPid(a);
     await inside(a).cluster.client.query('UNLISTEN *');
     // Canceled on B while A hears nothing: without a new connection and a re-read, A's watcher would wait forever.
@@ -121,7 +113,7 @@ describe('the LISTEN connection', () => {
     expect(await listenPid(a)).not.toBe(deafPid);
     // The cancel A did not hear stops its run too (its lease, renewed at the resync, is gone),
     // long before the next heartbeat (a third of the 60 s lease).
-    await waitFor(() => fake.requests.some((q) => q.kind === 'load' && q.aborted), 3_000);
+    await until('the load request to be closed', async () => fake.requests.some((q) => q.kind === 'load' && q.aborted), 3_000);
   });
 
   it('two live processes with one instance id: each reports the other, and hears its announcements (not taken for its own)', async () => {
@@ -129,14 +121,14 @@ describe('the LISTEN connection', () => {
     const dup: string[] = [];
     const x = await driver(url, 'same', { onDuplicateId: (i) => dup.push(`x:${i}`) });
     const y = await driver(url, 'same', { onDuplicateId: (i) => dup.push(`y:${i}`) });
-    await waitFor(() => dup.length === 2, 5_000);
+    await until('dup.length === 2', async () => dup.length === 2, 5_000);
     expect(dup.sort()).toEqual(['x:same', 'y:same']);
     const heard: string[] = [];
     y.notifier.on('stateChanged', (e) => heard.push(`${e.jobId}:${e.state}:${e.remote === true}`));
-    await waitFor(() => !inside(x).alone, 5_000);
+    await until('!inside(x).alone', async () => !inside(x).alone, 5_000);
     const [out] = await x.jobsInsert({ jobs: [newJob({ model: 'llama3.2' })], now: Date.now(), maxQueued: 1000 });
     const id = out?.ok ? out.jobId : '';
-    await waitFor(() => heard.length === 1, 5_000);
+    await until('heard.length === 1', async () => heard.length === 1, 5_000);
     expect(heard).toEqual([`${id}:queued:true`]);
   });
 
@@ -147,7 +139,7 @@ describe('the LISTEN connection', () => {
     await driver(url, 'inst-a', { engines: 'gpu1+gpu2', onEnginesDiffer: report('a') });
     await driver(url, 'inst-b', { engines: 'gpu1', onEnginesDiffer: report('b') });
     await driver(url, 'inst-c', { engines: 'gpu1+gpu2', onEnginesDiffer: report('c') });
-    await waitFor(() => seen.length >= 4, 5_000);
+    await until('seen.length >= 4', async () => seen.length >= 4, 5_000);
     // Five more heartbeat periods: nothing is reported twice.
     await sleep(1_000);
     expect(seen.sort()).toEqual(['a:inst-b', 'b:inst-a', 'b:inst-c', 'c:inst-b']);
@@ -160,12 +152,12 @@ describe('the LISTEN connection', () => {
     const { url: base } = await service(url, a);
     const heard: string[] = [];
     a.notifier.on('stateChanged', (e) => e.remote && heard.push(e.state));
-    await waitFor(() => !inside(b).alone, 5_000);
+    await until('!inside(b).alone', async () => !inside(b).alone, 5_000);
     // A job taken in on B and canceled there: A hears both (its worker may claim it meanwhile: that transition is A's).
     const [out] = await b.jobsInsert({ jobs: [newJob({ model: 'llama3.2' })], now: Date.now(), maxQueued: 1000 });
     const id = out?.ok ? out.jobId : '';
     expect(await b.jobCancel({ id, now: Date.now() })).toMatchObject({ canceled: true });
-    await waitFor(() => heard.includes('canceled'), 5_000);
+    await until('canceled to be heard', async () => heard.includes('canceled'), 5_000);
     expect(heard[0]).toBe('queued');
     const text = await (await fetch(`${base}/metrics`)).text();
     expect(text).not.toMatch(/^foreman_jobs_submitted_total\{[^}]*\} [1-9]/m);

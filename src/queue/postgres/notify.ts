@@ -15,6 +15,8 @@ export const MAX_PAYLOAD = 7500;
 /** How often an instance says it is there (on CHANNEL), and how long a silent one still counts. */
 export const HEARTBEAT_MS = 5_000;
 const peerTtl = (heartbeatMs: number) => 3 * heartbeatMs + 1_000;
+/** The instance id of a sender on the channel (`id#nonce`). */
+const instanceOf = (sender: string) => sender.slice(0, sender.lastIndexOf('#'));
 
 interface Fx {
   jobReady: boolean;
@@ -211,13 +213,13 @@ export class ClusterNotifier {
       if (m.h) this.selfHeard = Date.now();
       return; // announced locally already, after our own commit
     }
-    if (m.h && m.i.slice(0, m.i.lastIndexOf('#')) === this.o.instanceId && !this.duplicatesSeen.has(m.i)) {
+    if (m.h && instanceOf(m.i) === this.o.instanceId && !this.duplicatesSeen.has(m.i)) {
       this.duplicatesSeen.add(m.i);
       this.o.onDuplicateId?.(this.o.instanceId);
     }
     if (m.h && m.e !== undefined && this.o.engines !== undefined && m.e !== this.o.engines && !this.enginesDiffer.has(m.i)) {
       this.enginesDiffer.add(m.i);
-      this.o.onEnginesDiffer?.(m.i.slice(0, m.i.lastIndexOf('#')));
+      this.o.onEnginesDiffer?.(instanceOf(m.i));
     }
     this.peerSeen.set(m.i, Date.now());
     if (m.h === 2) this.beat(1); // a new instance learns at once that this one is here
