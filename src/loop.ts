@@ -2,7 +2,7 @@ import type { Logger } from 'pino';
 import { Wake } from './wake.js';
 
 /**
- * A background loop with one start/stop: runs `tick`, then sleeps for the delay it returns (ms)
+ * A background loop with start/stop: runs `tick`, then sleeps for the delay it returns (ms)
  * or until `wake.notify()`. A tick that throws is logged and retried after `errorDelayMs`.
  * The worker, the dispatcher and every maintenance service run on one of these.
  */
@@ -22,8 +22,11 @@ export class Loop {
     return this.stopping;
   }
 
+  /** Starts the loop; after `stop()` has resolved, starts it again (the leader's loops stop and start with leadership). */
   start(): void {
-    this.running ??= this.run();
+    if (this.running) return;
+    this.stopping = false;
+    this.running = this.run();
   }
 
   private async run(): Promise<void> {
@@ -43,7 +46,9 @@ export class Loop {
   async stop(): Promise<void> {
     this.stopping = true;
     this.wake.notify();
-    await this.running;
+    const running = this.running;
+    await running;
+    if (this.running === running) this.running = null;
   }
 }
 
