@@ -1,4 +1,4 @@
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { ArtifactUrls } from './artifact-urls.js';
 import { Keys } from './jobs/keys.js';
 import { Files } from './jobs/files.js';
@@ -22,6 +22,7 @@ import { Aging } from './maintenance/aging.js';
 import { Deadlines } from './maintenance/deadlines.js';
 import { Maintainer } from './maintenance/maintainer.js';
 import { OutagePolicy } from './maintenance/outage.js';
+import { ClusterEngines } from './engine/cluster.js';
 import { Rescuer } from './maintenance/rescuer.js';
 import { TtlCleaner } from './maintenance/ttl-cleaner.js';
 import type { QueueDriver } from './queue/driver.js';
@@ -39,12 +40,6 @@ const CLOCK_STEP_MS = 100;
 /** An offset this large is logged as a warning (the machine's clock is off). */
 const CLOCK_WARN_MS = 1_000;
 
-/** The engine hosts as the instances compare them (ADR-0011): names, URLs and slots, hashed (a URL may carry a password). */
-function enginesFingerprint(config: Config): string {
-  const hosts = engineHostsOf(config).map((h) => [h.name, h.url, h.slots]);
-  return createHash('sha256').update(JSON.stringify(hosts.sort())).digest('base64url').slice(0, 16);
-}
-
 export interface ServiceOptions {
   config: Config;
   logger?: Logger;
@@ -54,6 +49,8 @@ export interface ServiceOptions {
    * (ADR-0011, "Time"). Default: only when `clock` is not given (the system clock).
    */
   alignClock?: boolean;
+  /** How often the engine view is refreshed in a shared database (default 5 s; tests make it short). */
+  engineViewRefreshMs?: number;
   engine?: ChatEngine;
   random?: () => number;
   /** A driver made by the caller (tests); by default the SQLite driver in FOREMAN_DATA_DIR. */
@@ -87,6 +84,8 @@ export class Service {
   readonly events: JobEvents;
   /** The engine hosts (ADR-0012). */
   readonly pool: EnginePool;
+  /** Every instance's engine view, for the leader's policies (ADR-0011). */
+  private readonly clusterEngines: ClusterEngines;
   readonly worker: Worker;
   readonly dispatcher: Dispatcher;
   readonly maintainer: Maintainer;
@@ -131,12 +130,6 @@ export class Service {
               logger.error(
                 { instance: id },
                 'FOREMAN_INSTANCE_ID: another running process uses this instance id; each instance needs its own (one may re-queue or release the other\'s work)',
-              ),
-            engines: enginesFingerprint(config),
-            onEnginesDiffer: (id) =>
-              logger.error(
-                { instance: id },
-                'FOREMAN_ENGINES: another instance lists other engine hosts (names, URLs or slots); give every instance the same ones (the leader decides for all whether a model can run and whether the engines are out, from its own hosts)',
               ),
           })
         : undefined) ??
@@ -246,6 +239,14 @@ export class Service {
       ...random,
       onOutcome: this.metrics.delivery,
     });
+    this.clusterEngines = new ClusterEngines({
+      driver,
+      pool: this.pool,
+      clock,
+      logger,
+      graceMs: config.engineOutageTimeoutMs,
+      ...(opts.engineViewRefreshMs ? { refreshMs: opts.engineViewRefreshMs } : {}),
+    });
     const m = { driver, clock, logger };
     this.ttlCleaner = new TtlCleaner(m, config.jobTtlMs, config.sweepIntervalMs, config.failedJobTtlMs ?? config.jobTtlMs);
     this.maintainer = new Maintainer([
@@ -254,8 +255,8 @@ export class Service {
       new ScheduledJobs(m, config.pollIntervalMs),
       new Aging(m, config.priorityAgingMs),
       this.ttlCleaner,
-      new UnroutableModels(m, this.pool, config.engineHealthIntervalMs),
-      new OutagePolicy(m, this.pool, health, {
+      new UnroutableModels(m, this.pool, this.clusterEngines, config.engineHealthIntervalMs),
+      new OutagePolicy(m, this.pool, health, this.clusterEngines, {
         outageTimeoutMs: config.engineOutageTimeoutMs,
         probeEveryMs: Math.min(1000, config.pollIntervalMs),
         idleMs: config.pollIntervalMs,
@@ -300,6 +301,9 @@ export class Service {
       this.artifactUrls.useSecret(secret, this.config.artifactUrlTtlMs);
     }
     for (const id of requeued) this.logger.warn({ job_id: id, state: 'queued' }, 'job was running when the last process stopped; re-queued');
+    // Before this instance takes jobs, the leader knows it is there (its hosts not probed yet:
+    // not all up, so no job waiting for them fails meanwhile).
+    await this.clusterEngines.start();
     await this.app.listen({ host: this.config.host, port: this.config.port });
     const addr = this.app.server.address() as AddressInfo;
     this.listenAddress = { address: addr.address, port: addr.port };
@@ -385,6 +389,7 @@ export class Service {
       await this.leaderChange;
       await this.maintainer.stop();
       await this.batches.stop();
+      await this.clusterEngines.stop();
       await this.worker.stop(this.config.shutdownGraceMs);
       await this.dispatcher.stop(Math.min(2000, this.config.shutdownGraceMs));
       await this.pool.stop();

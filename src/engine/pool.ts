@@ -2,7 +2,7 @@ import type { Logger } from 'pino';
 import type { EngineSpec } from '../config.js';
 import { loadKey, type Clock } from '../domain.js';
 import { Loop } from '../loop.js';
-import type { ClaimHost } from '../queue/driver.js';
+import type { ClaimHost, EngineView } from '../queue/driver.js';
 import { EngineError, type ChatEngine, type EngineStatus } from './engine.js';
 import type { EngineHealth } from './health.js';
 
@@ -225,6 +225,38 @@ export class EnginePool {
   private updateHealth(): void {
     if (this.hosts.some((h) => h.usable)) this.health.markUp();
     else if (this.hosts.every((h) => h.up === false)) this.health.markDown(this.clock.now());
+    this.viewMayHaveChanged();
+  }
+
+  private readonly viewListeners = new Set<() => void>();
+  private lastView = '';
+
+  /**
+   * What this instance's hosts can run, as the other instances' leader reads it (ADR-0011,
+   * "Engine hosts per instance"): whether all answer, since when none does, and what they have
+   * installed as last probed (a host not probed yet lists nothing: it may have any model).
+   */
+  view(): EngineView {
+    return {
+      allUp: this.allUp,
+      downSince: this.health.downSince,
+      anyModel: this.hosts.some((h) => !h.listsModels),
+      models: [...new Set(this.hosts.flatMap((h) => [...h.installed]))].sort(),
+    };
+  }
+
+  /** `fn` runs after `view()` changed. Returns a function that removes it. */
+  onViewChange(fn: () => void): () => void {
+    this.viewListeners.add(fn);
+    return () => this.viewListeners.delete(fn);
+  }
+
+  private viewMayHaveChanged(): void {
+    if (this.viewListeners.size === 0) return;
+    const v = JSON.stringify(this.view());
+    if (v === this.lastView) return;
+    this.lastView = v;
+    for (const fn of this.viewListeners) fn();
   }
 
   /** Every host answered its last probe: a model none of them has can fail at once. */

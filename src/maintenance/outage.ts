@@ -1,3 +1,4 @@
+import type { ClusterEngines } from '../engine/cluster.js';
 import type { ChatEngine } from '../engine/engine.js';
 import type { EngineHealth } from '../engine/health.js';
 import { MaintenanceService, type MaintenanceDeps } from './maintainer.js';
@@ -6,7 +7,8 @@ import { MaintenanceService, type MaintenanceDeps } from './maintainer.js';
  * The engine-outage policy (ADR-0007). While the worker has found the engine unreachable, jobs
  * stay queued with their attempts, and this probes the engine; once it answers, claims resume.
  * Once the outage has lasted `outageTimeoutMs`, queued jobs that have waited that long fail
- * with `engine_unavailable`.
+ * with `engine_unavailable`. With several instances (ADR-0011) the outage is the cluster's: it
+ * lasts while no live instance has a host answering, from the last of them to go down.
  */
 export class OutagePolicy extends MaintenanceService {
   readonly name = 'outage policy';
@@ -15,6 +17,7 @@ export class OutagePolicy extends MaintenanceService {
     deps: MaintenanceDeps,
     private readonly engine: Pick<ChatEngine, 'status'>,
     private readonly health: EngineHealth,
+    private readonly cluster: ClusterEngines,
     private readonly opts: { outageTimeoutMs: number; probeEveryMs: number; idleMs: number },
   ) {
     super(deps);
@@ -34,8 +37,12 @@ export class OutagePolicy extends MaintenanceService {
       this.health.markUp();
       return this.opts.idleMs;
     }
+    if (clock.now() - since < this.opts.outageTimeoutMs) return this.opts.probeEveryMs;
+    const outageSince = await this.cluster.outageSince(since);
     const now = clock.now();
-    if (now - since >= this.opts.outageTimeoutMs) {
+    if (outageSince === null) {
+      logger.debug({ down_ms: now - since }, "this instance's engine hosts are out, another instance's answer: no job fails");
+    } else if (now - outageSince >= this.opts.outageTimeoutMs) {
       const ids = await driver.jobsFailStale({
         createdBefore: now - this.opts.outageTimeoutMs,
         now,

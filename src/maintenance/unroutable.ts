@@ -1,3 +1,4 @@
+import type { ClusterEngines } from '../engine/cluster.js';
 import type { EnginePool } from '../engine/pool.js';
 import { MaintenanceService, type MaintenanceDeps } from './maintainer.js';
 
@@ -6,6 +7,8 @@ import { MaintenanceService, type MaintenanceDeps } from './maintainer.js';
  * of them has installed can never run, so it fails at once with `model_not_found` and Ollama's
  * message. While some host is down the job waits instead (that host may have it). Woken by every
  * submit; otherwise it looks again each health interval (a host may have lost a model).
+ * With several instances (ADR-0011) "every engine host" means every live instance's: the job
+ * also waits while another instance's hosts have the model or are not all answering.
  */
 export class UnroutableModels extends MaintenanceService {
   readonly name = 'unroutable models';
@@ -13,6 +16,7 @@ export class UnroutableModels extends MaintenanceService {
   constructor(
     deps: MaintenanceDeps,
     private readonly pool: EnginePool,
+    private readonly cluster: ClusterEngines,
     private readonly idleMs: number,
   ) {
     super(deps);
@@ -28,6 +32,8 @@ export class UnroutableModels extends MaintenanceService {
     const models = await driver.jobsQueuedModels();
     for (const model of models) {
       // Checked again after every await: a host that went down meanwhile may have the model.
+      if (!this.pool.allUp || this.pool.installedAnywhere(model)) continue;
+      if (await this.cluster.elsewhereMayRun(model)) continue;
       if (!this.pool.allUp || this.pool.installedAnywhere(model)) continue;
       const ids = await driver.jobsFailQueuedModel({ model, now: clock.now(), error: { code: 'model_not_found', message: `model '${model}' not found` } });
       for (const id of ids) logger.info({ job_id: id, state: 'failed', code: 'model_not_found', model }, 'no engine host has this model');

@@ -35,6 +35,15 @@ export interface QueueDriver {
    * keep time on it, so leases and due times mean the same on every one (ADR-0011, "Time").
    */
   serverTime?(): Promise<number>;
+  /**
+   * Shared drivers only: this instance's engine view (what its hosts can run), kept for the
+   * leader's routing and outage policies (ADR-0011, "Engine hosts per instance"). Replaces the
+   * instance's last view; `now` is its `seenAt`. Views of any instance seen before `deleteBefore`
+   * are deleted.
+   */
+  instanceEnginesPut?(p: { now: number; view: EngineView; deleteBefore: number }): Promise<void>;
+  /** Shared drivers only: the other instances' views put within `maxAgeMs` of `now`. */
+  instanceEnginesList?(p: { now: number; maxAgeMs: number }): Promise<InstanceEngineView[]>;
 
   // --- jobs: submit and claim ---
   /** `maxQueuedBytes`: the queued jobs' stored requests may not exceed this many bytes together. */
@@ -155,8 +164,11 @@ export interface QueueDriver {
    * commits sends both again, in order). Null if there is none.
    */
   deliveryClaimNext(p: { afterId: number; now: number; inlineMax: number }): Promise<ClaimedDelivery | null>;
-  /** When the next unclaimed delivery of an origin below its cap becomes due, or null. */
-  deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null>;
+  /**
+   * When the next unclaimed delivery of an origin below its cap becomes due, or null. A claim
+   * whose lease ran out by `now` (a shared driver's; a dead instance's) counts as no claim.
+   */
+  deliveriesNextDueAt(p: { now: number; perOriginLimit: number }): Promise<number | null>;
   deliveryRecord(p: { id: number; now: number; outcome: DeliveryOutcome }): Promise<void>;
   /**
    * Optional, for a driver whose claim is a commit of its own (PostgreSQL): records a delivered
@@ -246,6 +258,23 @@ export interface QueueDriver {
   batchResultsPage(p: { batchSeq: number; role: 'output' | 'error'; afterSeq: number; limit: number }): Promise<BatchResultRow[]>;
   /** Deletes up to `limit` jobs of batches that ended before `endedBefore`, then those batches; returns rows deleted. */
   batchesDeleteExpired(p: { endedBefore: number; limit: number; now: number }): Promise<number>;
+}
+
+/** What one instance's engine hosts can run, as far as its pool knows (ADR-0011). */
+export interface EngineView {
+  /** Every host answered its last probe. */
+  allUp: boolean;
+  /** Since when no host has answered (all down), or null. */
+  downSince: number | null;
+  /** Some host lists no models (not probed yet, or a server that does not list them): it may run any. */
+  anyModel: boolean;
+  /** The models installed on the hosts as last probed, every name a job may use for them. */
+  models: string[];
+}
+
+export interface InstanceEngineView extends EngineView {
+  instance: string;
+  seenAt: number;
 }
 
 /** What a job runs: a chat (`/api/chat`) or an embedding (`/api/embed`). */

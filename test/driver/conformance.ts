@@ -1141,7 +1141,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(fourth.map((x) => [x.state, x.sequence, x.occurredAt])).toEqual([['done', 4, at(1600)]]);
         await d.deliveryRecord({ id: fourth[0]!.id, now: at(1800), outcome: { kind: 'delivered', status: 200 } });
         expect(await claimDeliveries(at(1801))).toEqual([]);
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 10 })).toBeNull();
+        expect(await d.deliveriesNextDueAt({ now: at(1801), perOriginLimit: 10 })).toBeNull();
         const ds = await deliveriesOf(id);
         expect(ds.map((x) => [x.state, x.status, x.attempts, x.deliveredAt])).toEqual([
           ['queued', 'delivered', 1, at(1400)],
@@ -1321,7 +1321,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         await record;
         await d.deliveryRecord({ id: loading!.id, now: at(40), outcome: { kind: 'retry', at: at(5000), status: 500, error: 'HTTP 500' } });
         expect(await claimDeliveries(at(4999))).toEqual([]);
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 10 })).toBe(at(5000));
+        expect(await d.deliveriesNextDueAt({ now: at(4999), perOriginLimit: 10 })).toBe(at(5000));
         const again = await claimDeliveries(at(5000));
         expect(again.map((x) => [x.jobId, x.state, x.attempts])).toEqual([[id, 'loading', 1]]);
       });
@@ -1335,8 +1335,8 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(sorted(got.map((x) => x.jobId))).toEqual(sorted([a, c]));
         expect(sorted(got.map((x) => `${x.origin} ${x.url}`))).toEqual(['http://127.0.0.1:10 http://127.0.0.1:10/a', 'http://127.0.0.1:9 http://127.0.0.1:9/a']);
         expect(await claimDeliveries(at(11), { perOriginLimit: 1 })).toEqual([]);
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 1 })).toBeNull(); // every origin with work is at its cap
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 2 })).toBe(at(1)); // b, the next unclaimed of :9
+        expect(await d.deliveriesNextDueAt({ now: at(11), perOriginLimit: 1 })).toBeNull(); // every origin with work is at its cap
+        expect(await d.deliveriesNextDueAt({ now: at(11), perOriginLimit: 2 })).toBe(at(1)); // b, the next unclaimed of :9
         // With a higher cap, the same origin gives more; `limit` caps the total.
         const more = await claimDeliveries(at(12), { perOriginLimit: 3, limit: 1 });
         expect(more.map((x) => x.jobId)).toEqual([b]);
@@ -1351,7 +1351,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         await d.deliveryRecord({ id: gc.id, now: at(20), outcome: { kind: 'delivered', status: 200 } });
         await d.deliveryRecord({ id: more2[0]!.id, now: at(20), outcome: { kind: 'delivered', status: 200 } });
         expect(await claimDeliveries(at(21), { perOriginLimit: 1 })).toEqual([]);
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 1 })).toBeNull();
+        expect(await d.deliveriesNextDueAt({ now: at(21), perOriginLimit: 1 })).toBeNull();
         expect(await statusesOf(e)).toEqual([['queued', 'delivered']]);
       });
 
@@ -1396,10 +1396,10 @@ export function driverConformance(name: string, factory: DriverFactory): void {
           id: q!.id, state: 'queued', sequence: 1, status: 'pending', attempts: 1, lastStatusCode: 503, lastError: 'HTTP 503', nextAttemptAt: at(5000), deliveredAt: null, occurredAt: at(1000),
         });
         expect(await claimDeliveries(at(4999))).toEqual([]);
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 10 })).toBe(at(5000));
+        expect(await d.deliveriesNextDueAt({ now: at(4999), perOriginLimit: 10 })).toBe(at(5000));
         await runToDone(at(2000)); // a done event now waits behind the retrying one
         expect(await claimDeliveries(at(4999))).toEqual([]);
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 10 })).toBe(at(5000));
+        expect(await d.deliveriesNextDueAt({ now: at(4999), perOriginLimit: 10 })).toBe(at(5000));
         const again = await claimDeliveries(at(5000));
         expect(again.map((x) => [x.id, x.state, x.attempts])).toEqual([[q!.id, 'queued', 1]]);
         await d.deliveryRecord({ id: q!.id, now: at(5100), outcome: { kind: 'retry', at: at(6000), status: null, error: 'connection refused' } });
@@ -1441,7 +1441,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(await d.jobComplete({ seq: c.seq, lease: c.lease, now: at(1400), result: 1, artifacts: [], runMs: 1 })).toBe(true);
         expect((await deliveriesOf(id)).map((x) => x.state)).toEqual(['queued', 'loading', 'working']);
         expect(await claimDeliveries(at(1401))).toEqual([]);
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 10 })).toBeNull();
+        expect(await d.deliveriesNextDueAt({ now: at(1401), perOriginLimit: 10 })).toBeNull();
       });
 
       it('deliveryRelease: claimable again, attempts unchanged', async () => {
@@ -1501,7 +1501,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         const id = await insertOne(at(0), { webhookUrl: HOOK, webhookEvents: ['working', 'failed'], metadata: { m: '1' } });
         expect(await deliveriesOf(id)).toEqual([]);
         expect(await claimDeliveries(at(1))).toEqual([]);
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 10 })).toBeNull();
+        expect(await d.deliveriesNextDueAt({ now: at(1), perOriginLimit: 10 })).toBeNull();
         const c = await claimOne(at(10));
         expect(await deliveriesOf(id)).toEqual([]);
         expect(await d.jobSetWorking({ seq: c.seq, lease: c.lease, now: at(20), leaseMs: 1_000 })).toBe(true);
@@ -1589,7 +1589,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         // The only origin with due work is at its cap: nothing to wake for (its attempts ending wake the dispatcher).
         // Any driver: never a time <= now while nothing is claimable (the dispatcher would spin).
         // What the interface promises, exactly: no origin below its cap has an unclaimed delivery → null.
-        const idle = await d.deliveriesNextDueAt({ perOriginLimit: 2 });
+        const idle = await d.deliveriesNextDueAt({ now: at(11), perOriginLimit: 2 });
         expect(idle === null || idle > at(11)).toBe(true);
         expect(idle).toBeNull();
 
@@ -1597,31 +1597,31 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         const got = await claimDeliveries(at(21), { limit: 1, perOriginLimit: 2 });
         expect(got.map((x) => [x.jobId, x.origin])).toEqual([[other, 'http://127.0.0.1:10']]);
         expect(await claimDeliveries(at(22), { limit: 10, perOriginLimit: 2 })).toEqual([]);
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 2 })).toBeNull();
+        expect(await d.deliveriesNextDueAt({ now: at(22), perOriginLimit: 2 })).toBeNull();
 
         // A retry elsewhere: the next wake-up is that retry, not the saturated backlog's (past) due time.
         await d.deliveryRecord({ id: got[0]!.id, now: at(30), outcome: { kind: 'retry', at: at(5000), status: 503, error: 'HTTP 503' } });
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 2 })).toBe(at(5000));
+        expect(await d.deliveriesNextDueAt({ now: at(30), perOriginLimit: 2 })).toBe(at(5000));
         expect(await claimDeliveries(at(4999), { limit: 10, perOriginLimit: 2 })).toEqual([]);
         const retried = await claimDeliveries(at(5000), { limit: 10, perOriginLimit: 2 });
         expect(retried.map((x) => [x.jobId, x.attempts])).toEqual([[other, 1]]);
 
         // One attempt of the saturated origin ends: exactly one more of its backlog is claimable.
         await d.deliveryRecord({ id: first[0]!.id, now: at(5001), outcome: { kind: 'delivered', status: 200 } });
-        const due = await d.deliveriesNextDueAt({ perOriginLimit: 2 });
+        const due = await d.deliveriesNextDueAt({ now: at(5001), perOriginLimit: 2 });
         expect(due).not.toBeNull();
         expect(due!).toBeLessThanOrEqual(at(5002)); // claimable now
         const next = await claimDeliveries(at(5002), { limit: 10, perOriginLimit: 2 });
         expect(next).toHaveLength(1);
         expect(next[0]!.origin).toBe(ORIGIN);
         expect(first.map((x) => x.jobId)).not.toContain(next[0]!.jobId);
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 2 })).toBeNull();
+        expect(await d.deliveriesNextDueAt({ now: at(5002), perOriginLimit: 2 })).toBeNull();
       });
 
       it('deliveriesNextDueAt is null when nothing is owed', async () => {
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 1 })).toBeNull();
+        expect(await d.deliveriesNextDueAt({ now: at(0), perOriginLimit: 1 })).toBeNull();
         await insertOne(at(0));
-        expect(await d.deliveriesNextDueAt({ perOriginLimit: 1 })).toBeNull();
+        expect(await d.deliveriesNextDueAt({ now: at(0), perOriginLimit: 1 })).toBeNull();
         expect(await claimDeliveries(at(1))).toEqual([]);
       });
     });

@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { migrate } from '../../src/queue/postgres/db.js';
-import type { ClaimHost } from '../../src/queue/driver.js';
+import type { ClaimHost, EngineView } from '../../src/queue/driver.js';
 import { PostgresDriver } from '../../src/queue/postgres/driver.js';
 import { createDatabase } from '../support/postgres.js';
 import { startReceiver } from '../support/receiver.js';
@@ -327,6 +327,60 @@ describe('postgres driver only', () => {
       expect(view.deliveries.map((x) => [x.state, x.status, x.lastStatusCode])).toEqual([['queued', 'failed', 410]]);
     } finally {
       await c.end();
+      await d.close();
+      await db.drop();
+    }
+  });
+
+  it("instances' engine views: a put replaces the instance's own; the list gives the others' seen within maxAgeMs; a put deletes the views seen before deleteBefore", async () => {
+    const db = await freshDb();
+    const [a, b, c] = ['inst-a', 'inst-b', 'inst-c'].map((instanceId) => new PostgresDriver({ url: db.url, instanceId, crossInstance: false }));
+    const view = (o: Partial<EngineView> = {}): EngineView => ({ allUp: true, downSince: null, anyModel: false, models: [], ...o });
+    const keep = T0 - 1;
+    try {
+      await a!.instanceEnginesPut({ now: T0, view: view({ models: ['llama3.2', 'llama3.2:latest'] }), deleteBefore: keep });
+      await b!.instanceEnginesPut({ now: T0 + 10, view: view({ anyModel: true }), deleteBefore: keep });
+      await b!.instanceEnginesPut({ now: T0 + 20, view: view({ allUp: false, downSince: T0 + 15, anyModel: true }), deleteBefore: keep });
+      expect(await c!.instanceEnginesList({ now: T0 + 1_000, maxAgeMs: 1_000 })).toEqual([
+        { instance: 'inst-a', seenAt: T0, allUp: true, downSince: null, anyModel: false, models: ['llama3.2', 'llama3.2:latest'] },
+        { instance: 'inst-b', seenAt: T0 + 20, allUp: false, downSince: T0 + 15, anyModel: true, models: [] },
+      ]);
+      // Not its own; and a view older than maxAgeMs is left out.
+      expect((await b!.instanceEnginesList({ now: T0 + 1_000, maxAgeMs: 1_000 })).map((v) => v.instance)).toEqual(['inst-a']);
+      expect((await c!.instanceEnginesList({ now: T0 + 1_001, maxAgeMs: 1_000 })).map((v) => v.instance)).toEqual(['inst-b']);
+      // The table's CHECK: hosts down since some time are not all up.
+      await expect(a!.instanceEnginesPut({ now: T0, view: view({ downSince: T0 }), deleteBefore: keep })).rejects.toThrow();
+      // A put deletes the others' views seen before deleteBefore, never its own.
+      await c!.instanceEnginesPut({ now: T0 + 30, view: view(), deleteBefore: T0 + 15 });
+      await a!.instanceEnginesPut({ now: T0 + 40, view: view(), deleteBefore: T0 + 50 });
+      const client = new pg.Client({ connectionString: db.url });
+      await client.connect();
+      try {
+        expect((await client.query('SELECT instance_id FROM instance_engines ORDER BY instance_id')).rows.map((r) => r.instance_id)).toEqual(['inst-a']);
+      } finally {
+        await client.end();
+      }
+    } finally {
+      for (const d of [a, b, c]) await d!.close();
+      await db.drop();
+    }
+  });
+
+  it("deliveriesNextDueAt counts a delivery whose claim's lease ran out as unclaimed, and not against its origin's cap", async () => {
+    const db = await freshDb();
+    const d = new PostgresDriver({ url: db.url, instanceId: 'inst-a', crossInstance: false, deliveryLeaseMs: 1_000 });
+    try {
+      const hook = { webhookUrl: 'http://127.0.0.1:9/hook', webhookEvents: ['queued' as const] };
+      await d.jobsInsert({ jobs: [newJob(hook)], now: T0, maxQueued: 10 });
+      await d.jobsInsert({ jobs: [newJob(hook)], now: T0 + 5, maxQueued: 10 });
+      const got = await d.deliveriesClaim({ now: T0 + 10, limit: 10, perOriginLimit: 1, inlineMax: 1024 });
+      expect(got.deliveries).toHaveLength(1);
+      // Its lease runs to T0 + 1010: until then the origin is at its cap of 1.
+      expect(await d.deliveriesNextDueAt({ now: T0 + 1_009, perOriginLimit: 1 })).toBeNull();
+      expect(await d.deliveriesNextDueAt({ now: T0 + 1_009, perOriginLimit: 2 })).toBe(T0 + 5);
+      // After it, the claim counts for nothing: the first row is due again, first.
+      expect(await d.deliveriesNextDueAt({ now: T0 + 1_010, perOriginLimit: 1 })).toBe(T0);
+    } finally {
       await d.close();
       await db.drop();
     }

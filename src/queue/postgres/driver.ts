@@ -3,6 +3,8 @@ import os from 'node:os';
 import pg from 'pg';
 import { isTerminal, loadKey, type ErrorInfo, type JobState } from '../../domain.js';
 import type {
+  EngineView,
+  InstanceEngineView,
   BatchRecord,
   BatchResultRow,
   FileLine,
@@ -61,9 +63,6 @@ export interface PostgresDriverOptions {
   heartbeatMs?: number;
   /** Another live process was heard using this instance id. */
   onDuplicateId?: (instanceId: string) => void;
-  /** This instance's engine hosts as a fingerprint: instances heard with another are reported to `onEnginesDiffer`. */
-  engines?: string;
-  onEnginesDiffer?: (instanceId: string) => void;
 }
 
 /** What one write did that somebody should hear about once it has committed. */
@@ -452,6 +451,15 @@ const Q = {
     WHERE d.id = ANY(@ids::bigint[]) AND d.status = 'pending' AND d.claimed_by = @by AND d.claimed_until >= @fresh
     ORDER BY array_position(@ids::bigint[], d.id)`,
   // A delivery's outcome and its line's next head, in one call (migrations 0006, 0012).
+  // One statement: the instance's view, and the views long out of use gone (ADR-0011).
+  instanceEnginesPut: `WITH gone AS (DELETE FROM instance_engines WHERE seen_at < @deleteBefore AND instance_id <> @id)
+    INSERT INTO instance_engines (instance_id, seen_at, all_up, down_since, any_model, models)
+    VALUES (@id, @now, @allUp, @downSince::bigint, @anyModel, @models::text[])
+    ON CONFLICT (instance_id) DO UPDATE SET seen_at = excluded.seen_at, all_up = excluded.all_up,
+      down_since = excluded.down_since, any_model = excluded.any_model, models = excluded.models`,
+  instanceEnginesList: `SELECT instance_id AS instance, seen_at AS seenAt, all_up AS allUp, down_since AS downSince,
+      any_model AS anyModel, models
+    FROM instance_engines WHERE instance_id <> @id AND seen_at >= @since ORDER BY instance_id`,
   recordDelivery: `SELECT foreman_delivery_outcome(@id, @now, @kind, @code::integer, @next::bigint, @error::text, @notify::text) AS seq`,
   recordDeliveredClaimNext: `SELECT recorded, id, job_seq AS jobSeq, state, sequence, url, origin, occurred_at AS occurredAt,
       attempts, job_id AS jobId, metadata, error_code AS errorCode, error_message AS errorMessage, created_at, started_at,
@@ -477,9 +485,10 @@ const Q = {
       FROM o WHERE o.origin IS NOT NULL)
     SELECT h.due_at AS dueAt FROM o
       CROSS JOIN LATERAL (SELECT w.due_at FROM webhook_deliveries w
-        WHERE w.origin = o.origin AND w.due_at IS NOT NULL AND w.claimed_by IS NULL ORDER BY w.due_at, w.id LIMIT 1) h
+        WHERE w.origin = o.origin AND w.due_at IS NOT NULL AND (w.claimed_by IS NULL OR w.claimed_until <= @now)
+        ORDER BY w.due_at, w.id LIMIT 1) h
     WHERE o.origin IS NOT NULL
-      AND (SELECT count(*) FROM webhook_deliveries c WHERE c.origin = o.origin AND c.claimed_by IS NOT NULL) < @cap
+      AND (SELECT count(*) FROM webhook_deliveries c WHERE c.origin = o.origin AND c.claimed_by IS NOT NULL AND c.claimed_until > @now) < @cap
     ORDER BY h.due_at LIMIT 1`,
   deliveryUnclaim: `UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until = NULL WHERE id = @id AND claimed_by = @by`,
   redeliver: `UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = @now, delivered_at = NULL
@@ -591,8 +600,6 @@ export class PostgresDriver implements QueueDriver {
             types: pgTypes,
             ...(opts.heartbeatMs !== undefined ? { heartbeatMs: opts.heartbeatMs } : {}),
             ...(opts.onDuplicateId ? { onDuplicateId: opts.onDuplicateId } : {}),
-            ...(opts.engines !== undefined ? { engines: opts.engines } : {}),
-            ...(opts.onEnginesDiffer ? { onEnginesDiffer: opts.onEnginesDiffer } : {}),
           });
     this.notifier = this.local;
     this.local.on('stateChanged', (e) => {
@@ -834,6 +841,25 @@ export class PostgresDriver implements QueueDriver {
     return this.read(async (c) => (await c.one<number>('SELECT (extract(epoch FROM clock_timestamp()) * 1000)::float8 AS ms'))!);
   }
 
+  async instanceEnginesPut(p: { now: number; view: EngineView; deleteBefore: number }): Promise<void> {
+    const v = p.view;
+    await this.single((c) =>
+      c.run(Q.instanceEnginesPut, {
+        id: this.instanceId,
+        now: p.now,
+        allUp: v.allUp,
+        downSince: v.downSince,
+        anyModel: v.anyModel,
+        models: v.models,
+        deleteBefore: p.deleteBefore,
+      }),
+    );
+  }
+
+  instanceEnginesList(p: { now: number; maxAgeMs: number }): Promise<InstanceEngineView[]> {
+    return this.read((c) => c.all<InstanceEngineView>(Q.instanceEnginesList, { id: this.instanceId, since: p.now - p.maxAgeMs }));
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
@@ -956,7 +982,7 @@ export class PostgresDriver implements QueueDriver {
     const owner = `${this.instanceId}/${p.owner}.${++this.claims}`;
     const host = p.engine;
     if (host?.slots !== undefined && !this.alone) {
-      // Other instances use the same hosts: this host's free slots are its slots less its jobs
+      // Other instances may use this host too (by its name): its free slots are its slots less its jobs
       // running anywhere, counted and taken under the host's lock. A read first, without the
       // lock: when every instance waits for the one slot a job just freed, the losers stop here.
       const busy = (await this.read((c) => c.one<number>(Q.hostRunning, { name: host.name }))) ?? 0;
@@ -1584,8 +1610,8 @@ export class PostgresDriver implements QueueDriver {
     return r === undefined ? null : ((await this.claimedOf([r]))[0] ?? null);
   }
 
-  deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null> {
-    return this.read(async (c) => (await c.get<{ dueAt: number }>(Q.nextDue, { cap: p.perOriginLimit }))?.dueAt ?? null);
+  deliveriesNextDueAt(p: { now: number; perOriginLimit: number }): Promise<number | null> {
+    return this.read(async (c) => (await c.get<{ dueAt: number }>(Q.nextDue, { now: p.now, cap: p.perOriginLimit }))?.dueAt ?? null);
   }
 
   async deliveryRecord(p: { id: number; now: number; outcome: DeliveryOutcome }): Promise<void> {

@@ -31,8 +31,6 @@ interface Message {
   i: string;
   /** A heartbeat: 1 from a running instance, 2 from one that has just started (answer it at once). */
   h?: 1 | 2;
-  /** With a heartbeat: the sender's engine hosts, as a fingerprint (every instance should list the same). */
-  e?: string;
   r?: 1;
   d?: 1;
   c?: string[];
@@ -97,8 +95,6 @@ export class ClusterNotifier {
   private readonly peerTtlMs: number;
   /** Instance ids already reported as used by another process too. */
   private readonly duplicatesSeen = new Set<string>();
-  /** Senders heard with other engine hosts, reported once each. */
-  private readonly enginesDiffer = new Set<string>();
 
   constructor(
     private readonly o: {
@@ -111,10 +107,6 @@ export class ClusterNotifier {
       heartbeatMs?: number;
       /** Another live process uses this instance id (a misconfiguration: its leases would be taken for ours). */
       onDuplicateId?: (instanceId: string) => void;
-      /** This instance's engine hosts as a fingerprint, sent with its heartbeats. */
-      engines?: string;
-      /** Another instance was heard with other engine hosts (once per process). */
-      onEnginesDiffer?: (instanceId: string) => void;
     },
   ) {
     this.sender = `${o.instanceId}#${randomBytes(4).toString('hex')}`;
@@ -217,10 +209,6 @@ export class ClusterNotifier {
       this.duplicatesSeen.add(m.i);
       this.o.onDuplicateId?.(this.o.instanceId);
     }
-    if (m.h && m.e !== undefined && this.o.engines !== undefined && m.e !== this.o.engines && !this.enginesDiffer.has(m.i)) {
-      this.enginesDiffer.add(m.i);
-      this.o.onEnginesDiffer?.(instanceOf(m.i));
-    }
     this.peerSeen.set(m.i, Date.now());
     if (m.h === 2) this.beat(1); // a new instance learns at once that this one is here
     const n = this.o.local;
@@ -234,7 +222,7 @@ export class ClusterNotifier {
   private beat(h: 1 | 2): void {
     const c = this.client;
     if (!c) return;
-    const m: Message = { i: this.sender, h, ...(this.o.engines !== undefined ? { e: this.o.engines } : {}) };
+    const m: Message = { i: this.sender, h };
     c.query('SELECT pg_notify($1, $2)', [CHANNEL, JSON.stringify(m)]).catch(() => {});
   }
 

@@ -843,7 +843,7 @@ export class SqliteDriver implements QueueDriver {
 
   async deliveriesClaim(p: { now: number; limit: number; perOriginLimit: number; inlineMax: number }): Promise<{ deliveries: ClaimedDelivery[]; nextDueAt: number | null }> {
     const claimed = await this.claimDue(p);
-    const nextDueAt = claimed.length < p.limit ? await this.deliveriesNextDueAt({ perOriginLimit: p.perOriginLimit }) : null;
+    const nextDueAt = claimed.length < p.limit ? await this.deliveriesNextDueAt({ now: p.now, perOriginLimit: p.perOriginLimit }) : null;
     // An event is sent only once the state change it reports is on disk.
     if (claimed.length > 0) await this.group.whenDurable();
     return { deliveries: claimed, nextDueAt };
@@ -895,7 +895,8 @@ export class SqliteDriver implements QueueDriver {
     return next;
   }
 
-  deliveriesNextDueAt(p: { perOriginLimit: number }): Promise<number | null> {
+  // \`now\` is not needed: this process holds its claims (in memory) until it records them.
+  deliveriesNextDueAt(p: { now: number; perOriginLimit: number }): Promise<number | null> {
     const s = this.s;
     return this.read(() => {
       let best: number | null = null;

@@ -1,0 +1,135 @@
+/**
+ * Instances on one PostgreSQL database may list different engine hosts (ADR-0011, "Engine hosts
+ * per instance"): the leader's routing and outage policies judge by every live instance's hosts,
+ * not by its own. Two in-process instances with a fake Ollama each; a fresh database per test.
+ */
+import { pino } from 'pino';
+import { afterEach, describe, expect, it } from 'vitest';
+import type { Config } from '../src/config.js';
+import { PostgresDriver } from '../src/queue/postgres/driver.js';
+import { Service } from '../src/service.js';
+import { startFakeOllama, type FakeOllama } from './support/fake-ollama.js';
+import { testConfig } from './support/harness.js';
+import { createDatabase } from './support/postgres.js';
+import { sleep, until } from './support/util.js';
+
+const cleanups: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c().catch(() => {});
+});
+
+/**
+ * An instance with one engine host of one slot. Its engine view is refreshed every 200 ms, so a
+ * stopped instance's view is no longer fresh 1.6 s (three refreshes and a second) after its last.
+ */
+async function instance(url: string, id: string, fake: FakeOllama, over: Partial<Config> = {}) {
+  const driver = new PostgresDriver({ url, instanceId: id, heartbeatMs: 200 });
+  await driver.ready;
+  cleanups.push(() => driver.close());
+  const config = testConfig({ ollamaUrl: fake.url, databaseUrl: url, instanceId: id, concurrency: 1, ...over });
+  const svc = new Service({ config, logger: pino({ level: 'silent' }), driver, engineViewRefreshMs: 200 });
+  const base = await svc.start();
+  let stopped = false;
+  const stop = async () => {
+    if (stopped) return;
+    stopped = true;
+    await svc.stop();
+  };
+  cleanups.unshift(stop); // stopped before its driver is closed
+  return { base, svc, stop };
+}
+
+async function fakeWith(models: string[]): Promise<FakeOllama> {
+  const fake = await startFakeOllama({ models });
+  cleanups.push(() => fake.close());
+  return fake;
+}
+
+async function submit(base: string, model: string): Promise<string> {
+  const r = await fetch(`${base}/jobs`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ model, messages: [{ role: 'user', content: `hi ${Math.random()}` }] }),
+  });
+  expect(r.status).toBe(202);
+  return ((await r.json()) as { job_id: string }).job_id;
+}
+
+type Job = { state: string; instance: string | null; error: { code: string } | null };
+const jobOf = async (base: string, id: string): Promise<Job> => (await (await fetch(`${base}/jobs/${id}`)).json()) as Job;
+const settled = async (base: string, id: string): Promise<Job> => {
+  let job: Job | undefined;
+  await until(`job ${id} to end`, async () => ['done', 'failed', 'canceled'].includes((job = await jobOf(base, id)).state), 15_000);
+  return job!;
+};
+
+describe('engine hosts per instance', () => {
+  it("the leader fails a job as model_not_found only when no instance's hosts have its model, and not while a stopped instance that had it may come back", async () => {
+    const db = await createDatabase('foreman_engines');
+    cleanups.push(db.drop);
+    // The grace for a stopped instance's view is the outage timeout; its unroutable check runs each health interval.
+    const a = await instance(db.url, 'a', await fakeWith(['mistral']), { engineOutageTimeoutMs: 1_500, engineHealthIntervalMs: 300 });
+    await until('a to lead', async () => a.svc.leader, 5_000);
+    const bFake = await fakeWith(['llama3.2']);
+    const b = await instance(db.url, 'b', bFake);
+    expect(b.svc.leader).toBe(false);
+    // B's one slot is busy for 1.5 s, so the next llama3.2 job stays queued meanwhile, under the
+    // eyes of A's unroutable-models policy, which each submit to A wakes.
+    bFake.enqueue({ kind: 'ok', firstByteDelayMs: 1_500 });
+    const first = await submit(b.base, 'llama3.2');
+    await until('B to run the first job', async () => (await jobOf(a.base, first)).state === 'working', 5_000);
+    const second = await submit(a.base, 'llama3.2');
+    await sleep(800);
+    expect((await jobOf(a.base, second)).state).toBe('queued');
+    for (const id of [first, second]) {
+      const job = await settled(a.base, id);
+      expect([job.state, job.instance]).toEqual(['done', 'b']);
+    }
+    // A model no instance has still fails at once.
+    const nowhere = await submit(a.base, 'qwen-none');
+    const job = await settled(b.base, nowhere);
+    expect([job.state, job.error?.code]).toEqual(['failed', 'model_not_found']);
+    // B stops (a restart, say): its llama3.2 may come back, so a job for it waits; a model it
+    // never had still fails at once.
+    await b.stop();
+    const stoppedAt = Date.now();
+    const late = await submit(a.base, 'llama3.2');
+    const typo = await submit(a.base, 'qwen-none');
+    expect([(await settled(a.base, typo)).error?.code]).toEqual(['model_not_found']);
+    await sleep(1_000);
+    expect((await jobOf(a.base, late)).state).toBe('queued');
+    // Once B's view is past its freshness (1.6 s) and the grace (1.5 s), llama3.2 is nowhere.
+    const lateJob = await settled(a.base, late);
+    expect([lateJob.state, lateJob.error?.code]).toEqual(['failed', 'model_not_found']);
+    expect(Date.now() - stoppedAt).toBeGreaterThanOrEqual(2_500);
+  });
+
+  it("the leader's engine outage does not fail jobs while another instance's hosts answer; it does once none do", async () => {
+    const db = await createDatabase('foreman_engines');
+    cleanups.push(db.drop);
+    const aFake = await fakeWith(['llama3.2']);
+    await aFake.stop(); // A's only host refuses connections from the start
+    const outage = { engineOutageTimeoutMs: 300, pollIntervalMs: 200 };
+    const a = await instance(db.url, 'a', aFake, outage);
+    await until('a to lead', async () => a.svc.leader, 5_000);
+    const bFake = await fakeWith(['llama3.2']);
+    const b = await instance(db.url, 'b', bFake, outage);
+    // B's slot is busy for 2 s: the second job waits in the queue far longer than the outage timeout.
+    bFake.enqueue({ kind: 'ok', firstByteDelayMs: 2_000 });
+    const first = await submit(b.base, 'llama3.2');
+    await until('B to run the first job', async () => (await jobOf(a.base, first)).state === 'working', 5_000);
+    const second = await submit(a.base, 'llama3.2');
+    await sleep(1_200);
+    expect((await jobOf(a.base, second)).state).toBe('queued');
+    for (const id of [first, second]) {
+      const job = await settled(a.base, id);
+      expect([job.state, job.instance]).toEqual(['done', 'b']);
+    }
+    // B stops: once its view is no longer fresh (1.6 s), its hosts count as down since it was last
+    // seen, the whole cluster is out, and a job that waits longer than the timeout fails.
+    await b.stop();
+    const late = await submit(a.base, 'llama3.2');
+    const lateJob = await settled(a.base, late);
+    expect([lateJob.state, lateJob.error?.code]).toEqual(['failed', 'engine_unavailable']);
+  });
+});
