@@ -29,7 +29,7 @@ async function database(): Promise<string> {
   return db.url;
 }
 
-async function driver(url: string, instanceId: string, extra: { onDuplicateId?: (id: string) => void } = {}): Promise<PostgresDriver> {
+async function driver(url: string, instanceId: string, extra: { onDuplicateId?: (id: string) => void; heartbeatMs?: number } = {}): Promise<PostgresDriver> {
   const d = new PostgresDriver({ url, instanceId, heartbeatMs: 200, ...extra });
   await d.ready;
   cleanups.push(() => d.close());
@@ -126,6 +126,33 @@ describe('the LISTEN connection', () => {
     const id = out?.ok ? out.jobId : '';
     await until('heard.length === 1', async () => heard.length === 1, 5_000);
     expect(heard).toEqual([`${id}:queued:true`]);
+  });
+
+  it("a transition sends its job's pending token deltas in its own transaction: it never waits on the LISTEN connection, and the tokens still arrive first", async () => {
+    const url = await database();
+    // Heartbeats every second: A's busy LISTEN connection is not taken for deaf (and remade) within the test.
+    const a = await driver(url, 'inst-a', { heartbeatMs: 1_000 });
+    const b = await driver(url, 'inst-b', { heartbeatMs: 1_000 });
+    const cluster = (a as unknown as { cluster: { peers: boolean; client: pg.Client } }).cluster;
+    await until('a to hear b', async () => cluster.peers, 5_000);
+    const job = newJob();
+    const heard: string[] = [];
+    b.onRemoteDelta((jobId, chunk) => jobId === job.id && heard.push(`delta ${(chunk as { n: number }).n}`));
+    b.notifier.on('stateChanged', (e) => e.jobId === job.id && heard.push(e.state));
+    await a.jobsInsert({ jobs: [job], now: Date.now(), maxQueued: 10 });
+    const [claimed] = await a.jobsClaim({ owner: 'w', limit: 1, now: Date.now(), leaseMs: 60_000 });
+    await until('b to hear the loading state', async () => heard.includes('loading'), 5_000);
+    heard.length = 0;
+    // A's LISTEN connection is busy for 3 s (as a half-open one would be for longer).
+    const busy = cluster.client.query('SELECT pg_sleep(3)').then(() => {}, () => {});
+    a.relayDelta(job.id, { n: 1 });
+    a.relayDelta(job.id, { n: 2 });
+    const t0 = performance.now();
+    expect(await a.jobSetWorking({ seq: claimed!.seq, lease: claimed!.lease, now: Date.now(), leaseMs: 60_000 })).toBe(true);
+    expect(performance.now() - t0).toBeLessThan(1_000);
+    await until('b to hear the working state', async () => heard.includes('working'), 5_000);
+    expect(heard).toEqual(['delta 1', 'delta 2', 'working']);
+    await busy;
   });
 
   it("metrics count what this instance committed, not what it hears of the others'", async () => {

@@ -386,6 +386,44 @@ describe('postgres driver only', () => {
     }
   });
 
+  it("a late outcome from an instance whose webhook claim another instance has since taken changes nothing; with nobody holding it, it is recorded", async () => {
+    const db = await freshDb();
+    const [a, b] = ['inst-a', 'inst-b'].map((instanceId) => new PostgresDriver({ url: db.url, instanceId, crossInstance: false, deliveryLeaseMs: 1_000 }));
+    const client = new pg.Client({ connectionString: db.url });
+    await client.connect();
+    const row = async (id: number) =>
+      (await client.query('SELECT status, attempts, claimed_by, due_at IS NOT NULL AS due FROM webhook_deliveries WHERE id = $1', [id])).rows[0];
+    const claim = async (d: PostgresDriver, now: number) => (await d.deliveriesClaim({ now, limit: 10, perOriginLimit: 10, inlineMax: 1024 })).deliveries;
+    try {
+      const hook = { webhookUrl: 'http://127.0.0.1:9/hook', webhookEvents: ['queued' as const, 'loading' as const] };
+      await a!.jobsInsert({ jobs: [newJob(hook), newJob(hook)], now: T0, maxQueued: 10 });
+      const [d1, d2] = await claim(a!, T0 + 1);
+      // A's lease (to T0 + 1001) runs out; B claims both and is sending them.
+      expect((await claim(b!, T0 + 1_001)).map((d) => d.id)).toEqual([d1!.id, d2!.id]);
+      // A's late outcomes: a retry, a failure, and a delivered record with the claim of the job's next event.
+      await a!.deliveryRecord({ id: d1!.id, now: T0 + 1_002, outcome: { kind: 'retry', at: T0 + 1_003, status: 503, error: 'HTTP 503' } });
+      await a!.deliveryRecord({ id: d1!.id, now: T0 + 1_002, outcome: { kind: 'failed', status: 400, error: 'HTTP 400' } });
+      expect(await a!.deliveryRecordClaimNext!({ id: d2!.id, now: T0 + 1_002, status: 200, inlineMax: 1024 })).toEqual({ recorded: false, next: null });
+      for (const d of [d1!, d2!]) expect(await row(d.id)).toEqual({ status: 'pending', attempts: 0, claimed_by: 'inst-b', due: true });
+      // B records its own attempts.
+      await b!.deliveryRecord({ id: d1!.id, now: T0 + 1_004, outcome: { kind: 'delivered', status: 200 } });
+      expect((await b!.deliveryRecordClaimNext!({ id: d2!.id, now: T0 + 1_004, status: 200, inlineMax: 1024 })).recorded).toBe(true);
+      for (const d of [d1!, d2!]) expect(await row(d.id)).toMatchObject({ status: 'delivered', attempts: 1, claimed_by: null });
+      // A job event nobody holds (its claim expired and was released) takes a late record.
+      const [j3] = await a!.jobsInsert({ jobs: [newJob(hook)], now: T0 + 2_000, maxQueued: 10 });
+      const [d3] = await claim(a!, T0 + 2_001);
+      expect(await b!.jobsRescue({ now: T0 + 3_002 })).toEqual([]); // the leader's round releases expired webhook claims
+      expect(await row(d3!.id)).toMatchObject({ status: 'pending', claimed_by: null });
+      await a!.deliveryRecord({ id: d3!.id, now: T0 + 3_003, outcome: { kind: 'delivered', status: 200 } });
+      expect(await row(d3!.id)).toMatchObject({ status: 'delivered', attempts: 1, claimed_by: null });
+      expect(j3).toMatchObject({ ok: true });
+    } finally {
+      await client.end();
+      for (const d of [a, b]) await d!.close();
+      await db.drop();
+    }
+  });
+
   it('NOTIFY payloads stay below the 8000-byte limit', async () => {
     const { payloadsOf, MAX_PAYLOAD } = await import('../../src/queue/postgres/notify.js');
     // Two long messages: one of plain letters, one of control characters (six bytes each as JSON).

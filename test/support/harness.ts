@@ -54,6 +54,9 @@ export async function startHarness(
   const config = testConfig({ ollamaUrl: fake.url, ...(db ? { databaseUrl: db.url } : {}), ...over });
   const service = new Service({ config, logger: pino({ level: config.logLevel }), ...(extra.clock ? { clock: extra.clock } : {}) });
   const url = await service.start();
+  // On a database of its own the instance leads maintenance at once; wait for it, so that no
+  // test's timing includes the election (a loaded machine can take a while).
+  for (const end = Date.now() + 10_000; !service.leader && Date.now() < end; ) await new Promise((r) => setTimeout(r, 5));
   const api: Harness['api'] = async (p, init = {}) => {
     const { json, ...rest } = init;
     const headers = new Headers(rest.headers);

@@ -460,7 +460,8 @@ const Q = {
   instanceEnginesList: `SELECT instance_id AS instance, seen_at AS seenAt, all_up AS allUp, down_since AS downSince,
       any_model AS anyModel, models
     FROM instance_engines WHERE instance_id <> @id AND seen_at >= @since ORDER BY instance_id`,
-  recordDelivery: `SELECT foreman_delivery_outcome(@id, @now, @kind, @code::integer, @next::bigint, @error::text, @notify::text) AS seq`,
+  // Only the claim's holder (or anyone, when nobody holds it) records an outcome (migration 0017).
+  recordDelivery: `SELECT foreman_delivery_outcome(@id, @now, @kind, @code::integer, @next::bigint, @error::text, @notify::text, @by) AS seq`,
   recordDeliveredClaimNext: `SELECT recorded, id, job_seq AS jobSeq, state, sequence, url, origin, occurred_at AS occurredAt,
       attempts, job_id AS jobId, metadata, error_code AS errorCode, error_message AS errorMessage, created_at, started_at,
       finished_at, attempt, model, conversation_id, load_ms, prompt_tokens, completion_tokens, arts, head_left AS headLeft
@@ -667,12 +668,14 @@ export class PostgresDriver implements QueueDriver {
       const c = new Conn(client, this.sql);
       const fx = noEffects();
       let broken = false;
+      let deltas: Map<string, unknown[]> | null = null;
       try {
         await client.query('BEGIN');
         const out = await op(c, fx);
         if (this.cluster?.peers) {
-          // A job's last tokens reach other instances' watchers before its next state does.
-          if (fx.transitions.length > 0 && this.cluster.deltasPending) await this.cluster.flushDeltas();
+          // A job's last tokens reach other instances' watchers before its next state does: both
+          // are sent at this commit, the tokens first.
+          if (fx.transitions.length > 0 && this.cluster.deltasPending) deltas = await this.cluster.sendDeltasIn(client);
           await this.cluster.publish(client, fx);
         }
         await client.query('COMMIT');
@@ -681,6 +684,7 @@ export class PostgresDriver implements QueueDriver {
         this.announce(fx);
         return out;
       } catch (err) {
+        if (deltas) this.cluster?.restoreDeltas(deltas);
         broken = isConnectionError(err);
         if (!broken) await client.query('ROLLBACK').catch(() => (broken = true));
         client.release(broken ? (err as Error) : undefined);
@@ -1625,6 +1629,7 @@ export class PostgresDriver implements QueueDriver {
         next: o.kind === 'retry' ? o.at : null,
         error: o.kind === 'delivered' ? null : o.error,
         notify: this.cluster?.peers ? this.slotFreed : null,
+        by: this.instanceId,
       }),
     );
     // A slot of its origin is free (here; the other instances were told by the NOTIFY).

@@ -8,6 +8,8 @@ import { connectionConfig } from './db.js';
 export const CHANNEL = 'foreman_events';
 /** Token deltas of running jobs, coalesced per job (SSE on another instance). */
 export const DELTA_CHANNEL = 'foreman_deltas';
+/** Sends NOTIFY payloads on DELTA_CHANNEL, in order. */
+const SEND_DELTAS = 'SELECT pg_notify($1, x) FROM unnest($2::text[]) WITH ORDINALITY AS t(x, o) ORDER BY o';
 /** How long deltas are gathered before they cross to the other instances. */
 export const DELTA_COALESCE_MS = 75;
 /** NOTIFY refuses payloads of 8000 bytes or more; stay well below. */
@@ -256,7 +258,8 @@ export class ClusterNotifier {
   /**
    * A running job's token delta, for watchers on other instances: gathered per job for
    * DELTA_COALESCE_MS, then sent on the LISTEN connection (outside any transaction; a delta lost
-   * with a connection is only a missed token of a live view, the stored result is whole).
+   * with a connection is only a missed token of a live view, the stored result is whole), or
+   * sooner by a transition's transaction (`sendDeltasIn`).
    */
   relayDelta(jobId: string, chunk: unknown): void {
     if (!this.connected || !this.peers) return;
@@ -274,14 +277,52 @@ export class ClusterNotifier {
     return this.deltas.size > 0;
   }
 
-  /** Sends the gathered deltas now; resolves once the server has them (so a later commit's NOTIFY comes after). */
+  /** Sends the gathered deltas now, on the LISTEN connection (the coalescing timer). */
   flushDeltas(): Promise<void> {
+    const c = this.client;
+    if (!c) return Promise.resolve();
+    const payloads = this.deltaPayloads(this.takeDeltas());
+    if (payloads.length === 0) return Promise.resolve();
+    return c.query(SEND_DELTAS, [DELTA_CHANNEL, payloads]).then(
+      () => {},
+      () => {},
+    );
+  }
+
+  /**
+   * Sends the gathered deltas inside the caller's transaction, before its state NOTIFY: the other
+   * instances get both at its commit, tokens first, and the transaction (holding its rows' locks)
+   * waits on nothing but its own connection. Returns what it took, to be given back with
+   * `restoreDeltas` if the transaction does not commit.
+   */
+  async sendDeltasIn(client: pg.ClientBase): Promise<Map<string, unknown[]>> {
+    const taken = this.takeDeltas();
+    const payloads = this.deltaPayloads(taken);
+    if (payloads.length > 0) await client.query(SEND_DELTAS, [DELTA_CHANNEL, payloads]);
+    return taken;
+  }
+
+  /** Deltas taken by a transaction that did not commit go back, ahead of any gathered since. */
+  restoreDeltas(taken: Map<string, unknown[]>): void {
+    if (taken.size === 0) return;
+    for (const [j, chunks] of this.deltas) taken.set(j, [...(taken.get(j) ?? []), ...chunks]);
+    this.deltas = taken;
+    if (!this.deltaTimer) {
+      this.deltaTimer = setTimeout(() => void this.flushDeltas(), DELTA_COALESCE_MS);
+      this.deltaTimer.unref();
+    }
+  }
+
+  private takeDeltas(): Map<string, unknown[]> {
     if (this.deltaTimer) clearTimeout(this.deltaTimer);
     this.deltaTimer = null;
     const all = this.deltas;
     this.deltas = new Map();
-    const c = this.client;
-    if (!c) return Promise.resolve();
+    return all;
+  }
+
+  /** NOTIFY payloads of the deltas, per job, each below the payload limit. */
+  private deltaPayloads(all: Map<string, unknown[]>): string[] {
     const payloads: string[] = [];
     for (const [j, chunks] of all) {
       let cur: unknown[] = [];
@@ -299,10 +340,7 @@ export class ClusterNotifier {
       }
       if (cur.length) payloads.push(JSON.stringify({ i: this.sender, j, c: cur }));
     }
-    if (payloads.length === 0) return Promise.resolve();
-    return c
-      .query('SELECT pg_notify($1, x) FROM unnest($2::text[]) WITH ORDINALITY AS t(x, o) ORDER BY o', [DELTA_CHANNEL, payloads])
-      .then(() => {}, () => {});
+    return payloads;
   }
 
   private receiveDeltas(payload: string | undefined): void {
