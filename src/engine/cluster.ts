@@ -82,7 +82,12 @@ export class ClusterEngines {
         do {
           this.again = false;
           const now = clock.now();
-          await driver.instanceEnginesPut!({ now, view: pool.view(), deleteBefore: now - Math.max(DELETE_AFTER_MS, this.freshMs + graceMs) });
+          await driver.instanceEnginesPut!({
+            now,
+            view: pool.view(),
+            deleteBefore: now - Math.max(DELETE_AFTER_MS, this.freshMs + graceMs),
+            freshSince: now - this.freshMs,
+          });
         } while (this.again && !this.stopped);
       } catch (err) {
         if (strict) throw err;

@@ -39,9 +39,9 @@ export interface QueueDriver {
    * Shared drivers only: this instance's engine view (what its hosts can run), kept for the
    * leader's routing and outage policies (ADR-0011, "Engine hosts per instance"). Replaces the
    * instance's last view; `now` is its `seenAt`. Views of any instance seen before `deleteBefore`
-   * are deleted.
+   * are deleted. Returns how many other instances put theirs since `freshSince`.
    */
-  instanceEnginesPut?(p: { now: number; view: EngineView; deleteBefore: number }): Promise<void>;
+  instanceEnginesPut?(p: { now: number; view: EngineView; deleteBefore: number; freshSince: number }): Promise<{ others: number }>;
   /** Shared drivers only: the other instances' views put within `maxAgeMs` of `now`. */
   instanceEnginesList?(p: { now: number; maxAgeMs: number }): Promise<InstanceEngineView[]>;
 

@@ -303,6 +303,28 @@ describe('postgres driver only', () => {
     }
   });
 
+  it("an instance that hears no other on the channel still counts a host's slots across the cluster while another keeps its engine view fresh", async () => {
+    const db = await freshDb();
+    // Neither listens: as if each one's LISTEN connection were down, no heartbeat is heard.
+    const [a, b] = ['inst-a', 'inst-b'].map((instanceId) => new PostgresDriver({ url: db.url, instanceId, crossInstance: false }));
+    const host: ClaimHost = { name: 'gpu1', models: ['m1'], resident: [], loadMs: {}, affinityMaxWaitMs: 0, slots: 1 };
+    const view = { allUp: true, downSince: null, anyModel: false, models: ['m1'] };
+    const put = (d: PostgresDriver, now: number) => d.instanceEnginesPut({ now, view, deleteBefore: 0, freshSince: now - 16_000 });
+    try {
+      await a!.jobsInsert({ jobs: [newJob(), newJob()], now: T0, maxQueued: 10 });
+      expect(await put(b!, T0)).toEqual({ others: 0 });
+      expect((await b!.jobsClaim({ owner: 'w', limit: 1, now: T0 + 1, leaseMs: 60_000, engine: host })).length).toBe(1);
+      expect(await put(a!, T0 + 2)).toEqual({ others: 1 });
+      // gpu1's one slot is taken on b: a, which has its own slot free, takes nothing.
+      expect(await a!.jobsClaim({ owner: 'w', limit: 1, now: T0 + 3, leaseMs: 60_000, engine: host })).toEqual([]);
+      // b's view goes stale (b is gone): a no longer counts on it.
+      expect(await put(a!, T0 + 20_000)).toEqual({ others: 0 });
+    } finally {
+      for (const d of [a, b]) await d!.close();
+      await db.drop();
+    }
+  });
+
   it("a 410 recorded while the job changes state waits for the job's row: no deadlock", async () => {
     const db = await freshDb();
     const d = new PostgresDriver({ url: db.url, instanceId: 'inst-a', crossInstance: false });
@@ -338,9 +360,9 @@ describe('postgres driver only', () => {
     const view = (o: Partial<EngineView> = {}): EngineView => ({ allUp: true, downSince: null, anyModel: false, models: [], ...o });
     const keep = T0 - 1;
     try {
-      await a!.instanceEnginesPut({ now: T0, view: view({ models: ['llama3.2', 'llama3.2:latest'] }), deleteBefore: keep });
-      await b!.instanceEnginesPut({ now: T0 + 10, view: view({ anyModel: true }), deleteBefore: keep });
-      await b!.instanceEnginesPut({ now: T0 + 20, view: view({ allUp: false, downSince: T0 + 15, anyModel: true }), deleteBefore: keep });
+      await a!.instanceEnginesPut({ now: T0, view: view({ models: ['llama3.2', 'llama3.2:latest'] }), deleteBefore: keep, freshSince: T0 });
+      await b!.instanceEnginesPut({ now: T0 + 10, view: view({ anyModel: true }), deleteBefore: keep, freshSince: T0 });
+      await b!.instanceEnginesPut({ now: T0 + 20, view: view({ allUp: false, downSince: T0 + 15, anyModel: true }), deleteBefore: keep, freshSince: T0 });
       expect(await c!.instanceEnginesList({ now: T0 + 1_000, maxAgeMs: 1_000 })).toEqual([
         { instance: 'inst-a', seenAt: T0, allUp: true, downSince: null, anyModel: false, models: ['llama3.2', 'llama3.2:latest'] },
         { instance: 'inst-b', seenAt: T0 + 20, allUp: false, downSince: T0 + 15, anyModel: true, models: [] },
@@ -349,10 +371,10 @@ describe('postgres driver only', () => {
       expect((await b!.instanceEnginesList({ now: T0 + 1_000, maxAgeMs: 1_000 })).map((v) => v.instance)).toEqual(['inst-a']);
       expect((await c!.instanceEnginesList({ now: T0 + 1_001, maxAgeMs: 1_000 })).map((v) => v.instance)).toEqual(['inst-b']);
       // The table's CHECK: hosts down since some time are not all up.
-      await expect(a!.instanceEnginesPut({ now: T0, view: view({ downSince: T0 }), deleteBefore: keep })).rejects.toThrow();
+      await expect(a!.instanceEnginesPut({ now: T0, view: view({ downSince: T0 }), deleteBefore: keep, freshSince: T0 })).rejects.toThrow();
       // A put deletes the others' views seen before deleteBefore, never its own.
-      await c!.instanceEnginesPut({ now: T0 + 30, view: view(), deleteBefore: T0 + 15 });
-      await a!.instanceEnginesPut({ now: T0 + 40, view: view(), deleteBefore: T0 + 50 });
+      await c!.instanceEnginesPut({ now: T0 + 30, view: view(), deleteBefore: T0 + 15, freshSince: T0 });
+      await a!.instanceEnginesPut({ now: T0 + 40, view: view(), deleteBefore: T0 + 50, freshSince: T0 });
       const client = new pg.Client({ connectionString: db.url });
       await client.connect();
       try {

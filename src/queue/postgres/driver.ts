@@ -452,11 +452,12 @@ const Q = {
     ORDER BY array_position(@ids::bigint[], d.id)`,
   // A delivery's outcome and its line's next head, in one call (migrations 0006, 0012).
   // One statement: the instance's view, and the views long out of use gone (ADR-0011).
-  instanceEnginesPut: `WITH gone AS (DELETE FROM instance_engines WHERE seen_at < @deleteBefore AND instance_id <> @id)
-    INSERT INTO instance_engines (instance_id, seen_at, all_up, down_since, any_model, models)
-    VALUES (@id, @now, @allUp, @downSince::bigint, @anyModel, @models::text[])
-    ON CONFLICT (instance_id) DO UPDATE SET seen_at = excluded.seen_at, all_up = excluded.all_up,
-      down_since = excluded.down_since, any_model = excluded.any_model, models = excluded.models`,
+  instanceEnginesPut: `WITH gone AS (DELETE FROM instance_engines WHERE seen_at < @deleteBefore AND instance_id <> @id),
+    put AS (INSERT INTO instance_engines (instance_id, seen_at, all_up, down_since, any_model, models)
+      VALUES (@id, @now, @allUp, @downSince::bigint, @anyModel, @models::text[])
+      ON CONFLICT (instance_id) DO UPDATE SET seen_at = excluded.seen_at, all_up = excluded.all_up,
+        down_since = excluded.down_since, any_model = excluded.any_model, models = excluded.models)
+    SELECT count(*)::integer AS others FROM instance_engines WHERE instance_id <> @id AND seen_at >= @freshSince`,
   instanceEnginesList: `SELECT instance_id AS instance, seen_at AS seenAt, all_up AS allUp, down_since AS downSince,
       any_model AS anyModel, models
     FROM instance_engines WHERE instance_id <> @id AND seen_at >= @since ORDER BY instance_id`,
@@ -631,9 +632,16 @@ export class PostgresDriver implements QueueDriver {
   /** Hosts a claim was cut short on (their slots in use elsewhere): a job that frees one wakes the worker. */
   private readonly hostWaiting = new Set<string>();
 
-  /** No other instance listens (or none can: crossInstance off): writes need not NOTIFY. */
+  /** Whether the last engine view this instance put found another instance's fresh one. */
+  private othersInTable = false;
+
+  /**
+   * No other instance is there: none is heard on the channel (or none can be: crossInstance off),
+   * and none keeps a fresh engine view. Writes need not NOTIFY, and claims need not count a host's
+   * slots elsewhere.
+   */
   private get alone(): boolean {
-    return this.cluster === null || !this.cluster.peers;
+    return (this.cluster === null || !this.cluster.peers) && !this.othersInTable;
   }
 
   /** Whether the LISTEN connection is up (a lost one means wake-ups fall back to polling). */
@@ -845,10 +853,10 @@ export class PostgresDriver implements QueueDriver {
     return this.read(async (c) => (await c.one<number>('SELECT (extract(epoch FROM clock_timestamp()) * 1000)::float8 AS ms'))!);
   }
 
-  async instanceEnginesPut(p: { now: number; view: EngineView; deleteBefore: number }): Promise<void> {
+  async instanceEnginesPut(p: { now: number; view: EngineView; deleteBefore: number; freshSince: number }): Promise<{ others: number }> {
     const v = p.view;
-    await this.single((c) =>
-      c.run(Q.instanceEnginesPut, {
+    const others = await this.single((c) =>
+      c.one<number>(Q.instanceEnginesPut, {
         id: this.instanceId,
         now: p.now,
         allUp: v.allUp,
@@ -856,8 +864,14 @@ export class PostgresDriver implements QueueDriver {
         anyModel: v.anyModel,
         models: v.models,
         deleteBefore: p.deleteBefore,
+        freshSince: p.freshSince,
       }),
     );
+    // Another instance keeps its view fresh: it is there even if this one does not hear its
+    // heartbeats (its LISTEN connection, or ours, is down), so claims count a host's slots across
+    // the cluster (ADR-0011).
+    this.othersInTable = (others ?? 0) > 0;
+    return { others: others ?? 0 };
   }
 
   instanceEnginesList(p: { now: number; maxAgeMs: number }): Promise<InstanceEngineView[]> {
