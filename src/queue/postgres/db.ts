@@ -70,7 +70,7 @@ export function isConnectionError(err: unknown): boolean {
   if (/^(08|53|57P|58)/.test(code)) return true;
   if (/^(ECONNREFUSED|ECONNRESET|EPIPE|ETIMEDOUT|ENOTFOUND|EHOSTUNREACH|ENETUNREACH|EAI_AGAIN)$/.test(code)) return true;
   const msg = typeof e?.message === 'string' ? e.message : '';
-  return /timeout exceeded when trying to connect|Connection terminated|connection error|Client has encountered a connection error|Cannot use a pool after calling end|terminating connection/i.test(msg);
+  return /timeout exceeded when trying to connect|Connection terminated|connection error|Client has encountered a connection error|Cannot use a pool after calling end|terminating connection|Query read timeout/i.test(msg);
 }
 
 /** Deadlocks and serialization failures: the transaction may simply run again. */

@@ -59,6 +59,8 @@ export interface PostgresDriverOptions {
   notifier?: Notifier;
   /** Observes each write transaction (metrics). */
   onCommit?: (size: number, ms: number) => void;
+  /** How long a pooled statement may go unanswered (default 2 minutes; tests make it short). */
+  queryTimeoutMs?: number;
   /** How often instances say on the channel that they are there (default 5 s; tests make it short). */
   heartbeatMs?: number;
   /** Another live process was heard using this instance id. */
@@ -184,6 +186,12 @@ const DUE_COLS = `d.id, d.job_seq AS jobSeq, d.batch_seq AS batchSeq, d.state, d
 const ARTS = 'foreman_event_artifacts(d.job_seq, d.state, @inline) AS arts';
 /** The first key of the engine hosts' advisory locks ('fmEH'). */
 const HOST_LOCK_SPACE = 0x666d4548;
+/**
+ * The longest a pooled statement may go unanswered. Far above any statement's own time and any
+ * lock wait a vanished instance can cause (its session ends ~25 s after its last packet, or after
+ * a minute idle in a transaction: SESSION_DEFAULTS).
+ */
+const QUERY_TIMEOUT_MS = 120_000;
 const NUM_CTX = `(j.request::jsonb #> '{options,num_ctx}')`;
 
 
@@ -580,6 +588,10 @@ export class PostgresDriver implements QueueDriver {
       ...connectionConfig(opts.url),
       max: opts.poolSize ?? 10,
       connectionTimeoutMillis: opts.connectTimeoutMs ?? 5_000,
+      // A statement with no answer by then fails (StorageUnavailable) and its connection is thrown
+      // away: a connection gone silent (a failover, a firewall that lost its state) would
+      // otherwise hold a request until TCP gives up, ~15 minutes (ADR-0011, "Bad conditions").
+      query_timeout: opts.queryTimeoutMs ?? QUERY_TIMEOUT_MS,
       idleTimeoutMillis: 30_000,
       types: pgTypes,
       application_name: `foreman ${this.instanceId}`.slice(0, 63),
@@ -615,16 +627,20 @@ export class PostgresDriver implements QueueDriver {
   }
 
   private async init(): Promise<void> {
-    let client: pg.PoolClient;
+    // Migrations on a connection of their own: they may wait for another instance's (the
+    // advisory lock) and take longer than the pool's query timeout allows a statement.
+    const client = new pg.Client({ ...connectionConfig(this.opts.url), connectionTimeoutMillis: this.opts.connectTimeoutMs ?? 5_000 });
+    client.on('error', () => {});
     try {
-      client = await this.pool.connect();
+      await client.connect();
     } catch (err) {
+      await client.end().catch(() => {});
       throw new StorageUnavailable(`FOREMAN_DATABASE_URL: cannot connect to ${redactUrl(this.opts.url)}: ${(err as Error).message}`, err);
     }
     try {
       await migrate(client);
     } finally {
-      client.release();
+      await client.end().catch(() => {});
     }
     if (this.cluster) await this.cluster.start();
   }
