@@ -161,8 +161,8 @@ export class Service {
       redeliverPerMinute: config.redeliverPerMinute,
       jobMaxAttempts: config.jobMaxAttempts,
       idempotencyTtlMs: config.idempotencyTtlMs,
-      // Jobs run at once (the ETA): every host's slots.
-      concurrency: engineHostsOf(config).reduce((n, h) => n + h.slots, 0),
+      // Jobs run at once (the ETA): every host's slots, across the instances (ADR-0011).
+      concurrency: () => this.clusterEngines.slots,
     });
     this.files = new Files(driver, clock, { maxLines: config.batchMaxLines, maxLineBytes: config.maxBodyBytes, fileTtlMs: config.fileTtlMs });
     this.batches = new Batches(driver, this.files, clock, logger, {

@@ -104,6 +104,31 @@ describe('engine hosts per instance', () => {
     expect(Date.now() - stoppedAt).toBeGreaterThanOrEqual(2_500);
   });
 
+  it('every instance counts the same slots for the ETA: all instances\' hosts, whichever it lists itself', async () => {
+    const db = await createDatabase('foreman_engines');
+    cleanups.push(db.drop);
+    const a = await instance(db.url, 'a', await fakeWith(['mistral']), { concurrency: 2 });
+    const bFake = await fakeWith(['llama3.2']);
+    const b = await instance(db.url, 'b', bFake);
+    const slotsOf = (svc: Service) => (svc as unknown as { clusterEngines: { slots: number } }).clusterEngines.slots;
+    await until('both to count 2 + 1 slots', async () => slotsOf(a.svc) === 3 && slotsOf(b.svc) === 3, 5_000);
+    // B's one slot is busy; the next llama3.2 job is first in line, one job running in the cluster
+    // and three slots: it starts now, by either instance's account (by B's own hosts alone, it
+    // would wait for the running job, whose length has no history yet: no estimate).
+    bFake.enqueue({ kind: 'ok', firstByteDelayMs: 1_500 });
+    const first = await submit(b.base, 'llama3.2');
+    await until('B to run the first job', async () => (await jobOf(a.base, first)).state === 'working', 5_000);
+    const second = await submit(a.base, 'llama3.2');
+    for (const base of [a.base, b.base]) {
+      const t0 = Date.now();
+      const view = (await (await fetch(`${base}/jobs/${second}`)).json()) as { queue_position: number; estimated_start_at: string | null };
+      expect(view.queue_position).toBe(0);
+      expect(view.estimated_start_at).not.toBeNull();
+      expect(Math.abs(Date.parse(view.estimated_start_at!) - t0)).toBeLessThan(2_000);
+    }
+    expect((await settled(a.base, second)).state).toBe('done');
+  });
+
   it("the leader's engine outage does not fail jobs while another instance's hosts answer; it does once none do", async () => {
     const db = await createDatabase('foreman_engines');
     cleanups.push(db.drop);

@@ -36,12 +36,29 @@ export class ClusterEngines {
   private stopped = false;
   private readonly refreshMs: number;
   private readonly freshMs: number;
+  /** This instance's hosts, and those of the other live instances as of the last refresh. */
+  private readonly ownHosts: { name: string; slots: number }[];
+  private otherHosts: { name: string; slots: number }[] = [];
 
   constructor(
     private readonly deps: { driver: QueueDriver; pool: EnginePool; clock: Clock; logger: Logger; graceMs: number; refreshMs?: number },
   ) {
     this.refreshMs = deps.refreshMs ?? ENGINE_VIEW_REFRESH_MS;
     this.freshMs = 3 * this.refreshMs + 1_000;
+    this.ownHosts = deps.pool.view().hosts;
+  }
+
+  /**
+   * Jobs the cluster's hosts run at once, for the queue's ETA: the slots of every host of this
+   * instance and of the other live ones (a host several list counts once, by name), so every
+   * instance gives the same estimate (learned at each refresh).
+   */
+  get slots(): number {
+    const seen = new Map<string, number>();
+    for (const h of [...this.ownHosts, ...this.otherHosts]) if (!seen.has(h.name)) seen.set(h.name, h.slots);
+    let n = 0;
+    for (const slots of seen.values()) n += slots;
+    return n;
   }
 
   private get shared(): boolean {
@@ -82,12 +99,13 @@ export class ClusterEngines {
         do {
           this.again = false;
           const now = clock.now();
-          await driver.instanceEnginesPut!({
+          const { others } = await driver.instanceEnginesPut!({
             now,
             view: pool.view(),
             deleteBefore: now - Math.max(DELETE_AFTER_MS, this.freshMs + graceMs),
             freshSince: now - this.freshMs,
           });
+          this.otherHosts = others === 0 ? [] : (await this.others()).filter((v) => !v.stale).flatMap((v) => v.hosts);
         } while (this.again && !this.stopped);
       } catch (err) {
         if (strict) throw err;

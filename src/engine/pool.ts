@@ -242,6 +242,7 @@ export class EnginePool {
       downSince: this.health.downSince,
       anyModel: this.hosts.some((h) => !h.listsModels),
       models: [...new Set(this.hosts.flatMap((h) => [...h.installed]))].sort(),
+      hosts: this.hosts.map((h) => ({ name: h.name, slots: h.spec.slots })),
     };
   }
 

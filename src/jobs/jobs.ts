@@ -14,8 +14,8 @@ export interface JobsSettings {
   redeliverPerMinute: number;
   jobMaxAttempts: number;
   idempotencyTtlMs: number;
-  /** Jobs run at once (for the ETA). */
-  concurrency: number;
+  /** Jobs run at once (for the ETA): every host's slots, across the instances (ADR-0011). */
+  concurrency: () => number;
 }
 
 export interface SubmitInput {
@@ -332,7 +332,7 @@ export class Jobs {
    */
   async estimate(j: { seq: number }): Promise<QueueEstimate> {
     const now = this.clock.now();
-    const concurrency = this.settings.concurrency;
+    const concurrency = this.settings.concurrency();
     const snap = await this.driver.jobQueueSnapshot({ seq: j.seq });
     const position = snap.ahead.reduce((a, r) => a + r.n, 0);
     const all = [...snap.stats.values()];

@@ -270,6 +270,8 @@ export interface EngineView {
   anyModel: boolean;
   /** The models installed on the hosts as last probed, every name a job may use for them. */
   models: string[];
+  /** The hosts, by name (a host several instances list has one name), with their slots. */
+  hosts: { name: string; slots: number }[];
 }
 
 export interface InstanceEngineView extends EngineView {

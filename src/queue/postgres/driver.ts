@@ -461,13 +461,13 @@ const Q = {
   // A delivery's outcome and its line's next head, in one call (migrations 0006, 0012).
   // One statement: the instance's view, and the views long out of use gone (ADR-0011).
   instanceEnginesPut: `WITH gone AS (DELETE FROM instance_engines WHERE seen_at < @deleteBefore AND instance_id <> @id),
-    put AS (INSERT INTO instance_engines (instance_id, seen_at, all_up, down_since, any_model, models)
-      VALUES (@id, @now, @allUp, @downSince::bigint, @anyModel, @models::text[])
+    put AS (INSERT INTO instance_engines (instance_id, seen_at, all_up, down_since, any_model, models, hosts)
+      VALUES (@id, @now, @allUp, @downSince::bigint, @anyModel, @models::text[], @hosts::jsonb)
       ON CONFLICT (instance_id) DO UPDATE SET seen_at = excluded.seen_at, all_up = excluded.all_up,
-        down_since = excluded.down_since, any_model = excluded.any_model, models = excluded.models)
+        down_since = excluded.down_since, any_model = excluded.any_model, models = excluded.models, hosts = excluded.hosts)
     SELECT count(*)::integer AS others FROM instance_engines WHERE instance_id <> @id AND seen_at >= @freshSince`,
   instanceEnginesList: `SELECT instance_id AS instance, seen_at AS seenAt, all_up AS allUp, down_since AS downSince,
-      any_model AS anyModel, models
+      any_model AS anyModel, models, hosts
     FROM instance_engines WHERE instance_id <> @id AND seen_at >= @since ORDER BY instance_id`,
   // Only the claim's holder (or anyone, when nobody holds it) records an outcome (migration 0017).
   recordDelivery: `SELECT foreman_delivery_outcome(@id, @now, @kind, @code::integer, @next::bigint, @error::text, @notify::text, @by) AS seq`,
@@ -879,6 +879,7 @@ export class PostgresDriver implements QueueDriver {
         downSince: v.downSince,
         anyModel: v.anyModel,
         models: v.models,
+        hosts: JSON.stringify(v.hosts),
         deleteBefore: p.deleteBefore,
         freshSince: p.freshSince,
       }),
