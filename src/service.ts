@@ -301,9 +301,6 @@ export class Service {
       this.artifactUrls.useSecret(secret, this.config.artifactUrlTtlMs);
     }
     for (const id of requeued) this.logger.warn({ job_id: id, state: 'queued' }, 'job was running when the last process stopped; re-queued');
-    // Before this instance takes jobs, the leader knows it is there (its hosts not probed yet:
-    // not all up, so no job waiting for them fails meanwhile).
-    await this.clusterEngines.start();
     await this.app.listen({ host: this.config.host, port: this.config.port });
     const addr = this.app.server.address() as AddressInfo;
     this.listenAddress = { address: addr.address, port: addr.port };
@@ -311,6 +308,10 @@ export class Service {
     this.url = `http://${host === '0.0.0.0' || host === '[::]' ? '127.0.0.1' : host}:${addr.port}`;
     if (this.publicUrl === '') this.publicUrl = this.url;
     await this.pool.start();
+    // Once its hosts have been probed, the other instances' leader knows what they can run. (Not
+    // before: a start that failed, or a process crash-looping, would leave a view of hosts never
+    // probed, which may have any model, and hold every model's jobs for the grace.)
+    await this.clusterEngines.start();
     this.worker.start();
     this.dispatcher.start();
     if (this.driver.leadership) {

@@ -9,7 +9,9 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../src/config.js';
-import { redactUrl, sessionOptions } from '../src/queue/postgres/db.js';
+import { pgTypes, redactUrl, sessionOptions } from '../src/queue/postgres/db.js';
+import { ClusterNotifier } from '../src/queue/postgres/notify.js';
+import { LocalNotifier } from '../src/queue/notifier.js';
 import { PostgresDriver } from '../src/queue/postgres/driver.js';
 import { Service } from '../src/service.js';
 import { newJob } from './driver/conformance.js';
@@ -29,7 +31,11 @@ async function database(): Promise<string> {
   return db.url;
 }
 
-async function driver(url: string, instanceId: string, extra: { onDuplicateId?: (id: string) => void; heartbeatMs?: number } = {}): Promise<PostgresDriver> {
+async function driver(
+  url: string,
+  instanceId: string,
+  extra: { onDuplicateId?: (id: string) => void; heartbeatMs?: number; deltaCoalesceMs?: number } = {},
+): Promise<PostgresDriver> {
   const d = new PostgresDriver({ url, instanceId, heartbeatMs: 200, ...extra });
   await d.ready;
   cleanups.push(() => d.close());
@@ -130,8 +136,9 @@ describe('the LISTEN connection', () => {
 
   it("a transition sends its job's pending token deltas in its own transaction: it never waits on the LISTEN connection, and the tokens still arrive first", async () => {
     const url = await database();
-    // Heartbeats every second: A's busy LISTEN connection is not taken for deaf (and remade) within the test.
-    const a = await driver(url, 'inst-a', { heartbeatMs: 1_000 });
+    // Heartbeats every second: A's busy LISTEN connection is not taken for deaf (and remade) within
+    // the test; and A's coalescing timer never sends the deltas first (on that busy connection).
+    const a = await driver(url, 'inst-a', { heartbeatMs: 1_000, deltaCoalesceMs: 60_000 });
     const b = await driver(url, 'inst-b', { heartbeatMs: 1_000 });
     const cluster = (a as unknown as { cluster: { peers: boolean; client: pg.Client } }).cluster;
     await until('a to hear b', async () => cluster.peers, 5_000);
@@ -147,12 +154,27 @@ describe('the LISTEN connection', () => {
     const busy = cluster.client.query('SELECT pg_sleep(3)').then(() => {}, () => {});
     a.relayDelta(job.id, { n: 1 });
     a.relayDelta(job.id, { n: 2 });
+    a.relayDelta('another-job', { n: 3 }); // not this transition's job: left to the timer
     const t0 = performance.now();
     expect(await a.jobSetWorking({ seq: claimed!.seq, lease: claimed!.lease, now: Date.now(), leaseMs: 60_000 })).toBe(true);
     expect(performance.now() - t0).toBeLessThan(1_000);
     await until('b to hear the working state', async () => heard.includes('working'), 5_000);
     expect(heard).toEqual(['delta 1', 'delta 2', 'working']);
+    expect((a as unknown as { cluster: { deltasPending: boolean } }).cluster.deltasPending).toBe(true);
     await busy;
+  });
+
+  it('a coalescing timer that fires with no LISTEN connection does not stop the next one from starting', async () => {
+    const n = new ClusterNotifier({ url: 'postgres://127.0.0.1:1/none', instanceId: 'x', local: new LocalNotifier(), types: pgTypes, deltaCoalesceMs: 10 });
+    const timer = () => (n as unknown as { deltaTimer: NodeJS.Timeout | null }).deltaTimer;
+    n.restoreDeltas(new Map([['job-1', [{ n: 1 }]]])); // gathered deltas, and a timer for them
+    expect(timer()).not.toBeNull();
+    await sleep(50); // it fired: no connection, nothing to send them on
+    expect(timer()).toBeNull();
+    expect(n.deltasPending).toBe(false);
+    n.restoreDeltas(new Map([['job-2', [{ n: 2 }]]]));
+    expect(timer()).not.toBeNull();
+    await n.stop();
   });
 
   it("metrics count what this instance committed, not what it hears of the others'", async () => {

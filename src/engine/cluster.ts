@@ -65,13 +65,18 @@ export class ClusterEngines {
     return this.deps.driver.instanceEnginesPut !== undefined;
   }
 
-  /** Puts this instance's view now (before the instance takes requests), then keeps it fresh. */
+  /** Puts this instance's view now (its hosts probed once), then keeps it fresh. */
   async start(): Promise<void> {
     if (!this.shared) return;
     this.offChange = this.deps.pool.onViewChange(() => void this.put());
     this.timer = setInterval(() => void this.put(), this.refreshMs);
     this.timer.unref();
-    await this.put(true);
+    try {
+      await this.put(true);
+    } catch (err) {
+      await this.stop();
+      throw err;
+    }
   }
 
   /**
@@ -105,7 +110,11 @@ export class ClusterEngines {
             deleteBefore: now - Math.max(DELETE_AFTER_MS, this.freshMs + graceMs),
             freshSince: now - this.freshMs,
           });
-          this.otherHosts = others === 0 ? [] : (await this.others()).filter((v) => !v.stale).flatMap((v) => v.hosts);
+          try {
+            this.otherHosts = others === 0 ? [] : (await this.others()).filter((v) => !v.stale).flatMap((v) => v.hosts);
+          } catch (err) {
+            logger.warn({ err }, "could not read the other instances' engine views; the next refresh tries again");
+          }
         } while (this.again && !this.stopped);
       } catch (err) {
         if (strict) throw err;

@@ -63,6 +63,8 @@ export interface PostgresDriverOptions {
   queryTimeoutMs?: number;
   /** How often instances say on the channel that they are there (default 5 s; tests make it short). */
   heartbeatMs?: number;
+  /** How long token deltas are gathered before they cross to other instances (default 75 ms). */
+  deltaCoalesceMs?: number;
   /** Another live process was heard using this instance id. */
   onDuplicateId?: (instanceId: string) => void;
 }
@@ -613,6 +615,7 @@ export class PostgresDriver implements QueueDriver {
             local: this.local,
             types: pgTypes,
             ...(opts.heartbeatMs !== undefined ? { heartbeatMs: opts.heartbeatMs } : {}),
+            ...(opts.deltaCoalesceMs !== undefined ? { deltaCoalesceMs: opts.deltaCoalesceMs } : {}),
             ...(opts.onDuplicateId ? { onDuplicateId: opts.onDuplicateId } : {}),
           });
     this.notifier = this.local;
@@ -699,7 +702,10 @@ export class PostgresDriver implements QueueDriver {
         if (this.cluster?.peers) {
           // A job's last tokens reach other instances' watchers before its next state does: both
           // are sent at this commit, the tokens first.
-          if (fx.transitions.length > 0 && this.cluster.deltasPending) deltas = await this.cluster.sendDeltasIn(client);
+          if (fx.transitions.length > 0 && this.cluster.deltasPending) {
+            const jobs = fx.transitions.map((t) => t.jobId);
+            if (this.cluster.deltasPendingFor(jobs)) deltas = await this.cluster.sendDeltasIn(client, jobs);
+          }
           await this.cluster.publish(client, fx);
         }
         await client.query('COMMIT');

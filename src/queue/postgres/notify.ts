@@ -107,6 +107,8 @@ export class ClusterNotifier {
       fallbackMs?: number;
       /** HEARTBEAT_MS unless given (tests). */
       heartbeatMs?: number;
+      /** DELTA_COALESCE_MS unless given (tests). */
+      deltaCoalesceMs?: number;
       /** Another live process uses this instance id (a misconfiguration: its leases would be taken for ours). */
       onDuplicateId?: (instanceId: string) => void;
     },
@@ -267,7 +269,7 @@ export class ClusterNotifier {
     if (!list) this.deltas.set(jobId, (list = []));
     list.push(chunk);
     if (!this.deltaTimer) {
-      this.deltaTimer = setTimeout(() => void this.flushDeltas(), DELTA_COALESCE_MS);
+      this.deltaTimer = setTimeout(() => void this.flushDeltas(), this.o.deltaCoalesceMs ?? DELTA_COALESCE_MS);
       this.deltaTimer.unref();
     }
   }
@@ -279,9 +281,10 @@ export class ClusterNotifier {
 
   /** Sends the gathered deltas now, on the LISTEN connection (the coalescing timer). */
   flushDeltas(): Promise<void> {
+    const taken = this.takeDeltas();
     const c = this.client;
-    if (!c) return Promise.resolve();
-    const payloads = this.deltaPayloads(this.takeDeltas());
+    if (!c) return Promise.resolve(); // lost with the connection: missed tokens of a live view only
+    const payloads = this.deltaPayloads(taken);
     if (payloads.length === 0) return Promise.resolve();
     return c.query(SEND_DELTAS, [DELTA_CHANNEL, payloads]).then(
       () => {},
@@ -290,15 +293,27 @@ export class ClusterNotifier {
   }
 
   /**
-   * Sends the gathered deltas inside the caller's transaction, before its state NOTIFY: the other
-   * instances get both at its commit, tokens first, and the transaction (holding its rows' locks)
-   * waits on nothing but its own connection. Returns what it took, to be given back with
-   * `restoreDeltas` if the transaction does not commit.
+   * Sends the gathered deltas of `jobIds` inside the caller's transaction, which changes their
+   * state, before its state NOTIFY: the other instances get both at its commit, tokens first, and
+   * the transaction (holding its rows' locks) waits on nothing but its own connection. Returns what
+   * it took, to be given back with `restoreDeltas` if the transaction does not commit (it gives
+   * them back itself if the send fails).
    */
-  async sendDeltasIn(client: pg.ClientBase): Promise<Map<string, unknown[]>> {
-    const taken = this.takeDeltas();
+  async sendDeltasIn(client: pg.ClientBase, jobIds: Iterable<string>): Promise<Map<string, unknown[]>> {
+    const taken = new Map<string, unknown[]>();
+    for (const j of jobIds) {
+      const chunks = this.deltas.get(j);
+      if (!chunks) continue;
+      taken.set(j, chunks);
+      this.deltas.delete(j);
+    }
     const payloads = this.deltaPayloads(taken);
-    if (payloads.length > 0) await client.query(SEND_DELTAS, [DELTA_CHANNEL, payloads]);
+    try {
+      if (payloads.length > 0) await client.query(SEND_DELTAS, [DELTA_CHANNEL, payloads]);
+    } catch (err) {
+      this.restoreDeltas(taken);
+      throw err;
+    }
     return taken;
   }
 
@@ -308,9 +323,15 @@ export class ClusterNotifier {
     for (const [j, chunks] of this.deltas) taken.set(j, [...(taken.get(j) ?? []), ...chunks]);
     this.deltas = taken;
     if (!this.deltaTimer) {
-      this.deltaTimer = setTimeout(() => void this.flushDeltas(), DELTA_COALESCE_MS);
+      this.deltaTimer = setTimeout(() => void this.flushDeltas(), this.o.deltaCoalesceMs ?? DELTA_COALESCE_MS);
       this.deltaTimer.unref();
     }
+  }
+
+  /** Whether deltas of any of `jobIds` wait to be sent. */
+  deltasPendingFor(jobIds: Iterable<string>): boolean {
+    for (const j of jobIds) if (this.deltas.has(j)) return true;
+    return false;
   }
 
   private takeDeltas(): Map<string, unknown[]> {
