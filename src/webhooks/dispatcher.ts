@@ -76,6 +76,13 @@ export class Dispatcher {
   private readonly unsubscribe: (() => void)[];
   /** Rows the driver claimed for this dispatcher as transitions wrote them (ADR-0017), not yet sent. */
   private readonly held: number[] = [];
+  /**
+   * Deliveries whose outcome is being recorded again after storage failed. A shared driver's claim
+   * may hand one back once its lease has run out (its claimer, this instance, is recorded in the
+   * row): it is not sent again before its outcome is stored (ADR-0007), and its claim is left to
+   * run out.
+   */
+  private readonly recording = new Set<number>();
   private detach: (() => void) | null = null;
   /**
    * Whether the next tick runs the claim: a row became due unclaimed, the last claim was cut short
@@ -171,6 +178,7 @@ export class Dispatcher {
   }
 
   private launch(d: ClaimedDelivery): void {
+    if (this.recording.has(d.id)) return;
     const p: Promise<void> = this.deliver(d)
       .catch((err: unknown) => this.deps.logger.error({ err, job_id: d.jobId }, 'webhook delivery crashed'))
       .finally(() => {
@@ -187,7 +195,7 @@ export class Dispatcher {
     const records: Promise<void>[] = [];
     let d: ClaimedDelivery | null = first;
     try {
-      while (d) {
+      while (d && !this.recording.has(d.id)) {
         const step: { next: ClaimedDelivery | null; recorded: Promise<void> } = await this.deliverOne(d);
         records.push(step.recorded);
         d = step.next;
@@ -232,18 +240,23 @@ export class Dispatcher {
     const recorded = retryStorage(() => driver.deliveryRecord({ id: d.id, now, outcome }), {
       signal: this.stopCtl.signal,
       maxWaitMs: 30_000,
-      onRetry: (err, wait) => log.error({ err, retry_in_ms: wait }, 'could not record the webhook attempt; retrying'),
-    }).then(
-      () => {
-        this.deps.onOutcome?.(outcome.kind === 'retry' ? 'retried' : outcome.kind, outcome.kind === 'delivered' ? (now - d.occurredAt) / 1000 : null);
-        this.logOutcome(log, outcome, now);
+      onRetry: (err, wait) => {
+        this.recording.add(d.id);
+        log.error({ err, retry_in_ms: wait }, 'could not record the webhook attempt; retrying');
       },
-      (err: unknown) => {
-        // Shutting down with storage still failing: the attempt stays pending and is sent again after restart.
-        log.error({ err }, 'could not record the webhook attempt');
-        return driver.deliveryRelease({ id: d.id });
-      },
-    );
+    })
+      .finally(() => this.recording.delete(d.id))
+      .then(
+        () => {
+          this.deps.onOutcome?.(outcome.kind === 'retry' ? 'retried' : outcome.kind, outcome.kind === 'delivered' ? (now - d.occurredAt) / 1000 : null);
+          this.logOutcome(log, outcome, now);
+        },
+        (err: unknown) => {
+          // Shutting down with storage still failing: the attempt stays pending and is sent again after restart.
+          log.error({ err }, 'could not record the webhook attempt');
+          return driver.deliveryRelease({ id: d.id });
+        },
+      );
     // Acknowledged: the job's next event can go now, while the record commits.
     const next =
       outcome.kind === 'delivered' && !this.stopCtl.signal.aborted

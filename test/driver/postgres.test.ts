@@ -13,10 +13,12 @@ import type { ClaimHost, EngineView } from '../../src/queue/driver.js';
 import { PostgresDriver } from '../../src/queue/postgres/driver.js';
 import { createDatabase } from '../support/postgres.js';
 import { startReceiver } from '../support/receiver.js';
+import { until } from '../support/util.js';
 import { pino } from 'pino';
 import { Dispatcher } from '../../src/webhooks/dispatcher.js';
 import { blockListOf } from '../../src/webhooks/ssrf.js';
 import { systemClock } from '../../src/domain.js';
+import { StorageUnavailable } from '../../src/errors.js';
 import { driverConformance, newJob } from './conformance.js';
 
 /** A template database migrated once; each test gets a copy (CREATE DATABASE … TEMPLATE is fast). */
@@ -455,6 +457,74 @@ describe('postgres driver only', () => {
     expect(ps.length).toBeGreaterThan(1);
     for (const p of ps) expect(Buffer.byteLength(p)).toBeLessThanOrEqual(MAX_PAYLOAD);
     expect(ps.flatMap((p) => (JSON.parse(p) as { t: unknown[] }).t).length).toBe(200);
+  });
+});
+
+describe('the dispatcher on PostgreSQL (ADR-0007: never sent again while its outcome is being recorded)', () => {
+  it('a delivery whose record keeps failing past its lease is claimed again by this instance, and not sent again', async () => {
+    const db = await freshDb();
+    const driver = new PostgresDriver({ url: db.url, instanceId: 'disp-r', crossInstance: false, deliveryLeaseMs: 300 });
+    const receiver = await startReceiver(() => 200);
+    // The real driver; only its records of outcomes fail, for 1.5 s (the database unreachable for them).
+    let failUntil = 0;
+    let claims = 0;
+    const faulty = new Proxy(driver, {
+      get(target, prop, recv) {
+        const v = Reflect.get(target, prop, recv);
+        if (typeof v !== 'function') return v;
+        if (prop === 'deliveryRecord' || prop === 'deliveryRecordClaimNext') {
+          return (...args: unknown[]) =>
+            Date.now() < failUntil ? Promise.reject(new StorageUnavailable('storage unavailable: test')) : (v as (...a: unknown[]) => unknown).apply(target, args);
+        }
+        if (prop === 'deliveriesClaim') {
+          return async (...args: unknown[]) => {
+            const out = await (v as (...a: unknown[]) => Promise<{ deliveries: unknown[] }>).apply(target, args);
+            claims += out.deliveries.length;
+            return out;
+          };
+        }
+        return (v as (...a: unknown[]) => unknown).bind(target);
+      },
+    });
+    const dispatcher = new Dispatcher({
+      driver: faulty,
+      clock: systemClock,
+      logger: pino({ level: 'silent' }),
+      options: {
+        concurrency: 4,
+        perOriginConcurrency: 8,
+        timeoutMs: 5_000,
+        backoffBaseMs: 100,
+        backoffMaxMs: 1_000,
+        retryAfterMaxMs: 1_000,
+        maxAttempts: 3,
+        blockPrivate: false,
+        allow: blockListOf([]),
+        self: () => null,
+        inlineArtifactMaxBytes: 1024,
+        secrets: [],
+        userAgent: 'foreman-test',
+        pollIntervalMs: 50,
+        artifactUrl: () => 'http://127.0.0.1:1/unused',
+      },
+    });
+    try {
+      await driver.ready;
+      dispatcher.start();
+      failUntil = Date.now() + 1_500;
+      const job = newJob({ webhookUrl: `${receiver.url}/h`, webhookEvents: ['queued'] });
+      await driver.jobsInsert({ jobs: [job], now: Date.now(), maxQueued: 10 });
+      await receiver.waitFor((r) => r.length === 1);
+      await until('the outcome to be recorded', async () => (await driver.jobGet({ id: job.id }))!.deliveries[0]!.status === 'delivered', 10_000);
+      // Its lease ran out several times while the record failed, and this instance's claim took it back.
+      expect(claims).toBeGreaterThan(0);
+      expect(receiver.received.map((r) => r.event.state)).toEqual(['queued']);
+    } finally {
+      await dispatcher.stop(1_000);
+      await receiver.close();
+      await driver.close();
+      await db.drop();
+    }
   });
 });
 
