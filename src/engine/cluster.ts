@@ -16,7 +16,8 @@ type Counted = InstanceEngineView & { stale: boolean };
  * hosts per instance"). Instances may list different hosts, so the leader may not judge by its
  * own pool alone: a model none of its hosts has may be on another instance's, and another
  * instance's hosts may answer while its own are out. Each instance keeps its pool's view in the
- * database: before it takes requests, whenever the view changes, and every `refreshMs`.
+ * database: once its hosts have been probed at start, whenever the view changes, and every
+ * `refreshMs`.
  *
  * A view refreshed within three refreshes and a second is the instance's word. One older than
  * that is an instance that stopped or died, taken as hosts that are down and may come back with
@@ -36,9 +37,14 @@ export class ClusterEngines {
   private stopped = false;
   private readonly refreshMs: number;
   private readonly freshMs: number;
-  /** This instance's hosts, and those of the other live instances as of the last refresh. */
+  /** This instance's hosts (they do not change). */
   private readonly ownHosts: { name: string; slots: number }[];
-  private otherHosts: { name: string; slots: number }[] = [];
+  /**
+   * Jobs the cluster's hosts run at once, for the queue's ETA: the slots of every host of this
+   * instance and of the other live ones (a host several list counts once, by name), so every
+   * instance gives the same estimate. Counted again at each refresh.
+   */
+  slots: number;
 
   constructor(
     private readonly deps: { driver: QueueDriver; pool: EnginePool; clock: Clock; logger: Logger; graceMs: number; refreshMs?: number },
@@ -46,16 +52,12 @@ export class ClusterEngines {
     this.refreshMs = deps.refreshMs ?? ENGINE_VIEW_REFRESH_MS;
     this.freshMs = 3 * this.refreshMs + 1_000;
     this.ownHosts = deps.pool.view().hosts;
+    this.slots = this.countSlots([]);
   }
 
-  /**
-   * Jobs the cluster's hosts run at once, for the queue's ETA: the slots of every host of this
-   * instance and of the other live ones (a host several list counts once, by name), so every
-   * instance gives the same estimate (learned at each refresh).
-   */
-  get slots(): number {
+  private countSlots(otherHosts: { name: string; slots: number }[]): number {
     const seen = new Map<string, number>();
-    for (const h of [...this.ownHosts, ...this.otherHosts]) if (!seen.has(h.name)) seen.set(h.name, h.slots);
+    for (const h of [...this.ownHosts, ...otherHosts]) if (!seen.has(h.name)) seen.set(h.name, h.slots);
     let n = 0;
     for (const slots of seen.values()) n += slots;
     return n;
@@ -111,7 +113,7 @@ export class ClusterEngines {
             freshSince: now - this.freshMs,
           });
           try {
-            this.otherHosts = others === 0 ? [] : (await this.others()).filter((v) => !v.stale).flatMap((v) => v.hosts);
+            this.slots = this.countSlots(others === 0 ? [] : (await this.others()).filter((v) => !v.stale).flatMap((v) => v.hosts));
           } catch (err) {
             logger.warn({ err }, "could not read the other instances' engine views; the next refresh tries again");
           }
@@ -133,7 +135,7 @@ export class ClusterEngines {
     const now = clock.now();
     const views = await driver.instanceEnginesList({ now, maxAgeMs: this.freshMs + graceMs });
     return views.map((v) =>
-      now - v.seenAt <= this.freshMs ? { ...v, stale: false } : { ...v, allUp: false, downSince: v.downSince ?? v.seenAt, stale: true },
+      now - v.seenAt <= this.freshMs ? { ...v, stale: false } : { ...v, downSince: v.downSince ?? v.seenAt, stale: true },
     );
   }
 

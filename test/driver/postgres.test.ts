@@ -460,6 +460,24 @@ describe('postgres driver only', () => {
   });
 });
 
+/** A dispatcher's options for these tests: loopback receivers, short backoff. */
+const dispatcherOptions = (o: { concurrency: number; pollIntervalMs: number }): ConstructorParameters<typeof Dispatcher>[0]['options'] => ({
+  ...o,
+  perOriginConcurrency: 8,
+  timeoutMs: 5_000,
+  backoffBaseMs: 100,
+  backoffMaxMs: 1_000,
+  retryAfterMaxMs: 1_000,
+  maxAttempts: 3,
+  blockPrivate: false,
+  allow: blockListOf([]),
+  self: () => null,
+  inlineArtifactMaxBytes: 1024,
+  secrets: [],
+  userAgent: 'foreman-test',
+  artifactUrl: () => 'http://127.0.0.1:1/unused',
+});
+
 describe('the dispatcher on PostgreSQL (ADR-0007: never sent again while its outcome is being recorded)', () => {
   it('a delivery whose record keeps failing past its lease is claimed again by this instance, and not sent again', async () => {
     const db = await freshDb();
@@ -490,23 +508,7 @@ describe('the dispatcher on PostgreSQL (ADR-0007: never sent again while its out
       driver: faulty,
       clock: systemClock,
       logger: pino({ level: 'silent' }),
-      options: {
-        concurrency: 4,
-        perOriginConcurrency: 8,
-        timeoutMs: 5_000,
-        backoffBaseMs: 100,
-        backoffMaxMs: 1_000,
-        retryAfterMaxMs: 1_000,
-        maxAttempts: 3,
-        blockPrivate: false,
-        allow: blockListOf([]),
-        self: () => null,
-        inlineArtifactMaxBytes: 1024,
-        secrets: [],
-        userAgent: 'foreman-test',
-        pollIntervalMs: 50,
-        artifactUrl: () => 'http://127.0.0.1:1/unused',
-      },
+      options: dispatcherOptions({ concurrency: 4, pollIntervalMs: 50 }),
     });
     try {
       await driver.ready;
@@ -564,23 +566,7 @@ describe('the dispatcher on PostgreSQL (ADR-0017)', () => {
       driver: counted,
       clock: systemClock,
       logger: pino({ level: 'silent' }),
-      options: {
-        concurrency: 1,
-        perOriginConcurrency: 8,
-        timeoutMs: 5_000,
-        backoffBaseMs: 100,
-        backoffMaxMs: 1_000,
-        retryAfterMaxMs: 1_000,
-        maxAttempts: 3,
-        blockPrivate: false,
-        allow: blockListOf([]),
-        self: () => null,
-        inlineArtifactMaxBytes: 1024,
-        secrets: [],
-        userAgent: 'foreman-test',
-        pollIntervalMs: 60_000,
-        artifactUrl: () => 'http://127.0.0.1:1/unused',
-      },
+      options: dispatcherOptions({ concurrency: 1, pollIntervalMs: 60_000 }),
     });
     try {
       await driver.ready;

@@ -460,7 +460,6 @@ const Q = {
   claimedMine: `SELECT ${DUE_COLS}, ${ARTS} FROM webhook_deliveries d JOIN jobs j ON j.seq = d.job_seq LEFT JOIN batches b ON b.seq = d.batch_seq
     WHERE d.id = ANY(@ids::bigint[]) AND d.status = 'pending' AND d.claimed_by = @by AND d.claimed_until >= @fresh
     ORDER BY array_position(@ids::bigint[], d.id)`,
-  // A delivery's outcome and its line's next head, in one call (migrations 0006, 0012).
   // One statement: the instance's view, and the views long out of use gone (ADR-0011).
   instanceEnginesPut: `WITH gone AS (DELETE FROM instance_engines WHERE seen_at < @deleteBefore AND instance_id <> @id),
     put AS (INSERT INTO instance_engines (instance_id, seen_at, all_up, down_since, any_model, models, hosts)
@@ -471,7 +470,8 @@ const Q = {
   instanceEnginesList: `SELECT instance_id AS instance, seen_at AS seenAt, all_up AS allUp, down_since AS downSince,
       any_model AS anyModel, models, hosts
     FROM instance_engines WHERE instance_id <> @id AND seen_at >= @since ORDER BY instance_id`,
-  // Only the claim's holder (or anyone, when nobody holds it) records an outcome (migration 0017).
+  // A delivery's outcome and its line's next head, in one call (migrations 0006, 0012, 0017): only
+  // the claim's holder (or anyone, when nobody holds it) records an outcome.
   recordDelivery: `SELECT foreman_delivery_outcome(@id, @now, @kind, @code::integer, @next::bigint, @error::text, @notify::text, @by) AS seq`,
   recordDeliveredClaimNext: `SELECT recorded, id, job_seq AS jobSeq, state, sequence, url, origin, occurred_at AS occurredAt,
       attempts, job_id AS jobId, metadata, error_code AS errorCode, error_message AS errorMessage, created_at, started_at,
@@ -703,8 +703,7 @@ export class PostgresDriver implements QueueDriver {
           // A job's last tokens reach other instances' watchers before its next state does: both
           // are sent at this commit, the tokens first.
           if (fx.transitions.length > 0 && this.cluster.deltasPending) {
-            const jobs = fx.transitions.map((t) => t.jobId);
-            if (this.cluster.deltasPendingFor(jobs)) deltas = await this.cluster.sendDeltasIn(client, jobs);
+            deltas = await this.cluster.sendDeltasIn(client, fx.transitions.map((t) => t.jobId));
           }
           await this.cluster.publish(client, fx);
         }

@@ -226,8 +226,7 @@ export class ClusterNotifier {
   private beat(h: 1 | 2): void {
     const c = this.client;
     if (!c) return;
-    const m: Message = { i: this.sender, h };
-    c.query('SELECT pg_notify($1, $2)', [CHANNEL, JSON.stringify(m)]).catch(() => {});
+    c.query('SELECT pg_notify($1, $2)', [CHANNEL, JSON.stringify({ i: this.sender, h })]).catch(() => {});
   }
 
   /**
@@ -268,10 +267,7 @@ export class ClusterNotifier {
     let list = this.deltas.get(jobId);
     if (!list) this.deltas.set(jobId, (list = []));
     list.push(chunk);
-    if (!this.deltaTimer) {
-      this.deltaTimer = setTimeout(() => void this.flushDeltas(), this.o.deltaCoalesceMs ?? DELTA_COALESCE_MS);
-      this.deltaTimer.unref();
-    }
+    this.armDeltaTimer();
   }
 
   /** Whether deltas wait to be sent (a state change of their job must not overtake them). */
@@ -322,16 +318,14 @@ export class ClusterNotifier {
     if (taken.size === 0) return;
     for (const [j, chunks] of this.deltas) taken.set(j, [...(taken.get(j) ?? []), ...chunks]);
     this.deltas = taken;
-    if (!this.deltaTimer) {
-      this.deltaTimer = setTimeout(() => void this.flushDeltas(), this.o.deltaCoalesceMs ?? DELTA_COALESCE_MS);
-      this.deltaTimer.unref();
-    }
+    this.armDeltaTimer();
   }
 
-  /** Whether deltas of any of `jobIds` wait to be sent. */
-  deltasPendingFor(jobIds: Iterable<string>): boolean {
-    for (const j of jobIds) if (this.deltas.has(j)) return true;
-    return false;
+  /** Deltas wait at most the coalescing delay before the timer sends them. */
+  private armDeltaTimer(): void {
+    if (this.deltaTimer) return;
+    this.deltaTimer = setTimeout(() => void this.flushDeltas(), this.o.deltaCoalesceMs ?? DELTA_COALESCE_MS);
+    this.deltaTimer.unref();
   }
 
   private takeDeltas(): Map<string, unknown[]> {
