@@ -97,6 +97,7 @@ export class Service {
   private readonly unsubscribeDeltas: () => void;
   private readonly unsubscribeResync: () => void;
   private readonly unsubscribeMetrics: () => void;
+  private readonly unsubscribeBatches: () => void;
   readonly metrics: Metrics;
   /** Group commits so far: how many, how many writes they carried, and their time (logged at stop). */
   readonly commits = { groups: 0, ops: 0, ms: 0 };
@@ -191,6 +192,8 @@ export class Service {
     );
     this.metrics = new Metrics(driver, health, clock, this.pool);
     this.unsubscribeMetrics = driver.notifier.on('stateChanged', this.metrics.transition);
+    // A batch created or cancelled on any instance wakes the runner at once (it runs on the leader).
+    this.unsubscribeBatches = driver.notifier.on('batchReady', this.batches.wake);
     const random = opts.random ? { random: opts.random } : {};
     this.worker = new Worker({
       driver,
@@ -398,6 +401,7 @@ export class Service {
       this.unsubscribeDeltas();
       this.unsubscribeResync();
       this.unsubscribeMetrics();
+      this.unsubscribeBatches();
       await this.driver.close();
       const c = this.commits;
       this.logger.info(

@@ -73,3 +73,48 @@ describe('leadership on PostgreSQL', () => {
     expect(b.request_counts).toEqual({ total: 3, completed: 3, failed: 0 });
   });
 });
+
+describe('the batch runner on PostgreSQL', () => {
+  it('starts at once on the leader for a batch created on another instance, and a cancel there reaches it at once', async () => {
+    const db = await createDatabase('foreman_batch_wake');
+    cleanups.push(db.drop);
+    // Each request takes a while, so the cancel finds lines still waiting.
+    const fake = await startFakeOllama({ models: ['llama3.2'], defaultChunkDelayMs: 40 });
+    cleanups.push(() => fake.close());
+    // A poll far longer than the test: only a wake-up can move the batch in time.
+    const poll = 60_000;
+    const start = async (id: string) => {
+      const driver = new PostgresDriver({ url: db.url, instanceId: id });
+      await driver.ready;
+      cleanups.push(() => driver.close());
+      const svc = new Service({ config: testConfig({ ollamaUrl: fake.url, databaseUrl: db.url, instanceId: id, pollIntervalMs: poll, concurrency: 1 }), logger: pino({ level: 'silent' }), driver });
+      const base = await svc.start();
+      cleanups.unshift(() => svc.stop());
+      return { svc, base };
+    };
+    const a = await start('a');
+    await until('a to lead', async () => a.svc.leader, 5_000);
+    const b = await start('b');
+    expect(b.svc.leader).toBe(false);
+    // The leader's runner has had its first look and sleeps for the poll.
+    await sleep(300);
+
+    const client = new OpenAI({ baseURL: `${b.base}/v1`, apiKey: 'unused', maxRetries: 0 });
+    const lines = Array.from({ length: 100 }, (_, i) =>
+      JSON.stringify({ custom_id: `l${i}`, method: 'POST', url: '/v1/chat/completions', body: { model: 'llama3.2', messages: [{ role: 'user', content: `line ${i}` }] } }),
+    );
+    const file = await client.files.create({ file: await toFile(Buffer.from(lines.join('\n') + '\n'), 'b.jsonl'), purpose: 'batch' });
+    const batch = await client.batches.create({ input_file_id: file.id, endpoint: '/v1/chat/completions', completion_window: '24h' });
+    let got = batch;
+    await until('the leader to submit the lines created on b', async () => (got = await client.batches.retrieve(batch.id)).status === 'in_progress', 3_000);
+
+    // The runner submits the rest (a chunk of 32 lines a turn), then sleeps for the poll; the
+    // engine has run only a few lines by then.
+    await sleep(500);
+    await client.batches.cancel(batch.id);
+    await until('the leader to end the waiting lines of the batch cancelled on b', async () => (got = await client.batches.retrieve(batch.id)).status === 'cancelled', 3_000);
+    const c = got.request_counts!;
+    expect(c.total).toBe(100);
+    expect(c.completed + c.failed).toBeLessThan(50);
+  });
+});

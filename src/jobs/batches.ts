@@ -79,7 +79,7 @@ export class Batches {
     return this.loop.stop();
   }
 
-  /** Cuts the runner's sleep short (a batch was created or cancelled; the clock was moved in a test). */
+  /** Cuts the runner's sleep short (the driver announced `batchReady`; the clock was moved in a test). */
   wake = (): void => this.loop.wake.notify();
 
   async create(input: CreateBatchInput, who: Principal): Promise<BatchRecord> {
@@ -134,8 +134,8 @@ export class Batches {
       },
     });
     if (!batch) throw new NotFound('file_not_found', `file ${file.id} was deleted`, 'input_file_id');
+    // The runner (on whichever instance leads) hears of it through the driver's `batchReady`.
     this.logger.info({ batch_id: id, lines: file.lines, endpoint, key_id: who.kind === 'key' ? who.key.id : undefined }, 'batch created');
-    this.wake();
     return batch;
   }
 
@@ -173,7 +173,6 @@ export class Batches {
       throw new Conflict('batch_not_cancellable', `the batch is ${r.batch.status}: it cannot be cancelled`, 'batch_id');
     }
     this.logger.info({ batch_id: id, status: r.batch.status }, 'batch cancel requested');
-    this.wake();
     return r.batch;
   }
 

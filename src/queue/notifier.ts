@@ -10,6 +10,8 @@ export interface QueueEvents {
   jobReady: [];
   /** An outbox row became due. */
   deliveryReady: [];
+  /** A batch was created or cancelled: the batch runner (on the leader) has work. */
+  batchReady: [];
   /** Outbox rows written claimed by this instance (ADR-0017): in process only. */
   deliveriesClaimed: [ids: number[]];
   /** A state change committed. */

@@ -453,7 +453,7 @@ describe('postgres driver only', () => {
     // Two long messages: one of plain letters, one of control characters (six bytes each as JSON).
     const message = (n: number) => (n === 5 ? 'e'.repeat(20_000) : n === 7 ? '\u0001'.repeat(20_000) : 'e'.repeat(10));
     const t = Array.from({ length: 200 }, (_, n) => ({ jobId: `job-${n}`, state: 'failed' as const, n, at: T0, attempt: 1, error: { code: 'x', message: message(n) } }));
-    const ps = payloadsOf('me', { jobReady: true, deliveryReady: false, transitions: t, canceled: [] });
+    const ps = payloadsOf('me', { jobReady: true, deliveryReady: false, batchReady: false, transitions: t, canceled: [] });
     expect(ps.length).toBeGreaterThan(1);
     for (const p of ps) expect(Buffer.byteLength(p)).toBeLessThanOrEqual(MAX_PAYLOAD);
     expect(ps.flatMap((p) => (JSON.parse(p) as { t: unknown[] }).t).length).toBe(200);

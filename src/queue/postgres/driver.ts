@@ -73,12 +73,14 @@ export interface PostgresDriverOptions {
 export interface Effects {
   jobReady: boolean;
   deliveryReady: boolean;
+  /** A batch was created or cancelled (the leader's batch runner has work). */
+  batchReady: boolean;
   transitions: TransitionEvent[];
   canceled: string[];
   /** Outbox rows this write claimed for this instance's dispatcher (ADR-0017). */
   claimed: number[];
 }
-const noEffects = (): Effects => ({ jobReady: false, deliveryReady: false, transitions: [], canceled: [], claimed: [] });
+const noEffects = (): Effects => ({ jobReady: false, deliveryReady: false, batchReady: false, transitions: [], canceled: [], claimed: [] });
 
 interface TransitionRow {
   seq: number;
@@ -671,6 +673,7 @@ export class PostgresDriver implements QueueDriver {
   private announce(fx: Effects): void {
     const n = this.local;
     if (fx.deliveryReady) n.emit('deliveryReady');
+    if (fx.batchReady) n.emit('batchReady');
     if (fx.claimed.length > 0) n.emit('deliveriesClaimed', fx.claimed);
     if (fx.jobReady) n.emit('jobReady');
     for (const e of fx.transitions) n.emit('stateChanged', e);

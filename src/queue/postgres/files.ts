@@ -225,9 +225,10 @@ export class PgFilesBatches {
 
   batchInsert(p: { batch: NewBatch; now: number }): Promise<BatchRecord | null> {
     const n = p.batch;
-    return this.h.tx(async (c) => {
+    return this.h.tx(async (c, fx) => {
       const input = await c.get<FileRecord>(Q.fileBySeqShared, { seq: n.inputFileSeq });
       if (!input || input.status !== 'processed') return null;
+      fx.batchReady = true;
       const seq = (await c.one<number>(Q.batchInsert, {
         id: n.id,
         keyId: n.keyId,
@@ -294,7 +295,10 @@ export class PgFilesBatches {
       const before = batchOf(await c.get<BatchRow>(Q.batchById, { id: p.id }));
       if (!before || (p.keyId !== undefined && (before.keyId ?? '') !== p.keyId)) return null;
       const changed = (await c.one<number>(Q.batchCancel, { seq: before.seq, now: p.now })) !== undefined;
-      if (changed) await this.settle(c, fx, before.seq, p.now);
+      if (changed) {
+        fx.batchReady = true;
+        await this.settle(c, fx, before.seq, p.now);
+      }
       return { batch: batchOf(await c.get<BatchRow>(Q.batchBySeq, { seq: before.seq }))!, changed };
     });
   }

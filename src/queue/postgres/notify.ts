@@ -23,6 +23,7 @@ const instanceOf = (sender: string) => sender.slice(0, sender.lastIndexOf('#'));
 interface Fx {
   jobReady: boolean;
   deliveryReady: boolean;
+  batchReady: boolean;
   transitions: TransitionEvent[];
   canceled: string[];
 }
@@ -35,6 +36,8 @@ interface Message {
   h?: 1 | 2;
   r?: 1;
   d?: 1;
+  /** A batch was created or cancelled. */
+  b?: 1;
   c?: string[];
   t?: TransitionEvent[];
 }
@@ -45,6 +48,7 @@ export function payloadsOf(sender: string, fx: Fx): string[] {
   const base: Message = { i: sender };
   if (fx.jobReady) base.r = 1;
   if (fx.deliveryReady) base.d = 1;
+  if (fx.batchReady) base.b = 1;
   if (fx.canceled.length) base.c = [...fx.canceled];
   let cur: Message = base;
   const size = (m: Message) => Buffer.byteLength(JSON.stringify(m));
@@ -63,7 +67,7 @@ export function payloadsOf(sender: string, fx: Fx): string[] {
       cur = { i: sender, t: [e] };
     } else cur = next;
   }
-  if (cur.r || cur.d || cur.c || cur.t?.length) out.push(JSON.stringify(cur));
+  if (cur.r || cur.d || cur.b || cur.c || cur.t?.length) out.push(JSON.stringify(cur));
   return out;
 }
 
@@ -217,6 +221,7 @@ export class ClusterNotifier {
     if (m.h === 2) this.beat(1); // a new instance learns at once that this one is here
     const n = this.o.local;
     if (m.d) n.emit('deliveryReady');
+    if (m.b) n.emit('batchReady');
     if (m.r) n.emit('jobReady');
     for (const e of m.t ?? []) n.emit('stateChanged', { ...e, remote: true });
     for (const id of m.c ?? []) n.emit('cancelRequested', id);

@@ -189,6 +189,7 @@ export class SqliteDriver implements QueueDriver {
   private announce(fx: Effects): void {
     const n = this.notifier;
     if (fx.deliveryReady) n.emit('deliveryReady');
+    if (fx.batchReady) n.emit('batchReady');
     if (fx.jobReady) n.emit('jobReady');
     for (const e of fx.transitions) n.emit('stateChanged', e);
     for (const id of fx.canceled) n.emit('cancelRequested', id);
@@ -1151,9 +1152,10 @@ export class SqliteDriver implements QueueDriver {
   batchInsert(p: { batch: NewBatch; now: number }): Promise<BatchRecord | null> {
     const b = this.b;
     const n = p.batch;
-    return this.write(() => {
+    return this.write((fx) => {
       const input = b.fileBySeq.get(n.inputFileSeq) as FileRecord | undefined;
       if (!input || input.status !== 'processed') return null;
+      fx.batchReady = true;
       const seq = b.batchInsert.get({
         id: n.id,
         keyId: n.keyId,
@@ -1218,7 +1220,10 @@ export class SqliteDriver implements QueueDriver {
       const before = this.batchOf(b.batchById.get(p.id));
       if (!before || (p.keyId !== undefined && (before.keyId ?? '') !== p.keyId)) return null;
       const changed = b.batchCancel.get({ seq: before.seq, now: p.now }) !== undefined;
-      if (changed) this.batchSettle(fx, before.seq, p.now);
+      if (changed) {
+        fx.batchReady = true;
+        this.batchSettle(fx, before.seq, p.now);
+      }
       return { batch: this.batchOf(b.batchBySeq.get(before.seq))!, changed };
     });
   }

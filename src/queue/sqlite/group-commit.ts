@@ -6,11 +6,12 @@ import { isSqliteStorageError } from './db.js';
 export interface Effects {
   jobReady: boolean;
   deliveryReady: boolean;
+  batchReady: boolean;
   transitions: import('../driver.js').TransitionEvent[];
   canceled: string[];
 }
 
-export const noEffects = (): Effects => ({ jobReady: false, deliveryReady: false, transitions: [], canceled: [] });
+export const noEffects = (): Effects => ({ jobReady: false, deliveryReady: false, batchReady: false, transitions: [], canceled: [] });
 
 /** A driver error as the rest of the service sees it: storage trouble becomes `StorageUnavailable`. */
 export function domainError(err: unknown): unknown {
