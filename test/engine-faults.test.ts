@@ -11,6 +11,8 @@ import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hello, startHarness, type Harness } from './support/harness.js';
 import type { FakeBehaviour, RecordedRequest } from './support/fake-ollama.js';
+import { SWEEP_CHUNK } from '../src/maintenance/maintainer.js';
+import { PostgresDriver } from '../src/queue/postgres/driver.js';
 import { sleep, until, jobCount, sqlite, terminal } from './support/util.js';
 
 const BUSY = 'server busy, please try again.  maximum pending requests exceeded';
@@ -19,6 +21,19 @@ const MiB = 1024 * 1024;
 
 
 
+
+/** Failed jobs with this error code, read straight from the service's database (either driver). */
+async function failedWith(h: Harness, code: string): Promise<number> {
+  const d = h.service.driver;
+  const sql = 'SELECT count(*) AS n FROM jobs WHERE state = $1 AND error_code = $2';
+  if (d instanceof PostgresDriver) return Number((await d.pool.query<{ n: string }>(sql, ['failed', code])).rows[0]!.n);
+  return (sqlite(h).prepare(sql.replace('$1', '?').replace('$2', '?')).get('failed', code) as { n: number }).n;
+}
+
+/** Submits `n` jobs, 50 requests at a time. */
+async function submitMany(h: Harness, n: number, body: (i: number) => Record<string, unknown>): Promise<void> {
+  for (let i = 0; i < n; i += 50) await Promise.all(Array.from({ length: Math.min(50, n - i) }, (_, k) => h.submit(body(i + k))));
+}
 
 function engineRequests(h: Harness, from: number): { loads: RecordedRequest[]; chats: RecordedRequest[] } {
   const mine = h.fake.requests.slice(from);
@@ -438,6 +453,26 @@ describe('engine down for a while', () => {
       const job = await h.waitForState(id, terminal);
       expect(job.state).toBe('done');
       expect(job.result.message.content).toBe('echo: only one attempt');
+    } finally {
+      await h.stop();
+    }
+  });
+
+  it('a missing model, then an outage, fails a backlog of more than two sweep chunks: every job of it', async () => {
+    const h = await startHarness({ engineOutageTimeoutMs: 500, jobRetryBaseMs: 1 });
+    const n = SWEEP_CHUNK * 2 + 10;
+    try {
+      await submitMany(h, n, (i) => ({ model: 'llama9', messages: [{ role: 'user', content: `missing ${i}` }] }));
+      await until('every job of the missing model to fail', async () => (await failedWith(h, 'model_not_found')) === n, 30_000);
+
+      await h.fake.stop();
+      await submitMany(h, n, (i) => hello(`outage ${i}`));
+      await until('every job of the outage to fail', async () => (await failedWith(h, 'engine_unavailable')) === n, 30_000);
+      expect(await h.service.driver.jobsCountActive()).toEqual([]);
+      expect(await jobCount(h)).toBe(2 * n);
+
+      await h.fake.start();
+      await nextJobSucceeds(h, 'a large outage');
     } finally {
       await h.stop();
     }

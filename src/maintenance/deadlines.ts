@@ -1,4 +1,4 @@
-import { MaintenanceService, type MaintenanceDeps } from './maintainer.js';
+import { MaintenanceService, SWEEP_CHUNK, type MaintenanceDeps } from './maintainer.js';
 
 /**
  * Fails queued jobs at their deadline. Sleeps until the earliest deadline; a new job may bring
@@ -23,7 +23,8 @@ export class Deadlines extends MaintenanceService {
     const next = await driver.jobsNextDeadlineAt();
     if (next === null) return this.idleMs;
     if (next > clock.now()) return Math.min(this.idleMs, next - clock.now());
-    for (const id of await driver.jobsFailPastDeadline({ now: clock.now() })) {
+    // A chunk a tick; the next tick comes at once while deadlines are past.
+    for (const id of await driver.jobsFailPastDeadline({ now: clock.now(), limit: SWEEP_CHUNK })) {
       logger.info({ job_id: id, state: 'failed', code: 'deadline_exceeded' }, 'job still queued at its deadline');
     }
     return 0;

@@ -3,6 +3,13 @@ import type { Clock } from '../domain.js';
 import { Loop } from '../loop.js';
 import type { QueueDriver } from '../queue/driver.js';
 
+/**
+ * How many jobs a sweep that fails queued jobs (deadlines, engine outage, unroutable models) ends
+ * per transaction: a backlog of any size goes in chunks, each short, with the event loop free
+ * between them.
+ */
+export const SWEEP_CHUNK = 500;
+
 /** What every maintenance service gets. */
 export interface MaintenanceDeps {
   driver: QueueDriver;
@@ -38,6 +45,11 @@ export abstract class MaintenanceService {
   wake = (): void => {
     this.loop?.wake.notify();
   };
+
+  /** Whether `stop()` was called: a tick that works in chunks ends after its current one. */
+  protected get stopping(): boolean {
+    return this.loop?.stopped ?? true;
+  }
 
   async stop(): Promise<void> {
     for (const u of this.subscriptions.splice(0)) u();

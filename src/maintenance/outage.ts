@@ -1,7 +1,7 @@
 import type { ClusterEngines } from '../engine/cluster.js';
 import type { ChatEngine } from '../engine/engine.js';
 import type { EngineHealth } from '../engine/health.js';
-import { MaintenanceService, type MaintenanceDeps } from './maintainer.js';
+import { MaintenanceService, SWEEP_CHUNK, type MaintenanceDeps } from './maintainer.js';
 
 /**
  * The engine-outage policy (ADR-0007). While the worker has found the engine unreachable, jobs
@@ -43,15 +43,16 @@ export class OutagePolicy extends MaintenanceService {
     if (outageSince === null) {
       logger.debug({ down_ms: now - since }, "this instance's engine hosts are out, another instance's answer: no job fails");
     } else if (now - outageSince >= this.opts.outageTimeoutMs) {
-      const ids = await driver.jobsFailStale({
-        createdBefore: now - this.opts.outageTimeoutMs,
-        now,
-        error: {
-          code: 'engine_unavailable',
-          message: `the engine has been unreachable for longer than FOREMAN_ENGINE_OUTAGE_TIMEOUT (${this.opts.outageTimeoutMs}ms): ${status.error ?? 'down'}`,
-        },
-      });
-      for (const id of ids) logger.warn({ job_id: id, state: 'failed', code: 'engine_unavailable' }, 'job failed: engine outage outlasted its wait');
+      const error = {
+        code: 'engine_unavailable',
+        message: `the engine has been unreachable for longer than FOREMAN_ENGINE_OUTAGE_TIMEOUT (${this.opts.outageTimeoutMs}ms): ${status.error ?? 'down'}`,
+      };
+      // In chunks, each its own transaction; a host that comes back meanwhile stops the sweep.
+      while (!this.stopping && this.health.downSince !== null) {
+        const ids = await driver.jobsFailStale({ createdBefore: now - this.opts.outageTimeoutMs, now: clock.now(), error, limit: SWEEP_CHUNK });
+        for (const id of ids) logger.warn({ job_id: id, state: 'failed', code: 'engine_unavailable' }, 'job failed: engine outage outlasted its wait');
+        if (ids.length < SWEEP_CHUNK) break;
+      }
     }
     return this.opts.probeEveryMs;
   }

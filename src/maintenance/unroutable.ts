@@ -1,6 +1,6 @@
 import type { ClusterEngines } from '../engine/cluster.js';
 import type { EnginePool } from '../engine/pool.js';
-import { MaintenanceService, type MaintenanceDeps } from './maintainer.js';
+import { MaintenanceService, SWEEP_CHUNK, type MaintenanceDeps } from './maintainer.js';
 
 /**
  * Routing's dead end (ADR-0012): while every engine host answers, a queued job whose model none
@@ -35,8 +35,13 @@ export class UnroutableModels extends MaintenanceService {
       if (!this.pool.allUp || this.pool.installedAnywhere(model)) continue;
       if (await this.cluster.elsewhereMayRun(model)) continue;
       if (!this.pool.allUp || this.pool.installedAnywhere(model)) continue;
-      const ids = await driver.jobsFailQueuedModel({ model, now: clock.now(), error: { code: 'model_not_found', message: `model '${model}' not found` } });
-      for (const id of ids) logger.info({ job_id: id, state: 'failed', code: 'model_not_found', model }, 'no engine host has this model');
+      const error = { code: 'model_not_found', message: `model '${model}' not found` };
+      // In chunks, each its own transaction; a host going down meanwhile (it may have the model) stops the sweep.
+      for (let n = SWEEP_CHUNK; n === SWEEP_CHUNK && !this.stopping && this.pool.allUp; ) {
+        const ids = await driver.jobsFailQueuedModel({ model, now: clock.now(), error, limit: SWEEP_CHUNK });
+        for (const id of ids) logger.info({ job_id: id, state: 'failed', code: 'model_not_found', model }, 'no engine host has this model');
+        n = ids.length;
+      }
     }
     return this.idleMs;
   }

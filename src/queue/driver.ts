@@ -84,9 +84,14 @@ export interface QueueDriver {
   // --- jobs: maintenance ---
   /** Re-queues running jobs whose lease has expired (their attempt does not count). */
   jobsRescue(p: { now: number }): Promise<string[]>;
-  jobsFailPastDeadline(p: { now: number }): Promise<string[]>;
-  /** Fails queued jobs created before `createdBefore` (engine outage policy). */
-  jobsFailStale(p: { createdBefore: number; now: number; error: ErrorInfo }): Promise<string[]>;
+  /**
+   * Fails up to `limit` queued jobs at or past their deadline, earliest deadline first. The
+   * sweeps that fail jobs take a chunk per call, each in its own transaction, so a large backlog
+   * neither holds one transaction (and its locks) for long nor outlasts a statement timeout.
+   */
+  jobsFailPastDeadline(p: { now: number; limit: number }): Promise<string[]>;
+  /** Fails up to `limit` queued jobs created before `createdBefore`, oldest first (engine outage policy). */
+  jobsFailStale(p: { createdBefore: number; now: number; error: ErrorInfo; limit: number }): Promise<string[]>;
   /** Refreshes queued jobs' stored aging boost (whole `agingMs` intervals waited). */
   jobsAge(p: { now: number; agingMs: number }): Promise<number>;
   /**
@@ -99,8 +104,8 @@ export interface QueueDriver {
   jobsNextDeadlineAt(): Promise<number | null>;
   /** Models with queued jobs (routing: the model_not_found check, ADR-0012). */
   jobsQueuedModels(): Promise<string[]>;
-  /** Fails the queued jobs of a model no host has (a turn waiting for its previous one is left alone). */
-  jobsFailQueuedModel(p: { model: string; now: number; error: ErrorInfo }): Promise<string[]>;
+  /** Fails up to `limit` queued jobs of a model no host has, oldest first (a turn waiting for its previous one is left alone). */
+  jobsFailQueuedModel(p: { model: string; now: number; error: ErrorInfo; limit: number }): Promise<string[]>;
   /** Moves scheduled jobs whose time has come to `queued`. */
   jobsPromoteScheduled(p: { now: number }): Promise<string[]>;
   /** The earliest `scheduledFor` of a scheduled job, or null. */

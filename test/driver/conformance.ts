@@ -733,10 +733,10 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(await d.jobsNextDeadlineAt()).toBe(at(500));
         expect((await claimOne(at(10))).id).toBe(running);
         expect(await d.jobsNextDeadlineAt()).toBe(at(1000)); // a running job's deadline no longer matters
-        expect(await d.jobsFailPastDeadline({ now: at(999) })).toEqual([]);
+        expect(await d.jobsFailPastDeadline({ now: at(999), limit: 100 })).toEqual([]);
         const changes: TransitionEvent[] = [];
         d.notifier.on('stateChanged', (e) => changes.push(e));
-        expect(await d.jobsFailPastDeadline({ now: at(1000) })).toEqual([a]);
+        expect(await d.jobsFailPastDeadline({ now: at(1000), limit: 100 })).toEqual([a]);
         expect(changes).toEqual([
           {
             jobId: a,
@@ -753,7 +753,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(va).toMatchObject({ state: 'failed', finishedAt: at(1000), error: { code: 'deadline_exceeded' } });
         expect(va.error!.message.length).toBeGreaterThan(0);
         expect(await d.jobsNextDeadlineAt()).toBe(at(2000));
-        expect(await d.jobsFailPastDeadline({ now: at(100_000) })).toEqual([b]);
+        expect(await d.jobsFailPastDeadline({ now: at(100_000), limit: 100 })).toEqual([b]);
         expect(await d.jobsNextDeadlineAt()).toBeNull();
         expect(await stateOf(running)).toBe('loading');
         expect(await stateOf(none)).toBe('queued');
@@ -766,16 +766,40 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         const b = await insertOne(at(100));
         const c = await insertOne(at(200));
         const error = { code: 'engine_unavailable', message: 'the engine has been down too long' };
-        expect(await d.jobsFailStale({ createdBefore: at(100), now: at(300), error })).toEqual([a]);
+        expect(await d.jobsFailStale({ createdBefore: at(100), now: at(300), error, limit: 100 })).toEqual([a]);
         expect(await view(a)).toMatchObject({ state: 'failed', error, finishedAt: at(300) });
         expect(await d.jobTransitionsSince({ id: a, after: 1 })).toEqual([
           { jobId: a, state: 'failed', model: 'm1', n: 2, at: at(300), attempt: 0, error, run: runOf({ id: a, createdAt: at(50), startedAt: null, finishedAt: at(300), attempt: 0 }) },
         ]);
         expect(await stateOf(running)).toBe('loading');
         expect(await stateOf(b)).toBe('queued');
-        expect(sorted(await d.jobsFailStale({ createdBefore: at(201), now: at(400), error }))).toEqual(sorted([b, c]));
-        expect(await d.jobsFailStale({ createdBefore: at(10_000), now: at(500), error })).toEqual([]);
+        expect(sorted(await d.jobsFailStale({ createdBefore: at(201), now: at(400), error, limit: 100 }))).toEqual(sorted([b, c]));
+        expect(await d.jobsFailStale({ createdBefore: at(10_000), now: at(500), error, limit: 100 })).toEqual([]);
         expect(await stateOf(running)).toBe('loading');
+      });
+
+      it('the failing sweeps take at most `limit` jobs a call: the earliest deadline, the oldest job first', async () => {
+        const error = { code: 'engine_unavailable', message: 'down too long' };
+        // Deadlines: b's is the earliest though it was submitted last.
+        const a = await insertOne(at(1), { deadlineAt: at(30) });
+        const b = await insertOne(at(2), { deadlineAt: at(10) });
+        const c = await insertOne(at(3), { deadlineAt: at(20) });
+        expect(sorted(await d.jobsFailPastDeadline({ now: at(100), limit: 2 }))).toEqual(sorted([b, c]));
+        expect(await stateOf(a)).toBe('queued');
+        expect(await d.jobsFailPastDeadline({ now: at(100), limit: 2 })).toEqual([a]);
+        expect(await d.jobsFailPastDeadline({ now: at(100), limit: 2 })).toEqual([]);
+        // Stale jobs, oldest first.
+        const old = [await insertOne(at(200)), await insertOne(at(201)), await insertOne(at(202))];
+        expect(sorted(await d.jobsFailStale({ createdBefore: at(300), now: at(400), error, limit: 2 }))).toEqual(sorted(old.slice(0, 2)));
+        expect(await stateOf(old[2]!)).toBe('queued');
+        expect(await d.jobsFailStale({ createdBefore: at(300), now: at(400), error, limit: 2 })).toEqual([old[2]]);
+        // A model no host has, oldest first.
+        const gone = await insert(at(500), newJob({ model: 'gone' }), newJob({ model: 'gone' }), newJob({ model: 'gone' }));
+        const notFound = { code: 'model_not_found', message: "model 'gone' not found" };
+        expect(sorted(await d.jobsFailQueuedModel({ model: 'gone', now: at(600), error: notFound, limit: 2 }))).toEqual(sorted(gone.slice(0, 2)));
+        expect(await stateOf(gone[2]!)).toBe('queued');
+        expect(await d.jobsFailQueuedModel({ model: 'gone', now: at(600), error: notFound, limit: 2 })).toEqual([gone[2]]);
+        expect(await d.jobsFailQueuedModel({ model: 'gone', now: at(600), error: notFound, limit: 2 })).toEqual([]);
       });
 
       it('jobsAge: the stored boost changes the claim order (an old low-priority job overtakes a newer higher one)', async () => {
@@ -1264,7 +1288,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         const a = await insertOne(at(0), { webhookUrl: HOOK, webhookEvents: ['failed'], deadlineAt: at(100) });
         const b = await insertOne(at(1), { webhookUrl: HOOK, webhookEvents: ['failed'], deadlineAt: at(100) });
         const detach = d.deliveriesClaimOnWrite({ perOriginLimit: 100, want: () => true });
-        expect((await d.jobsFailPastDeadline({ now: at(200) })).sort()).toEqual([a, b].sort());
+        expect((await d.jobsFailPastDeadline({ now: at(200), limit: 100 })).sort()).toEqual([a, b].sort());
         detach();
         expect(claimed).toEqual([]);
         expect(ready).toBe(1);
@@ -1893,7 +1917,7 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(sorted(await d.jobsQueuedModels())).toEqual(['gone', 'm1']);
         const changes: TransitionEvent[] = [];
         const off = d.notifier.on('stateChanged', (e) => changes.push(e));
-        expect(sorted(await d.jobsFailQueuedModel({ model: 'gone', now: at(3), error: { code: 'model_not_found', message: "model 'gone' not found" } }))).toEqual(sorted([a!, b!]));
+        expect(sorted(await d.jobsFailQueuedModel({ model: 'gone', now: at(3), error: { code: 'model_not_found', message: "model 'gone' not found" }, limit: 100 }))).toEqual(sorted([a!, b!]));
         off();
         expect(changes.map((e) => [e.state, e.error?.code])).toEqual([
           ['failed', 'model_not_found'],

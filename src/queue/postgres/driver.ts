@@ -306,7 +306,7 @@ const Q = {
   // The key's slot, checked under its row lock: two instances never both take a key's last slot.
   queuedModels: `SELECT model FROM model_queue WHERE queued > 0 ORDER BY model`,
   failQueuedModel: `UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
-    WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND model = @model AND waits = 0 FOR UPDATE SKIP LOCKED)
+    WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND model = @model AND waits = 0 ORDER BY seq LIMIT @limit FOR UPDATE SKIP LOCKED)
     RETURNING ${TRANSITION_COLS}`,
   // What a model's queue holds, for the load-cost tiebreak: its queued count and mean run time.
   modelWork: `SELECT (SELECT queued FROM model_queue WHERE model = @model) AS queued, (SELECT avg_ms FROM model_stats WHERE model = @model) AS avgMs`,
@@ -362,10 +362,11 @@ const Q = {
   deliveriesUnclaimExpired: `UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until = NULL
     WHERE claimed_by IS NOT NULL AND claimed_until < @now`,
   staleQueued: `UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
-    WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND created_at < @cutoff FOR UPDATE SKIP LOCKED) RETURNING ${TRANSITION_COLS}`,
+    WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND created_at < @cutoff ORDER BY seq LIMIT @limit FOR UPDATE SKIP LOCKED) RETURNING ${TRANSITION_COLS}`,
   pastDeadline: `UPDATE jobs SET state = 'failed', error_code = 'deadline_exceeded',
       error_message = 'the job was still queued at its deadline', finished_at = @now, updated_at = @now
-    WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND deadline_at IS NOT NULL AND deadline_at <= @now FOR UPDATE SKIP LOCKED)
+    WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND deadline_at IS NOT NULL AND deadline_at <= @now
+      ORDER BY deadline_at, seq LIMIT @limit FOR UPDATE SKIP LOCKED)
     RETURNING ${TRANSITION_COLS}`,
   age: `UPDATE jobs SET age_boost = greatest(0, floor((@now - greatest(created_at, coalesce(scheduled_for, 0)))::numeric / @aging)::integer)
     WHERE state = 'queued' AND age_boost <> greatest(0, floor((@now - greatest(created_at, coalesce(scheduled_for, 0)))::numeric / @aging)::integer)`,
@@ -1173,8 +1174,10 @@ export class PostgresDriver implements QueueDriver {
     return this.read(async (c) => (await c.all<{ model: string }>(Q.queuedModels)).map((r) => r.model));
   }
 
-  jobsFailQueuedModel(p: { model: string; now: number; error: ErrorInfo }): Promise<string[]> {
-    return this.tx((c, fx) => this.moveAll(c, fx, Q.failQueuedModel, { model: p.model, now: p.now, code: p.error.code, message: p.error.message }, 'failed', p.now));
+  jobsFailQueuedModel(p: { model: string; now: number; error: ErrorInfo; limit: number }): Promise<string[]> {
+    return this.tx((c, fx) =>
+      this.moveAll(c, fx, Q.failQueuedModel, { model: p.model, now: p.now, code: p.error.code, message: p.error.message, limit: p.limit }, 'failed', p.now),
+    );
   }
 
   private async historyBefore(c: Conn, prevSeq: number): Promise<Record<string, unknown>[]> {
@@ -1289,13 +1292,13 @@ export class PostgresDriver implements QueueDriver {
     });
   }
 
-  jobsFailPastDeadline(p: { now: number }): Promise<string[]> {
+  jobsFailPastDeadline(p: { now: number; limit: number }): Promise<string[]> {
     return this.tx((c, fx) => this.moveAll(c, fx, Q.pastDeadline, p, 'failed', p.now));
   }
 
-  jobsFailStale(p: { createdBefore: number; now: number; error: ErrorInfo }): Promise<string[]> {
+  jobsFailStale(p: { createdBefore: number; now: number; error: ErrorInfo; limit: number }): Promise<string[]> {
     return this.tx((c, fx) =>
-      this.moveAll(c, fx, Q.staleQueued, { cutoff: p.createdBefore, now: p.now, code: p.error.code, message: p.error.message }, 'failed', p.now),
+      this.moveAll(c, fx, Q.staleQueued, { cutoff: p.createdBefore, now: p.now, code: p.error.code, message: p.error.message, limit: p.limit }, 'failed', p.now),
     );
   }
 

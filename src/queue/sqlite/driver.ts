@@ -437,9 +437,9 @@ export class SqliteDriver implements QueueDriver {
     return this.read(() => this.s.queuedModels.all() as string[]);
   }
 
-  jobsFailQueuedModel(p: { model: string; now: number; error: ErrorInfo }): Promise<string[]> {
+  jobsFailQueuedModel(p: { model: string; now: number; error: ErrorInfo; limit: number }): Promise<string[]> {
     return this.write((fx) =>
-      this.moveAll(fx, this.s.failQueuedModel, { model: p.model, now: p.now, code: p.error.code, message: p.error.message }, 'failed', p.now),
+      this.moveAll(fx, this.s.failQueuedModel, { model: p.model, now: p.now, code: p.error.code, message: p.error.message, limit: p.limit }, 'failed', p.now),
     );
   }
 
@@ -544,13 +544,13 @@ export class SqliteDriver implements QueueDriver {
     return this.write((fx) => this.moveAll(fx, this.s.rescueExpired, p, 'queued', p.now));
   }
 
-  jobsFailPastDeadline(p: { now: number }): Promise<string[]> {
+  jobsFailPastDeadline(p: { now: number; limit: number }): Promise<string[]> {
     return this.write((fx) => this.moveAll(fx, this.s.pastDeadline, p, 'failed', p.now));
   }
 
-  jobsFailStale(p: { createdBefore: number; now: number; error: ErrorInfo }): Promise<string[]> {
+  jobsFailStale(p: { createdBefore: number; now: number; error: ErrorInfo; limit: number }): Promise<string[]> {
     return this.write((fx) =>
-      this.moveAll(fx, this.s.staleQueued, { cutoff: p.createdBefore, now: p.now, code: p.error.code, message: p.error.message }, 'failed', p.now),
+      this.moveAll(fx, this.s.staleQueued, { cutoff: p.createdBefore, now: p.now, code: p.error.code, message: p.error.message, limit: p.limit }, 'failed', p.now),
     );
   }
 

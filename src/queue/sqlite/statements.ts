@@ -125,7 +125,7 @@ export function prepareStatements(db: DB) {
     modelQueued: p(`SELECT queued FROM model_queue WHERE model = ?`).pluck(),
     queuedModels: p(`SELECT model FROM model_queue WHERE queued > 0`).pluck(),
     failQueuedModel: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message, finished_at = @now, updated_at = @now
-      WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_state_model_seq WHERE state = 'queued' AND model = @model AND waits = 0)
+      WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_state_model_seq WHERE state = 'queued' AND model = @model AND waits = 0 ORDER BY seq LIMIT @limit)
       RETURNING ${TRANSITION_COLS}`),
     modelAvg: p(`SELECT avg_ms FROM model_stats WHERE model = ?`).pluck(),
     claimOne: p(`UPDATE jobs SET state = 'loading', attempt = attempt + 1,
@@ -172,11 +172,11 @@ export function prepareStatements(db: DB) {
       RETURNING ${TRANSITION_COLS}`),
     staleQueued: p(`UPDATE jobs SET state = 'failed', error_code = @code, error_message = @message,
         finished_at = @now, updated_at = @now
-      WHERE state = 'queued' AND created_at < @cutoff RETURNING ${TRANSITION_COLS}`),
+      WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND created_at < @cutoff ORDER BY seq LIMIT @limit) RETURNING ${TRANSITION_COLS}`),
     pastDeadline: p(`UPDATE jobs SET state = 'failed', error_code = 'deadline_exceeded',
         error_message = 'the job was still queued at its deadline', finished_at = @now, updated_at = @now
       WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_deadline WHERE state = 'queued' AND deadline_at IS NOT NULL
-        AND deadline_at <= @now) RETURNING ${TRANSITION_COLS}`),
+        AND deadline_at <= @now ORDER BY deadline_at, seq LIMIT @limit) RETURNING ${TRANSITION_COLS}`),
     // Aging: whole intervals waited (CAST: Date.now() is bound as a REAL).
     // A scheduled job ages from its scheduled time, not from when it was submitted.
     age: p(`UPDATE jobs SET age_boost = max(0, CAST((@now - max(created_at, coalesce(scheduled_for, 0))) / @aging AS INTEGER))
