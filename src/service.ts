@@ -328,8 +328,8 @@ export class Service {
             this.batches.start();
           } else {
             this.logger.info({ leader: false }, 'this instance no longer leads maintenance');
-            await this.maintainer.stop();
-            await this.batches.stop();
+            // Both at once: the batch runner must not go on for as long as a maintenance tick lasts.
+            await Promise.all([this.maintainer.stop(), this.batches.stop()]);
           }
         });
       });

@@ -259,4 +259,61 @@ describe('the Batch API', () => {
     expect(noAuth.status).toBe(401);
     expect(noAuth.body).toEqual({ error: { message: expect.any(String), type: 'authentication_error', param: null, code: 'unauthorized' } });
   });
+
+  it("a key whose queue is full holds up only its own batches: another key's batch behind 40 of them still runs", async () => {
+    const admin = 'admin-token-0123456789abcdef';
+    const { h } = await setup({ adminToken: admin, concurrency: 1 });
+    const mk = async (name: string, over: Record<string, unknown> = {}) =>
+      (await h.api('/keys', { method: 'POST', headers: { authorization: `Bearer ${admin}` }, json: { name, ...over } })).body.key as string;
+    const a = new OpenAI({ baseURL: `${h.url}/v1`, apiKey: await mk('a', { max_queued: 1 }), maxRetries: 0 });
+    const b = new OpenAI({ baseURL: `${h.url}/v1`, apiKey: await mk('b'), maxRetries: 0 });
+    // A's first job holds the only slot, its second fills its queue: every later batch of A is blocked.
+    h.fake.enqueue({ kind: 'ok', firstByteDelayMs: 20_000 });
+    const file = await upload(a, [chatLine('a', 'held')]);
+    const aBatches = [];
+    for (let i = 0; i < 40; i++) aBatches.push(await a.batches.create({ input_file_id: file.id, endpoint: '/v1/chat/completions', completion_window: '24h' }));
+    await until("A's first two jobs to be in", async () => (await h.api('/jobs?limit=100', { headers: { authorization: `Bearer ${admin}` } })).body.jobs.length === 2, 5_000);
+    const mine = await b.batches.create({ input_file_id: (await upload(b, [chatLine('b', 'mine')])).id, endpoint: '/v1/chat/completions', completion_window: '24h' });
+    await until("B's line to become a job", async () => (await h.api(`/jobs?metadata.batch_id=${mine.id}`, { headers: { authorization: `Bearer ${admin}` } })).body.jobs.length === 1, 5_000);
+    // A's batches are still waiting: its queue stays full.
+    const all = (await h.api('/jobs?limit=100', { headers: { authorization: `Bearer ${admin}` } })).body.jobs as any[];
+    expect(all.length).toBe(3);
+    expect((await a.batches.retrieve(aBatches[39]!.id)).status).toBe('validating');
+  });
+
+  it("an output file's size read while its batch ends is not kept: the size stored is the whole file's", async () => {
+    const { h, client } = await setup({ concurrency: 1 });
+    h.fake.enqueue({ kind: 'ok' }, { kind: 'ok', firstByteDelayMs: 800 });
+    const batch = await client.batches.create({
+      input_file_id: (await upload(client, [chatLine('one', 'first'), chatLine('two', 'second'), chatLine('three', 'third')])).id,
+      endpoint: '/v1/chat/completions',
+      completion_window: '24h',
+    });
+    await until('the first line to finish', async () => (await client.batches.retrieve(batch.id)).request_counts?.completed === 1, 5_000);
+    // The size is counted page by page; after its last page, and before the count ends, the batch ends.
+    const driver = h.service.driver;
+    const page = driver.batchResultsPage.bind(driver);
+    let held = false;
+    driver.batchResultsPage = async (p) => {
+      const rows = await page(p);
+      if (p.role === 'output' && rows.length === 0 && !held) {
+        held = true;
+        await waitStatus(client, batch.id, ['completed'], 10_000);
+      }
+      return rows;
+    };
+    // While the batch runs, its output file is in the list of files (not yet on the batch).
+    const listed = async () => (await client.files.list()).data.find((f) => f.filename === `${batch.id}_output.jsonl`)!;
+    const during = await listed();
+    expect(held).toBe(true);
+    expect(during.bytes).toBeGreaterThan(0);
+    const done = await client.batches.retrieve(batch.id);
+    expect(done.output_file_id).toBe(during.id);
+    const text = await (await client.files.content(during.id)).text();
+    expect(text.split('\n').filter(Boolean)).toHaveLength(3);
+    expect(during.bytes).toBeLessThan(Buffer.byteLength(text));
+    // Asked again once the batch has ended, the size is the whole file's (and from then on stored).
+    expect((await client.files.retrieve(during.id)).bytes).toBe(Buffer.byteLength(text));
+    expect((await listed()).bytes).toBe(Buffer.byteLength(text));
+  });
 });

@@ -3,9 +3,11 @@
  * per instance"): the leader's routing and outage policies judge by every live instance's hosts,
  * not by its own. Two in-process instances with a fake Ollama each; a fresh database per test.
  */
+import pg from 'pg';
 import { pino } from 'pino';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { Config } from '../src/config.js';
+import { SWEEP_CHUNK } from '../src/maintenance/maintainer.js';
 import { PostgresDriver } from '../src/queue/postgres/driver.js';
 import { Service } from '../src/service.js';
 import { startFakeOllama, type FakeOllama } from './support/fake-ollama.js';
@@ -156,5 +158,53 @@ describe('engine hosts per instance', () => {
     const late = await submit(a.base, 'llama3.2');
     const lateJob = await settled(a.base, late);
     expect([lateJob.state, lateJob.error?.code]).toEqual(['failed', 'engine_unavailable']);
+  });
+
+  it('an outage sweep of several chunks stops once another instance\'s host answers: the jobs after it stay queued', async () => {
+    const db = await createDatabase('foreman_engines');
+    cleanups.push(db.drop);
+    const aFake = await fakeWith(['llama3.2']);
+    const bFake = await fakeWith(['llama3.2']);
+    await aFake.stop();
+    await bFake.stop(); // every host of the cluster refuses connections
+    const over = { engineOutageTimeoutMs: 300, pollIntervalMs: 200, engineHealthIntervalMs: 100 };
+    const a = await instance(db.url, 'a', aFake, over);
+    await until('a to lead', async () => a.svc.leader, 5_000);
+    const b = await instance(db.url, 'b', bFake, over);
+    const admin = new pg.Client({ connectionString: db.url });
+    await admin.connect();
+    cleanups.push(() => admin.end());
+    const bAnswers = async () =>
+      (await admin.query<{ up: boolean }>("SELECT down_since IS NULL AND all_up AS up FROM instance_engines WHERE instance_id = 'b'")).rows[0]?.up === true;
+    // After the sweep's first chunk B's host comes back (and B says so in its view).
+    const driver = a.svc.driver;
+    const failStale = driver.jobsFailStale.bind(driver);
+    const calls: number[] = [];
+    let allIn = false;
+    driver.jobsFailStale = async (p) => {
+      // Until every job is in, the sweep finds nothing to fail (its first chunk must be a full one).
+      if (!allIn) return [];
+      const ids = await failStale(p);
+      calls.push(ids.length);
+      if (calls.length === 1) {
+        await bFake.start();
+        await until("B's view to show its host answering", bAnswers, 5_000);
+      }
+      return ids;
+    };
+    const n = 2 * SWEEP_CHUNK + 10;
+    for (let i = 0; i < n; i += 50) await Promise.all(Array.from({ length: Math.min(50, n - i) }, () => submit(a.base, 'llama3.2')));
+    allIn = true;
+    await until('the first chunk to fail', async () => calls.length >= 1 && (await bAnswers()), 15_000);
+    await sleep(800); // the leader's next rounds see B's host answering
+    const failed = Number(
+      (await admin.query<{ n: string }>("SELECT count(*) AS n FROM jobs WHERE state = 'failed' AND error_code = 'engine_unavailable'")).rows[0]!.n,
+    );
+    expect(calls[0]).toBe(SWEEP_CHUNK);
+    expect(failed).toBe(SWEEP_CHUNK);
+    // No second chunk: B's host answers, so the cluster's outage is over.
+    expect(calls.length).toBe(1);
+    await b.stop();
+    await a.stop();
   });
 });

@@ -41,6 +41,8 @@ export interface CreateBatchInput {
 export const BATCH_CHUNK = 32;
 /** When the queue has no room for a batch's next jobs, how long before trying again. */
 const BLOCKED_RETRY_MS = 250;
+/** Active batches the runner looks at in one turn. */
+const ACTIVE_PAGE = 32;
 const WINDOW_MS = 24 * 3_600_000;
 /** An upload abandoned mid-way (its process died) is removed after this long. */
 const ABANDONED_UPLOAD_MS = 3_600_000;
@@ -60,6 +62,10 @@ const notFound = (id: string) => new NotFound('batch_not_found', `no batch with 
 export class Batches {
   private readonly loop: Loop;
   private lastRetention = 0;
+  /** Where the runner's next look starts (it goes round every active batch, a page a turn). */
+  private cursor = 0;
+  /** Whether a batch of this round could not go on (its key's or the global queue was full). */
+  private roundBlocked = false;
 
   constructor(
     private readonly driver: QueueDriver,
@@ -188,14 +194,21 @@ export class Batches {
     }
     let busy = false;
     let blocked = false;
-    for (const b of await driver.batchesActive({ limit: 32 })) {
+    // A page of the active batches a turn, going round: batches that cannot go on (their key's
+    // queue is full) never keep the runner from the ones after them.
+    if (this.cursor === 0) this.roundBlocked = false;
+    const page = await driver.batchesActive({ limit: ACTIVE_PAGE, afterSeq: this.cursor });
+    const more = page.length === ACTIVE_PAGE;
+    this.cursor = more ? page[page.length - 1]!.seq : 0;
+    for (const b of page) {
+      if (this.loop.stopped) return 0; // no longer the leader (or shutting down): another runner takes over
       now = clock.now();
       const t0 = performance.now();
       if (b.ending !== null) {
         if ((await driver.batchJobsEnd({ batchSeq: b.seq, now, limit: BATCH_CHUNK })) === BATCH_CHUNK) busy = true;
       } else {
         const r = await this.submitChunk(b, now);
-        if (r === 'blocked') blocked = true;
+        if (r === 'blocked') blocked = this.roundBlocked = true;
         else if (r === 'more') busy = true;
       }
       // Between chunks the runner rests as long as the chunk took (at most half the process's time
@@ -208,7 +221,8 @@ export class Batches {
       await this.retention(now);
     }
     if (busy) return 0;
-    if (blocked) return BLOCKED_RETRY_MS;
+    if (more) return blocked ? BLOCKED_RETRY_MS : 0; // the round goes on
+    if (this.roundBlocked) return BLOCKED_RETRY_MS;
     const next = await driver.batchesNextExpiry();
     return next === null ? settings.idleMs : Math.max(0, Math.min(settings.idleMs, next.expiresAt - clock.now()));
   }

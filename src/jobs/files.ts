@@ -213,12 +213,17 @@ export class Files {
     }
   }
 
-  /** An output file's size: counted from its lines; kept once its batch has ended (it cannot change). */
+  /**
+   * An output file's size: counted from its lines; kept once its batch has ended (it cannot change
+   * then). Whether it had ended is read before the count: a batch that ends while its lines are
+   * counted may have finished lines the count did not see.
+   */
   private async outputBytes(f: FileRecord): Promise<number> {
+    const before = await this.driver.batchGet({ seq: f.batchSeq! });
+    const ended = before !== null && ['completed', 'failed', 'expired', 'cancelled'].includes(before.status);
     let bytes = 0;
     for await (const chunk of this.lines(f)) bytes += Buffer.byteLength(chunk, 'utf8');
-    const batch = await this.driver.batchGet({ seq: f.batchSeq! });
-    if (batch && ['completed', 'failed', 'expired', 'cancelled'].includes(batch.status)) await this.driver.fileBytesSet({ fileSeq: f.seq, bytes });
+    if (ended) await this.driver.fileBytesSet({ fileSeq: f.seq, bytes });
     return bytes;
   }
 

@@ -241,8 +241,8 @@ export interface QueueDriver {
     inserted: number;
     stopped: InsertOutcome | null;
   }>;
-  /** Batches the runner has work for: lines still to submit, or ending (cancel, expiry). */
-  batchesActive(p: { limit: number }): Promise<BatchRecord[]>;
+  /** Batches the runner has work for (lines still to submit, or ending: cancel, expiry), oldest first, after `afterSeq`. */
+  batchesActive(p: { limit: number; afterSeq?: number }): Promise<BatchRecord[]>;
   /** The running batch that expires first, or null. */
   batchesNextExpiry(): Promise<{ seq: number; expiresAt: number } | null>;
   /**
@@ -252,7 +252,10 @@ export interface QueueDriver {
   batchCancel(p: { id: string; now: number; keyId?: string }): Promise<{ batch: BatchRecord; changed: boolean } | null>;
   /** Starts a batch's expiry (its completion window passed). */
   batchExpire(p: { seq: number; now: number }): Promise<boolean>;
-  /** Fails a batch that cannot go on (its input file is gone); its queued jobs are ended like a cancel. */
+  /**
+   * Fails a batch that cannot go on (its input file is gone, or a line cannot be submitted); its
+   * queued jobs are ended like a cancel. Only while lines are left to submit: false otherwise.
+   */
   batchFail(p: { seq: number; now: number; error: ErrorInfo }): Promise<boolean>;
   /**
    * Ends up to `limit` of an ending batch's waiting jobs (scheduled or queued): canceled for a

@@ -1942,27 +1942,26 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         return { seq, id };
       }
 
+      /** A new batch's fields for an input file (the driver's batchInsert input). */
+      const batchOf = (f: { seq: number; id: string }, total: number) => ({
+        id: `batch_${uuidv7()}`,
+        keyId: '',
+        inputFileSeq: f.seq,
+        inputFileId: f.id,
+        endpoint: '/v1/chat/completions' as const,
+        completionWindow: '24h' as const,
+        metadata: null,
+        webhookUrl: null,
+        priority: 0,
+        total,
+        outputFileId: `file-${uuidv7()}`,
+        errorFileId: `file-${uuidv7()}`,
+        expiresAt: at(86_400_000),
+        fileExpiresAt: null,
+      });
+
       async function newBatch(total: number, over: { webhookUrl?: string | null } = {}) {
-        const f = await inputFile(total);
-        const b = await d.batchInsert({
-          now: at(10),
-          batch: {
-            id: `batch_${uuidv7()}`,
-            keyId: '',
-            inputFileSeq: f.seq,
-            inputFileId: f.id,
-            endpoint: '/v1/chat/completions',
-            completionWindow: '24h',
-            metadata: { a: 'b' },
-            webhookUrl: over.webhookUrl ?? null,
-            priority: 0,
-            total,
-            outputFileId: `file-${uuidv7()}`,
-            errorFileId: `file-${uuidv7()}`,
-            expiresAt: at(86_400_000),
-            fileExpiresAt: null,
-          },
-        });
+        const b = await d.batchInsert({ now: at(10), batch: { ...batchOf(await inputFile(total), total), metadata: { a: 'b' }, webhookUrl: over.webhookUrl ?? null } });
         expect(b).not.toBeNull();
         return b!;
       }
@@ -1990,6 +1989,34 @@ export function driverConformance(name: string, factory: DriverFactory): void {
         expect(await d.fileLinesDelete({ fileSeq: seq, limit: 2 })).toBe(1);
         expect(await d.fileDelete({ fileSeq: seq })).toBe(true);
         expect(await d.fileGet({ id: 'file-x' })).toBeNull();
+      });
+
+      it('a file whose removal has begun (some lines deleted) makes no batch: batchInsert answers null', async () => {
+        const f = await inputFile(5);
+        expect(await d.fileLinesDelete({ fileSeq: f.seq, limit: 2 })).toBe(2);
+        expect(await d.batchInsert({ now: at(10), batch: batchOf(f, 5) })).toBeNull();
+        expect(await d.batchesList({ limit: 10 })).toEqual([]);
+        const whole = await inputFile(3);
+        expect(await d.batchInsert({ now: at(10), batch: batchOf(whole, 3) })).toMatchObject({ status: 'validating', total: 3 });
+      });
+
+      it('batchFail only while lines are left to submit: a runner reading an old state cannot fail a submitted batch', async () => {
+        const b = await newBatch(2);
+        expect(await d.batchJobsInsert({ batchSeq: b.seq, jobs: batchJobs(2), now: at(20), maxQueued: BIG_QUEUE })).toEqual({ inserted: 2, stopped: null });
+        const error = { code: 'input_file_incomplete', message: 'fewer lines' };
+        expect(await d.batchFail({ seq: b.seq, now: at(30), error })).toBe(false);
+        expect(await d.batchGet({ id: b.id })).toMatchObject({ status: 'in_progress', ending: null, failed: 0, submitted: 2 });
+        const c = await newBatch(2);
+        expect(await d.batchJobsInsert({ batchSeq: c.seq, jobs: batchJobs(1), now: at(20), maxQueued: BIG_QUEUE })).toEqual({ inserted: 1, stopped: null });
+        expect(await d.batchFail({ seq: c.seq, now: at(30), error })).toBe(true);
+        expect(await d.batchGet({ id: c.id })).toMatchObject({ ending: 'fail', failed: 1 });
+      });
+
+      it('batchesActive pages through the active batches in seq order after afterSeq', async () => {
+        const bs = [await newBatch(1), await newBatch(1), await newBatch(1)];
+        expect((await d.batchesActive({ limit: 2 })).map((b) => b.id)).toEqual([bs[0]!.id, bs[1]!.id]);
+        expect((await d.batchesActive({ limit: 2, afterSeq: bs[1]!.seq })).map((b) => b.id)).toEqual([bs[2]!.id]);
+        expect(await d.batchesActive({ limit: 2, afterSeq: bs[2]!.seq })).toEqual([]);
       });
 
       it('lines become jobs chunk by chunk; counters follow the jobs; the last job ends the batch, in order through finalizing', async () => {

@@ -1887,7 +1887,7 @@ export class PostgresDriver implements QueueDriver {
     return this.fb.batchResultsPage(p);
   }
 
-  batchesActive(p: { limit: number }): Promise<BatchRecord[]> {
+  batchesActive(p: { limit: number; afterSeq?: number }): Promise<BatchRecord[]> {
     return this.fb.batchesActive(p);
   }
 

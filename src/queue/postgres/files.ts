@@ -63,6 +63,8 @@ const Q = {
   fileById: `SELECT ${FILE_COLS} FROM files WHERE id = @id`,
   // The input file of a batch being created: locked, so it is not deleted before the batch is in.
   fileBySeqShared: `SELECT ${FILE_COLS} FROM files WHERE seq = @seq FOR SHARE`,
+  // Whether all of a file's lines are still there (its removal deletes them in steps first).
+  fileWhole: `SELECT count(*) = @lines AS whole FROM file_lines WHERE file_seq = @seq`,
   filesPage: `SELECT ${FILE_COLS} FROM files WHERE seq < @before AND status = 'processed'
       AND (@key::text IS NULL OR key_id = @key::text) AND (@purpose::text IS NULL OR purpose = @purpose::text) ORDER BY seq DESC LIMIT @limit`,
   fileLinesPage: `SELECT n, custom_id AS customId, body FROM file_lines WHERE file_seq = @seq AND n > @after ORDER BY n LIMIT @limit`,
@@ -85,7 +87,7 @@ const Q = {
   batchesPage: `SELECT ${BATCH_COLS} FROM batches WHERE seq < @before AND (@key::text IS NULL OR key_id = @key::text) ORDER BY seq DESC LIMIT @limit`,
   batchesActive: `SELECT ${BATCH_COLS} FROM batches
     WHERE ${ACTIVE} AND status IN ('validating', 'in_progress', 'cancelling') AND (ending IS NOT NULL OR submitted < total)
-    ORDER BY seq LIMIT @limit`,
+      AND seq > @after ORDER BY seq LIMIT @limit`,
   batchesNextExpiry: `SELECT seq, expires_at AS expiresAt FROM batches
     WHERE ${ACTIVE} AND status IN ('validating', 'in_progress') AND ending IS NULL ORDER BY expires_at LIMIT 1`,
   // A chunk of jobs goes in under the batch's row lock: a cancel or an expiry that commits first
@@ -102,8 +104,10 @@ const Q = {
     WHERE seq = @seq AND status IN ('validating', 'in_progress') AND ending IS NULL RETURNING seq`,
   batchExpire: `UPDATE batches SET ending = 'expire', failed = failed + total - submitted
     WHERE seq = @seq AND status IN ('validating', 'in_progress') AND ending IS NULL RETURNING seq`,
+  // Only while lines are left to submit (what fails a batch is a line that cannot be): a runner
+  // acting on an old read (it lost the lead meanwhile) cannot fail a batch another one finished submitting.
   batchFail: `UPDATE batches SET ending = 'fail', failed = failed + total - submitted, errors = @errors
-    WHERE seq = @seq AND status IN ('validating', 'in_progress') AND ending IS NULL RETURNING seq`,
+    WHERE seq = @seq AND status IN ('validating', 'in_progress') AND ending IS NULL AND submitted < total RETURNING seq`,
   // Settling (migration 0004): the batch's final status and its webhook row, if every line is
   // accounted for and every job ended.
   batchSettle: `SELECT settled, due FROM foreman_batch_settle(@seq, @now)`,
@@ -228,6 +232,8 @@ export class PgFilesBatches {
     return this.h.tx(async (c, fx) => {
       const input = await c.get<FileRecord>(Q.fileBySeqShared, { seq: n.inputFileSeq });
       if (!input || input.status !== 'processed') return null;
+      // A file being removed (some of its lines deleted already) is as good as gone.
+      if ((await c.one<boolean>(Q.fileWhole, { seq: input.seq, lines: input.lines })) !== true) return null;
       fx.batchReady = true;
       const seq = (await c.one<number>(Q.batchInsert, {
         id: n.id,
@@ -282,8 +288,8 @@ export class PgFilesBatches {
     });
   }
 
-  batchesActive(p: { limit: number }): Promise<BatchRecord[]> {
-    return this.h.read(async (c) => (await c.all<BatchRow>(Q.batchesActive, { limit: p.limit })).map((r) => batchOf(r)!));
+  batchesActive(p: { limit: number; afterSeq?: number }): Promise<BatchRecord[]> {
+    return this.h.read(async (c) => (await c.all<BatchRow>(Q.batchesActive, { limit: p.limit, after: p.afterSeq ?? 0 })).map((r) => batchOf(r)!));
   }
 
   batchesNextExpiry(): Promise<{ seq: number; expiresAt: number } | null> {

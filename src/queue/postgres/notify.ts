@@ -74,7 +74,7 @@ export function payloadsOf(sender: string, fx: Fx): string[] {
 /**
  * Carries a driver's effects to the other instances: NOTIFY inside the writing transaction (so
  * only a commit sends it), LISTEN on a dedicated connection that reconnects by itself. While that
- * connection is down, a slow poll stands in: `jobReady` and `deliveryReady` every `fallbackMs`;
+ * connection is down, a slow poll stands in: `jobReady`, `deliveryReady` and `batchReady` every `fallbackMs`;
  * once it is back, `resync` tells watchers that state changes may have gone by unheard. A
  * connection that stays up but no longer hears its own heartbeats (deaf) is dropped and made again.
  */
@@ -164,6 +164,7 @@ export class ClusterNotifier {
     // Whatever was announced while we were away: look again.
     this.o.local.emit('jobReady');
     this.o.local.emit('deliveryReady');
+    this.o.local.emit('batchReady');
     if (this.listenedBefore) this.o.local.emit('resync');
     this.listenedBefore = true;
   }
@@ -189,6 +190,7 @@ export class ClusterNotifier {
       this.poll = setInterval(() => {
         this.o.local.emit('jobReady');
         this.o.local.emit('deliveryReady');
+        this.o.local.emit('batchReady');
       }, this.o.fallbackMs ?? 1000);
       this.poll.unref();
     }

@@ -16,6 +16,8 @@ export function prepareBatchStatements(db: DB) {
     fileDelete: p(`DELETE FROM files WHERE seq = ?`),
     fileById: p(`SELECT ${FILE_COLS} FROM files WHERE id = ?`),
     fileBySeq: p(`SELECT ${FILE_COLS} FROM files WHERE seq = ?`),
+    // Whether all of a file's lines are still there (its removal deletes them in steps first).
+    fileWhole: p(`SELECT count(*) = @lines FROM file_lines WHERE file_seq = @seq`).pluck(),
     filesPage: p(`SELECT ${FILE_COLS} FROM files WHERE seq < @before AND status = 'processed'
         AND (@key IS NULL OR key_id = @key) AND (@purpose IS NULL OR purpose = @purpose) ORDER BY seq DESC LIMIT @limit`),
     fileLinesPage: p(`SELECT n, custom_id AS customId, body FROM file_lines WHERE file_seq = @seq AND n > @after ORDER BY n LIMIT @limit`),
@@ -40,7 +42,7 @@ export function prepareBatchStatements(db: DB) {
     batchesPage: p(`SELECT ${BATCH_COLS} FROM batches WHERE seq < @before AND (@key IS NULL OR key_id = @key) ORDER BY seq DESC LIMIT @limit`),
     batchesActive: p(`SELECT ${BATCH_COLS} FROM batches INDEXED BY batches_active
       WHERE ${ACTIVE} AND status IN ('validating', 'in_progress', 'cancelling') AND (ending IS NOT NULL OR submitted < total)
-      ORDER BY seq LIMIT @limit`),
+        AND seq > @after ORDER BY seq LIMIT @limit`),
     batchesNextExpiry: p(`SELECT seq, expires_at AS expiresAt FROM batches INDEXED BY batches_active
       WHERE ${ACTIVE} AND status IN ('validating', 'in_progress') AND ending IS NULL ORDER BY expires_at LIMIT 1`),
     batchAdvance: p(`UPDATE batches SET submitted = submitted + @n, last_line = @lastLine,
@@ -54,8 +56,9 @@ export function prepareBatchStatements(db: DB) {
       WHERE seq = @seq AND status IN ('validating', 'in_progress') AND ending IS NULL RETURNING seq`).pluck(),
     batchExpire: p(`UPDATE batches SET ending = 'expire', failed = failed + total - submitted
       WHERE seq = @seq AND status IN ('validating', 'in_progress') AND ending IS NULL RETURNING seq`).pluck(),
+    // Only while lines are left to submit (see the PostgreSQL driver's).
     batchFail: p(`UPDATE batches SET ending = 'fail', failed = failed + total - submitted, errors = @errors
-      WHERE seq = @seq AND status IN ('validating', 'in_progress') AND ending IS NULL RETURNING seq`).pluck(),
+      WHERE seq = @seq AND status IN ('validating', 'in_progress') AND ending IS NULL AND submitted < total RETURNING seq`).pluck(),
     // Settling: every line accounted for and every job ended → the batch's final status, in the
     // transaction that ended its last job. A batch that ran to the end passes through finalizing.
     batchSettle: p(`UPDATE batches SET

@@ -1155,6 +1155,8 @@ export class SqliteDriver implements QueueDriver {
     return this.write((fx) => {
       const input = b.fileBySeq.get(n.inputFileSeq) as FileRecord | undefined;
       if (!input || input.status !== 'processed') return null;
+      // A file being removed (some of its lines deleted already) is as good as gone.
+      if (b.fileWhole.get({ seq: input.seq, lines: input.lines }) !== 1) return null;
       fx.batchReady = true;
       const seq = b.batchInsert.get({
         id: n.id,
@@ -1206,8 +1208,8 @@ export class SqliteDriver implements QueueDriver {
     });
   }
 
-  batchesActive(p: { limit: number }): Promise<BatchRecord[]> {
-    return this.read(() => this.b.batchesActive.all({ limit: p.limit }).map((r) => this.batchOf(r)!));
+  batchesActive(p: { limit: number; afterSeq?: number }): Promise<BatchRecord[]> {
+    return this.read(() => this.b.batchesActive.all({ limit: p.limit, after: p.afterSeq ?? 0 }).map((r) => this.batchOf(r)!));
   }
 
   batchesNextExpiry(): Promise<{ seq: number; expiresAt: number } | null> {
