@@ -272,6 +272,7 @@ export class Service {
       batches: this.batches,
       artifactUrls: this.artifactUrls,
       pool: this.pool,
+      cluster: this.clusterEngines,
       events: this.events,
       storageReady: () => driver.ping(),
       metrics: this.metrics,

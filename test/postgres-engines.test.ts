@@ -207,4 +207,32 @@ describe('engine hosts per instance', () => {
     await b.stop();
     await a.stop();
   });
+
+  it('/api/tags, /v1/models and /v1/models/<model> answer the same from every instance: the models of every live instance\'s hosts', async () => {
+    const db = await createDatabase('foreman_engines');
+    cleanups.push(db.drop);
+    const a = await instance(db.url, 'a', await fakeWith(['mistral']));
+    const b = await instance(db.url, 'b', await fakeWith(['llama3.2']));
+    const tags = async (base: string) => ((await (await fetch(`${base}/api/tags`)).json()) as { models: { name: string; size: number }[] }).models;
+    const openai = async (base: string) => ((await (await fetch(`${base}/v1/models`)).json()) as { data: { id: string; object: string }[] }).data;
+    const names = async (base: string) => (await tags(base)).map((m) => m.name).sort();
+    // Each instance hears of the other's view at its next refresh (200 ms here).
+    for (const base of [a.base, b.base]) await until(`${base} to list both instances' models`, async () => (await names(base)).length === 2, 5_000);
+    for (const base of [a.base, b.base]) {
+      expect(await names(base)).toEqual(['llama3.2:latest', 'mistral:latest']);
+      // The entries are the hosts' own (Ollama's fields), not names alone.
+      expect((await tags(base)).every((m) => typeof m.size === 'number')).toBe(true);
+      expect((await openai(base)).map((m) => m.id).sort()).toEqual(['llama3.2:latest', 'mistral:latest']);
+      for (const model of ['llama3.2', 'mistral']) {
+        const r = await fetch(`${base}/v1/models/${model}`);
+        expect(r.status).toBe(200);
+        expect(((await r.json()) as { id: string }).id).toBe(`${model}:latest`);
+      }
+    }
+    // B stops: once its view is no longer fresh (1.6 s), A lists its own hosts' models only.
+    await b.stop();
+    await until("a to stop listing b's models", async () => (await names(a.base)).length === 1, 5_000);
+    expect(await names(a.base)).toEqual(['mistral:latest']);
+    expect((await fetch(`${a.base}/v1/models/llama3.2`)).status).toBe(404);
+  });
 });

@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import type { Clock } from '../domain.js';
-import type { InstanceEngineView, QueueDriver } from '../queue/driver.js';
+import type { InstanceEngineView, ModelEntry, QueueDriver } from '../queue/driver.js';
 import { modelNames, type EnginePool } from './pool.js';
 
 /** How often an instance refreshes its engine view in the database. */
@@ -45,6 +45,8 @@ export class ClusterEngines {
    * instance gives the same estimate. Counted again at each refresh.
    */
   slots: number;
+  /** The other instances' views as last read (at each refresh), for the model listings. */
+  private otherViews: InstanceEngineView[] = [];
 
   constructor(
     private readonly deps: { driver: QueueDriver; pool: EnginePool; clock: Clock; logger: Logger; graceMs: number; refreshMs?: number },
@@ -113,7 +115,9 @@ export class ClusterEngines {
             freshSince: now - this.freshMs,
           });
           try {
-            this.slots = this.countSlots(others === 0 ? [] : (await this.others()).filter((v) => !v.stale).flatMap((v) => v.hosts));
+            const views = others === 0 ? [] : await this.others();
+            this.otherViews = views;
+            this.slots = this.countSlots(views.filter((v) => !v.stale).flatMap((v) => v.hosts));
           } catch (err) {
             logger.warn({ err }, "could not read the other instances' engine views; the next refresh tries again");
           }
@@ -137,6 +141,29 @@ export class ClusterEngines {
     return views.map((v) =>
       now - v.seenAt <= this.freshMs ? { ...v, stale: false } : { ...v, downSince: v.downSince ?? v.seenAt, stale: true },
     );
+  }
+
+  /**
+   * What the cluster's answering hosts have installed (`GET /api/tags`, `/v1/models`), the same
+   * from every instance: this instance's answering hosts' models, then those of the other live
+   * instances as read at the last refresh, merged by name. `answering`: some host of the cluster
+   * answers. No database read per call.
+   */
+  installed(): { answering: boolean; models: ModelEntry[] } {
+    const { pool, clock } = this.deps;
+    const seen = new Map<string, ModelEntry>();
+    const add = (models: ModelEntry[]) => {
+      for (const m of models) if (!seen.has(String(m.name))) seen.set(String(m.name), m);
+    };
+    add(pool.tags().models);
+    let answering = pool.hosts.some((h) => h.usable);
+    const now = clock.now();
+    for (const v of this.otherViews) {
+      if (now - v.seenAt > this.freshMs) continue; // stopped or dead: its hosts answer nobody
+      if (v.downSince === null) answering = true;
+      add(v.tags);
+    }
+    return { answering, models: [...seen.values()] };
   }
 
   /**

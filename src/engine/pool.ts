@@ -2,7 +2,7 @@ import type { Logger } from 'pino';
 import type { EngineSpec } from '../config.js';
 import { loadKey, type Clock } from '../domain.js';
 import { Loop } from '../loop.js';
-import type { ClaimHost, EngineView } from '../queue/driver.js';
+import type { ClaimHost, EngineView, ModelEntry } from '../queue/driver.js';
 import { EngineError, type ChatEngine, type EngineStatus } from './engine.js';
 import type { EngineHealth } from './health.js';
 
@@ -18,11 +18,6 @@ export function modelNames(name: string): string[] {
   return name.endsWith(':latest') ? [name, name.slice(0, -':latest'.length)] : [name];
 }
 
-interface ModelEntry {
-  name?: string;
-  model?: string;
-  [k: string]: unknown;
-}
 
 /** One Ollama host of the pool: its clients, slots, health, and what it has installed and loaded. */
 export class EngineHost {
@@ -243,6 +238,7 @@ export class EnginePool {
       anyModel: this.hosts.some((h) => !h.listsModels),
       models: [...new Set(this.hosts.flatMap((h) => [...h.installed]))].sort(),
       hosts: this.hosts.map((h) => ({ name: h.name, slots: h.spec.slots })),
+      tags: this.tags().models,
     };
   }
 

@@ -1,6 +1,7 @@
 import type { Logger } from 'pino';
 import type { Config } from '../config.js';
 import type { Clock } from '../domain.js';
+import type { ClusterEngines } from '../engine/cluster.js';
 import type { EnginePool } from '../engine/pool.js';
 import type { JobEvents } from '../events.js';
 import type { Jobs } from '../jobs/jobs.js';
@@ -20,6 +21,8 @@ export interface AppDeps {
   artifactUrls: ArtifactUrls;
   /** The engine hosts: status, merged pass-through reads, direct loads (ADR-0012). */
   pool: EnginePool;
+  /** Every instance's engine hosts: what the cluster has installed (ADR-0011). */
+  cluster: Pick<ClusterEngines, 'installed'>;
   events: JobEvents;
   /** Prometheus metrics: the exposition, and one observation per request. */
   metrics?: {

@@ -228,9 +228,10 @@ export const ollamaRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
 
   // The pool's view (ADR-0012): every healthy host's models, merged.
   const noHost = () => new ApiError(502, 'engine_unavailable', 'no engine host answers right now');
-  app.get('/api/tags', { schema: { summary: 'Installed models of every healthy engine host, deduplicated by name' } }, async () => {
-    if (!deps.pool.hosts.some((h) => h.usable)) throw noHost();
-    return deps.pool.tags();
+  app.get('/api/tags', { schema: { summary: 'Installed models of every answering engine host (of every instance), deduplicated by name' } }, async () => {
+    const { answering, models } = deps.cluster.installed();
+    if (!answering) throw noHost();
+    return { models };
   });
   app.get('/api/ps', { schema: { summary: 'Resident models of every healthy engine host, each with its host (`engine`)' } }, async () => {
     if (!deps.pool.hosts.some((h) => h.usable)) throw noHost();

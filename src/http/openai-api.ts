@@ -237,13 +237,13 @@ export const openAiRoutes: FastifyPluginAsyncTypebox<AppDeps> = async (app, deps
 
   app.get('/models', { schema: { summary: 'Models installed on the engine' } }, async () => ({
     object: 'list' as const,
-    data: installedModels(deps.pool).map((m) => ({ id: m.id, object: 'model' as const, created: m.created, owned_by: m.ownedBy })),
+    data: installedModels(deps.cluster).map((m) => ({ id: m.id, object: 'model' as const, created: m.created, owned_by: m.ownedBy })),
   }));
 
   app.get('/models/:model', { schema: { summary: 'One installed model (a name with "/" is sent percent-encoded)', params: Type.Object({ model: Type.String({ minLength: 1, maxLength: 256 }) }) } }, async (req) => {
     const name = req.params.model;
     const wanted = name.includes(':') ? [name] : [name, `${name}:latest`];
-    const m = installedModels(deps.pool).find((x) => wanted.includes(x.id));
+    const m = installedModels(deps.cluster).find((x) => wanted.includes(x.id));
     if (!m) throw new NotFound('model_not_found', `The model '${name.slice(0, 200)}' does not exist`, 'model');
     return { id: m.id, object: 'model' as const, created: m.created, owned_by: m.ownedBy };
   });

@@ -1,4 +1,4 @@
-import type { EnginePool } from '../engine/pool.js';
+import type { ClusterEngines } from '../engine/cluster.js';
 import { Unavailable } from '../errors.js';
 
 export interface InstalledModel {
@@ -11,11 +11,13 @@ export interface InstalledModel {
 
 /**
  * The models installed on the engine hosts, for `GET /v1/models` (ADR-0015): the union over the
- * healthy hosts of the pool (ADR-0012), deduplicated by name, from their last probes.
+ * answering hosts of the pool (ADR-0012) and of the other instances (ADR-0011), deduplicated by
+ * name, from their last probes. 503 while no host of the cluster answers.
  */
-export function installedModels(pool: Pick<EnginePool, 'tags' | 'hosts'>): InstalledModel[] {
-  if (!pool.hosts.some((h) => h.usable)) throw new Unavailable('engine_unavailable', 'no engine host answers right now', undefined, 5);
-  return pool.tags().models.flatMap((m) => {
+export function installedModels(cluster: Pick<ClusterEngines, 'installed'>): InstalledModel[] {
+  const { answering, models } = cluster.installed();
+  if (!answering) throw new Unavailable('engine_unavailable', 'no engine host answers right now', undefined, 5);
+  return models.flatMap((m) => {
     const id = (m.model ?? m.name) as unknown;
     if (typeof id !== 'string') return [];
     const t = Date.parse(String(m.modified_at ?? ''));

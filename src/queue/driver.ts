@@ -280,6 +280,15 @@ export interface EngineView {
   models: string[];
   /** The hosts, by name (a host several instances list has one name), with their slots. */
   hosts: { name: string; slots: number }[];
+  /** What the answering hosts list as installed: Ollama's `/api/tags` entries, merged by name. */
+  tags: ModelEntry[];
+}
+
+/** One model as Ollama's `/api/tags` lists it (`name`, `model`, `modified_at`, `size`, `digest`, `details`). */
+export interface ModelEntry {
+  name?: string;
+  model?: string;
+  [k: string]: unknown;
 }
 
 export interface InstanceEngineView extends EngineView {

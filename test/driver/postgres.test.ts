@@ -310,7 +310,7 @@ describe('postgres driver only', () => {
     // Neither listens: as if each one's LISTEN connection were down, no heartbeat is heard.
     const [a, b] = ['inst-a', 'inst-b'].map((instanceId) => new PostgresDriver({ url: db.url, instanceId, crossInstance: false }));
     const host: ClaimHost = { name: 'gpu1', models: ['m1'], resident: [], loadMs: {}, affinityMaxWaitMs: 0, slots: 1 };
-    const view = { allUp: true, downSince: null, anyModel: false, models: ['m1'], hosts: [{ name: 'gpu1', slots: 1 }] };
+    const view = { allUp: true, downSince: null, anyModel: false, models: ['m1'], hosts: [{ name: 'gpu1', slots: 1 }], tags: [] };
     const put = (d: PostgresDriver, now: number) => d.instanceEnginesPut({ now, view, deleteBefore: 0, freshSince: now - 16_000 });
     try {
       await a!.jobsInsert({ jobs: [newJob(), newJob()], now: T0, maxQueued: 10 });
@@ -359,15 +359,16 @@ describe('postgres driver only', () => {
   it("instances' engine views: a put replaces the instance's own; the list gives the others' seen within maxAgeMs; a put deletes the views seen before deleteBefore", async () => {
     const db = await freshDb();
     const [a, b, c] = ['inst-a', 'inst-b', 'inst-c'].map((instanceId) => new PostgresDriver({ url: db.url, instanceId, crossInstance: false }));
-    const view = (o: Partial<EngineView> = {}): EngineView => ({ allUp: true, downSince: null, anyModel: false, models: [], hosts: [], ...o });
+    const view = (o: Partial<EngineView> = {}): EngineView => ({ allUp: true, downSince: null, anyModel: false, models: [], hosts: [], tags: [], ...o });
+    const tag = { name: 'llama3.2:latest', model: 'llama3.2:latest', modified_at: '2026-01-02T03:04:05Z', size: 2019393189, digest: 'a80c4f17acd5', details: { family: 'llama' } };
     const keep = T0 - 1;
     try {
-      await a!.instanceEnginesPut({ now: T0, view: view({ models: ['llama3.2', 'llama3.2:latest'], hosts: [{ name: 'gpu1', slots: 2 }] }), deleteBefore: keep, freshSince: T0 });
+      await a!.instanceEnginesPut({ now: T0, view: view({ models: ['llama3.2', 'llama3.2:latest'], hosts: [{ name: 'gpu1', slots: 2 }], tags: [tag] }), deleteBefore: keep, freshSince: T0 });
       await b!.instanceEnginesPut({ now: T0 + 10, view: view({ anyModel: true }), deleteBefore: keep, freshSince: T0 });
       await b!.instanceEnginesPut({ now: T0 + 20, view: view({ allUp: false, downSince: T0 + 15, anyModel: true }), deleteBefore: keep, freshSince: T0 });
       expect(await c!.instanceEnginesList({ now: T0 + 1_000, maxAgeMs: 1_000 })).toEqual([
-        { instance: 'inst-a', seenAt: T0, allUp: true, downSince: null, anyModel: false, models: ['llama3.2', 'llama3.2:latest'], hosts: [{ name: 'gpu1', slots: 2 }] },
-        { instance: 'inst-b', seenAt: T0 + 20, allUp: false, downSince: T0 + 15, anyModel: true, models: [], hosts: [] },
+        { instance: 'inst-a', seenAt: T0, allUp: true, downSince: null, anyModel: false, models: ['llama3.2', 'llama3.2:latest'], hosts: [{ name: 'gpu1', slots: 2 }], tags: [tag] },
+        { instance: 'inst-b', seenAt: T0 + 20, allUp: false, downSince: T0 + 15, anyModel: true, models: [], hosts: [], tags: [] },
       ]);
       // Not its own; and a view older than maxAgeMs is left out.
       expect((await b!.instanceEnginesList({ now: T0 + 1_000, maxAgeMs: 1_000 })).map((v) => v.instance)).toEqual(['inst-a']);

@@ -465,13 +465,14 @@ const Q = {
     ORDER BY array_position(@ids::bigint[], d.id)`,
   // One statement: the instance's view, and the views long out of use gone (ADR-0011).
   instanceEnginesPut: `WITH gone AS (DELETE FROM instance_engines WHERE seen_at < @deleteBefore AND instance_id <> @id),
-    put AS (INSERT INTO instance_engines (instance_id, seen_at, all_up, down_since, any_model, models, hosts)
-      VALUES (@id, @now, @allUp, @downSince::bigint, @anyModel, @models::text[], @hosts::jsonb)
+    put AS (INSERT INTO instance_engines (instance_id, seen_at, all_up, down_since, any_model, models, hosts, tags)
+      VALUES (@id, @now, @allUp, @downSince::bigint, @anyModel, @models::text[], @hosts::jsonb, @tags::jsonb)
       ON CONFLICT (instance_id) DO UPDATE SET seen_at = excluded.seen_at, all_up = excluded.all_up,
-        down_since = excluded.down_since, any_model = excluded.any_model, models = excluded.models, hosts = excluded.hosts)
+        down_since = excluded.down_since, any_model = excluded.any_model, models = excluded.models, hosts = excluded.hosts,
+        tags = excluded.tags)
     SELECT count(*)::integer AS others FROM instance_engines WHERE instance_id <> @id AND seen_at >= @freshSince`,
   instanceEnginesList: `SELECT instance_id AS instance, seen_at AS seenAt, all_up AS allUp, down_since AS downSince,
-      any_model AS anyModel, models, hosts
+      any_model AS anyModel, models, hosts, tags
     FROM instance_engines WHERE instance_id <> @id AND seen_at >= @since ORDER BY instance_id`,
   // A delivery's outcome and its line's next head, in one call (migrations 0006, 0012, 0017): only
   // the claim's holder (or anyone, when nobody holds it) records an outcome.
@@ -889,6 +890,7 @@ export class PostgresDriver implements QueueDriver {
         anyModel: v.anyModel,
         models: v.models,
         hosts: JSON.stringify(v.hosts),
+        tags: JSON.stringify(v.tags),
         deleteBefore: p.deleteBefore,
         freshSince: p.freshSince,
       }),
