@@ -244,6 +244,7 @@ export class Service {
     });
     this.clusterEngines = new ClusterEngines({
       driver,
+      instanceId: this.instanceId,
       pool: this.pool,
       clock,
       logger,

@@ -316,4 +316,23 @@ describe('the Batch API', () => {
     expect((await client.files.retrieve(during.id)).bytes).toBe(Buffer.byteLength(text));
     expect((await listed()).bytes).toBe(Buffer.byteLength(text));
   });
+
+  // The runner's rounds are the same code on either driver (the conformance suite pages
+  // batchesActive on both): run once, on SQLite.
+  it.skipIf(process.env.FOREMAN_TEST_DRIVER === 'postgres')('with more active batches than the runner looks at in a turn, every one is submitted without waiting for the poll', async () => {
+    // A poll far longer than the test: the runner must go round again by itself while lines are left.
+    const { h, client } = await setup({ pollIntervalMs: 60_000 });
+    // The batches are all there before the runner's first look.
+    await h.service.batches.stop();
+    // 32 batches of 100 lines (four chunks of 32 lines or fewer) fill the first page; the 33rd, of
+    // one line, is done in its first turn, while the others still have lines left.
+    const file = await upload(client, Array.from({ length: 100 }, (_, i) => chatLine(`l${i}`, `line ${i}`)));
+    const create = async (id: string) => (await client.batches.create({ input_file_id: id, endpoint: '/v1/chat/completions', completion_window: '24h' })).id;
+    const ids = [];
+    for (let i = 0; i < 32; i++) ids.push(await create(file.id));
+    ids.push(await create((await upload(client, [chatLine('one', 'only line')])).id));
+    h.service.batches.start();
+    await until('every line of the 33 batches to be a job', async () => (await rowCount(h, 'jobs')) === 32 * 100 + 1, 20_000);
+    expect((await Promise.all(ids.map(async (id) => (await client.batches.retrieve(id)).request_counts?.total))).reduce((s, n) => s! + n!, 0)).toBe(32 * 100 + 1);
+  });
 });

@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import type { Clock } from '../domain.js';
 import type { InstanceEngineView, ModelEntry, QueueDriver } from '../queue/driver.js';
-import { modelNames, type EnginePool } from './pool.js';
+import { byModel, mergeModels, modelNames, type EnginePool } from './pool.js';
 
 /** How often an instance refreshes its engine view in the database. */
 export const ENGINE_VIEW_REFRESH_MS = 5_000;
@@ -49,7 +49,7 @@ export class ClusterEngines {
   private otherViews: InstanceEngineView[] = [];
 
   constructor(
-    private readonly deps: { driver: QueueDriver; pool: EnginePool; clock: Clock; logger: Logger; graceMs: number; refreshMs?: number },
+    private readonly deps: { driver: QueueDriver; instanceId: string; pool: EnginePool; clock: Clock; logger: Logger; graceMs: number; refreshMs?: number },
   ) {
     this.refreshMs = deps.refreshMs ?? ENGINE_VIEW_REFRESH_MS;
     this.freshMs = 3 * this.refreshMs + 1_000;
@@ -151,19 +151,21 @@ export class ClusterEngines {
    */
   installed(): { answering: boolean; models: ModelEntry[] } {
     const { pool, clock } = this.deps;
-    const seen = new Map<string, ModelEntry>();
-    const add = (models: ModelEntry[]) => {
-      for (const m of models) if (!seen.has(String(m.name))) seen.set(String(m.name), m);
-    };
-    add(pool.tags().models);
+    const own = { instance: this.deps.instanceId, tags: pool.tags().models };
     let answering = pool.hosts.some((h) => h.usable);
     const now = clock.now();
+    const views: { instance: string; tags: ModelEntry[] }[] = [own];
     for (const v of this.otherViews) {
       if (now - v.seenAt > this.freshMs) continue; // stopped or dead: its hosts answer nobody
       if (v.downSince === null) answering = true;
-      add(v.tags);
+      views.push(v);
     }
-    return { answering, models: [...seen.values()] };
+    if (views.length === 1) return { answering, models: own.tags }; // alone: as the hosts list them
+    // The same from every instance: each list by name (as views are written), the lists by
+    // instance id, so where two instances' hosts list a model differently all answer with one entry.
+    own.tags = [...own.tags].sort(byModel);
+    views.sort((a, b) => (a.instance < b.instance ? -1 : a.instance > b.instance ? 1 : 0));
+    return { answering, models: mergeModels(views.map((v) => v.tags)) };
   }
 
   /**

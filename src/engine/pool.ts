@@ -19,6 +19,19 @@ export function modelNames(name: string): string[] {
 }
 
 
+/** A model entry's name (`name`, else `model`: some servers send one of them). */
+export const modelKey = (m: ModelEntry): string => String(m.name ?? m.model);
+
+/** Model entries in name order. */
+export const byModel = (a: ModelEntry, b: ModelEntry): number => (modelKey(a) < modelKey(b) ? -1 : modelKey(a) > modelKey(b) ? 1 : 0);
+
+/** Model lists merged by name, the first list's entry winning. */
+export function mergeModels(lists: ModelEntry[][]): ModelEntry[] {
+  const seen = new Map<string, ModelEntry>();
+  for (const list of lists) for (const m of list) if (!seen.has(modelKey(m))) seen.set(modelKey(m), m);
+  return [...seen.values()];
+}
+
 /** One Ollama host of the pool: its clients, slots, health, and what it has installed and loaded. */
 export class EngineHost {
   inUse = 0;
@@ -238,7 +251,8 @@ export class EnginePool {
       anyModel: this.hosts.some((h) => !h.listsModels),
       models: [...new Set(this.hosts.flatMap((h) => [...h.installed]))].sort(),
       hosts: this.hosts.map((h) => ({ name: h.name, slots: h.spec.slots })),
-      tags: this.tags().models,
+      // By name: hosts may list models in any order (Ollama's list is a map's, sorted by a time in seconds).
+      tags: this.tags().models.sort(byModel),
     };
   }
 
@@ -340,9 +354,7 @@ export class EnginePool {
 
   /** `/api/tags` of every usable host, merged and deduplicated by name. */
   tags(): { models: ModelEntry[] } {
-    const seen = new Map<string, ModelEntry>();
-    for (const h of this.hosts.filter((x) => x.usable)) for (const m of h.tags) if (!seen.has(String(m.name))) seen.set(String(m.name), m);
-    return { models: [...seen.values()] };
+    return { models: mergeModels(this.hosts.filter((x) => x.usable).map((h) => h.tags)) };
   }
 
   /** `/api/ps` of every usable host: each resident model with its host. */

@@ -43,6 +43,7 @@ export const BATCH_CHUNK = 32;
 const BLOCKED_RETRY_MS = 250;
 /** Active batches the runner looks at in one turn. */
 const ACTIVE_PAGE = 32;
+const newRound = () => ({ busy: false, blocked: false, queueFull: false, fullKeys: new Set<string>() });
 const WINDOW_MS = 24 * 3_600_000;
 /** An upload abandoned mid-way (its process died) is removed after this long. */
 const ABANDONED_UPLOAD_MS = 3_600_000;
@@ -64,8 +65,11 @@ export class Batches {
   private lastRetention = 0;
   /** Where the runner's next look starts (it goes round every active batch, a page a turn). */
   private cursor = 0;
-  /** Whether a batch of this round could not go on (its key's or the global queue was full). */
-  private roundBlocked = false;
+  /**
+   * This round (one pass over every active batch, a page a turn): whether some batch has more
+   * lines (or jobs to end) than it got this time, whether some could not go on, and what was full.
+   */
+  private round = newRound();
 
   constructor(
     private readonly driver: QueueDriver,
@@ -192,11 +196,12 @@ export class Batches {
       await driver.batchExpire({ seq: next.seq, now });
       this.logger.info({ batch_seq: next.seq }, 'batch expired: its completion window passed');
     }
-    let busy = false;
-    let blocked = false;
-    // A page of the active batches a turn, going round: batches that cannot go on (their key's
-    // queue is full) never keep the runner from the ones after them.
-    if (this.cursor === 0) this.roundBlocked = false;
+    // A page of the active batches a turn, going round all of them: batches that cannot go on
+    // (their key's queue is full) never keep the runner from the ones after them, and the next
+    // page comes at once. Once a key's queue (or the whole queue) was found full this round, its
+    // other batches wait for the next round without a refused write each.
+    if (this.cursor === 0) this.round = newRound();
+    const round = this.round;
     const page = await driver.batchesActive({ limit: ACTIVE_PAGE, afterSeq: this.cursor });
     const more = page.length === ACTIVE_PAGE;
     this.cursor = more ? page[page.length - 1]!.seq : 0;
@@ -205,11 +210,18 @@ export class Batches {
       now = clock.now();
       const t0 = performance.now();
       if (b.ending !== null) {
-        if ((await driver.batchJobsEnd({ batchSeq: b.seq, now, limit: BATCH_CHUNK })) === BATCH_CHUNK) busy = true;
+        if ((await driver.batchJobsEnd({ batchSeq: b.seq, now, limit: BATCH_CHUNK })) === BATCH_CHUNK) round.busy = true;
+      } else if (round.queueFull || round.fullKeys.has(b.keyId ?? '')) {
+        round.blocked = true;
+        continue;
       } else {
         const r = await this.submitChunk(b, now);
-        if (r === 'blocked') blocked = this.roundBlocked = true;
-        else if (r === 'more') busy = true;
+        if (r === 'more') round.busy = true;
+        else if (r !== 'done') {
+          round.blocked = true;
+          if (r === 'key_full') round.fullKeys.add(b.keyId ?? '');
+          else round.queueFull = true;
+        }
       }
       // Between chunks the runner rests as long as the chunk took (at most half the process's time
       // goes to batch inserts), so other requests find the event loop and the commit free. The
@@ -220,15 +232,15 @@ export class Batches {
       this.lastRetention = now;
       await this.retention(now);
     }
-    if (busy) return 0;
-    if (more) return blocked ? BLOCKED_RETRY_MS : 0; // the round goes on
-    if (this.roundBlocked) return BLOCKED_RETRY_MS;
+    if (more || round.busy) return 0; // the round goes on, or another starts at once
+    if (round.blocked) return BLOCKED_RETRY_MS;
     const next = await driver.batchesNextExpiry();
     return next === null ? settings.idleMs : Math.max(0, Math.min(settings.idleMs, next.expiresAt - clock.now()));
   }
 
   /** Makes the batch's next lines into jobs (one transaction). */
-  private async submitChunk(b: BatchRecord, now: number): Promise<'more' | 'done' | 'blocked'> {
+  /** 'key_full': the owner key's queue (or its daily limit) refused the chunk; 'queue_full': the whole queue's. */
+  private async submitChunk(b: BatchRecord, now: number): Promise<'more' | 'done' | 'key_full' | 'queue_full'> {
     const { driver, settings } = this;
     if (b.inputFileSeq === null) {
       await driver.batchFail({ seq: b.seq, now, error: { code: 'input_file_deleted', message: 'the input file was deleted before every request was submitted' } });
@@ -264,7 +276,7 @@ export class Batches {
       maxQueued: Math.max(1, Math.floor(settings.maxQueued / 2)),
       maxQueuedBytes: Math.max(1, Math.floor(settings.maxQueuedBytes / 2)),
     });
-    if (r.stopped !== null) return 'blocked';
+    if (r.stopped !== null) return !r.stopped.ok && (r.stopped.code === 'key_queue_full' || r.stopped.code === 'key_daily_limit') ? 'key_full' : 'queue_full';
     return b.submitted + r.inserted < b.total ? 'more' : 'done';
   }
 

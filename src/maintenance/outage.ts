@@ -43,15 +43,16 @@ export class OutagePolicy extends MaintenanceService {
       message: `the engine has been unreachable for longer than FOREMAN_ENGINE_OUTAGE_TIMEOUT (${this.opts.outageTimeoutMs}ms): ${status.error ?? 'down'}`,
     };
     // In chunks, each its own transaction. Before each the outage is judged again: a host of
-    // this instance or of another one that answers meanwhile ends the sweep.
-    while (!this.stopping && this.health.downSince !== null) {
+    // this instance or of another one that answers meanwhile ends the sweep (and so does a new
+    // outage that began since: its jobs get their full wait).
+    while (!this.stopping && this.health.downSince === since) {
       const outageSince = await this.cluster.outageSince(since);
       const now = clock.now();
       if (outageSince === null) {
         logger.debug({ down_ms: now - since }, "this instance's engine hosts are out, another instance's answer: no job fails");
         break;
       }
-      if (now - outageSince < this.opts.outageTimeoutMs || this.stopping || this.health.downSince === null) break;
+      if (now - outageSince < this.opts.outageTimeoutMs || this.stopping || this.health.downSince !== since) break;
       const ids = await driver.jobsFailStale({ createdBefore: now - this.opts.outageTimeoutMs, now, error, limit: SWEEP_CHUNK });
       for (const id of ids) logger.warn({ job_id: id, state: 'failed', code: 'engine_unavailable' }, 'job failed: engine outage outlasted its wait');
       if (ids.length < SWEEP_CHUNK) break;
