@@ -150,20 +150,16 @@ export class ClusterEngines {
    * answers. No database read per call.
    */
   installed(): { answering: boolean; models: ModelEntry[] } {
-    const { pool, clock } = this.deps;
-    const own = { instance: this.deps.instanceId, tags: pool.tags().models };
-    let answering = pool.hosts.some((h) => h.usable);
+    const { pool, clock, instanceId } = this.deps;
     const now = clock.now();
-    const views: { instance: string; tags: ModelEntry[] }[] = [own];
-    for (const v of this.otherViews) {
-      if (now - v.seenAt > this.freshMs) continue; // stopped or dead: its hosts answer nobody
-      if (v.downSince === null) answering = true;
-      views.push(v);
-    }
-    if (views.length === 1) return { answering, models: own.tags }; // alone: as the hosts list them
+    // A view no longer refreshed is a stopped or dead instance: its hosts answer nobody.
+    const others = this.otherViews.filter((v) => now - v.seenAt <= this.freshMs);
+    const own = pool.tags().models;
+    const answering = pool.hosts.some((h) => h.usable) || others.some((v) => v.downSince === null);
+    if (others.length === 0) return { answering, models: own }; // alone: as the hosts list them
     // The same from every instance: each list by name (as views are written), the lists by
     // instance id, so where two instances' hosts list a model differently all answer with one entry.
-    own.tags = [...own.tags].sort(byModel);
+    const views = [{ instance: instanceId, tags: [...own].sort(byModel) }, ...others];
     views.sort((a, b) => (a.instance < b.instance ? -1 : a.instance > b.instance ? 1 : 0));
     return { answering, models: mergeModels(views.map((v) => v.tags)) };
   }

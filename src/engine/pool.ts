@@ -18,7 +18,6 @@ export function modelNames(name: string): string[] {
   return name.endsWith(':latest') ? [name, name.slice(0, -':latest'.length)] : [name];
 }
 
-
 /** A model entry's name (`name`, else `model`: some servers send one of them). */
 export const modelKey = (m: ModelEntry): string => String(m.name ?? m.model);
 

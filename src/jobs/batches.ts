@@ -238,8 +238,10 @@ export class Batches {
     return next === null ? settings.idleMs : Math.max(0, Math.min(settings.idleMs, next.expiresAt - clock.now()));
   }
 
-  /** Makes the batch's next lines into jobs (one transaction). */
-  /** 'key_full': the owner key's queue (or its daily limit) refused the chunk; 'queue_full': the whole queue's. */
+  /**
+   * Makes the batch's next lines into jobs (one transaction). 'key_full': the owner key's queue
+   * (or its daily limit) refused the chunk; 'queue_full': the whole queue's.
+   */
   private async submitChunk(b: BatchRecord, now: number): Promise<'more' | 'done' | 'key_full' | 'queue_full'> {
     const { driver, settings } = this;
     if (b.inputFileSeq === null) {

@@ -30,15 +30,15 @@ export class UnroutableModels extends MaintenanceService {
     const { driver, clock, logger } = this.deps;
     if (!this.pool.allUp) return this.idleMs;
     const models = await driver.jobsQueuedModels();
-    const error = (model: string) => ({ code: 'model_not_found', message: `model '${model}' not found` });
     for (const model of models) {
+      const error = { code: 'model_not_found', message: `model '${model}' not found` };
       // In chunks, each its own transaction. Before each, and after every await, the model is
       // judged again: a host that went down meanwhile, or one that has it now, ends the sweep.
       for (let n = SWEEP_CHUNK; n === SWEEP_CHUNK && !this.stopping; ) {
         if (!this.pool.allUp || this.pool.installedAnywhere(model)) break;
         if (await this.cluster.elsewhereMayRun(model)) break;
         if (this.stopping || !this.pool.allUp || this.pool.installedAnywhere(model)) break;
-        const ids = await driver.jobsFailQueuedModel({ model, now: clock.now(), error: error(model), limit: SWEEP_CHUNK });
+        const ids = await driver.jobsFailQueuedModel({ model, now: clock.now(), error, limit: SWEEP_CHUNK });
         for (const id of ids) logger.info({ job_id: id, state: 'failed', code: 'model_not_found', model }, 'no engine host has this model');
         n = ids.length;
       }

@@ -162,11 +162,16 @@ export class ClusterNotifier {
     if (this.poll) clearInterval(this.poll);
     this.poll = null;
     // Whatever was announced while we were away: look again.
+    this.lookAgain();
+    if (this.listenedBefore) this.o.local.emit('resync');
+    this.listenedBefore = true;
+  }
+
+  /** Wakes whoever waits for work announced by other instances: jobs, deliveries, batches. */
+  private lookAgain(): void {
     this.o.local.emit('jobReady');
     this.o.local.emit('deliveryReady');
     this.o.local.emit('batchReady');
-    if (this.listenedBefore) this.o.local.emit('resync');
-    this.listenedBefore = true;
   }
 
   /** Every heartbeat period: a connection whose own heartbeats stopped coming back is deaf; else say we are here. */
@@ -187,11 +192,7 @@ export class ClusterNotifier {
     this.connected = false;
     if (this.stopped) return;
     if (!this.poll) {
-      this.poll = setInterval(() => {
-        this.o.local.emit('jobReady');
-        this.o.local.emit('deliveryReady');
-        this.o.local.emit('batchReady');
-      }, this.o.fallbackMs ?? 1000);
+      this.poll = setInterval(() => this.lookAgain(), this.o.fallbackMs ?? 1000);
       this.poll.unref();
     }
     if (!this.retry) {
