@@ -220,7 +220,10 @@ describe('postgres cluster: 3 instances on one database', () => {
   }, 30_000);
 
   it('SSE on one instance sees every state event and the token deltas of a job running on another; Last-Event-ID resumes anywhere', async () => {
-    fake.enqueue({ kind: 'ok', chunkDelayMs: 60, chunks: [{ content: 'one ' }, { content: 'two ' }, { content: 'three ' }, { content: 'four' }] });
+    // Deltas are live only (never replayed), so the engine holds its first byte until the watcher is connected.
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    fake.enqueue({ kind: 'ok', gate, chunkDelayMs: 60, chunks: [{ content: 'one ' }, { content: 'two ' }, { content: 'three ' }, { content: 'four' }] });
     const cs = [...live.entries()];
     // Submit on the first; watch on each other one (whichever runs it, a watcher elsewhere sees it).
     const r = await post(cs[0]![1], '/jobs', { model: 'llama3.2', messages: [{ role: 'user', content: 'watched' }] });
@@ -232,7 +235,8 @@ describe('postgres cluster: 3 instances on one database', () => {
     }
     const watcher = cs.find(([k]) => k !== runner)![1];
     const res = await fetch(`${watcher.url}/jobs/${id}/events`);
-    expect(res.status).toBe(200);
+    expect(res.status).toBe(200); // the headers come after the watcher has subscribed
+    open();
     const text = await res.text(); // the stream ends after the terminal event
     const states = [...text.matchAll(/event: state\ndata: (.*)\n/g)].map((m) => JSON.parse(m[1]!).state as string);
     expect(states).toEqual(['queued', 'loading', 'working', 'done']);

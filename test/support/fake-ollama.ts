@@ -15,7 +15,14 @@ import type { Socket } from 'node:net';
 import { EventEmitter } from 'node:events';
 
 export type FakeBehaviour =
-  | { kind: 'ok'; chunks?: FakeChunk[]; chunkDelayMs?: number; firstByteDelayMs?: number }
+  | {
+      kind: 'ok';
+      chunks?: FakeChunk[];
+      chunkDelayMs?: number;
+      firstByteDelayMs?: number;
+      /** /api/chat sends no byte until this settles (or the client goes away): a test's own signal, not a timer. */
+      gate?: Promise<unknown>;
+    }
   | { kind: 'http_error'; status: number; error: string }
   | { kind: 'error_mid_stream'; after: number; error: string }
   | { kind: 'cut'; after: number }
@@ -387,6 +394,7 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
         const chunks = b.kind === 'ok' ? (b.chunks ?? base) : hugeChunks(b.bytes);
         const delay = b.kind === 'ok' ? (b.chunkDelayMs ?? defaultChunkDelayMs) : defaultChunkDelayMs;
         if (b.kind === 'ok') await sleep(b.firstByteDelayMs ?? 0, st);
+        if (b.kind === 'ok' && b.gate) await Promise.race([b.gate, st.closedPromise]);
         if (st.closed) return;
         onOk();
         if (!stream) {
