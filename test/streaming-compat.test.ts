@@ -250,11 +250,13 @@ describe('SSE: GET /jobs/:id/events', () => {
   });
 
   it('streams queued, loading, working, the deltas, done, then ends', async () => {
-    // The load blocks long enough for the watcher to be attached before any token is generated.
-    h.fake.setLoadDelay(300);
-    h.fake.enqueue({ kind: 'ok', chunkDelayMs: 30 });
+    // The engine holds its first byte until the watcher is attached (deltas are live only).
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    h.fake.enqueue({ kind: 'ok', chunkDelayMs: 30, gate });
     const id = await h.submit(hello('hello world'));
     const c = await sse(id);
+    release();
     expect(c.status).toBe(200);
     expect(c.headers['content-type']).toMatch(/^text\/event-stream\b/);
     expect(c.headers['cache-control']).toBe('no-store');
@@ -323,8 +325,11 @@ describe('SSE: GET /jobs/:id/events', () => {
   });
 
   it('resumes mid-job without losing a state event', async () => {
+    // The engine holds its first byte until the second watcher is attached (deltas are live only).
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
     h.fake.setLoadDelay(400);
-    h.fake.enqueue({ kind: 'ok', chunkDelayMs: 30 });
+    h.fake.enqueue({ kind: 'ok', chunkDelayMs: 30, gate });
     const id = await h.submit(hello('mid job'));
     const first = await sse(id);
     await first.waitFor((f) => f.id === '2', 'state 2');
@@ -334,6 +339,7 @@ describe('SSE: GET /jobs/:id/events', () => {
     await until('first watcher gone', async () => h.service.events.watchers(id) === 0, 2_000);
 
     const second = await sse(id, { 'last-event-id': '2' });
+    release();
     await second.ends(10_000);
     const states = second.states();
     expect(states.length).toBe(2);
