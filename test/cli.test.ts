@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startHarness, tempDir, type Harness } from './support/harness.js';
+import { hello, startHarness, tempDir, type Harness } from './support/harness.js';
 import { freePort } from './support/child.js';
 import { jobCount, sleep, until } from './support/util.js';
 
@@ -73,6 +73,35 @@ describe('foreman CLI', () => {
     } finally {
       h.fake.setLoadDelay(0);
     }
+  });
+
+  it('tail joined after the first tokens shows the rest, then the whole answer (tokens are live only)', async () => {
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    // 'one ' goes out at once; 'two ' and 'three' wait until the CLI is watching.
+    h.fake.enqueue({ kind: 'ok', chunks: [{ content: 'one ' }, { content: 'two ' }, { content: 'three' }], chunkDelayMs: 0, gate, gateAt: 1 });
+    const id = await h.submit(hello('joined late'));
+    const ctl = new AbortController();
+    const watch = await fetch(`${h.url}/jobs/${id}/events`, { signal: ctl.signal });
+    let seen = '';
+    const decoder = new TextDecoder();
+    for await (const chunk of watch.body as unknown as AsyncIterable<Uint8Array>) {
+      seen += decoder.decode(chunk, { stream: true });
+      if (seen.includes('event: delta')) break; // 'one ' has been streamed
+    }
+    ctl.abort();
+    await until('the first watcher gone', async () => h.service.events.watchers(id) === 0);
+    const tail = cli(['tail', id], env);
+    await until('the CLI watches', async () => h.service.events.watchers(id) === 1, 10_000);
+    release();
+    const t = await tail;
+    expect(t.code).toBe(0);
+    expect(t.stdout).toBe('two three\none two three\n');
+    expect(t.stderr).toBe('[queued]\n[loading]\n[working]\n[done]\n[the stream did not show the whole answer; here it is]\n');
+    // Joined after the end: no token streamed, the answer alone.
+    const again = await cli(['tail', id], env);
+    expect(again.stdout).toBe('one two three\n');
+    expect(again.stderr).toBe('[queued]\n[loading]\n[working]\n[done]\n');
   });
 
   it('exit codes: 1 for a failed job, 2 for usage errors and rejected input, 3 when the server is unreachable', async () => {

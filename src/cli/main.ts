@@ -28,22 +28,42 @@ function summary(j: Job): string {
   return lines.join('\n');
 }
 
+/**
+ * After a job's live tokens: a line end, and the whole answer again when what was shown is not it.
+ * Tokens are live only (never replayed), so a stream joined after the first ones, or resumed after a
+ * cut, shows a part; a retried run shows its tokens twice. Returns false when it printed nothing.
+ */
+function endLive(j: Job, streamed: string): boolean {
+  const content = j.state === 'done' && typeof j.result?.message?.content === 'string' ? j.result.message.content : null;
+  if (content === null || content === streamed) {
+    if (streamed !== '') print('');
+    return streamed !== '';
+  }
+  if (streamed !== '') {
+    print('');
+    process.stderr.write('[the stream did not show the whole answer; here it is]\n');
+  }
+  print(content);
+  return true;
+}
+
 /** Waits for a job, showing its states on stderr and its tokens on stdout unless --json. */
 async function waitFor(id: string, asJson: boolean, live: boolean): Promise<number> {
-  let streamed = false;
+  let streamed = '';
   const j = await client.follow(id, {
     onState: (state) => {
       if (!asJson && live) process.stderr.write(`[${state}]\n`);
     },
     onDelta: (text) => {
       if (asJson || !live) return;
-      streamed = true;
+      streamed += text;
       process.stdout.write(text);
     },
   });
   if (asJson) json(j);
-  else if (streamed) print(j.state === 'done' ? '' : `\n[${j.state}] ${j.error ? `${j.error.code}: ${j.error.message}` : ''}`);
-  else print(summary(j));
+  else if (streamed === '') print(summary(j));
+  else if (j.state === 'done') endLive(j, streamed);
+  else print(`\n[${j.state}] ${j.error ? `${j.error.code}: ${j.error.message}` : ''}`);
   return exitFor(j);
 }
 
@@ -124,11 +144,16 @@ program
   .argument('<id>')
   .option('--json', 'one JSON object per event')
   .action(act(async (id: string, o: { json?: boolean }) => {
+    let streamed = '';
     const j = await client.follow(id, {
       onState: (state, data) => (o.json ? print(JSON.stringify({ event: 'state', ...data })) : process.stderr.write(`[${state}]\n`)),
-      onDelta: (text) => (o.json ? print(JSON.stringify({ event: 'delta', content: text })) : process.stdout.write(text)),
+      onDelta: (text) => {
+        if (o.json) return print(JSON.stringify({ event: 'delta', content: text }));
+        streamed += text;
+        process.stdout.write(text);
+      },
     });
-    if (!o.json) print('');
+    if (!o.json && !endLive(j, streamed)) print('');
     return exitFor(j);
   }));
 

@@ -22,6 +22,8 @@ export type FakeBehaviour =
       firstByteDelayMs?: number;
       /** /api/chat sends no byte until this settles (or the client goes away): a test's own signal, not a timer. */
       gate?: Promise<unknown>;
+      /** With `gate`: the chunks before this index go out first, the rest wait for the gate (default 0: no byte at all). */
+      gateAt?: number;
     }
   | { kind: 'http_error'; status: number; error: string }
   | { kind: 'error_mid_stream'; after: number; error: string }
@@ -394,7 +396,9 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
         const chunks = b.kind === 'ok' ? (b.chunks ?? base) : hugeChunks(b.bytes);
         const delay = b.kind === 'ok' ? (b.chunkDelayMs ?? defaultChunkDelayMs) : defaultChunkDelayMs;
         if (b.kind === 'ok') await sleep(b.firstByteDelayMs ?? 0, st);
-        if (b.kind === 'ok' && b.gate) await Promise.race([b.gate, st.closedPromise]);
+        const gate = b.kind === 'ok' ? b.gate : undefined;
+        const gateAt = gate && b.kind === 'ok' ? (b.gateAt ?? 0) : -1;
+        if (gate && gateAt === 0) await Promise.race([gate, st.closedPromise]);
         if (st.closed) return;
         onOk();
         if (!stream) {
@@ -407,6 +411,8 @@ export async function startFakeOllama(opts: FakeOllamaOptions = {}): Promise<Fak
         res.flushHeaders();
         for (let i = 0; i < chunks.length; i++) {
           if (i > 0) await sleep(delay, st);
+          if (gate && i > 0 && i === gateAt) await Promise.race([gate, st.closedPromise]);
+          if (st.closed) return;
           const chunk = chunks[i] as FakeChunk;
           const line = { model, created_at: new Date().toISOString(), message: chunkMessage(chunk), done: false };
           if (!(await writeLine(st, line))) return;
