@@ -31,20 +31,17 @@ function summary(j: Job): string {
 /**
  * After a job's live tokens: a line end, and the whole answer again when what was shown is not it.
  * Tokens are live only (never replayed), so a stream joined after the first ones, or resumed after a
- * cut, shows a part; a retried run shows its tokens twice. Returns false when it printed nothing.
+ * cut, shows a part; a retried run shows its tokens twice.
  */
-function endLive(j: Job, streamed: string): boolean {
+function endLive(j: Job, streamed: string): void {
   const content = j.state === 'done' && typeof j.result?.message?.content === 'string' ? j.result.message.content : null;
-  if (content === null || content === streamed) {
-    if (streamed !== '') print('');
-    return streamed !== '';
-  }
-  if (streamed !== '') {
-    print('');
-    process.stderr.write('[the stream did not show the whole answer; here it is]\n');
-  }
-  print(content);
-  return true;
+  if (content !== null && content !== streamed) {
+    if (streamed !== '') {
+      print('');
+      process.stderr.write('[the stream did not show the whole answer; here it is]\n');
+    }
+    print(content);
+  } else print('');
 }
 
 /** Waits for a job, showing its states on stderr and its tokens on stdout unless --json. */
@@ -153,7 +150,7 @@ program
         process.stdout.write(text);
       },
     });
-    if (!o.json && !endLive(j, streamed)) print('');
+    if (!o.json) endLive(j, streamed);
     return exitFor(j);
   }));
 

@@ -159,7 +159,7 @@ export class ClusterEngines {
     if (others.length === 0) return { answering, models: own }; // alone: as the hosts list them
     // The same from every instance: each list by name (as views are written), the lists by
     // instance id, so where two instances' hosts list a model differently all answer with one entry.
-    const views = [{ instance: instanceId, tags: [...own].sort(byModel) }, ...others];
+    const views = [{ instance: instanceId, tags: own.sort(byModel) }, ...others];
     views.sort((a, b) => (a.instance < b.instance ? -1 : a.instance > b.instance ? 1 : 0));
     return { answering, models: mergeModels(views.map((v) => v.tags)) };
   }
